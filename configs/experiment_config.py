@@ -1,0 +1,247 @@
+"""Typed experiment configuration: one dataclass per concern, named presets.
+
+A run is `ExperimentConfig` = preset + overrides. Overrides come from the
+environment (`MONO__SECTION__FIELD=value`) and then the CLI
+(`--set section.field=value`); both are validated and every problem is
+reported at once as a `ConfigError` (stage scripts turn it into exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+SCOPES = ("mlp_in", "mlp_both", "mlp_in_attn_out")
+ACTIVATION_POLICIES = ("monotone", "keep")
+MODEL_SOURCES = ("tiny", "hub")
+DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
+SPLITS = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"            # tiny: built and pretrained locally; hub: downloaded
+    hub_id: str = ""                # e.g. EleutherAI/pythia-1.4b
+    revision: str = "main"          # hub branch, tag or commit; the resolved sha goes in the manifest
+    dtype: str = "float32"          # dtype the weights are loaded in (released Pythia is fp16)
+    # Architecture of the tiny GPT-NeoX (hub models bring their own config.json).
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    d_ff: int = 512
+    vocab_size: int = 4096          # also the size of the tiny BPE tokenizer
+    context_length: int = 128
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"          # see DATA_SOURCES
+    hub_id: str = ""                # dataset id when source == hub
+    revision: str = "main"
+    train_file: str = ""            # a file in the hub dataset, or a local path
+    val_file: str = ""
+    test_file: str = ""
+    text_field: str = "text"        # jsonl / parquet column holding the document
+    min_chars: int = 200            # documents shorter than this are dropped
+    stdlib_val_fraction: float = 0.1   # stdlib corpus: split by a hash of the document id
+    stdlib_test_fraction: float = 0.1
+    seq_len: int = 128              # tokens per training / evaluation window
+    quick: bool = True              # quick: the quick_* document counts; full: the others
+    train_docs: int = 0             # 0 = every document of the split
+    val_docs: int = 0
+    test_docs: int = 0
+    quick_train_docs: int = 0
+    quick_val_docs: int = 0
+    quick_test_docs: int = 0
+
+    def max_docs(self, split: str) -> int:
+        prefix = "quick_" if self.quick else ""
+        return getattr(self, f"{prefix}{split}_docs")
+
+
+@dataclass
+class TrainConfig:
+    """One optimisation recipe (used for the tiny pretraining and both recoveries)."""
+    max_tokens: int = 200_000       # budget in training tokens
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_fraction: float = 0.1    # cosine decay ends at lr * min_lr_fraction
+    warmup_fraction: float = 0.05   # of the optimizer steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_interval: int = 25          # optimizer steps between progress lines
+
+
+@dataclass
+class MonotoneConfig:
+    scope: str = "mlp_both"         # see SCOPES
+    activation: str = "monotone"    # monotone: GELU clamped at its minimum; keep: the paper's GELU
+    init_eps: float = 1e-6          # softplus(V0) = |W_pretrained| + init_eps
+    cert_trials: int = 64           # random (x, x + delta) pairs per layer and delta scale
+    cert_seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    preset: str = "tiny"
+    seed: int = 42
+    work_dir: str = "work"
+    device: str = "auto"            # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    monotone: MonotoneConfig = field(default_factory=MonotoneConfig)
+
+    # -- derived --------------------------------------------------------------
+    @property
+    def is_monotone_run(self) -> bool:
+        """False for activation=keep: the paper's GELU is not monotone (trap 1)."""
+        return self.monotone.activation == "monotone"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections: tuple[str, ...]) -> str:
+        """Hash of the config sections a stage's output depends on."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        problems = []
+        def need(cond, msg):
+            if not cond:
+                problems.append(msg)
+        m, d, mo = self.model, self.data, self.monotone
+        need(m.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {m.source!r}")
+        need(m.source != "hub" or m.hub_id, "model.hub_id is required when model.source=hub")
+        need(m.dtype in ("float32", "float16", "bfloat16"), f"model.dtype must be float32, float16 or bfloat16, got {m.dtype!r}")
+        for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "context_length"):
+            need(getattr(m, name) > 0, f"model.{name} must be > 0")
+        need(m.n_head > 0 and m.d_model % m.n_head == 0, "model.d_model must be divisible by model.n_head")
+        need(d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}")
+        need(d.source != "hub" or d.hub_id, "data.hub_id is required when data.source=hub")
+        if d.source not in ("stdlib",):
+            for s in SPLITS:
+                need(getattr(d, f"{s}_file"), f"data.{s}_file is required when data.source={d.source}")
+        need(d.seq_len > 1, "data.seq_len must be > 1")
+        need(m.source == "hub" or d.seq_len <= m.context_length, "data.seq_len must be <= model.context_length")
+        need(0 < d.stdlib_val_fraction and 0 < d.stdlib_test_fraction
+             and d.stdlib_val_fraction + d.stdlib_test_fraction < 1, "data.stdlib_*_fraction must be > 0 and sum to < 1")
+        for s in SPLITS:
+            need(getattr(d, f"{s}_docs") >= 0 and getattr(d, f"quick_{s}_docs") >= 0, f"data.{s}_docs must be >= 0")
+        for name in ("pretrain",):
+            t = getattr(self, name)
+            need(t.max_tokens > 0, f"{name}.max_tokens must be > 0")
+            need(t.micro_batch_size > 0 and t.grad_accum_steps > 0, f"{name}.micro_batch_size and grad_accum_steps must be > 0")
+            need(t.lr > 0, f"{name}.lr must be > 0")
+            need(0 <= t.min_lr_fraction <= 1, f"{name}.min_lr_fraction must be in [0, 1]")
+            need(0 <= t.warmup_fraction < 1, f"{name}.warmup_fraction must be in [0, 1)")
+            need(t.weight_decay >= 0 and t.grad_clip > 0, f"{name}.weight_decay must be >= 0 and grad_clip > 0")
+            need(t.log_interval > 0, f"{name}.log_interval must be > 0")
+        need(mo.scope in SCOPES, f"monotone.scope must be one of {SCOPES}, got {mo.scope!r}")
+        need(mo.activation in ACTIVATION_POLICIES, f"monotone.activation must be one of {ACTIVATION_POLICIES}, got {mo.activation!r}")
+        need(mo.init_eps > 0, "monotone.init_eps must be > 0")
+        need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.seed >= 0, "seed must be >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# -- presets -------------------------------------------------------------------
+
+def _tiny() -> ExperimentConfig:
+    cfg = ExperimentConfig(preset="tiny")
+    # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
+    cfg.pretrain = TrainConfig(max_tokens=260_000, micro_batch_size=16, lr=3e-3,
+                               warmup_fraction=0.05, weight_decay=0.1)
+    return cfg
+
+
+def _pythia(size: str) -> ExperimentConfig:
+    cfg = ExperimentConfig(preset=f"pythia-{size}", device="cuda")
+    cfg.model = ModelConfig(source="hub", hub_id=f"EleutherAI/pythia-{size}", dtype="float16",
+                            vocab_size=50304, context_length=2048)
+    # The mirror ships separate val and test files (trap 5: never score train documents).
+    cfg.data = DataConfig(source="hub", hub_id="monology/pile-uncopyrighted",
+                          train_file="train/00.jsonl.zst", val_file="val.jsonl.zst",
+                          test_file="test.jsonl.zst", min_chars=1, seq_len=2048, quick=False,
+                          train_docs=100_000, val_docs=1_000, test_docs=10_000,
+                          quick_train_docs=10_000, quick_val_docs=200, quick_test_docs=1_000)
+    return cfg
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "pythia-410m": lambda: _pythia("410m"),
+    "pythia-1.4b": lambda: _pythia("1.4b"),
+    "pythia-2.8b": lambda: _pythia("2.8b"),
+    "pythia-6.9b": lambda: _pythia("6.9b"),
+}
+
+
+# -- overrides -----------------------------------------------------------------
+
+def _coerce(raw: str, typ, key: str):
+    if typ is bool or typ == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {raw!r}")
+    try:
+        if typ in (int, "int"):
+            return int(raw.replace("_", ""))
+        if typ in (float, "float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}") from None
+    return raw
+
+
+def apply_override(cfg: ExperimentConfig, key: str, raw: str) -> None:
+    """Set `section.field` (or a top-level field) from its string form."""
+    parts = key.split(".")
+    target = cfg
+    for part in parts[:-1]:
+        sub = getattr(target, part, None)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"unknown config section {part!r} in {key!r}; sections: "
+                              + ", ".join(f.name for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))))
+        target = sub
+    by_name = {f.name: f for f in fields(target)}
+    leaf = parts[-1]
+    if leaf not in by_name or dataclasses.is_dataclass(getattr(target, leaf)):
+        valid = ", ".join(n for n in by_name if not dataclasses.is_dataclass(getattr(target, n)))
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+    setattr(target, leaf, _coerce(raw, by_name[leaf].type, key))
+
+
+def env_overrides(environ=None) -> list[tuple[str, str]]:
+    """`MONO__TRAIN__LR=1e-4` -> ("train.lr", "1e-4"); top level: `MONO__SEED=1`."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name, value in sorted(environ.items()):
+        if name.startswith("MONO__"):
+            out.append((name[len("MONO__"):].lower().replace("__", "."), value))
+    return out
+
+
+def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None) -> ExperimentConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for key, raw in [*env_overrides(environ), *overrides]:
+        apply_override(cfg, key, raw)
+    cfg.validate()
+    return cfg
+

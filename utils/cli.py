@@ -1,0 +1,67 @@
+"""Shared command line of the stage scripts: flags -> config -> stage function.
+
+Every stage takes --preset, --seed, --work-dir and repeatable --set key=value.
+Exit codes: 0 done (or already done with the same config), 1 the stage could
+not finish (its completion flag is not written), 2 invalid flags or config.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from configs.experiment_config import PRESETS, ConfigError, load_config
+from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, write_flag, write_json
+
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                epilog="Config keys: see configs/experiment_config.py; "
+                                       "environment overrides: MONO__SECTION__FIELD=value.")
+    p.add_argument("--preset", default="tiny", help=f"named preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--seed", type=int, default=None, help="experiment seed (default: the preset's, 42)")
+    p.add_argument("--work-dir", default=None, help=f"run directory (default: {ROOT / 'work'})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.seq_len=64 (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun even if the completion flag matches")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = []
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides.append(tuple(item.split("=", 1)))
+    if args.seed is not None:
+        overrides.append(("seed", str(args.seed)))
+    overrides.append(("work_dir", str(Path(args.work_dir or ROOT / "work").resolve())))
+    return load_config(args.preset, overrides)
+
+
+def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False) -> int:
+    """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag."""
+    args = stage_parser(description).parse_args()
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    paths = RunPaths(Path(cfg.work_dir), cfg.seed)
+    flag = paths.flag(name, shared)
+    fingerprint = cfg.fingerprint(sections)
+    if flag_matches(flag, fingerprint) and not args.force:
+        print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
+        return 0
+    out_dir = paths.shared if shared else paths.results
+    write_json(out_dir / f"config_{name}.json", cfg.to_dict())
+    try:
+        outputs = fn(cfg, paths)
+        write_flag(flag, fingerprint, outputs)
+    except PipelineError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"[{name}] done")
+    return 0

@@ -1,0 +1,123 @@
+"""Where a run's files live, atomic writes, and stage completion flags.
+
+WORK_DIR/shared/       built once for every seed (corpus, tokenizer, token files, tiny model)
+WORK_DIR/seed_<S>/     results/ (each stage's JSON), models/ (saved models), flags/
+WORK_DIR/final/        cross-seed aggregates
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run (missing input, corrupt file); one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    work_dir: Path
+    seed: int
+
+    @property
+    def shared(self) -> Path:
+        return self.work_dir / "shared"
+
+    @property
+    def seed_dir(self) -> Path:
+        return self.work_dir / f"seed_{self.seed}"
+
+    @property
+    def results(self) -> Path:
+        return self.seed_dir / "results"
+
+    @property
+    def models(self) -> Path:
+        return self.seed_dir / "models"
+
+    @property
+    def final(self) -> Path:
+        return self.work_dir / "final"
+
+    def flag(self, stage: str, shared: bool = False) -> Path:
+        return (self.shared if shared else self.seed_dir) / "flags" / f"{stage}.done"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"missing file {path}") from None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"corrupt JSON in {path}: {e}") from None
+
+
+def atomic_dir(final: Path):
+    """Context manager: build a directory under a temporary name, then swap it in."""
+    class _Swap:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            old = final.with_name(f".{final.name}.old")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(self.tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return False
+    return _Swap()
+
+
+def code_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flag_matches(path: Path, fingerprint: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == fingerprint
+    except json.JSONDecodeError:
+        return False
+
+
+def write_flag(path: Path, fingerprint: str, outputs: list[str]) -> None:
+    """Written last, only when the stage's outputs are whole."""
+    missing = [o for o in outputs if not Path(o).exists()]
+    if missing:
+        raise PipelineError(f"refusing to mark {path.stem} done: missing outputs {missing}")
+    write_json(path, {"fingerprint": fingerprint, "outputs": outputs, "code_revision": code_revision()})

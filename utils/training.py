@@ -1,0 +1,129 @@
+"""The one training loop (tiny pretraining now; the recoveries reuse it).
+
+Data order is a pure function of (seed, micro-step): the token stream is cut
+into non-overlapping windows of seq_len + 1 tokens, shuffled per epoch by a
+generator seeded with (seed, epoch). So a run's position is one integer.
+Weights stay fp32 (bf16 autocast on CUDA only): bf16 master weights make
+AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configs.experiment_config import TrainConfig
+
+
+class PackedBatches:
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm_epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._perm
+
+    def batch(self, micro_step: int) -> torch.Tensor:
+        """The [batch_size, seq_len + 1] token windows of global micro-step `micro_step`."""
+        rows = []
+        for g in range(micro_step * self.batch_size, (micro_step + 1) * self.batch_size):
+            start = int(self._permutation(g // self.n_windows)[g % self.n_windows]) * self.seq_len
+            rows.append(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        return torch.from_numpy(np.stack(rows))
+
+
+def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_fraction (steps are optimizer steps)."""
+    warmup = int(t.warmup_fraction * total_steps)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return t.lr * (t.min_lr_fraction + (1 - t.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int,
+                    device: torch.device) -> float:
+    """Mean next-token loss over the first `max_windows` disjoint windows (a training monitor;
+    the reported perplexity is utils.perplexity's)."""
+    was_training = model.training
+    model.eval()
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    losses = []
+    for i in range(0, n, batch_size):
+        rows = [np.asarray(tokens[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64)
+                for j in range(i, min(n, i + batch_size))]
+        with autocast_for(device):
+            losses.append(lm_loss(model, torch.from_numpy(np.stack(rows)).to(device)).item() * len(rows))
+    model.train(was_training)
+    return sum(losses) / n
+
+
+def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay only matrices, and never the softplus pre-parameters V: decay on V
+    # pulls softplus(V) toward ln 2, not toward 0 (REFERENCE trap 4).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "parametrizations" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
+          seed: int, device: torch.device, desc: str = "train") -> dict:
+    """Train `model` in place for t.max_tokens tokens; returns the history."""
+    model.to(device).train()
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
+    total_steps = max(1, math.ceil(t.max_tokens / tokens_per_step))
+    batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
+    opt = make_optimizer(model, t, device)
+    history = {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "steps": []}
+    t0 = time.time()
+    # Redraw often on a terminal, every 30 s in a batch job log.
+    bar = tqdm(range(total_steps), desc=desc, unit="step", mininterval=1 if sys.stderr.isatty() else 30)
+    for step in bar:
+        lr = lr_at(step, total_steps, t)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(t.grad_accum_steps):
+            batch = batches.batch(step * t.grad_accum_steps + micro).to(device)
+            with autocast_for(device):
+                loss = lm_loss(model, batch) / t.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tok_s = (step + 1) * tokens_per_step / (time.time() - t0)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}")
+        if (step + 1) % t.log_interval == 0 or step + 1 == total_steps:
+            history["steps"].append({"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                                     "lr": lr, "train_loss": loss_sum, "tokens_per_s": tok_s})
+    history["val_loss"] = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, 256, device)
+    history["wall_s"] = time.time() - t0
+    model.eval()
+    return history
