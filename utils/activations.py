@@ -5,7 +5,7 @@ to the left of it (REFERENCE trap 1), so an MLP with non-negative weights and
 GELU is *not* monotone. MonotoneGELU(x) = GELU(max(x, x*)): equal to GELU
 wherever GELU is increasing, constant at its minimum below.
 
-Registering the name in transformers' ACT2CLS means a saved config with
+Registering the name in transformers' activation tables means a saved config with
 `hidden_act: monotone_gelu` loads through plain `from_pretrained` once this
 module has been imported (utils/__init__.py imports it).
 """
@@ -38,7 +38,9 @@ class MonotoneGELU(nn.Module):
         return F.gelu(torch.clamp(x, min=GELU_ARGMIN))
 
 
+# ACT2FN is a copy of ACT2CLS made at import, so both need the entry.
 hf_activations.ACT2CLS["monotone_gelu"] = MonotoneGELU
+hf_activations.ACT2FN["monotone_gelu"] = MonotoneGELU
 
 
 def is_non_decreasing(act: nn.Module, lo: float = -30.0, hi: float = 30.0, n: int = 200_001) -> bool:

@@ -163,7 +163,10 @@ def certify(model: nn.Module, scope: str, *, trials: int, seed: int,
             fn = mlp
         else:
             fn = lambda h, mlp=mlp: mlp.act(mlp.dense_h_to_4h(h))
-        x = torch.randn(trials, mlp.dense_h_to_4h.in_features, generator=gen, dtype=torch.float64)
+        # Gaussian inputs at two scales (the larger one reaches GELU's decreasing
+        # region even when weights are small), plus the layer's real inputs.
+        d_in = mlp.dense_h_to_4h.in_features
+        x = torch.cat([torch.randn(trials, d_in, generator=gen, dtype=torch.float64) * s for s in (1.0, 5.0)])
         if real_inputs is not None:
             pool = real_inputs[i].double().cpu()
             pick = torch.randperm(pool.shape[0], generator=gen)[:trials]

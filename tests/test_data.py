@@ -1,0 +1,116 @@
+"""Corpus, tokenizer, token files and the training data order, on real files."""
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from configs.experiment_config import DataConfig
+from utils.corpus import local_documents, stdlib_documents, write_corpus
+from utils.run_files import PipelineError
+from utils.tokenization import TokenFile, train_bpe
+from utils.training import PackedBatches
+
+
+def test_stdlib_corpus_is_deterministic_and_splits_are_disjoint(tmp_path):
+    d = DataConfig()
+    first = write_corpus(d, tmp_path / "a")
+    stdlib_documents.cache_clear()          # rebuild from the files, not the cache
+    second = write_corpus(d, tmp_path / "b")
+    for split in ("train", "val", "test"):
+        a = (tmp_path / "a" / f"{split}.jsonl").read_bytes()
+        assert a == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        assert hashlib.sha256(a).hexdigest() == first[split]["sha256"] == second[split]["sha256"]
+    texts = {s: {json.loads(l)["text"] for l in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()}
+             for s in ("train", "val", "test")}
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["val"])
+    assert first["train"]["documents"] > 1000 and first["test"]["documents"] > 100
+    assert all(len(t) >= d.min_chars for t in texts["test"])
+
+
+def test_tokenizer_round_trip_and_determinism():
+    docs = [d["text"] for d in stdlib_documents(200)[:300]]
+    tok = train_bpe(docs, 512)
+    again = train_bpe(docs, 512)
+    assert tok.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
+    assert tok.eos_token_id == 0 and len(tok) == 512
+    for text in docs[:50] + ["Unicode: naïve café — ∑ x² 🙂", "  leading spaces\n\ttabs"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+
+
+def test_token_files_match_the_corpus(tiny_run):
+    cfg, paths = tiny_run
+    from utils.corpus import read_corpus
+    from utils.tokenization import load_tokenizer
+    tok = load_tokenizer(paths.shared / "tokenizer")
+    tf = TokenFile(paths.shared / "tokens", "test")
+    docs = read_corpus(paths.shared / "corpus" / "test.jsonl")
+    assert len(tf) == len(docs)
+    assert isinstance(np.load(tf.path, mmap_mode="r"), np.memmap)
+    for i in (0, len(docs) // 2, len(docs) - 1):
+        assert tok.decode(tf.document(i).tolist()) == docs[i]
+        assert tf.tokens[tf.offsets[i + 1] - 1] == tok.eos_token_id
+
+
+def test_truncated_token_file_is_a_clear_error(tiny_run, tmp_path):
+    _, paths = tiny_run
+    src = TokenFile(paths.shared / "tokens", "val")
+    np.save(tmp_path / "val.tokens.npy", np.asarray(src.tokens[:-5]))
+    np.save(tmp_path / "val.offsets.npy", np.asarray(src.offsets))
+    with pytest.raises(PipelineError, match="truncated"):
+        TokenFile(tmp_path, "val")
+    with pytest.raises(PipelineError, match="cannot open token file"):
+        TokenFile(tmp_path, "test")
+
+
+DOCS = ["first document, with enough text", "second one\nspans two lines", "third: ünïcödé"]
+
+
+@pytest.mark.parametrize("source", ["jsonl", "jsonl.zst", "parquet", "text"])
+def test_local_sources_read_back_the_documents(tmp_path, source):
+    path = tmp_path / f"docs.{source}"
+    if source == "jsonl":
+        path.write_text("".join(json.dumps({"text": d, "meta": i}) + "\n" for i, d in enumerate(DOCS)))
+    elif source == "jsonl.zst":
+        raw = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+        path.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    elif source == "parquet":
+        pq.write_table(pa.table({"text": DOCS}), path)
+    else:
+        path.write_text("\n\n".join(DOCS) + "\n")
+    assert list(local_documents(source, str(path), "text")) == DOCS
+
+
+def test_local_source_corpus_uses_each_split_file(tmp_path):
+    for split, n in (("train", 5), ("val", 2), ("test", 3)):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"body": f"{split} doc {i} " * 5}) + "\n" for i in range(n)))
+    d = DataConfig(source="jsonl", text_field="body", min_chars=10, quick=True, quick_train_docs=4,
+                   **{f"{s}_file": str(tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")})
+    stats = write_corpus(d, tmp_path / "out")
+    assert {s: stats[s]["documents"] for s in stats} == {"train": 4, "val": 2, "test": 3}
+    assert "test doc 0" in (tmp_path / "out" / "test.jsonl").read_text()
+
+
+def test_bad_local_files_give_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(PipelineError, match=r"bad.jsonl:2: not a JSON object"):
+        list(local_documents("jsonl", str(bad), "text"))
+    with pytest.raises(PipelineError, match="data file not found"):
+        list(local_documents("jsonl", str(tmp_path / "missing.jsonl"), "text"))
+
+
+def test_packed_batches_are_a_pure_function_of_seed_and_step():
+    tokens = np.arange(1001, dtype=np.uint16)
+    a, b = PackedBatches(tokens, 10, 4, seed=3), PackedBatches(tokens, 10, 4, seed=3)
+    assert all(np.array_equal(a.batch(k), b.batch(k)) for k in (0, 7, 30, 24))  # any order
+    assert not np.array_equal(a.batch(0), PackedBatches(tokens, 10, 4, seed=4).batch(0))
+    # One epoch (100 windows = 25 steps) visits every window exactly once.
+    starts = sorted(int(row[0]) for k in range(25) for row in a.batch(k))
+    assert starts == list(range(0, 1000, 10))
+    assert all(np.array_equal(r[1:] - r[:-1], np.ones(10)) for r in a.batch(3).numpy())
