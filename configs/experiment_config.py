@@ -161,7 +161,7 @@ class ExperimentConfig:
 def _tiny() -> ExperimentConfig:
     cfg = ExperimentConfig(preset="tiny")
     # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
-    cfg.pretrain = TrainConfig(max_tokens=260_000, micro_batch_size=16, lr=3e-3,
+    cfg.pretrain = TrainConfig(max_tokens=520_000, micro_batch_size=16, lr=3e-3,
                                warmup_fraction=0.05, weight_decay=0.1)
     return cfg
 

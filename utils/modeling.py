@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from configs.experiment_config import ModelConfig
@@ -74,6 +75,6 @@ def load_model(path: Path, dtype: str = "float32", device: str | torch.device = 
         raise PipelineError(f"no safetensors weights in {path}; refusing to unpickle other formats")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PipelineError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
     return reparametrize_loaded(model).to(device)
