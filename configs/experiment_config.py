@@ -76,7 +76,13 @@ class TrainConfig:
     warmup_fraction: float = 0.05   # of the optimizer steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    log_interval: int = 25          # optimizer steps between progress lines
+    log_interval: int = 25          # optimizer steps between history rows
+    eval_interval: int = 50         # optimizer steps between validation losses
+    eval_windows: int = 64          # validation windows of seq_len tokens per evaluation
+    checkpoint_every_steps: int = 100
+    checkpoint_every_minutes: float = 30.0
+    keep_checkpoints: int = 2       # newest K kept
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -96,8 +102,12 @@ class ExperimentConfig:
     device: str = "auto"            # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)      # tiny preset only
     monotone: MonotoneConfig = field(default_factory=MonotoneConfig)
+    # Recovery recipes: same data and data order (both use `seed`); budgets
+    # should be equal for a fair comparison (the stages warn when they differ).
+    recovery_baseline: TrainConfig = field(default_factory=TrainConfig)
+    recovery_monotone: TrainConfig = field(default_factory=TrainConfig)
 
     # -- derived --------------------------------------------------------------
     @property
@@ -137,7 +147,7 @@ class ExperimentConfig:
              and d.stdlib_val_fraction + d.stdlib_test_fraction < 1, "data.stdlib_*_fraction must be > 0 and sum to < 1")
         for s in SPLITS:
             need(getattr(d, f"{s}_docs") >= 0 and getattr(d, f"quick_{s}_docs") >= 0, f"data.{s}_docs must be >= 0")
-        for name in ("pretrain",):
+        for name in ("pretrain", "recovery_baseline", "recovery_monotone"):
             t = getattr(self, name)
             need(t.max_tokens > 0, f"{name}.max_tokens must be > 0")
             need(t.micro_batch_size > 0 and t.grad_accum_steps > 0, f"{name}.micro_batch_size and grad_accum_steps must be > 0")
@@ -145,7 +155,9 @@ class ExperimentConfig:
             need(0 <= t.min_lr_fraction <= 1, f"{name}.min_lr_fraction must be in [0, 1]")
             need(0 <= t.warmup_fraction < 1, f"{name}.warmup_fraction must be in [0, 1)")
             need(t.weight_decay >= 0 and t.grad_clip > 0, f"{name}.weight_decay must be >= 0 and grad_clip > 0")
-            need(t.log_interval > 0, f"{name}.log_interval must be > 0")
+            need(min(t.log_interval, t.eval_interval, t.eval_windows, t.checkpoint_every_steps,
+                     t.keep_checkpoints) > 0 and t.checkpoint_every_minutes > 0,
+                 f"{name}: intervals, eval_windows and keep_checkpoints must be > 0")
         need(mo.scope in SCOPES, f"monotone.scope must be one of {SCOPES}, got {mo.scope!r}")
         need(mo.activation in ACTIVATION_POLICIES, f"monotone.activation must be one of {ACTIVATION_POLICIES}, got {mo.activation!r}")
         need(mo.init_eps > 0, "monotone.init_eps must be > 0")
@@ -163,6 +175,12 @@ def _tiny() -> ExperimentConfig:
     # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
     cfg.pretrain = TrainConfig(max_tokens=520_000, micro_batch_size=16, lr=3e-3,
                                warmup_fraction=0.05, weight_decay=0.1)
+    # Same budget for both recoveries; the monotone copy starts far worse
+    # (|W| init) and gets the paper's 5x larger learning rate and longer warmup.
+    recovery = dict(max_tokens=260_000, micro_batch_size=16, eval_interval=20, eval_windows=64,
+                    checkpoint_every_steps=20, weight_decay=0.01)
+    cfg.recovery_baseline = TrainConfig(lr=6e-4, warmup_fraction=0.1, **recovery)
+    cfg.recovery_monotone = TrainConfig(lr=3e-3, warmup_fraction=0.2, **recovery)
     return cfg
 
 
@@ -176,6 +194,17 @@ def _pythia(size: str) -> ExperimentConfig:
                           test_file="test.jsonl.zst", min_chars=1, seq_len=2048, quick=False,
                           train_docs=100_000, val_docs=1_000, test_docs=10_000,
                           quick_train_docs=10_000, quick_val_docs=200, quick_test_docs=1_000)
+    # Paper recipe (REFERENCE.md): effective batch 32 x 2048 (8 x 4 accumulation),
+    # AdamW wd 0.01, clip 1.0, gradient checkpointing; baseline lr 1e-5 warmup 10%,
+    # monotone lr 5e-5 warmup 20%. The paper gave the monotone copy 10 epochs and
+    # the baseline 5; here both get the same budget, 10 epochs of 90k documents
+    # at 2048 tokens (set both max_tokens to change it).
+    recovery = dict(max_tokens=10 * 90_000 * 2048, micro_batch_size=8, grad_accum_steps=4,
+                    weight_decay=0.01, grad_clip=1.0, min_lr_fraction=0.0, log_interval=10,
+                    eval_interval=500, eval_windows=256, checkpoint_every_steps=500,
+                    checkpoint_every_minutes=30.0, keep_checkpoints=2, gradient_checkpointing=True)
+    cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery)
+    cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
     return cfg
 
 

@@ -2,7 +2,8 @@
 
 Every stage takes --preset, --seed, --work-dir and repeatable --set key=value.
 Exit codes: 0 done (or already done with the same config), 1 the stage could
-not finish (its completion flag is not written), 2 invalid flags or config.
+not finish, 2 invalid flags or config, 75 stopped by SIGUSR1/SIGTERM after
+saving a checkpoint (rerun to resume). Only exit 0 writes the completion flag.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 from pathlib import Path
 
 from configs.experiment_config import PRESETS, ConfigError, load_config
+from utils.training import Preempted
 from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, write_flag, write_json
 
-EXIT_FAILED, EXIT_CONFIG = 1, 2
+EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 1, 2, 75
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -63,5 +65,8 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Preempted as e:
+        print(f"[{name}] {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"[{name}] done")
     return 0

@@ -93,22 +93,26 @@ def manifest(paths: RunPaths) -> dict:
 
 # -- stage 1 -------------------------------------------------------------------
 
+def certificate_probe(cfg: ExperimentConfig, paths: RunPaths) -> torch.Tensor:
+    """A few windows of validation text whose MLP inputs the certificate also tests."""
+    val = TokenFile(paths.shared / "tokens", "val")
+    window = min(cfg.data.seq_len, 256)
+    n = min(4, (val.tokens.size - 1) // window)
+    return torch.from_numpy(np.asarray(val.tokens[:n * window], dtype=np.int64).reshape(n, window))
+
+
 def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Constrain the pretrained model, certify it, save `monotonic_init`."""
     pretrained = Path(manifest(paths)["pretrained_path"])
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    val = TokenFile(paths.shared / "tokens", "val")
-    window = min(cfg.data.seq_len, 256)
-    n = min(4, (val.tokens.size - 1) // window)
-    probe_ids = torch.from_numpy(np.asarray(val.tokens[:n * window], dtype=np.int64).reshape(n, window))
-
+    probe_ids = certificate_probe(cfg, paths).to(device)
     model = load_model(pretrained, "float32", device)
     mo = cfg.monotone
-    before = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids.to(device))
+    before = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids)
     names = apply_monotonicity(model, mo.scope, mo.activation, mo.init_eps)
     print(f"[monotone] constrained {len(names)} modules (scope {mo.scope}, activation {mo.activation})")
-    cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids.to(device))
+    cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids)
     cert.update({
         "activation_policy": mo.activation, "configured_monotone": cfg.is_monotone_run,
         "label": "monotone" if cert["monotone"] else

@@ -9,6 +9,7 @@ AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -92,18 +93,64 @@ def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; rerun to resume."""
+
+
+class StopOnSignal:
+    """Records SIGUSR1 / SIGTERM so the loop can checkpoint and stop between steps."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.signum = None
+        for s in signals:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
-          seed: int, device: torch.device, desc: str = "train") -> dict:
-    """Train `model` in place for t.max_tokens tokens; returns the history."""
+          seed: int, device: torch.device, desc: str = "train", checkpointer=None, stop=None,
+          on_best=None) -> dict:
+    """Train `model` in place for t.max_tokens tokens; returns the history.
+
+    With a `checkpointer`, resumes from its newest checkpoint and saves every
+    t.checkpoint_every_steps steps / t.checkpoint_every_minutes minutes and at
+    the end. With `stop`, a signal makes it checkpoint and raise Preempted.
+    `on_best(model, step, val_loss)` is called when the validation loss improves.
+    """
     model.to(device).train()
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
     total_steps = max(1, math.ceil(t.max_tokens / tokens_per_step))
     batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
     opt = make_optimizer(model, t, device)
-    history = {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "steps": []}
-    t0 = time.time()
+    state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0}
+    if checkpointer is not None:
+        restored = checkpointer.load_latest(model, opt)
+        if restored:
+            state = {k: restored[k] for k in state}
+    start_step, t0, last_ckpt = state["step"], time.time(), time.time()
+
+    def evaluate(step):
+        val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, device)
+        if state["best_val_loss"] is None or val < state["best_val_loss"]:
+            state["best_val_loss"], state["best_step"] = val, step
+            if on_best is not None:
+                on_best(model, step, val)
+        return val
+
+    if start_step == 0:   # the starting point, for the record (and "best" can never be worse)
+        state["history"].append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None, "tokens_per_s": None,
+                                 "val_loss": evaluate(0)})
     # Redraw often on a terminal, every 30 s in a batch job log.
-    bar = tqdm(range(total_steps), desc=desc, unit="step", mininterval=1 if sys.stderr.isatty() else 30)
+    bar = tqdm(range(start_step, total_steps), desc=desc, unit="step", initial=start_step, total=total_steps,
+               mininterval=1 if sys.stderr.isatty() else 30)
     for step in bar:
         lr = lr_at(step, total_steps, t)
         for group in opt.param_groups:
@@ -118,12 +165,35 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tok_s = (step + 1) * tokens_per_step / (time.time() - t0)
+        done = step + 1
+        tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}")
-        if (step + 1) % t.log_interval == 0 or step + 1 == total_steps:
-            history["steps"].append({"step": step + 1, "tokens": (step + 1) * tokens_per_step,
-                                     "lr": lr, "train_loss": loss_sum, "tokens_per_s": tok_s})
-    history["val_loss"] = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, 256, device)
-    history["wall_s"] = time.time() - t0
+        if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == total_steps:
+            row = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_sum,
+                   "tokens_per_s": tok_s}
+            if done % t.eval_interval == 0 or done == total_steps:
+                row["val_loss"] = evaluate(done)
+            state["history"].append(row)
+        if checkpointer is not None:
+            stopping = stop is not None and stop.requested
+            due = (done % t.checkpoint_every_steps == 0 or done == total_steps or stopping
+                   or time.time() - last_ckpt > 60 * t.checkpoint_every_minutes)
+            if due:
+                state["step"] = done
+                state["train_seconds"] += time.time() - t0
+                t0, start_step = time.time(), done
+                checkpointer.save(done, model, opt, {k: v for k, v in state.items() if k != "step"})
+                last_ckpt = time.time()
+            if stopping:
+                bar.close()
+                raise Preempted(f"stopped by signal {stop.signum} after step {done}/{total_steps}; "
+                                f"checkpoint saved, rerun the stage to resume")
+    bar.close()
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
-    return history
+    final_val = state["history"][-1].get("val_loss") if state["history"] else None
+    return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "tokens": total_steps * tokens_per_step,
+            "steps": state["history"], "val_loss": final_val, "best_val_loss": state["best_val_loss"],
+            "best_step": state["best_step"],
+            "train_seconds": state["train_seconds"] + time.time() - t0}

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Stage 2: recovery-train the pretrained model (the baseline arm).
+
+Saves models/baseline (last) and models/baseline_best, results/training_baseline.json
+(history, weight movement). Checkpoints under
+checkpoints/baseline/; a rerun resumes from the newest one. SIGUSR1 or SIGTERM:
+checkpoint, then exit 75 without the completion flag.
+"""
+import _bootstrap  # noqa: F401
+
+from utils.cli import run_stage
+from utils.recovery import SECTIONS, recover
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("stage_2_train_baseline", __doc__, lambda cfg, paths: recover(cfg, paths, "baseline"),
+                               SECTIONS["baseline"]))

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Stage 3: recovery-train the monotone model from `monotonic_init` (the monotone arm).
+
+Saves models/monotonic (last) and models/monotonic_best, results/training_monotonic.json
+(history, weight movement, certificate). Checkpoints under
+checkpoints/monotonic/; a rerun resumes from the newest one. SIGUSR1 or SIGTERM:
+checkpoint, then exit 75 without the completion flag.
+"""
+import _bootstrap  # noqa: F401
+
+from utils.cli import run_stage
+from utils.recovery import SECTIONS, recover
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("stage_3_train_monotonic", __doc__, lambda cfg, paths: recover(cfg, paths, "monotonic"),
+                               SECTIONS["monotonic"]))

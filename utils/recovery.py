@@ -1,0 +1,118 @@
+"""Stages 2 and 3: recovery training of the baseline and the monotone copy.
+
+Both arms go through utils.training.train with the same data, data order
+(the experiment seed) and, in the presets, the same token budget; only the
+starting model and the recipe differ.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from configs.experiment_config import ExperimentConfig
+from utils.checkpoint import Checkpointer
+from utils.modeling import load_model, resolve_device, save_model
+from utils.monotonicity import certify, constrained_modules
+from utils.run_files import PipelineError, RunPaths, write_json
+from utils.stages import certificate_probe, manifest
+from utils.tokenization import TokenFile, load_tokenizer
+from utils.training import StopOnSignal, train
+
+# Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
+SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline"),
+            "monotonic": ("model", "data", "pretrain", "monotone", "recovery_monotone")}
+
+
+@torch.no_grad()
+def movement_report(start, trained, scope: str) -> dict:
+    """How far training moved the weights: a frozen constraint shows up here (trap 2).
+
+    `constrained` are the scope's modules (free in the baseline, for comparison);
+    for parametrised ones the fraction of pre-parameters V that changed at all.
+    """
+    start_mods, trained_mods = constrained_modules(start, scope), constrained_modules(trained, scope)
+    out = {"scope_modules": len(trained_mods)}
+    changed = total = 0
+    for name, mod in trained_mods.items():
+        if parametrize.is_parametrized(mod, "weight"):
+            v0 = start_mods[name].parametrizations.weight.original
+            v1 = mod.parametrizations.weight.original
+            changed += int((v0 != v1.to(v0.device)).sum())
+            total += v1.numel()
+    out["fraction_V_changed"] = changed / total if total else None
+    # Effective weights W of every Linear and Embedding: sum |dW|, count, sum |W0|.
+    sums = {"constrained": [0.0, 0, 0.0], "unconstrained": [0.0, 0, 0.0]}
+    start_by_name = dict(start.named_modules())
+    for name, mod in trained.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            w0 = start_by_name[name].weight.float().cpu()
+            w1 = mod.weight.float().cpu()
+            acc = sums["constrained" if name in trained_mods else "unconstrained"]
+            acc[0] += float((w1 - w0).abs().sum())
+            acc[1] += w0.numel()
+            acc[2] += float(w0.abs().sum())
+    for group, (delta, n, mass) in sums.items():
+        out[f"mean_abs_delta_W_{group}"] = delta / n
+        out[f"relative_delta_W_{group}"] = delta / mass
+    return out
+
+
+def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
+    recipe = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
+    other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
+    if recipe.max_tokens != other.max_tokens:
+        print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
+              f"tokens): the baseline/monotone comparison is confounded by training length")
+    start_path = (Path(manifest(paths)["pretrained_path"]) if arm == "baseline"
+                  else paths.models / "monotonic_init")
+    if not (start_path / "config.json").exists():
+        raise PipelineError(f"no starting model at {start_path}: run stage 1 first")
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    train_tok = TokenFile(paths.shared / "tokens", "train")
+    val_tok = TokenFile(paths.shared / "tokens", "val")
+    model = load_model(start_path, "float32", device)
+
+    best_dir = paths.models / f"{arm}_best"
+    def save_best(m, step, val_loss):
+        save_model(m, best_dir, tokenizer, extra={"step": step, "val_loss": val_loss})
+
+    checkpointer = Checkpointer(paths.seed_dir / "checkpoints" / arm, cfg.fingerprint(SECTIONS[arm]),
+                                recipe.keep_checkpoints)
+    print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
+          f"seed {cfg.seed}, device {device}")
+    history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, device,
+                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best)
+
+    start = load_model(start_path, "float32", "cpu")
+    report = {"arm": arm, "start_model": str(start_path), "seed": cfg.seed, "recipe": vars(recipe),
+              "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
+              "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row
+              "final_val_perplexity": math.exp(history["val_loss"]),
+              "best": {"step": history["best_step"], "val_loss": history["best_val_loss"], "path": str(best_dir)}}
+    outputs = []
+    extra = {"arm": arm, "seed": cfg.seed, "final_val_loss": history["val_loss"]}
+    if arm == "monotonic":
+        mo = cfg.monotone
+        cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed,
+                       input_ids=certificate_probe(cfg, paths).to(device))
+        cert["configured_monotone"] = cfg.is_monotone_run
+        cert_path = paths.results / "monotonicity_certificate_monotonic.json"
+        write_json(cert_path, cert)
+        report["certificate"] = {k: cert[k] for k in ("monotone", "min_weight", "total_violations")}
+        extra["certificate"] = report["certificate"]
+        outputs.append(str(cert_path))
+        if cfg.is_monotone_run and not cert["monotone"]:
+            raise PipelineError(f"trained model failed its monotonicity certificate: see {cert_path}")
+    result_path = paths.results / f"training_{arm}.json"
+    write_json(result_path, report)
+    save_model(model.cpu(), paths.models / arm, tokenizer, extra=extra)
+    mv = report["movement"]
+    print(f"[{arm}] val perplexity {report['start_val_perplexity']:.1f} -> {report['final_val_perplexity']:.1f}; "
+          f"mean |dW| constrained {mv['mean_abs_delta_W_constrained']:.2e}, "
+          f"unconstrained {mv['mean_abs_delta_W_unconstrained']:.2e}"
+          + (f"; {mv['fraction_V_changed']:.1%} of V changed" if mv["fraction_V_changed"] is not None else ""))
+    return outputs + [str(result_path), str(paths.models / arm / "config.json")]
