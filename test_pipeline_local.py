@@ -52,7 +52,31 @@ def check_stage_1(work: Path) -> str:
     return f"certificate monotone, min weight {cert['min_weight']:.2g}"
 
 
-STAGES = [("stage_0_setup", check_stage_0), ("stage_1_apply_monotonicity", check_stage_1)]
+def _check_training(work: Path, arm: str, stage: str) -> dict:
+    seed = work / "seed_42"
+    report = json.loads((seed / "results" / f"training_{arm}.json").read_text())
+    assert (seed / "flags" / f"{stage}.done").exists(), f"no {stage} flag"
+    assert (seed / "models" / arm / "config.json").exists() and (seed / "models" / f"{arm}_best").exists()
+    assert report["history"]["tokens"] >= report["recipe"]["max_tokens"]
+    return report
+
+
+def check_stage_2(work: Path) -> str:
+    r = _check_training(work, "baseline", "stage_2_train_baseline")
+    return f"val perplexity {r['start_val_perplexity']:.1f} -> {r['final_val_perplexity']:.1f}"
+
+
+def check_stage_3(work: Path) -> str:
+    r = _check_training(work, "monotonic", "stage_3_train_monotonic")
+    start, end, mv = r["start_val_perplexity"], r["final_val_perplexity"], r["movement"]
+    assert end < 0.5 * start, f"monotone recovery did not recover: {start:.1f} -> {end:.1f}"
+    assert mv["fraction_V_changed"] > 0.5, f"constrained weights frozen: {mv['fraction_V_changed']:.1%} of V moved"
+    assert r["certificate"]["monotone"], "trained monotone model failed its certificate"
+    return f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
+
+
+STAGES = [("stage_0_setup", check_stage_0), ("stage_1_apply_monotonicity", check_stage_1),
+          ("stage_2_train_baseline", check_stage_2), ("stage_3_train_monotonic", check_stage_3)]
 
 
 def main(argv=None) -> int:

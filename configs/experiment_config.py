@@ -95,6 +95,36 @@ class MonotoneConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Rolling-window perplexity on the test split (utils/perplexity.py states the convention)."""
+    max_len: int = 128              # tokens per window (model context for hub models)
+    stride: int = 64                # window advance; each token is scored once
+    batch_size: int = 16            # windows per forward pass (halved on CUDA OOM, never dropped)
+
+
+@dataclass
+class AttackConfig:
+    """Shared by UAT (stage 5) and HotFlip (stage 6); texts come from the test split."""
+    text_len: int = 64              # tokens per attacked text (documents are truncated)
+    min_text_len: int = 32          # shorter documents are not attacked
+    batch_size: int = 64            # sequences per exact re-evaluation forward pass
+    # UAT (Wallace et al. 2019)
+    uat_opt_texts: int = 16         # texts the trigger is optimised on
+    uat_eval_texts: int = 24        # disjoint texts it is evaluated on
+    uat_trigger_len: int = 4
+    uat_restarts: int = 2
+    uat_max_sweeps: int = 8         # left-to-right sweeps; stops after one without gain
+    uat_top_k: int = 16             # candidate tokens per position (first-order scores)
+    uat_beam: int = 2
+    # HotFlip (Ebrahimi et al. 2018)
+    hotflip_texts: int = 24
+    hotflip_max_flips: int = 5
+    hotflip_top_k: int = 16         # (position, token) candidates per beam item and flip
+    hotflip_beam: int = 2
+    success_threshold: float = 0.15  # relative NLL increase counted as a successful attack
+
+
+@dataclass
 class ExperimentConfig:
     preset: str = "tiny"
     seed: int = 42
@@ -108,6 +138,8 @@ class ExperimentConfig:
     # should be equal for a fair comparison (the stages warn when they differ).
     recovery_baseline: TrainConfig = field(default_factory=TrainConfig)
     recovery_monotone: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     # -- derived --------------------------------------------------------------
     @property
@@ -162,6 +194,17 @@ class ExperimentConfig:
         need(mo.activation in ACTIVATION_POLICIES, f"monotone.activation must be one of {ACTIVATION_POLICIES}, got {mo.activation!r}")
         need(mo.init_eps > 0, "monotone.init_eps must be > 0")
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
+        e, a = self.eval, self.attack
+        need(0 < e.stride < e.max_len, "eval.stride must be > 0 and < eval.max_len")
+        need(m.source == "hub" or e.max_len <= m.context_length, "eval.max_len must be <= model.context_length")
+        need(e.batch_size > 0 and a.batch_size > 0, "eval.batch_size and attack.batch_size must be > 0")
+        need(2 <= a.min_text_len <= a.text_len, "attack.min_text_len must be >= 2 and <= attack.text_len")
+        need(m.source == "hub" or a.text_len + a.uat_trigger_len + 1 <= m.context_length,
+             "attack.text_len + attack.uat_trigger_len + 1 must fit model.context_length")
+        for name in ("uat_opt_texts", "uat_eval_texts", "uat_trigger_len", "uat_restarts", "uat_max_sweeps",
+                     "uat_top_k", "uat_beam", "hotflip_texts", "hotflip_max_flips", "hotflip_top_k", "hotflip_beam"):
+            need(getattr(a, name) > 0, f"attack.{name} must be > 0")
+        need(a.success_threshold > 0, "attack.success_threshold must be > 0")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.seed >= 0, "seed must be >= 0")
         if problems:
@@ -205,6 +248,16 @@ def _pythia(size: str) -> ExperimentConfig:
                     checkpoint_every_minutes=30.0, keep_checkpoints=2, gradient_checkpointing=True)
     cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery)
     cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
+    # lm-evaluation-harness style: full 2048 windows; stride 1024 gives every
+    # token at least 1024 tokens of context.
+    cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8)
+    # Paper sizes: HotFlip 200 documents, 10 flips, 15% threshold; UAT trigger
+    # of 10, 3 restarts x 50 sweeps, 80 texts to optimise, 120 to evaluate.
+    cfg.attack = AttackConfig(text_len=256, min_text_len=64, batch_size=32,
+                              uat_opt_texts=80, uat_eval_texts=120, uat_trigger_len=10, uat_restarts=3,
+                              uat_max_sweeps=50, uat_top_k=100, uat_beam=1,
+                              hotflip_texts=200, hotflip_max_flips=10, hotflip_top_k=20, hotflip_beam=2,
+                              success_threshold=0.15)
     return cfg
 
 

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.slow
 
 def test_pipeline_local_script_passes():
     import test_pipeline_local
-    assert test_pipeline_local.main(["--set", "pretrain.max_tokens=120000",
-                                     "--set", "monotone.cert_trials=16"]) == 0
+    sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16",
+            "recovery_baseline.max_tokens=60000", "recovery_monotone.max_tokens=60000"]
+    assert test_pipeline_local.main([a for kv in sets for a in ("--set", kv)]) == 0
 
 
 def _copy_stage0(tiny_run, tmp_path):

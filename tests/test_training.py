@@ -1,0 +1,162 @@
+"""Recovery training: exact resume after SIGKILL, signal stop, corrupt checkpoints."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs.experiment_config import TrainConfig
+from conftest import ROOT, fast_sets, run_script
+from utils.training import lr_at, make_optimizer
+
+STAGE = "stage_3_train_monotonic"
+# 24 optimizer steps of 8 x 128 tokens, a checkpoint every 3 steps.
+SHORT = ["--set", "recovery_monotone.max_tokens=24576", "--set", "recovery_monotone.micro_batch_size=8",
+         "--set", "recovery_monotone.checkpoint_every_steps=3", "--set", "recovery_monotone.eval_interval=5",
+         "--set", "recovery_monotone.eval_windows=8"]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    t = TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_fraction=0.1)
+    lrs = [lr_at(s, 100, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_softplus_pre_parameters_get_no_weight_decay():
+    from test_monotonicity import tiny_model
+    from utils.monotonicity import apply_monotonicity
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-6)
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any("parametrizations" in names[i] for i in decayed)
+    assert any("attention.query_key_value" in names[i] for i in decayed)
+
+
+@pytest.fixture(scope="module")
+def stage1_work(tiny_run, tmp_path_factory):
+    """A work dir where stages 0 and 1 have run."""
+    _, paths = tiny_run
+    work = tmp_path_factory.mktemp("train") / "base"
+    shutil.copytree(paths.shared, work / "shared")
+    r = run_script("stage_1_apply_monotonicity", "--work-dir", str(work), *fast_sets())
+    assert r.returncode == 0, r.stderr
+    return work
+
+
+def _clone(stage1_work, tmp_path, name):
+    work = tmp_path / name
+    shutil.copytree(stage1_work, work)
+    return work
+
+
+def _popen(work):
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{STAGE}.py"), "--work-dir", str(work),
+                             *fast_sets(), *SHORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(work, proc, min_step=3, timeout=120):
+    ckpt_dir = work / "seed_42" / "checkpoints" / "monotonic"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*")]
+        if steps and max(steps) >= min_step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _final_tensors(work):
+    ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
+    assert ckpts[-1].name == "step_00000024"
+    raw = load_file(ckpts[-1] / "model.safetensors")
+    saved = load_file(next((work / "seed_42" / "models" / "monotonic").glob("*.safetensors")))
+    return raw, saved
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stage1_work, tmp_path_factory):
+    work = _clone(stage1_work, tmp_path_factory.mktemp("full"), "w")
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT)
+    assert r.returncode == 0, r.stderr
+    return _final_tensors(work)
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(stage1_work, uninterrupted, tmp_path):
+    work = _clone(stage1_work, tmp_path, "killed")
+    proc = _popen(work)
+    _wait_for_checkpoint(work, proc, min_step=6)
+    time.sleep(0.3)                     # somewhere inside a later step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    raw, saved = _final_tensors(work)
+    _assert_bitwise_equal(raw, uninterrupted[0])      # includes the softplus pre-parameters V
+    _assert_bitwise_equal(saved, uninterrupted[1])
+    history = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())["history"]
+    assert [row["step"] for row in history["steps"]] == sorted({row["step"] for row in history["steps"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_exits_75_and_resume_matches(stage1_work, uninterrupted, tmp_path, sig):
+    work = _clone(stage1_work, tmp_path, "signalled")
+    proc = _popen(work)
+    _wait_for_checkpoint(work, proc, min_step=3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "stopped by signal" in err and "Traceback" not in err
+    assert not (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    steps = [int(p.name.split("_")[1]) for p in (work / "seed_42" / "checkpoints" / "monotonic").glob("step_*")]
+    assert max(steps) < 24
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT)
+    assert r.returncode == 0, r.stderr
+    assert (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    _assert_bitwise_equal(_final_tensors(work)[0], uninterrupted[0])
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_one_clear_error_and_nothing_is_deleted(stage1_work, tmp_path):
+    work = _clone(stage1_work, tmp_path, "corrupt")
+    proc = _popen(work)
+    _wait_for_checkpoint(work, proc, min_step=6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])          # truncated
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "is corrupt or incomplete" in r.stderr
+    assert sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*")) == ckpts
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_config_is_refused(stage1_work, tmp_path):
+    work = _clone(stage1_work, tmp_path, "changed")
+    proc = _popen(work)
+    _wait_for_checkpoint(work, proc, min_step=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--set", "recovery_monotone.lr=0.1")
+    assert r.returncode == 1 and "different config" in r.stderr
