@@ -31,7 +31,8 @@ mkdir -p "$WORK_DIR"
 WORK_DIR="$(cd "$WORK_DIR" && pwd)"
 
 # Stage 0 is shared by all seeds; the others run once per seed, in order.
-PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic)
+PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic
+                 stage_4_evaluate stage_5_uat_attacks stage_6_hotflip_attacks)
 
 run() {  # run STAGE SEED
   echo "=== $1 (preset $PRESET, seed $2) ==="

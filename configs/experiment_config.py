@@ -109,12 +109,12 @@ class AttackConfig:
     min_text_len: int = 32          # shorter documents are not attacked
     batch_size: int = 64            # sequences per exact re-evaluation forward pass
     # UAT (Wallace et al. 2019)
-    uat_opt_texts: int = 16         # texts the trigger is optimised on
+    uat_opt_texts: int = 12         # texts the trigger is optimised on
     uat_eval_texts: int = 24        # disjoint texts it is evaluated on
     uat_trigger_len: int = 4
     uat_restarts: int = 2
-    uat_max_sweeps: int = 8         # left-to-right sweeps; stops after one without gain
-    uat_top_k: int = 16             # candidate tokens per position (first-order scores)
+    uat_max_sweeps: int = 5         # left-to-right sweeps; stops after one without gain
+    uat_top_k: int = 8              # candidate tokens per position (first-order scores)
     uat_beam: int = 2
     # HotFlip (Ebrahimi et al. 2018)
     hotflip_texts: int = 24
@@ -150,10 +150,10 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, sections: tuple[str, ...]) -> str:
-        """Hash of the config sections a stage's output depends on."""
+    def fingerprint(self, sections: tuple[str, ...], extra: str = "") -> str:
+        """Hash of the config sections a stage's output depends on (plus `extra`)."""
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True) + extra
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def validate(self) -> None:

@@ -43,8 +43,13 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.preset, overrides)
 
 
-def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False) -> int:
-    """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag."""
+def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False,
+              inputs=None) -> int:
+    """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag.
+
+    `inputs(cfg, paths) -> str`, if given, adds what the stage reads besides the
+    config (e.g. which models exist) to the completion fingerprint.
+    """
     args = stage_parser(description).parse_args()
     try:
         cfg = config_from_args(args)
@@ -53,7 +58,11 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         return EXIT_CONFIG
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
     flag = paths.flag(name, shared)
-    fingerprint = cfg.fingerprint(sections)
+    try:
+        fingerprint = cfg.fingerprint(sections, inputs(cfg, paths) if inputs else "")
+    except PipelineError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr)
+        return EXIT_FAILED
     if flag_matches(flag, fingerprint) and not args.force:
         print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
         return 0

@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Stage 5: Universal Adversarial Triggers (Wallace et al. 2019) against every model.
+
+Each model's trigger is optimised on one set of test texts and evaluated on a
+disjoint set; every trigger is also measured on every other model (transfer).
+Writes results/uat.json with per-text records (text ids, clean and triggered NLL).
+"""
+import _bootstrap  # noqa: F401
+
+from utils.cli import run_stage
+from utils.measurement import ATTACK_SECTIONS, arms_fingerprint, run_uat
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("stage_5_uat_attacks", __doc__, run_uat, ATTACK_SECTIONS, inputs=arms_fingerprint))

@@ -1,0 +1,209 @@
+"""Stages 4-6: perplexity, UAT and HotFlip on every model that exists.
+
+Arms: pretrained, monotonic_init, baseline, monotonic (whichever have been
+built). Every result file names each model's path, the token file and the
+exact convention, and stores per-example records that a fresh forward pass
+reproduces (tests/test_attacks.py does exactly that).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from configs.experiment_config import ExperimentConfig
+from utils import hotflip, uat
+from utils.attack_core import forbidden_tokens, select_texts
+from utils.corpus import read_corpus
+from utils.modeling import load_model, resolve_device
+from utils.perplexity import aggregate, document_nll
+from utils.run_files import RunPaths, read_json, write_json
+from utils.stages import manifest
+from utils.tokenization import TokenFile, load_tokenizer
+
+ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
+CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
+                "monotonic": "monotonicity_certificate_monotonic.json"}
+EVAL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "eval")
+ATTACK_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "attack")
+
+
+def available_arms(paths: RunPaths) -> dict[str, Path]:
+    arms = {"pretrained": Path(manifest(paths)["pretrained_path"])}
+    for arm in ARMS[1:]:
+        if (paths.models / arm / "config.json").exists():
+            arms[arm] = paths.models / arm
+    return arms
+
+
+def arms_fingerprint(cfg: ExperimentConfig, paths: RunPaths) -> str:
+    """Which models exist and when they were written: a retrained model reruns stages 4-6."""
+    stamps = {arm: max(p.stat().st_mtime_ns for p in path.glob("*.safetensors"))
+              for arm, path in available_arms(paths).items()}
+    return json.dumps(stamps, sort_keys=True)
+
+
+def arm_label(paths: RunPaths, arm: str) -> str:
+    """'monotone' / 'NOT MONOTONE (...)' for constrained arms, 'unconstrained' otherwise."""
+    if arm not in CERTIFICATES:
+        return "unconstrained"
+    cert = read_json(paths.results / CERTIFICATES[arm])
+    return "monotone" if cert["monotone"] else f"NOT MONOTONE ({cert['total_violations']} violations)"
+
+
+def _load(path: Path, device):
+    model = load_model(path, "float32", device).eval()
+    model.requires_grad_(False)      # attacks need input gradients only
+    return model
+
+
+# -- stage 4 -------------------------------------------------------------------
+
+def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    e, device = cfg.eval, resolve_device(cfg.device)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    test = TokenFile(paths.shared / "tokens", "test")
+    corpus_file = paths.shared / "corpus" / "test.jsonl"
+    docs = [test.document(i) for i in range(len(test))]
+    n_bytes = sum(len(t.encode("utf-8")) for t in read_corpus(corpus_file))
+    out = {
+        "split": "test", "token_file": str(test.path), "offsets_file": str(test.path).replace(".tokens.", ".offsets."),
+        "corpus_file": str(corpus_file), "documents": len(docs), "utf8_bytes": n_bytes,
+        "convention": {
+            "unit": "per document: tokens[offsets[i]:offsets[i+1]-1] (the trailing EOS is not scored)",
+            "sequence": "[EOS] + document, so the first token is predicted from EOS and every token is scored",
+            "windows": "rolling: at most max_len tokens, advancing by stride; each window scores only the "
+                       "tokens not scored before (earlier tokens are context, label -100)",
+            "max_len": e.max_len, "stride": e.stride, "eos_id": tokenizer.eos_token_id,
+            "aggregate": "perplexity = exp(sum NLL / sum tokens) over all documents; "
+                         "bits_per_byte = sum NLL / ln 2 / UTF-8 bytes of the documents"},
+        "models": {},
+    }
+    for arm, path in available_arms(paths).items():
+        t0 = time.time()
+        model = _load(path, device)
+        per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, device)
+        agg = aggregate(per_doc)
+        out["models"][arm] = {
+            "path": str(path), "label": arm_label(paths, arm), **agg,
+            "bits_per_byte": agg["nll_sum"] / math.log(2) / n_bytes, "seconds": time.time() - t0,
+            "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
+        print(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
+              f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
+        del model
+    path = paths.results / "evaluation.json"
+    write_json(path, out)
+    return [str(path)]
+
+
+# -- stage 5 -------------------------------------------------------------------
+
+def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    a, device = cfg.attack, resolve_device(cfg.device)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    test = TokenFile(paths.shared / "tokens", "test")
+    eos = tokenizer.eos_token_id
+    opt = select_texts(test, eos, a.uat_opt_texts, a.text_len, a.min_text_len, cfg.seed)
+    held = select_texts(test, eos, a.uat_eval_texts, a.text_len, a.min_text_len, cfg.seed, skip=a.uat_opt_texts)
+    init_token = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    arms = available_arms(paths)
+    models = {}
+    for arm, path in arms.items():
+        t0 = time.time()
+        model = _load(path, device)
+        forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+        found = uat.find_trigger(model, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, device)
+        trig = found["trigger"]
+        models[arm] = {"path": str(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
+                       "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
+                       "restart": found["restart"], "sweeps": found["sweeps"],
+                       "exact_evaluations": found["exact_evaluations"], "search_seconds": time.time() - t0}
+        print(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f})")
+        del model
+    # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
+    transfer = {src: {} for src in arms}
+    for arm, path in arms.items():
+        model = _load(path, device)
+        clean, clean_per = uat.mean_loss(model, torch.tensor([], dtype=torch.long), [t["ids"] for t in held],
+                                         device, a.batch_size)
+        for src in arms:
+            trig = torch.tensor(models[src]["trigger_ids"])
+            attacked, per = uat.mean_loss(model, trig, [t["ids"] for t in held], device, a.batch_size)
+            row = {"clean_nll": clean, "triggered_nll": attacked, "abs_delta_nll": attacked - clean,
+                   "rel_delta_nll": attacked / clean - 1}
+            transfer[src][arm] = row
+            if src == arm:
+                models[arm]["eval"] = row
+                models[arm]["examples"] = [
+                    {"doc": t["doc"], "text_ids": t["ids"].tolist(), "clean_nll": c, "triggered_nll": p}
+                    for t, c, p in zip(held, clean_per, per)]
+        print(f"[uat] {arm:<15} held-out NLL {clean:.3f} -> {models[arm]['eval']['triggered_nll']:.3f} "
+              f"({100 * models[arm]['eval']['rel_delta_nll']:+.1f}%)")
+        del model
+    path = paths.results / "uat.json"
+    write_json(path, {"composition": uat.COMPOSITION, "config": vars(a), "seed": cfg.seed,
+                      "token_file": str(test.path), "opt_docs": [t["doc"] for t in opt],
+                      "eval_docs": [t["doc"] for t in held],
+                      "loss": "mean over texts of the mean next-token NLL of the text tokens; "
+                              "sequence [EOS] + trigger + text, trigger positions masked",
+                      "models": models, "transfer": transfer})
+    return [str(path)]
+
+
+# -- stage 6 -------------------------------------------------------------------
+
+def _summary(records: list[dict], threshold: float) -> dict:
+    n = len(records)
+    deltas = sorted(r["abs_delta_nll"] for r in records)
+    return {"n": n, "success_rate": sum(r["rel_delta_nll"] > threshold for r in records) / n,
+            "mean_abs_delta_nll": sum(deltas) / n, "median_abs_delta_nll": deltas[n // 2],
+            "mean_rel_delta_nll": sum(r["rel_delta_nll"] for r in records) / n,
+            "mean_clean_nll": sum(r["clean_nll"] for r in records) / n}
+
+
+def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    a, device = cfg.attack, resolve_device(cfg.device)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    test = TokenFile(paths.shared / "tokens", "test")
+    texts = select_texts(test, tokenizer.eos_token_id, a.hotflip_texts, a.text_len, a.min_text_len, cfg.seed)
+    arms = available_arms(paths)
+    models = {}
+    for arm, path in arms.items():
+        model = _load(path, device)
+        forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+        records, controls, t0 = [], [], time.time()
+        for t in texts:
+            rec = hotflip.attack_text(model, t["ids"], a, forbidden, device)
+            rec["doc"] = t["doc"]
+            rec["success"] = rec["rel_delta_nll"] > a.success_threshold
+            records.append(rec)
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
+            controls.append({"doc": t["doc"], **hotflip.random_flips(model, t["ids"], rec["n_flips"], forbidden,
+                                                                     gen, device)})
+        models[arm] = {"path": str(path), "label": arm_label(paths, arm),
+                       "summary": _summary(records, a.success_threshold),
+                       "random_control": _summary(controls, a.success_threshold),
+                       "seconds_per_example": (time.time() - t0) / len(texts),
+                       "examples": records, "control_examples": controls}
+        s, c = models[arm]["summary"], models[arm]["random_control"]
+        print(f"[hotflip] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
+              f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f})")
+        del model
+    transfer = {src: {} for src in arms}
+    for arm, path in arms.items():
+        model = _load(path, device)
+        for src in arms:
+            rows = [hotflip.rescore(model, r["original_ids"], r["adversarial_ids"], r["modified_positions"], device)
+                    for r in models[src]["examples"]]
+            transfer[src][arm] = _summary(rows, a.success_threshold)
+        del model
+    path = paths.results / "hotflip.json"
+    write_json(path, {"composition": hotflip.COMPOSITION, "config": vars(a), "seed": cfg.seed,
+                      "token_file": str(test.path), "success_threshold": a.success_threshold,
+                      "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
+                              "clean and attacked on the same positions",
+                      "models": models, "transfer": transfer})
+    return [str(path)]
