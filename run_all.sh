@@ -47,4 +47,7 @@ run stage_0_setup "${SEED_LIST[0]}"
 for seed in "${SEED_LIST[@]}"; do
   for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
 done
+echo "=== stage_7_aggregate (seeds $SEEDS) ==="
+python "$ROOT/scripts/stage_7_aggregate.py" --preset "$PRESET" --work-dir "$WORK_DIR" --seeds "$SEEDS" "${SETS[@]}" \
+  || { echo "error: stage_7_aggregate failed; per-seed outputs are in $WORK_DIR" >&2; exit 1; }
 echo "=== all stages done; outputs in $WORK_DIR ==="

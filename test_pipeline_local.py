@@ -75,8 +75,53 @@ def check_stage_3(work: Path) -> str:
     return f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
 
 
+ALL_ARMS = {"pretrained", "monotonic_init", "baseline", "monotonic"}
+
+
+def _results(work: Path, name: str, stage: str) -> dict:
+    seed = work / "seed_42"
+    assert (seed / "flags" / f"{stage}.done").exists(), f"no {stage} flag"
+    return json.loads((seed / "results" / f"{name}.json").read_text())
+
+
+def check_stage_4(work: Path) -> str:
+    ev = _results(work, "evaluation", "stage_4_evaluate")["models"]
+    assert set(ev) == ALL_ARMS, f"evaluated arms {sorted(ev)}"
+    assert ev["monotonic"]["perplexity"] < 0.5 * ev["monotonic_init"]["perplexity"]
+    return ", ".join(f"{a} {ev[a]['perplexity']:.1f}" for a in sorted(ALL_ARMS))
+
+
+def check_stage_5(work: Path) -> str:
+    u = _results(work, "uat", "stage_5_uat_attacks")
+    assert set(u["models"]) == ALL_ARMS and set(u["transfer"]) == ALL_ARMS
+    return ", ".join(f"{a} {100 * u['models'][a]['eval']['rel_delta_nll']:+.1f}%" for a in sorted(ALL_ARMS))
+
+
+def check_stage_6(work: Path) -> str:
+    hf = _results(work, "hotflip", "stage_6_hotflip_attacks")["models"]
+    assert set(hf) == ALL_ARMS
+    for arm, m in hf.items():
+        assert m["summary"]["mean_abs_delta_nll"] > m["random_control"]["mean_abs_delta_nll"], \
+            f"{arm}: HotFlip did no more damage than random flips"
+    return ", ".join(f"{a} {100 * hf[a]['summary']['success_rate']:.0f}% "
+                     f"(dNLL {hf[a]['summary']['mean_abs_delta_nll']:+.2f} vs random "
+                     f"{hf[a]['random_control']['mean_abs_delta_nll']:+.2f})" for a in sorted(ALL_ARMS))
+
+
+def check_stage_7(work: Path) -> str:
+    final = json.loads((work / "final" / "final_results.json").read_text())
+    assert final["seeds"] == [42] and not final["partial"]
+    assert set(final["across_seeds"]["arms"]) == ALL_ARMS
+    for name in ("results.md", "table.tex", "training_curves.png", "perplexity.png", "hotflip_delta_nll.png",
+                 "uat_transfer.png"):
+        assert (work / "final" / name).stat().st_size > 0, name
+    return f"report in {work / 'final' / 'results.md'}"
+
+
 STAGES = [("stage_0_setup", check_stage_0), ("stage_1_apply_monotonicity", check_stage_1),
-          ("stage_2_train_baseline", check_stage_2), ("stage_3_train_monotonic", check_stage_3)]
+          ("stage_2_train_baseline", check_stage_2), ("stage_3_train_monotonic", check_stage_3),
+          ("stage_4_evaluate", check_stage_4), ("stage_5_uat_attacks", check_stage_5),
+          ("stage_6_hotflip_attacks", check_stage_6), ("stage_7_aggregate", check_stage_7)]
 
 
 def main(argv=None) -> int:
@@ -98,7 +143,7 @@ def main(argv=None) -> int:
             failed = True
             break
     if not failed:
-        for stage, _ in STAGES:
+        for stage, _ in STAGES[:-1]:      # stage 7 always re-aggregates (it is cheap)
             if "already done" not in run(stage, work, sets):
                 print(f"FAIL  rerun of {stage} did not skip")
                 failed = True

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Stage 7: aggregate every seed of a work dir into WORK_DIR/final/: final_results.json,
+results.md, table.tex (booktabs) and plots, with intervals and paired tests.
+
+A seed with missing stage outputs is an error naming what is missing, unless
+--allow-partial (then what exists is aggregated and marked partial everywhere).
+"""
+import _bootstrap  # noqa: F401
+
+import sys
+from pathlib import Path
+
+from configs.experiment_config import ConfigError
+from utils.aggregate import run_aggregate
+from utils.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, stage_parser
+from utils.run_files import PipelineError, write_flag
+
+
+def main() -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--seeds", help="comma-separated seeds (default: every seed_<S> in the work dir)")
+    p.add_argument("--allow-partial", action="store_true", help="aggregate incomplete seeds, marked partial")
+    args = p.parse_args()
+    try:
+        cfg = config_from_args(args)
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    work = Path(cfg.work_dir)
+    try:
+        outputs = run_aggregate(work, seeds, args.allow_partial, cfg.preset)
+        write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs)
+    except PipelineError as e:
+        print(f"error: [stage_7_aggregate] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

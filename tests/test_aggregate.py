@@ -1,0 +1,127 @@
+"""Stage 7: statistics against known values, partial inputs, LaTeX and plots."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from utils.aggregate import run_aggregate
+from utils.run_files import PipelineError
+from utils.statistics import bootstrap_interval, mcnemar_exact, t_interval, wilcoxon_paired
+
+
+def test_t_interval_by_hand():
+    r = t_interval([1.0, 2.0, 3.0])
+    assert r["mean"] == 2.0 and r["std"] == pytest.approx(1.0)
+    half = 4.302652729911275 / math.sqrt(3)          # t(0.975, df=2)
+    assert r["ci95"] == pytest.approx([2 - half, 2 + half])
+    assert t_interval([5.0]) == {"n": 1, "mean": 5.0, "std": None, "ci95": None}
+
+
+def test_bootstrap_interval_covers_the_true_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(123)
+    hits = 0
+    for rep in range(200):
+        lo, hi = bootstrap_interval(rng.normal(5.0, 1.0, 40), n_boot=500, seed=rep)
+        hits += lo <= 5.0 <= hi
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_mcnemar_on_a_hand_computed_table():
+    a = [True] * 8 + [False] * 2 + [True] * 5 + [False] * 5     # 8 only-a, 2 only-b, 5 both, 5 neither
+    b = [False] * 8 + [True] * 2 + [True] * 5 + [False] * 5
+    r = mcnemar_exact(a, b)
+    assert (r["only_first"], r["only_second"]) == (8, 2)
+    assert r["p_value"] == pytest.approx(112 / 1024)            # 2 * P(X <= 2), X ~ Bin(10, 1/2)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_wilcoxon_exact_small_sample():
+    r = wilcoxon_paired([2, 3, 4, 5, 6], [1, 1, 1, 1, 1])       # all 5 differences positive
+    assert r["p_value"] == pytest.approx(2 / 32) and r["mean_difference"] == 3.0
+    assert wilcoxon_paired([1, 2], [1, 2])["p_value"] == 1.0
+
+
+# -- hand-made per-example records for two seeds -------------------------------
+
+ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
+
+
+def _write_seed(work, seed, success, skip=()):
+    """Records where arm a succeeds on the docs listed in success[a] (of 10), dNLL 0.5 or 0.05."""
+    res = work / f"seed_{seed}" / "results"
+    res.mkdir(parents=True)
+    files = {
+        "monotonicity_certificate.json": {"monotone": True, "label": "monotone", "scope": "mlp_both"},
+        "evaluation.json": {"models": {a: {"label": "x", "perplexity": math.exp(2.0 + i),
+                                           "bits_per_byte": 1.0,
+                                           "per_document": {"nll": [(2.0 + i) * 10] * 5, "tokens": [10] * 5}}
+                                       for i, a in enumerate(ARMS)}},
+        "hotflip.json": {"success_threshold": 0.15, "transfer": {a: {b: {"success_rate": 0.5} for b in ARMS} for a in ARMS},
+                         "models": {a: {"label": "x", "random_control": {"mean_abs_delta_nll": 0.01, "success_rate": 0.0},
+                                        "examples": [{"doc": d, "success": d in success[a],
+                                                      "abs_delta_nll": 0.5 if d in success[a] else 0.05,
+                                                      "rel_delta_nll": 0.2 if d in success[a] else 0.02,
+                                                      "clean_nll": 2.5} for d in range(10)]} for a in ARMS}},
+        "uat.json": {"transfer": {a: {b: {"rel_delta_nll": 0.1} for b in ARMS} for a in ARMS},
+                     "models": {a: {"trigger_text": "t", "eval": {"abs_delta_nll": 0.3, "rel_delta_nll": 0.1},
+                                    "examples": [{"doc": d, "clean_nll": 3.0, "triggered_nll": 3.3} for d in range(10)]}
+                                for a in ARMS}},
+    }
+    for arm in ("baseline", "monotonic"):
+        files[f"training_{arm}.json"] = {
+            "history": {"tokens": 1000, "val_loss": 5.0, "best_val_loss": 5.0,
+                        "steps": [{"tokens": 0, "val_loss": 7.0}, {"tokens": 1000, "val_loss": 5.0}]},
+            "start_val_perplexity": math.exp(7), "final_val_perplexity": math.exp(5),
+            "movement": {"fraction_V_changed": 0.9 if arm == "monotonic" else None}}
+    for name, obj in files.items():
+        if name not in skip:
+            (res / name).write_text(json.dumps(obj))
+
+
+def _work(tmp_path, skip=()):
+    _write_seed(tmp_path, 1, {"pretrained": {0, 1}, "monotonic_init": set(range(9)), "baseline": set(range(6)),
+                              "monotonic": {0, 1}})
+    _write_seed(tmp_path, 2, {"pretrained": {0}, "monotonic_init": set(range(8)), "baseline": set(range(4)),
+                              "monotonic": {0, 1, 2}}, skip=skip)
+    return tmp_path
+
+
+def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
+    outputs = run_aggregate(_work(tmp_path), None, False, "tiny")
+    final = json.loads((tmp_path / "final" / "final_results.json").read_text())
+    base = final["across_seeds"]["arms"]["baseline"]["hotflip_success_rate"]
+    assert base["mean"] == pytest.approx(0.5) and base["n"] == 2        # seeds: 6/10 and 4/10
+    assert final["across_seeds"]["arms"]["monotonic"]["hotflip_success_rate"]["mean"] == pytest.approx(0.25)
+    assert final["across_seeds"]["more_robust"]["hotflip_success_rate"] == "monotonic"
+    diff = final["across_seeds"]["monotonic_minus_baseline"]["hotflip_success_rate"]
+    assert diff["mean"] == pytest.approx(-0.25)
+    t = final["per_seed"]["1"]["tests"]["hotflip_success"]
+    assert (t["only_first"], t["only_second"]) == (4, 0) and t["p_value"] == pytest.approx(2 / 16)
+    assert final["per_seed"]["1"]["arms"]["pretrained"]["perplexity"] == pytest.approx(math.exp(2))
+    assert not final["partial"]
+    tex = (tmp_path / "final" / "table.tex").read_text()
+    body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]
+    assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")
+    assert all(r in tex for r in (r"\toprule", r"\midrule", r"\bottomrule", r"\usepackage{booktabs}"))
+    rows = [l for l in body.splitlines() if l.endswith(r"\\")]
+    assert len(rows) == 4 and all(len(re.findall(r"(?<!\\)&", r)) == 5 for r in rows)
+    for png in [p for p in outputs if p.endswith(".png")]:
+        data = open(png, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert len([p for p in outputs if p.endswith(".png")]) == 4
+    assert "report:" in capsys.readouterr().out
+
+
+def test_missing_stage_is_named_and_partial_only_when_asked(tmp_path):
+    work = _work(tmp_path, skip=("hotflip.json",))
+    with pytest.raises(PipelineError, match=r"seed 2: hotflip.json \(stage 6\)"):
+        run_aggregate(work, None, False, "tiny")
+    assert not (work / "final" / "final_results.json").exists()
+    run_aggregate(work, [1, 2], True, "tiny")
+    final = json.loads((work / "final" / "final_results.json").read_text())
+    assert final["partial"] and final["missing"] == {"2": ["hotflip.json (stage 6)"]}
+    assert final["across_seeds"]["arms"]["baseline"]["hotflip_success_rate"]["n"] == 1
+    assert "PARTIAL" in (work / "final" / "results.md").read_text()
+    assert "PARTIAL" in (work / "final" / "table.tex").read_text()

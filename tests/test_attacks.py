@@ -1,0 +1,201 @@
+"""The attack core, UAT and HotFlip: loss masking, candidate scores, recomputation."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs.experiment_config import AttackConfig, ModelConfig
+from conftest import fast_sets, run_script
+from utils import hotflip, uat
+from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean, per_token_nll
+from utils.modeling import build_tiny_model, load_model
+from utils.tokenization import TokenFile
+
+SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=50, context_length=64)
+CPU = torch.device("cpu")
+
+
+def _model():
+    m = build_tiny_model(SMALL, 0).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _plain_target_nll(model, ids, targets):
+    """Reference: one unpadded forward, log-softmax by hand, mean over target tokens only."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+    vals = [-logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if targets[t]]
+    return sum(vals) / len(vals)
+
+
+def test_masked_loss_counts_only_targets_and_ignores_padding():
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (n,), generator=g) for n in (9, 20, 14)]
+    masks = [torch.rand(len(s), generator=g) < 0.6 for s in seqs]
+    for m in masks:
+        m[0], m[-1] = False, True
+    batched = per_token_nll(model, seqs, CPU)            # right-padded together
+    for s, m, nll in zip(seqs, masks, batched):
+        assert masked_mean(nll, m) == pytest.approx(_plain_target_nll(model, s, m), abs=1e-5)
+
+
+def test_flip_scores_are_first_order_and_exclude_current_and_special_tokens():
+    model = _model()
+    ids = torch.randint(1, 50, (12,))
+    targets = torch.ones(12, dtype=torch.bool)
+    targets[0] = False
+    grad = embedding_grads(model, [ids], [targets], CPU)[0]
+    E = model.get_input_embeddings().weight
+    forbidden = torch.zeros(50, dtype=torch.bool)
+    forbidden[0] = True
+    pos = torch.tensor([3, 7])
+    scores = flip_scores(grad[pos], ids[pos], E, forbidden)
+    for r, p in enumerate(pos.tolist()):
+        b = (int(ids[p]) + 5) % 49 + 1
+        if b != int(ids[p]):
+            assert scores[r, b].item() == pytest.approx(((E[b] - E[ids[p]]) @ grad[p]).item(), rel=1e-4, abs=1e-6)
+        assert scores[r, ids[p]] == float("-inf") and scores[r, 0] == float("-inf")
+
+
+def test_embedding_gradient_matches_finite_difference_direction():
+    """The gradient predicts the exact loss change of a small embedding step."""
+    model = _model()
+    ids = torch.randint(1, 50, (10,))
+    targets = torch.ones(10, dtype=torch.bool)
+    targets[0] = False
+    grad = embedding_grads(model, [ids], [targets], CPU)[0]
+    emb = model.get_input_embeddings()(ids)
+    step = 1e-3 * grad / grad.norm()
+    def loss(e):
+        with torch.no_grad():
+            logits = model(inputs_embeds=e[None]).logits[0]
+        return F.cross_entropy(logits[:-1], ids[1:]).item()
+    assert loss(emb + step) - loss(emb) == pytest.approx((grad * step).sum().item(), rel=0.05)
+
+
+def test_uat_trigger_tokens_are_never_targets():
+    model = _model()
+    text = torch.randint(1, 50, (15,))
+    text[0] = 0
+    trigger = torch.tensor([7, 8, 9])
+    ids, targets = uat.triggered(trigger, text)
+    assert ids.tolist() == [0, 7, 8, 9, *text[1:].tolist()]
+    assert not targets[:4].any() and targets[4:].all()
+    loss, per = uat.mean_loss(model, trigger, [text], CPU, 4)
+    assert loss == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
+
+
+def test_hotflip_never_scores_flipped_tokens_and_only_keeps_improving_flips():
+    model = _model()
+    ids = torch.cat([torch.tensor([0]), torch.randint(1, 50, (20,))])
+    forbidden = torch.zeros(50, dtype=torch.bool)
+    forbidden[0] = True
+    a = AttackConfig(hotflip_max_flips=4, hotflip_top_k=8, hotflip_beam=2, batch_size=16)
+    rec = hotflip.attack_text(model, ids, a, forbidden, CPU)
+    adv = torch.tensor(rec["adversarial_ids"])
+    changed = (adv != ids).nonzero().squeeze(1).tolist()
+    assert changed == rec["modified_positions"] and 0 not in changed and len(changed) <= 4
+    assert not forbidden[adv[changed]].any()
+    targets = hotflip.target_mask(len(ids), changed)
+    assert not targets[changed].any()
+    assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-5)
+    assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
+    assert rec["abs_delta_nll"] >= 0 and (rec["n_flips"] == 0 or rec["abs_delta_nll"] > 0)
+
+
+# -- stages 4-6 end to end, and recomputation of what they stored ---------------
+
+SMALL_ATTACKS = ["attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
+                 "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3"]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_run, tmp_path_factory):
+    """Stages 1, 4, 5, 6 on the tiny run (arms: pretrained, monotonic_init)."""
+    _, paths = tiny_run
+    work = tmp_path_factory.mktemp("measure") / "w"
+    shutil.copytree(paths.shared, work / "shared")
+    sets = fast_sets() + [a for kv in SMALL_ATTACKS for a in ("--set", kv)]
+    for stage in ("stage_1_apply_monotonicity", "stage_4_evaluate", "stage_5_uat_attacks", "stage_6_hotflip_attacks"):
+        r = run_script(stage, "--work-dir", str(work), *sets)
+        assert r.returncode == 0, r.stderr
+    results = work / "seed_42" / "results"
+    return work, {name: json.loads((results / f"{name}.json").read_text()) for name in ("evaluation", "uat", "hotflip")}
+
+
+@pytest.mark.slow
+def test_evaluation_is_recomputable_from_what_it_names(measured):
+    _, res = measured
+    ev = res["evaluation"]
+    c = ev["convention"]
+    tokens = np.load(ev["token_file"], mmap_mode="r")
+    offsets = np.load(ev["offsets_file"], mmap_mode="r")
+    assert ev["split"] == "test" and set(ev["models"]) == {"pretrained", "monotonic_init"}
+    for arm, m in ev["models"].items():
+        model = load_model(m["path"]).eval()
+        per = m["per_document"]
+        assert math.exp(sum(per["nll"]) / sum(per["tokens"])) == pytest.approx(m["perplexity"], rel=1e-9)
+        assert sum(per["tokens"]) == m["tokens"] == int(offsets[-1]) - ev["documents"]
+        for i in (0, 3):       # independent recomputation, one window at a time, no padding
+            doc = np.asarray(tokens[offsets[i]:offsets[i + 1] - 1], dtype=np.int64)
+            seq = torch.tensor([c["eos_id"], *doc.tolist()])
+            total, scored_to = 0.0, 1
+            for begin in range(0, len(seq), c["stride"]):
+                end = min(begin + c["max_len"], len(seq))
+                with torch.no_grad():
+                    logp = F.log_softmax(model(input_ids=seq[None, begin:end]).logits[0].double(), -1)
+                for t in range(scored_to, end):
+                    total -= logp[t - begin - 1, seq[t]].item()
+                scored_to = max(scored_to, end)
+                if end == len(seq):
+                    break
+            assert per["tokens"][i] == len(doc)
+            assert total == pytest.approx(per["nll"][i], rel=1e-4)
+    assert ev["models"]["monotonic_init"]["label"] == "monotone"
+
+
+@pytest.mark.slow
+def test_hotflip_records_are_recomputable_and_beat_random_flips(measured):
+    _, res = measured
+    hf = res["hotflip"]
+    for arm, m in hf["models"].items():
+        model = load_model(m["path"]).eval()
+        for rec in m["examples"]:
+            orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
+            assert (orig != adv).nonzero().squeeze(1).tolist() == rec["modified_positions"]
+            targets = hotflip.target_mask(len(orig), rec["modified_positions"])
+            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-4)
+            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=1e-4)
+            assert rec["success"] == (rec["rel_delta_nll"] > hf["success_threshold"])
+        s, ctl = m["summary"], m["random_control"]
+        assert s["mean_abs_delta_nll"] > ctl["mean_abs_delta_nll"], arm
+        assert hf["transfer"][arm][arm]["mean_abs_delta_nll"] == pytest.approx(s["mean_abs_delta_nll"], abs=1e-4)
+    assert set(hf["transfer"]) == set(hf["models"]) and "search" in hf["composition"]
+
+
+@pytest.mark.slow
+def test_uat_records_are_recomputable_on_disjoint_texts(measured):
+    work, res = measured
+    u = res["uat"]
+    assert not set(u["opt_docs"]) & set(u["eval_docs"])
+    tf = TokenFile(work / "shared" / "tokens", "test")
+    for arm, m in u["models"].items():
+        model = load_model(m["path"]).eval()
+        trig = torch.tensor(m["trigger_ids"])
+        for ex in m["examples"][:4]:
+            text = torch.tensor(ex["text_ids"])
+            assert text[1:].tolist() == tf.document(ex["doc"])[:len(text) - 1].tolist()
+            ids, targets = uat.triggered(trig, text)
+            assert ex["triggered_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-4)
+            clean_t = torch.ones(len(text), dtype=torch.bool)
+            clean_t[0] = False
+            assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, clean_t), abs=1e-4)
+        mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
+        assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
+        assert u["transfer"][arm][arm] == m["eval"]

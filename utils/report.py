@@ -1,0 +1,195 @@
+"""Stage 7's outputs for people: results.md, table.tex (booktabs) and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ARM_NAMES = {"pretrained": "Pretrained", "monotonic_init": "Monotone (init)", "baseline": "Baseline (recovered)",
+             "monotonic": "Monotone (recovered)"}
+ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic")
+
+
+def _arms(final: dict) -> list[str]:
+    present = final["across_seeds"]["arms"]
+    return [a for a in ORDER if a in present]
+
+
+def _fmt(stat: dict, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    unit = "%" if pct else ""
+    text = f"{stat['mean'] * scale:.{digits}f}{unit}"
+    if stat.get("ci95"):
+        lo, hi = stat["ci95"]
+        text += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+    return text
+
+
+def _label(final: dict, arm: str) -> str:
+    labels = {s["arms"][arm].get("label") for s in final["per_seed"].values() if arm in s["arms"]}
+    return ", ".join(sorted(l for l in labels if l))
+
+
+def markdown(final: dict) -> str:
+    seeds = final["seeds"]
+    lines = [f"# Results: monotone MLPs vs. adversarial attacks ({final['preset']}, seeds {', '.join(map(str, seeds))})", ""]
+    if final["partial"]:
+        lines += ["**PARTIAL RESULTS**: missing inputs: " +
+                  "; ".join(f"seed {s}: {', '.join(m)}" for s, m in final["missing"].items()), ""]
+    lines += ["Across seeds: mean [t-based 95% interval] (no interval with one seed). HotFlip success: relative NLL "
+              f"increase > {100 * final['success_threshold']:.0f}%; delta-NLL in nats/token (absolute, which does not "
+              "favour the model with the higher clean loss).", "",
+              "| Model | Label | Perplexity | HotFlip success | HotFlip dNLL | Random-flip dNLL | UAT dNLL | UAT rel. |",
+              "|---|---|---|---|---|---|---|---|"]
+    acr = final["across_seeds"]["arms"]
+    for arm in _arms(final):
+        a = acr[arm]
+        lines.append(f"| {ARM_NAMES[arm]} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
+                     f"{_fmt(a['hotflip_success_rate'], 100, 1, True)} | {_fmt(a['hotflip_mean_abs_delta_nll'], 1, 3)} | "
+                     f"{_fmt(a['random_flip_mean_abs_delta_nll'], 1, 3)} | {_fmt(a['uat_abs_delta_nll'], 1, 3)} | "
+                     f"{_fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
+    more = final["across_seeds"].get("more_robust", {})
+    if more:
+        lines += ["", "More robust (lower is better), computed from the means: " +
+                  ", ".join(f"{k}: **{v}**" for k, v in more.items())]
+    lines += ["", "## Per seed (bootstrap 95% intervals over examples)", "",
+              "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | UAT dNLL [per-text CI] |", "|---|---|---|---|---|---|"]
+    for seed, s in final["per_seed"].items():
+        for arm in ORDER:
+            r = s["arms"].get(arm)
+            if not r:
+                continue
+            ci = lambda k, sc=1.0, d=2: (f" [{r[k][0] * sc:.{d}f}, {r[k][1] * sc:.{d}f}]" if k in r else "")  # noqa: E731
+            lines.append(f"| {seed} | {ARM_NAMES[arm]} | {r.get('perplexity', float('nan')):.2f}{ci('perplexity_ci95')} | "
+                         f"{100 * r.get('hotflip_success_rate', float('nan')):.1f}%{ci('hotflip_success_ci95', 100, 1)} | "
+                         f"{r.get('hotflip_mean_abs_delta_nll', float('nan')):.3f}{ci('hotflip_delta_ci95', 1, 3)} | "
+                         f"{r.get('uat_abs_delta_nll', float('nan')):.3f}{ci('uat_delta_ci95', 1, 3)} |")
+    lines += ["", "## Paired tests, baseline vs monotone (same examples)", "", "| Seed | Measure | Test | p-value | Detail |",
+              "|---|---|---|---|---|"]
+    for seed, s in final["per_seed"].items():
+        for name, t in s["tests"].items():
+            detail = (f"baseline-only successes {t['only_first']}, monotone-only {t['only_second']}" if "only_first" in t
+                      else f"mean difference (baseline - monotone) {t['mean_difference']:+.3f}")
+            lines.append(f"| {seed} | {name} | {t['test']} | {t['p_value']:.3g} | {detail} |")
+    lines += ["", "## Recovery training", "", "| Seed | Arm | Tokens | Val ppl start -> end | Fraction of V changed |",
+              "|---|---|---|---|---|"]
+    for seed, s in final["per_seed"].items():
+        for arm, t in s["training"].items():
+            frac = "n/a" if t["fraction_V_changed"] is None else f"{100 * t['fraction_V_changed']:.1f}%"
+            lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {t['start_val_perplexity']:.1f} -> "
+                         f"{t['final_val_perplexity']:.1f} | {frac} |")
+    lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png, uat_transfer.png", ""]
+    return "\n".join(lines)
+
+
+def _tex_cell(stat: dict, scale=1.0, digits=2, pct=False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "--"
+    unit = r"\%" if pct else ""
+    cell = f"{stat['mean'] * scale:.{digits}f}{unit}"
+    if stat.get("ci95"):
+        half = (stat["ci95"][1] - stat["ci95"][0]) / 2 * scale
+        cell += rf" $\pm$ {half:.{digits}f}"
+    return cell
+
+
+def latex(final: dict) -> str:
+    """A standalone document holding one booktabs table (paste the tabular into a paper)."""
+    acr = final["across_seeds"]["arms"]
+    rows = []
+    for arm in _arms(final):
+        a = acr[arm]
+        rows.append(f"{ARM_NAMES[arm]} & {_tex_cell(a['perplexity'])} & {_tex_cell(a['hotflip_success_rate'], 100, 1, True)}"
+                    f" & {_tex_cell(a['hotflip_mean_abs_delta_nll'], 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
+                    f" & {_tex_cell(a['uat_abs_delta_nll'], 1, 3)} \\\\")
+    n = len(final["seeds"])
+    note = (f"Mean over {n} seeds $\\pm$ half-width of the t-based 95\\% interval." if n > 1
+            else "One seed: no interval across seeds.")
+    if final["partial"]:
+        note += " PARTIAL: some seeds lack some stages."
+    return "\n".join([
+        r"\documentclass[varwidth=\maxdimen]{standalone}", r"\usepackage{booktabs}", r"\begin{document}",
+        r"\begin{tabular}{lccccc}", r"\toprule",
+        r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & UAT NLL increase & UAT $\Delta$NLL \\",
+        r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", "", rf"\footnotesize {note}", r"\end{document}", ""])
+
+
+def plots(final: dict, out_dir: Path) -> list[Path]:
+    seeds, written = final["per_seed"], []
+    tag = " (PARTIAL)" if final["partial"] else ""
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for seed, s in seeds.items():
+        for arm, style in (("baseline", "-"), ("monotonic", "--")):
+            if arm in s["training"]:
+                tok, loss = zip(*s["training"][arm]["curve"])
+                ax.plot(tok, loss, style, label=f"{arm}, seed {seed}")
+    ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title="Recovery training" + tag)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "training_curves.png"))
+
+    arms = _arms(final)
+    acr = final["across_seeds"]["arms"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, arm in enumerate(arms):
+        vals = [(seed, s["arms"][arm]["perplexity"]) for seed, s in seeds.items() if "perplexity" in s["arms"].get(arm, {})]
+        ax.scatter([i] * len(vals), [v for _, v in vals], color="k", zorder=3, s=12)
+        ax.bar(i, acr[arm]["perplexity"]["mean"] or 0, alpha=0.6)
+    ax.set_xticks(range(len(arms)), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
+    ax.set(yscale="log", ylabel="test perplexity (log scale)",
+           title=f"Perplexity per model; dots = seeds {', '.join(map(str, seeds))}" + tag)
+    written.append(_save(fig, out_dir / "perplexity.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    data = [[d for s in seeds.values() for d in s["arms"].get(arm, {}).get("hotflip_abs_deltas", [])] for arm in arms]
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(arms) + 1), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
+    ax.set(ylabel="HotFlip delta NLL (nats/token)",
+           title=f"HotFlip damage per text, seeds {', '.join(map(str, seeds))}" + tag)
+    written.append(_save(fig, out_dir / "hotflip_delta_nll.png"))
+
+    mats = [s["transfer"]["uat_rel_delta_nll"] for s in seeds.values() if "uat_rel_delta_nll" in s["transfer"]]
+    if mats:
+        names = [a for a in arms if a in mats[0]]
+        grid = [[100 * sum(m[src][dst] for m in mats) / len(mats) for dst in names] for src in names]
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+        im = ax.imshow(grid, cmap="Reds")
+        top = max(max(r) for r in grid)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{grid[i][j]:+.1f}%", ha="center", va="center", fontsize=9,
+                        color="white" if grid[i][j] > 0.6 * top else "black")
+        ax.set_xticks(range(len(names)), [ARM_NAMES[a] for a in names], rotation=20, ha="right")
+        ax.set_yticks(range(len(names)), [ARM_NAMES[a] for a in names])
+        ax.set(xlabel="evaluated on", ylabel="trigger found on",
+               title=f"UAT relative NLL increase, mean of {len(mats)} seed(s)" + tag)
+        fig.colorbar(im, ax=ax, label="% NLL increase")
+        written.append(_save(fig, out_dir / "uat_transfer.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def screen_summary(final: dict, report: Path) -> str:
+    acr = final["across_seeds"]["arms"]
+    lines = [f"Final results ({len(final['seeds'])} seed(s){', PARTIAL' if final['partial'] else ''}):",
+             f"  {'model':<22}{'perplexity':>12}{'HotFlip succ.':>15}{'HotFlip dNLL':>14}{'UAT rel.':>10}"]
+    for arm in _arms(final):
+        a = acr[arm]
+        m = lambda k, sc=1.0: "n/a" if a[k]["mean"] is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
+        lines.append(f"  {ARM_NAMES[arm]:<22}{m('perplexity'):>12}{m('hotflip_success_rate', 100) + '%':>15}"
+                     f"{m('hotflip_mean_abs_delta_nll'):>14}{m('uat_rel_delta_nll', 100) + '%':>10}")
+    more = final["across_seeds"].get("more_robust")
+    if more:
+        lines.append("  more robust: " + ", ".join(f"{k} -> {v}" for k, v in more.items()))
+    lines.append(f"  report: {report}")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The statistics of the final report, each small and tested against known values.
+
+Across seeds: mean, sample std and a t-based 95% interval. Within a seed:
+percentile bootstrap intervals over examples. Paired comparisons on the same
+examples: McNemar's exact test for success/failure, Wilcoxon's signed-rank
+test for delta-NLL (scipy's implementations).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def t_interval(values: list[float], level: float = 0.95) -> dict:
+    """Mean, sample std and t-based interval; one value gives no interval (None)."""
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else None
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95": None}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def bootstrap_interval(values, statistic=np.mean, level: float = 0.95, n_boot: int = 2000,
+                       seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of `statistic` over the examples (rows of `values`)."""
+    x = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    boots = np.array([statistic(x[i]) for i in idx])
+    return [float(np.quantile(boots, (1 - level) / 2)), float(np.quantile(boots, (1 + level) / 2))]
+
+
+def perplexity_bootstrap(nll: list[float], tokens: list[int], **kw) -> list[float]:
+    """Bootstrap over documents of exp(sum NLL / sum tokens)."""
+    pairs = np.stack([np.asarray(nll, float), np.asarray(tokens, float)], axis=1)
+    return bootstrap_interval(pairs, statistic=lambda p: math.exp(p[:, 0].sum() / p[:, 1].sum()), **kw)
+
+
+def mcnemar_exact(a_success: list[bool], b_success: list[bool]) -> dict:
+    """McNemar's exact test on paired outcomes: a binomial test on the discordant pairs."""
+    a, b = np.asarray(a_success, bool), np.asarray(b_success, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(only_a, n, 0.5).pvalue)
+    return {"test": "McNemar exact (binomial on discordant pairs)", "only_first": only_a,
+            "only_second": only_b, "p_value": p}
+
+
+def wilcoxon_paired(a: list[float], b: list[float]) -> dict:
+    """Wilcoxon signed-rank test of a - b (two-sided); all-zero differences give p = 1."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if not np.any(d != 0):
+        return {"test": "Wilcoxon signed-rank", "statistic": 0.0, "p_value": 1.0, "mean_difference": 0.0}
+    res = stats.wilcoxon(d)
+    return {"test": "Wilcoxon signed-rank", "statistic": float(res.statistic), "p_value": float(res.pvalue),
+            "mean_difference": float(d.mean())}
