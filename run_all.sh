@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Run the pipeline: every stage, for every seed.
-#   bash run_all.sh --local                      # embedded tiny preset, no download, no GPU
-#   bash run_all.sh --local --preset tiny --seeds 42,1337,2024 --work-dir /tmp/run
-# Extra --set KEY=VALUE arguments are passed to every stage.
+# Run the whole pipeline: stage 0 once, stages 1-6 per seed, stage 7 over all seeds.
+#   bash run_all.sh --local                  # in this shell, no SLURM (embedded tiny preset by default)
+#   bash run_all.sh --preset pythia-1.4b --seeds 42,1337,2024     # submit the job graph to SLURM
+#   bash run_all.sh --dry-run ...            # print the sbatch commands, submit nothing
+#   bash run_all.sh --status --work-dir DIR  # what ran, what failed, where the logs are
+# Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
+# SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
+#   MONO_SLURM_GPU (gres for GPU stages, default gpu:1; empty = none), MONO_SLURM_CPUS (8),
+#   MONO_SLURM_MEM (64G; CPU-only stages: MONO_SLURM_CPU_MEM, 16G), MONO_SLURM_TIME_<N> (per stage),
+#   MONO_SLURM_SIGNAL (USR1) and MONO_SLURM_SIGNAL_LEAD (120 s) for preemption, MONO_SLURM_EXTRA (more sbatch flags).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; }
-LOCAL=0; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --local) LOCAL=1 ;;
+    --local) MODE=local ;;
+    --dry-run) MODE=dry ;;
+    --status) MODE=status ;;
     --preset) PRESET="${2:?--preset needs a value}"; shift ;;
     --seeds) SEEDS="${2:?--seeds needs a value}"; shift ;;
     --work-dir) WORK_DIR="${2:?--work-dir needs a value}"; shift ;;
@@ -20,34 +28,122 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ "$LOCAL" != 1 ]; then
-  echo "error: SLURM submission is not built yet; run with --local" >&2
-  exit 2
-fi
 [[ "$SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: --seeds must be comma-separated integers, got '$SEEDS'" >&2; exit 2; }
-
-source "$ROOT/scripts/ensure_env.sh"
+IFS=, read -ra SEED_LIST <<< "$SEEDS"
 mkdir -p "$WORK_DIR"
 WORK_DIR="$(cd "$WORK_DIR" && pwd)"
 
-# Stage 0 is shared by all seeds; the others run once per seed, in order.
 PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic
                  stage_4_evaluate stage_5_uat_attacks stage_6_hotflip_attacks)
 
-run() {  # run STAGE SEED
-  echo "=== $1 (preset $PRESET, seed $2) ==="
-  if ! python "$ROOT/scripts/$1.py" --preset "$PRESET" --seed "$2" --work-dir "$WORK_DIR" "${SETS[@]}"; then
-    echo "error: $1 failed for seed $2; outputs so far are in $WORK_DIR" >&2
-    exit 1
-  fi
+if [ "$MODE" = status ]; then
+  exec python3 "$ROOT/scripts/pipeline_status.py" "$WORK_DIR"
+fi
+
+source "$ROOT/scripts/ensure_env.sh"
+# Fail early, before anything runs or is submitted, on a bad preset or override.
+python "$ROOT/scripts/stage_0_setup.py" --preset "$PRESET" --seed "${SEED_LIST[0]}" --work-dir "$WORK_DIR" \
+  "${SETS[@]}" --check >/dev/null 2>"$WORK_DIR/.config_check" || {
+  if grep -q '^error:' "$WORK_DIR/.config_check"; then grep '^error:' "$WORK_DIR/.config_check" >&2; exit 2; fi; }
+rm -f "$WORK_DIR/.config_check"
+
+# -- local: the same graph, in this shell -------------------------------------
+if [ "$MODE" = local ]; then
+  run() {  # run STAGE SEED [extra args]
+    local stage="$1" seed="$2"; shift 2
+    echo "=== $stage (preset $PRESET, seed $seed) ==="
+    python "$ROOT/scripts/$stage.py" --preset "$PRESET" --seed "$seed" --work-dir "$WORK_DIR" "${SETS[@]}" "$@" \
+      || { echo "error: $stage failed for seed $seed; outputs so far are in $WORK_DIR" >&2; exit 1; }
+  }
+  run stage_0_setup "${SEED_LIST[0]}"
+  for seed in "${SEED_LIST[@]}"; do
+    for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
+  done
+  run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
+  echo "=== all stages done; outputs in $WORK_DIR ==="
+  exit 0
+fi
+
+# -- SLURM: one job per stage and seed, chained with afterok ------------------
+command -v sbatch >/dev/null || [ "$MODE" = dry ] || {
+  echo "error: sbatch not found; on a machine without SLURM use --local" >&2; exit 2; }
+LOG_DIR="$WORK_DIR/slurm/logs"
+JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
+mkdir -p "$LOG_DIR"
+[ "$MODE" = dry ] || printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"
+declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=04:00:00 [7]=00:30:00)
+JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
+          [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
+STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline
+            [3]=stage_3_train_monotonic [4]=stage_4_evaluate [5]=stage_5_uat_attacks
+            [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate)
+
+is_done() {  # is_done N SEED: the stage's completion flag matches this config
+  python "$ROOT/scripts/${STAGE_NAME[$1]}.py" --preset "$PRESET" --seed "$2" --work-dir "$WORK_DIR" \
+    "${SETS[@]}" --check >/dev/null 2>&1
 }
 
-IFS=, read -ra SEED_LIST <<< "$SEEDS"
-run stage_0_setup "${SEED_LIST[0]}"
+# submit N SEED DEPS -> prints the job id ("" if skipped: done, and nothing it depends on was submitted)
+submit() {
+  local n="$1" seed="$2" deps="$3" tag log time_var opts=()
+  tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" = 7 ] && tag="${STAGE_NAME[$n]}"
+  if [ -z "$deps" ] && [ "$n" != 7 ] && is_done "$n" "$seed"; then
+    echo "skip: $tag already done" >&2; return 0
+  fi
+  log="$LOG_DIR/${tag}_%j.log"
+  time_var="MONO_SLURM_TIME_$n"
+  opts+=(--parsable --job-name "mono-$n-s$seed" --output "$log" --time "${!time_var:-${TIME[$n]}}"
+         --kill-on-invalid-dep=yes --cpus-per-task "${MONO_SLURM_CPUS:-8}")
+  if [ "$n" = 0 ] || [ "$n" = 7 ]; then
+    opts+=(--mem "${MONO_SLURM_CPU_MEM:-16G}")
+  else
+    opts+=(--mem "${MONO_SLURM_MEM:-64G}")
+    [ -n "${MONO_SLURM_GPU-gpu:1}" ] && opts+=(--gres "${MONO_SLURM_GPU-gpu:1}")
+  fi
+  if [ "$n" = 2 ] || [ "$n" = 3 ]; then   # long training: checkpoint on signal, then requeue
+    opts+=(--signal "B:${MONO_SLURM_SIGNAL:-USR1}@${MONO_SLURM_SIGNAL_LEAD:-120}" --requeue --open-mode=append)
+  fi
+  [ -n "${MONO_SLURM_PARTITION:-}" ] && opts+=(--partition "$MONO_SLURM_PARTITION")
+  [ -n "${MONO_SLURM_ACCOUNT:-}" ] && opts+=(--account "$MONO_SLURM_ACCOUNT")
+  [ -n "${MONO_SLURM_QOS:-}" ] && opts+=(--qos "$MONO_SLURM_QOS")
+  [ -n "$deps" ] && opts+=(--dependency "afterok:$deps")
+  # shellcheck disable=SC2206
+  [ -n "${MONO_SLURM_EXTRA:-}" ] && opts+=($MONO_SLURM_EXTRA)
+  local args=("$ROOT" "$PRESET" "$seed" "$WORK_DIR" "${SETS[@]}")
+  [ "$n" = 7 ] && args+=(--seeds "$SEEDS")
+  if [ "$MODE" = dry ]; then
+    echo "sbatch ${opts[*]} $ROOT/jobs/${JOB_FILE[$n]}.sh ${args[*]}" >&2
+    echo "<job_${n}_s${seed}>"
+    return 0
+  fi
+  local id
+  id=$(sbatch "${opts[@]}" "$ROOT/jobs/${JOB_FILE[$n]}.sh" "${args[@]}") || {
+    echo "error: sbatch failed for $tag" >&2; exit 1; }
+  id="${id%%;*}"
+  printf '%s\t%s\t%s\t%s\n' "$id" "${STAGE_NAME[$n]}" "$seed" "${log//%j/$id}" >> "$JOBS_TSV"
+  echo "submitted $tag as job $id" >&2
+  echo "$id"
+}
+
+join() { local IFS=:; echo "$*"; }
+ids() { local out=(); for x in "$@"; do [ -n "$x" ] && out+=("$x"); done; join "${out[@]+"${out[@]}"}"; }
+
+J0=$(submit 0 "${SEED_LIST[0]}" "")
+ALL=()
 for seed in "${SEED_LIST[@]}"; do
-  for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
+  J1=$(submit 1 "$seed" "$(ids "$J0")")
+  J2=$(submit 2 "$seed" "$(ids "$J0")")
+  J3=$(submit 3 "$seed" "$(ids "$J1")")
+  DEPS=$(ids "$J2" "$J3")
+  J4=$(submit 4 "$seed" "$DEPS"); J5=$(submit 5 "$seed" "$DEPS"); J6=$(submit 6 "$seed" "$DEPS")
+  ALL+=("$J4" "$J5" "$J6")
 done
-echo "=== stage_7_aggregate (seeds $SEEDS) ==="
-python "$ROOT/scripts/stage_7_aggregate.py" --preset "$PRESET" --work-dir "$WORK_DIR" --seeds "$SEEDS" "${SETS[@]}" \
-  || { echo "error: stage_7_aggregate failed; per-seed outputs are in $WORK_DIR" >&2; exit 1; }
-echo "=== all stages done; outputs in $WORK_DIR ==="
+J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")")
+if [ "$MODE" = dry ]; then
+  echo "(dry run: nothing submitted; job ids above are placeholders)" >&2
+  exit 0
+fi
+echo "all jobs submitted (aggregate: job $J7). Watch them:"
+echo "  squeue -u $USER            # queue"
+echo "  bash run_all.sh --status --work-dir $WORK_DIR   # per stage: done / running / failed, with log paths"
+echo "  logs: $LOG_DIR"

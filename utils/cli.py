@@ -28,6 +28,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.seq_len=64 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun even if the completion flag matches")
+    p.add_argument("--check", action="store_true",
+                   help="run nothing; exit 0 if the completion flag matches this config, 1 if not")
     return p
 
 
@@ -63,6 +65,10 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
+    if args.check:
+        done = flag_matches(flag, fingerprint)
+        print(f"[{name}] {'done' if done else 'not done'} for this config")
+        return 0 if done else EXIT_FAILED
     if flag_matches(flag, fingerprint) and not args.force:
         print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
         return 0
