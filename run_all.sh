@@ -144,6 +144,6 @@ if [ "$MODE" = dry ]; then
   exit 0
 fi
 echo "all jobs submitted (aggregate: job $J7). Watch them:"
-echo "  squeue -u $USER            # queue"
+echo "  squeue -u ${USER:-$(id -un)}            # queue"
 echo "  bash run_all.sh --status --work-dir $WORK_DIR   # per stage: done / running / failed, with log paths"
 echo "  logs: $LOG_DIR"

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Run the test suite:  bash run_tests.sh [fast|all|coverage] [extra pytest args]
-#   fast      unit tests (skips tests marked slow)
-#   all       everything (default; what CI runs)
-#   coverage  everything, with a coverage report for configs/, utils/ and scripts/
+# Run the test suite:  bash run_tests.sh [MODE] [extra pytest args]
+#   unit         fast tests only (no stage runs, no SLURM)
+#   integration  end-to-end stage runs on the tiny preset (marked slow), no SLURM
+#   slurm        the SLURM tests on a real local cluster (root starts one:
+#                bash scripts/slurm_local_cluster.sh start)
+#   all          everything, with a coverage report of configs/ and utils/ (default; what CI runs)
+#   coverage     the same, plus an HTML report in htmlcov/
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODE="${1:-all}"; [ $# -gt 0 ] && shift
 source "$ROOT/scripts/ensure_env.sh"
 cd "$ROOT"
 case "$MODE" in
-  fast) exec python -m pytest -m "not slow" "$@" ;;
-  all) exec python -m pytest "$@" ;;
-  coverage) exec python -m pytest --cov=configs --cov=utils --cov=scripts --cov-report=term "$@" ;;
-  *) echo "error: unknown mode '$MODE' (fast, all, coverage)" >&2; exit 2 ;;
+  unit|fast) exec python -m pytest -m "not slow and not slurm" "$@" ;;
+  integration) exec python -m pytest -m "slow and not slurm" "$@" ;;
+  slurm) exec python -m pytest -m slurm "$@" ;;
+  all) exec python -m pytest --cov=configs --cov=utils --cov-report=term "$@" ;;
+  coverage) exec python -m pytest --cov=configs --cov=utils --cov-report=term --cov-report=html "$@" ;;
+  *) echo "error: unknown mode '$MODE' (unit, integration, slurm, coverage, all)" >&2; exit 2 ;;
 esac

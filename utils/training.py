@@ -167,7 +167,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         opt.zero_grad(set_to_none=True)
         done = step + 1
         tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == total_steps:
             row = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_sum,
                    "tokens_per_s": tok_s}

@@ -1,0 +1,145 @@
+"""The SLURM path on a real single-node cluster (scripts/slurm_local_cluster.sh).
+
+In CI these run (the cluster is started as root); elsewhere they are skipped
+when no cluster can be started, and they fail instead when CI=true.
+"""
+import os
+import shutil
+import signal  # noqa: F401
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, ROOT, run_script
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+LOCAL_RESOURCES = {"MONO_SLURM_GPU": "", "MONO_SLURM_CPUS": "1", "MONO_SLURM_MEM": "3G",
+                   "MONO_SLURM_CPU_MEM": "3G"}
+SMALL = FAST + [("recovery_baseline.max_tokens", "60000"), ("recovery_monotone.max_tokens", "60000"),
+                ("attack.uat_opt_texts", "6"), ("attack.uat_eval_texts", "8"), ("attack.uat_restarts", "1"),
+                ("attack.uat_max_sweeps", "2"), ("attack.hotflip_texts", "10"), ("attack.hotflip_max_flips", "3")]
+
+
+def _sets(pairs):
+    return [a for k, v in pairs for a in ("--set", f"{k}={v}")]
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        if os.geteuid() == 0:
+            subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local_cluster.sh"), "start"], check=True, timeout=600)
+        elif os.environ.get("CI"):
+            pytest.fail("no SLURM cluster and not root: CI must run the SLURM tests")
+        else:
+            pytest.skip("no SLURM cluster here (start one as root: bash scripts/slurm_local_cluster.sh start)")
+    assert _cluster_up()
+
+
+def _env():
+    return {**os.environ, **LOCAL_RESOURCES}
+
+
+def _run_all(work, *args):
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), "--work-dir", str(work), *args],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def _job_ids(work):
+    return [line.split("\t")[0] for line in (work / "slurm" / "jobs.tsv").read_text().splitlines()[1:]]
+
+
+def _wait_until_no_jobs(ids, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(3)
+    raise AssertionError(f"jobs still queued after {timeout}s:\n" + subprocess.run(["squeue"], capture_output=True,
+                                                                                   text=True).stdout)
+
+
+def _status(work):
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), "--status", "--work-dir", str(work)],
+                          capture_output=True, text=True)
+
+
+def test_two_seed_pipeline_completes_through_the_dependency_chain(tmp_path):
+    work = tmp_path / "work"
+    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL))
+    assert r.returncode == 0, r.stderr + r.stdout
+    ids = _job_ids(work)
+    assert len(ids) == 1 + 2 * 6 + 1
+    _wait_until_no_jobs(ids, timeout=1500)
+    st = _status(work)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert st.stdout.count(" done") == len(ids)
+    final = __import__("json").loads((work / "final" / "final_results.json").read_text())
+    assert final["seeds"] == [42, 7] and not final["partial"]
+    assert set(final["per_seed"]) == {"42", "7"}
+    # A rerun resumes a finished pipeline: every stage is skipped but the aggregate.
+    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL))
+    assert r.returncode == 0 and r.stderr.count("skip: ") == 13, r.stderr
+
+
+def test_failed_stage_leaves_dependents_unrun_and_is_reported(tmp_path):
+    work = tmp_path / "work"
+    missing = tmp_path / "no_such_file.jsonl"
+    bad = [("data.source", "jsonl")] + [(f"data.{s}_file", str(missing)) for s in ("train", "val", "test")]
+    r = _run_all(work, "--seeds", "42", *_sets(SMALL + bad))
+    assert r.returncode == 0, r.stderr
+    ids = _job_ids(work)
+    _wait_until_no_jobs(ids, timeout=300)
+    st = _status(work)
+    assert st.returncode == 1
+    assert "FAILED: stage_0_setup" in st.stdout and "stage_0_setup_" in st.stdout and ".log" in st.stdout
+    assert st.stdout.count("did not run") == len(ids) - 1
+    log = next((work / "slurm" / "logs").glob("stage_0_setup_*.log")).read_text()
+    assert "data file not found" in log
+    assert not (work / "seed_42" / "results").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(tiny_run, tmp_path):
+    _, paths = tiny_run
+    short = [("recovery_baseline.max_tokens", "24576"), ("recovery_baseline.micro_batch_size", "8"),
+             ("recovery_baseline.checkpoint_every_steps", "3"), ("recovery_baseline.eval_windows", "8")]
+    sets = _sets(FAST + short)
+    reference = tmp_path / "reference"
+    shutil.copytree(paths.shared, reference / "shared")
+    r = run_script("stage_2_train_baseline", "--work-dir", str(reference), *sets)
+    assert r.returncode == 0, r.stderr
+
+    work = tmp_path / "work"
+    shutil.copytree(paths.shared, work / "shared")
+    log = work / "job.log"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--job-name", "mono-preempt", "--output", str(log), "--mem", "3G",
+         "--cpus-per-task", "1", "--signal", "B:USR1@60", "--requeue", "--open-mode=append",
+         str(ROOT / "jobs" / "job_2_baseline.sh"), str(ROOT), "tiny", "42", str(work), *sets],
+        capture_output=True, text=True, env=_env(), check=True).stdout.strip()
+    ckpts = work / "seed_42" / "checkpoints" / "baseline"
+    deadline = time.time() + 300
+    while not list(ckpts.glob("step_*")):
+        assert time.time() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)   # what SLURM does at the time limit
+    _wait_until_no_jobs([job], timeout=900)
+    text = log.read_text()
+    assert "requeueing job" in text and "restart=1" in text and "resumed from" in text, text[-3000:]
+    assert (work / "seed_42" / "flags" / "stage_2_train_baseline.done").exists()
+    final = "step_00000024"
+    a = load_file(work / "seed_42" / "checkpoints" / "baseline" / final / "model.safetensors")
+    b = load_file(reference / "seed_42" / "checkpoints" / "baseline" / final / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
