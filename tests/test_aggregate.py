@@ -53,7 +53,9 @@ def _write_seed(work, seed, success, skip=()):
     res = work / f"seed_{seed}" / "results"
     res.mkdir(parents=True)
     files = {
-        "monotonicity_certificate.json": {"monotone": True, "label": "monotone", "scope": "mlp_both"},
+        "monotonicity_certificate.json": {"monotone": True, "scope": "mlp_both", "total_violations": 0, "min_weight": 1e-6},
+        "monotonicity_certificate_monotonic.json": {"monotone": True, "scope": "mlp_both", "total_violations": 0,
+                                                    "min_weight": 1e-4},
         "evaluation.json": {"models": {a: {"label": "x", "perplexity": math.exp(2.0 + i),
                                            "bits_per_byte": 1.0,
                                            "per_document": {"nll": [(2.0 + i) * 10] * 5, "tokens": [10] * 5}}
@@ -100,7 +102,7 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     t = final["per_seed"]["1"]["tests"]["hotflip_success"]
     assert (t["only_first"], t["only_second"]) == (4, 0) and t["p_value"] == pytest.approx(2 / 16)
     assert final["per_seed"]["1"]["arms"]["pretrained"]["perplexity"] == pytest.approx(math.exp(2))
-    assert not final["partial"]
+    assert not final["partial"] and final["per_seed"]["2"]["certificates"]["monotonic"]["monotone"]
     tex = (tmp_path / "final" / "table.tex").read_text()
     body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]
     assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")

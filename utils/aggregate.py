@@ -16,7 +16,8 @@ from utils.statistics import (bootstrap_interval, mcnemar_exact, perplexity_boot
 
 INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
-    "training_monotonic.json": "stage 3", "evaluation.json": "stage 4", "uat.json": "stage 5",
+    "training_monotonic.json": "stage 3", "monotonicity_certificate_monotonic.json": "stage 3",
+    "evaluation.json": "stage 4", "uat.json": "stage 5",
     "hotflip.json": "stage 6"}
 METRICS = ("perplexity", "hotflip_success_rate", "hotflip_mean_abs_delta_nll", "random_flip_mean_abs_delta_nll",
            "uat_abs_delta_nll", "uat_rel_delta_nll")
@@ -109,9 +110,11 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
         key = lambda e: e["triggered_nll"] - e["clean_nll"]  # noqa: E731
         out["tests"]["uat_abs_delta_nll"] = wilcoxon_paired(*_paired(_by_doc(ua["models"]["baseline"]["examples"], key),
                                                                      _by_doc(ua["models"]["monotonic"]["examples"], key)))
-    cert = raw.get("monotonicity_certificate.json")
-    if cert:
-        out["certificate"] = {"monotone": cert["monotone"], "label": cert.get("label"), "scope": cert["scope"]}
+    out["certificates"] = {arm: {"monotone": c["monotone"], "scope": c["scope"],
+                                 "total_violations": c["total_violations"], "min_weight": c["min_weight"]}
+                           for arm, name in (("monotonic_init", "monotonicity_certificate.json"),
+                                             ("monotonic", "monotonicity_certificate_monotonic.json"))
+                           if (c := raw.get(name))}
     cfg_files = sorted((work_dir / f"seed_{seed}" / "results").glob("config_*.json"))
     out["config"] = read_json(cfg_files[-1]) if cfg_files else None
     flags = sorted((work_dir / f"seed_{seed}" / "flags").glob("*.done"))

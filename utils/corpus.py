@@ -97,34 +97,36 @@ def local_documents(source: str, path: str, text_field: str) -> Iterator[str]:
         raise PipelineError(f"unsupported local data source {source!r}")
 
 
-def hub_documents(d: DataConfig, split: str) -> Iterator[str]:
+def hub_documents(d: DataConfig, split: str, revision: str | None = None) -> Iterator[str]:
     """Stream one split file of a hub dataset (needs the hub or a warm HF cache)."""
     from datasets import load_dataset
     data_file = getattr(d, f"{split}_file")
-    ds = load_dataset(d.hub_id, revision=d.revision, data_files={split: data_file},
+    ds = load_dataset(d.hub_id, revision=revision or d.revision, data_files={split: data_file},
                       split=split, streaming=True)
     for row in ds:
         yield row[d.text_field]
 
 
-def split_documents(d: DataConfig, split: str) -> Iterator[str]:
+def split_documents(d: DataConfig, split: str, revision: str | None = None) -> Iterator[str]:
     if d.source == "stdlib":
         for doc in stdlib_documents(d.min_chars):
             if stdlib_split(doc["id"], d.stdlib_val_fraction, d.stdlib_test_fraction) == split:
                 yield doc["text"]
     elif d.source == "hub":
-        yield from hub_documents(d, split)
+        yield from hub_documents(d, split, revision)
     else:
         yield from local_documents(d.source, getattr(d, f"{split}_file"), d.text_field)
 
 
-def write_corpus(d: DataConfig, out_dir: Path) -> dict:
-    """Write `<split>.jsonl` for each split; returns per-split counts and hashes."""
+def write_corpus(d: DataConfig, out_dir: Path, revision: str | None = None) -> dict:
+    """Write `<split>.jsonl` for each split; returns per-split counts and hashes.
+
+    `revision` pins a hub dataset to the commit recorded in the manifest."""
     stats = {}
     for split in SPLITS:
         limit = d.max_docs(split)
         lines, n_chars = [], 0
-        for text in split_documents(d, split):
+        for text in split_documents(d, split, revision):
             if len(text) < d.min_chars:
                 continue
             lines.append(json.dumps({"text": text}, ensure_ascii=False))

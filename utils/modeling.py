@@ -32,6 +32,7 @@ def build_tiny_model(m: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
         max_position_embeddings=m.context_length, use_parallel_residual=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
 
@@ -74,7 +75,8 @@ def load_model(path: Path, dtype: str = "float32", device: str | torch.device = 
     if not list(path.glob("*.safetensors")):
         raise PipelineError(f"no safetensors weights in {path}; refusing to unpickle other formats")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
+                                                     attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PipelineError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
     return reparametrize_loaded(model).to(device)

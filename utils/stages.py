@@ -51,8 +51,14 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     shared = paths.shared
     device = resolve_device(cfg.device)
     manifest = {"config": cfg.to_dict(), "code_revision": code_revision()}
+    if cfg.data.source == "hub":      # pin the dataset revision we read
+        from huggingface_hub import HfApi
+        manifest["dataset"] = {"hub_id": cfg.data.hub_id, "revision": cfg.data.revision,
+                               "sha": HfApi().dataset_info(cfg.data.hub_id, revision=cfg.data.revision).sha,
+                               "files": {s: getattr(cfg.data, f"{s}_file") for s in SPLITS}}
     print(f"[setup] writing corpus ({cfg.data.source}) to {shared / 'corpus'}")
-    manifest["corpus"] = write_corpus(cfg.data, shared / "corpus")
+    manifest["corpus"] = write_corpus(cfg.data, shared / "corpus",
+                                      revision=manifest.get("dataset", {}).get("sha"))
     if cfg.model.source == "hub":
         print(f"[setup] downloading {cfg.model.hub_id}@{cfg.model.revision}")
         manifest["model"] = download_hub_model(cfg.model, shared / "hf_cache")

@@ -17,7 +17,9 @@ def t_interval(values: list[float], level: float = 0.95) -> dict:
     """Mean, sample std and t-based interval; one value gives no interval (None)."""
     x = np.asarray(values, dtype=float)
     n = len(x)
-    mean = float(x.mean()) if n else None
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": None}
+    mean = float(x.mean())
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci95": None}
     std = float(x.std(ddof=1))

@@ -1,0 +1,46 @@
+"""run_all.sh: argument errors, and the sbatch commands it would submit (golden file)."""
+import os
+import subprocess
+
+from conftest import ROOT
+
+GOLDEN = ROOT / "tests" / "golden" / "run_all_dry_run.txt"
+
+
+def _run_all(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONO_SLURM_")}
+    env.update(env_extra or {})
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_dry_run_matches_the_golden_sbatch_commands(tmp_path):
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--seeds", "42,7", "--set", "data.seq_len=64")
+    assert r.returncode == 0, r.stderr
+    lines = [l.replace(str(ROOT), "<ROOT>").replace(str(tmp_path), "<WORK>")
+             for l in r.stderr.splitlines() if l.startswith("sbatch ")]
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text("\n".join(lines) + "\n")
+    assert lines == GOLDEN.read_text().splitlines()
+    assert not (tmp_path / "slurm" / "jobs.tsv").exists()      # nothing submitted
+
+
+def test_site_settings_reach_sbatch(tmp_path):
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path),
+                 env_extra={"MONO_SLURM_PARTITION": "gpu-a100", "MONO_SLURM_ACCOUNT": "proj42",
+                            "MONO_SLURM_GPU": "gpu:a100:1", "MONO_SLURM_TIME_2": "02:00:00"})
+    train = next(l for l in r.stderr.splitlines() if "job_2_baseline.sh" in l)
+    assert "--partition gpu-a100" in train and "--account proj42" in train
+    assert "--gres gpu:a100:1" in train and "--time 02:00:00" in train
+    setup = next(l for l in r.stderr.splitlines() if "job_0_setup.sh" in l)
+    assert "--gres" not in setup                                   # CPU-only stage
+
+
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
+    for args, msg in ((("--seeds", "4x"), "--seeds must be"), (("--bogus",), "unknown argument"),
+                      (("--local", "--preset", "nope"), "unknown preset"),
+                      (("--local", "--set", "train.lr=1"), "unknown config section")):
+        r = _run_all(*args, "--work-dir", str(tmp_path / "w"))
+        assert r.returncode == 2, (args, r.stderr)
+        errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and msg in errors[0], r.stderr
