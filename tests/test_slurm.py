@@ -118,7 +118,9 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(tiny_run, tmp_
     sets = _sets(FAST + short)
     reference = tmp_path / "reference"
     shutil.copytree(paths.shared, reference / "shared")
-    r = run_script("stage_2_train_baseline", "--work-dir", str(reference), *sets)
+    # Same thread count as the 1-CPU job: float reductions depend on it.
+    r = run_script("stage_2_train_baseline", "--work-dir", str(reference), *sets,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
 
     work = tmp_path / "work"
