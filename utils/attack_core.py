@@ -36,10 +36,14 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def per_token_nll(model, seqs: list[torch.Tensor], device) -> list[torch.Tensor]:
     """NLL of token t given tokens < t, for t = 1 .. len-1 of each sequence (float32, CPU)."""
     ids, mask = _pad(seqs)
-    ids, mask = ids.to(device), mask.to(device)
+    ids = ids.to(device)
+    # Equal lengths (every candidate batch of an attack) need no mask: SDPA then
+    # takes its fast causal path.
+    mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(device)
     with autocast_for(device), parametrize.cached():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                          reduction="none").view(len(seqs), -1).cpu()
     return [nll[r, :len(s) - 1] for r, s in enumerate(seqs)]
 
 
