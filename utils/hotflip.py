@@ -54,7 +54,7 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
     best, evaluations = beam[0], 0
     for _ in range(a.hotflip_max_flips):
         candidates = []
-        for cur, modified, _obj in beam:
+        for cur, modified, parent_obj in beam:
             free = torch.tensor([p for p in range(1, len(cur)) if p not in modified])
             if len(free) == 0:
                 continue
@@ -65,7 +65,7 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
                 pos, tok = int(free[flat // scores.shape[1]]), int(flat % scores.shape[1])
                 new = cur.clone()
                 new[pos] = tok
-                candidates.append((new, modified | {pos}, _obj))
+                candidates.append((new, modified | {pos}, parent_obj))
         if not candidates:
             break
         nlls = exact_nll(model, [c[0] for c in candidates], device, a.batch_size)

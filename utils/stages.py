@@ -34,16 +34,12 @@ def unigram_perplexity(train: TokenFile, test: TokenFile, vocab_size: int) -> fl
     return math.exp(nll / n)
 
 
-def eval_window(cfg: ExperimentConfig) -> tuple[int, int]:
-    """(max_len, stride) of the rolling perplexity window."""
-    return cfg.data.seq_len, cfg.data.seq_len // 2
-
-
-def test_perplexity(model, tokens: TokenFile, eos_id: int, cfg: ExperimentConfig, device, max_docs: int = 0) -> dict:
-    n = len(tokens) if not max_docs else min(max_docs, len(tokens))
-    max_len, stride = eval_window(cfg)
-    per_doc = document_nll(model, [tokens.document(i) for i in range(n)], eos_id, max_len, stride, 16, device)
-    return {**aggregate(per_doc), "documents": n, "max_len": max_len, "stride": stride}
+def heldout_perplexity(model, tokens: TokenFile, eos_id: int, cfg: ExperimentConfig, device) -> dict:
+    """Stage 4's protocol (cfg.eval), on the whole test split."""
+    e = cfg.eval
+    per_doc = document_nll(model, [tokens.document(i) for i in range(len(tokens))], eos_id, e.max_len, e.stride,
+                           e.batch_size, device)
+    return {**aggregate(per_doc), "documents": len(tokens), "max_len": e.max_len, "stride": e.stride}
 
 
 def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
@@ -79,7 +75,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
               f"parameters) for {cfg.pretrain.max_tokens:,} tokens on {device}")
         manifest["pretrain"] = train(model, tok["train"].tokens, tok["val"].tokens, cfg.pretrain,
                                      cfg.data.seq_len, TINY_PRETRAIN_SEED, device, desc="pretrain")
-        ppl = test_perplexity(model, tok["test"], tokenizer.eos_token_id, cfg, device)
+        ppl = heldout_perplexity(model, tok["test"], tokenizer.eos_token_id, cfg, device)
         manifest["pretrained_test"] = ppl
         manifest["unigram_test_perplexity"] = unigram_perplexity(tok["train"], tok["test"], cfg.model.vocab_size)
         print(f"[setup] tiny pretrained test perplexity {ppl['perplexity']:.1f} "
