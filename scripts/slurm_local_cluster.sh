@@ -32,9 +32,10 @@ start_munge() {
   chmod 400 /etc/munge/munge.key
   chmod 711 /run/munge
   if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged --force    # --force: a stale socket from a killed run is fine
   fi
-  munge -n | unmunge >/dev/null || { echo "error: munge does not work" >&2; exit 1; }
+  for _ in $(seq 1 20); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.5; done
+  munge -n | unmunge >/dev/null || { echo "error: munge does not work (see /var/log/munge/munged.log)" >&2; exit 1; }
 }
 
 write_conf() {
@@ -80,8 +81,9 @@ start() {
   install_packages
   start_munge
   write_conf
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  # -c: start clean, forgetting jobs of an earlier (possibly killed) cluster.
+  pgrep -x slurmctld >/dev/null || slurmctld -c
+  pgrep -x slurmd >/dev/null || slurmd -c
   for _ in $(seq 1 60); do
     if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
       echo "[slurm] cluster up: $(sinfo -h -o '%P %D %T %c CPUs %m MB')"
