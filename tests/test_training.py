@@ -75,6 +75,16 @@ def _wait_for_checkpoint(work, proc, min_step=3, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
+def _killed_after_checkpoint(stage1_work, tmp_path, name, min_step):
+    """A run SIGKILLed once a checkpoint of at least `min_step` exists."""
+    work = _clone(stage1_work, tmp_path, name)
+    proc = _popen(work)
+    _wait_for_checkpoint(work, proc, min_step=min_step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return work
+
+
 def _final_tensors(work):
     ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
     assert ckpts[-1].name == "step_00000024"
@@ -137,11 +147,7 @@ def test_signal_checkpoints_exits_75_and_resume_matches(stage1_work, uninterrupt
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_is_one_clear_error_and_nothing_is_deleted(stage1_work, tmp_path):
-    work = _clone(stage1_work, tmp_path, "corrupt")
-    proc = _popen(work)
-    _wait_for_checkpoint(work, proc, min_step=6)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    work = _killed_after_checkpoint(stage1_work, tmp_path, "corrupt", min_step=6)
     ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
     weights = ckpts[-1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])          # truncated
@@ -153,10 +159,6 @@ def test_corrupt_checkpoint_is_one_clear_error_and_nothing_is_deleted(stage1_wor
 
 @pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(stage1_work, tmp_path):
-    work = _clone(stage1_work, tmp_path, "changed")
-    proc = _popen(work)
-    _wait_for_checkpoint(work, proc, min_step=3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    work = _killed_after_checkpoint(stage1_work, tmp_path, "changed", min_step=3)
     r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--set", "recovery_monotone.lr=0.1")
     assert r.returncode == 1 and "different config" in r.stderr
