@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from configs.experiment_config import AttackConfig, ModelConfig
 from conftest import fast_sets, run_script
 from utils import hotflip, uat
-from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean, per_token_nll
+from utils.attack_core import embedding_grads, flip_scores, masked_mean, per_token_nll, target_mask
 from utils.modeling import build_tiny_model, load_model
 from utils.tokenization import TokenFile
 
@@ -48,8 +48,7 @@ def test_masked_loss_counts_only_targets_and_ignores_padding():
 def test_flip_scores_are_first_order_and_exclude_current_and_special_tokens():
     model = _model()
     ids = torch.randint(1, 50, (12,))
-    targets = torch.ones(12, dtype=torch.bool)
-    targets[0] = False
+    targets = target_mask(12)
     grad = embedding_grads(model, [ids], [targets], CPU)[0]
     E = model.get_input_embeddings().weight
     forbidden = torch.zeros(50, dtype=torch.bool)
@@ -67,8 +66,7 @@ def test_embedding_gradient_matches_finite_difference_direction():
     """The gradient predicts the exact loss change of a small embedding step."""
     model = _model()
     ids = torch.randint(1, 50, (10,))
-    targets = torch.ones(10, dtype=torch.bool)
-    targets[0] = False
+    targets = target_mask(10)
     grad = embedding_grads(model, [ids], [targets], CPU)[0]
     emb = model.get_input_embeddings()(ids)
     step = 1e-3 * grad / grad.norm()
@@ -102,7 +100,7 @@ def test_hotflip_never_scores_flipped_tokens_and_only_keeps_improving_flips():
     changed = (adv != ids).nonzero().squeeze(1).tolist()
     assert changed == rec["modified_positions"] and 0 not in changed and len(changed) <= 4
     assert not forbidden[adv[changed]].any()
-    targets = hotflip.target_mask(len(ids), changed)
+    targets = target_mask(len(ids), changed)
     assert not targets[changed].any()
     assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-5)
     assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
@@ -169,7 +167,7 @@ def test_hotflip_records_are_recomputable_and_beat_random_flips(measured):
         for rec in m["examples"]:
             orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
             assert (orig != adv).nonzero().squeeze(1).tolist() == rec["modified_positions"]
-            targets = hotflip.target_mask(len(orig), rec["modified_positions"])
+            targets = target_mask(len(orig), rec["modified_positions"])
             assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-4)
             assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=1e-4)
             assert rec["success"] == (rec["rel_delta_nll"] > hf["success_threshold"])
@@ -193,9 +191,7 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
             assert text[1:].tolist() == tf.document(ex["doc"])[:len(text) - 1].tolist()
             ids, targets = uat.triggered(trig, text)
             assert ex["triggered_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-4)
-            clean_t = torch.ones(len(text), dtype=torch.bool)
-            clean_t[0] = False
-            assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, clean_t), abs=1e-4)
+            assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, target_mask(len(text))), abs=1e-4)
         mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
         assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
         assert u["transfer"][arm][arm] == m["eval"]

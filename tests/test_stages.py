@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, fast_sets, run_script
+from conftest import fast_sets, run_script
 
 pytestmark = pytest.mark.slow
 

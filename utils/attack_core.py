@@ -62,6 +62,14 @@ def exact_nll(model, seqs: list[torch.Tensor], device, batch_size: int) -> list[
     return out
 
 
+def target_mask(length: int, excluded=()) -> torch.Tensor:
+    """Targets of a sequence [EOS] + ...: every token but EOS and the `excluded` positions."""
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[0] = False
+    mask[list(excluded)] = False
+    return mask
+
+
 def masked_mean(nll: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean of per-position NLL (position t-1 holds token t) over the boolean target mask of tokens."""
     return float(nll[targets[1:]].mean())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean
+from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean, target_mask
 
 COMPOSITION = {
     "attack": "HotFlip (Ebrahimi et al. 2018)",
@@ -30,13 +30,6 @@ COMPOSITION = {
     "search": "beam search; first-order top-k (position, token) proposals; exact batched re-check; "
               "a flip is kept only if the exact objective rises; gradient recomputed after each flip",
 }
-
-
-def target_mask(length: int, modified) -> torch.Tensor:
-    mask = torch.ones(length, dtype=torch.bool)
-    mask[0] = False
-    mask[list(modified)] = False
-    return mask
 
 
 def score(adv_nll: torch.Tensor, clean_nll: torch.Tensor, length: int, modified) -> dict:

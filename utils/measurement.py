@@ -21,7 +21,7 @@ from utils.corpus import read_corpus
 from utils.modeling import load_model, resolve_device
 from utils.perplexity import aggregate, document_nll
 from utils.run_files import RunPaths, read_json, write_json
-from utils.stages import manifest
+from utils.stages import read_manifest
 from utils.tokenization import TokenFile, load_tokenizer
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
@@ -32,7 +32,7 @@ ATTACK_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline",
 
 
 def available_arms(paths: RunPaths) -> dict[str, Path]:
-    arms = {"pretrained": Path(manifest(paths)["pretrained_path"])}
+    arms = {"pretrained": Path(read_manifest(paths)["pretrained_path"])}
     for arm in ARMS[1:]:
         if (paths.models / arm / "config.json").exists():
             arms[arm] = paths.models / arm

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from utils.training import autocast_for
 
@@ -52,7 +53,7 @@ def score_windows(model, seqs: list[np.ndarray], device: torch.device) -> list[f
         labels[r, len(s) - n_targets:len(s)] = ids[r, len(s) - n_targets:len(s)]
         mask[r, :len(s)] = 1
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    with autocast_for(device):
+    with autocast_for(device), parametrize.cached():     # softplus(V) once per forward
         logits = model(input_ids=ids, attention_mask=mask).logits
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none")
     return nll.sum(dim=1).tolist()

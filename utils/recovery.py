@@ -17,7 +17,7 @@ from utils.checkpoint import Checkpointer
 from utils.modeling import load_model, resolve_device, save_model
 from utils.monotonicity import certify, constrained_modules
 from utils.run_files import PipelineError, RunPaths, write_json
-from utils.stages import certificate_probe, manifest
+from utils.stages import certificate_probe, read_manifest
 from utils.tokenization import TokenFile, load_tokenizer
 from utils.training import StopOnSignal, train
 
@@ -66,7 +66,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     if recipe.max_tokens != other.max_tokens:
         print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
               f"tokens): the baseline/monotone comparison is confounded by training length")
-    start_path = (Path(manifest(paths)["pretrained_path"]) if arm == "baseline"
+    start_path = (Path(read_manifest(paths)["pretrained_path"]) if arm == "baseline"
                   else paths.models / "monotonic_init")
     if not (start_path / "config.json").exists():
         raise PipelineError(f"no starting model at {start_path}: run stage 1 first")

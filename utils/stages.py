@@ -87,7 +87,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
            [str(t.path) for t in tok.values()]
 
 
-def manifest(paths: RunPaths) -> dict:
+def read_manifest(paths: RunPaths) -> dict:
     if not (paths.shared / "manifest.json").exists():
         raise PipelineError(f"stage 0 has not run for work dir {paths.work_dir} (no shared/manifest.json)")
     return read_json(paths.shared / "manifest.json")
@@ -105,7 +105,7 @@ def certificate_probe(cfg: ExperimentConfig, paths: RunPaths) -> torch.Tensor:
 
 def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Constrain the pretrained model, certify it, save `monotonic_init`."""
-    pretrained = Path(manifest(paths)["pretrained_path"])
+    pretrained = Path(read_manifest(paths)["pretrained_path"])
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     probe_ids = certificate_probe(cfg, paths).to(device)

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from configs.experiment_config import TrainConfig
@@ -75,7 +76,7 @@ def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
     for i in range(0, n, batch_size):
         rows = [np.asarray(tokens[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64)
                 for j in range(i, min(n, i + batch_size))]
-        with autocast_for(device):
+        with autocast_for(device), parametrize.cached():
             losses.append(lm_loss(model, torch.from_numpy(np.stack(rows)).to(device)).item() * len(rows))
     model.train(was_training)
     return sum(losses) / n

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean
+from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean, target_mask
 
 COMPOSITION = {
     "attack": "UAT (Wallace et al. 2019)",
@@ -30,15 +30,11 @@ COMPOSITION = {
 def triggered(trigger: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[EOS] + trigger + text and its target mask (text tokens only)."""
     ids = torch.cat([text[:1], trigger, text[1:]])
-    targets = torch.zeros(len(ids), dtype=torch.bool)
-    targets[1 + len(trigger):] = True
-    return ids, targets
+    return ids, target_mask(len(ids), range(1, 1 + len(trigger)))
 
 
 def text_only(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    targets = torch.ones(len(text), dtype=torch.bool)
-    targets[0] = False
-    return text, targets
+    return text, target_mask(len(text))
 
 
 def mean_loss(model, trigger, texts, device, batch_size) -> tuple[float, list[float]]:
