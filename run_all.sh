@@ -6,13 +6,15 @@
 #   bash run_all.sh --status --work-dir DIR  # what ran, what failed, where the logs are
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
-#   MONO_SLURM_GPU (gres for GPU stages, default gpu:1; empty = none), MONO_SLURM_CPUS (8),
+#   MONO_SLURM_GPU (gres for stages 1-6: default gpu:1 if the config's device is cuda, else none;
+#   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),
 #   MONO_SLURM_MEM (64G; CPU-only stages: MONO_SLURM_CPU_MEM, 16G), MONO_SLURM_TIME_<N> (per stage),
 #   MONO_SLURM_SIGNAL (USR1) and MONO_SLURM_SIGNAL_LEAD (120 s) for preemption, MONO_SLURM_EXTRA (more sbatch flags).
+# If sbatch rejects a job, the jobs of this run already submitted are cancelled (exit 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -69,8 +71,17 @@ command -v sbatch >/dev/null || [ "$MODE" = dry ] || {
   echo "error: sbatch not found; on a machine without SLURM use --local" >&2; exit 2; }
 LOG_DIR="$WORK_DIR/slurm/logs"
 JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
+SUBMIT_ERROR="$WORK_DIR/slurm/.submit_error"      # stage, seed, sbatch's reason of a rejected submission
+SBATCH_ERR="$WORK_DIR/slurm/.sbatch_stderr"
 mkdir -p "$LOG_DIR"
+rm -f "$SUBMIT_ERROR" "$SBATCH_ERR"
 [ "$MODE" = dry ] || printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"
+# GPU for stages 1-6: MONO_SLURM_GPU if set (empty: none); else gpu:1 only if the
+# resolved config (preset, MONO__* environment, --set) has device=cuda.
+DEVICE=$(python "$ROOT/scripts/config_value.py" --preset "$PRESET" "${SETS[@]}" device) || exit 2
+if [ -n "${MONO_SLURM_GPU+set}" ]; then GPU_GRES="$MONO_SLURM_GPU"
+elif [ "$DEVICE" = cuda ]; then GPU_GRES=gpu:1
+else GPU_GRES=""; fi
 declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=04:00:00 [7]=00:30:00)
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
           [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
@@ -83,7 +94,9 @@ is_done() {  # is_done N SEED: the stage's completion flag matches this config
     "${SETS[@]}" --check >/dev/null 2>&1
 }
 
-# submit N SEED DEPS -> prints the job id ("" if skipped: done, and nothing it depends on was submitted)
+# submit N SEED DEPS -> prints the job id ("" if skipped: done, and nothing it depends on was submitted).
+# Runs in a $(...) subshell: if sbatch rejects the job it writes $SUBMIT_ERROR and
+# returns 1; the caller then runs abort_submission in the main shell.
 submit() {
   local n="$1" seed="$2" deps="$3" tag log time_var opts=()
   tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" = 7 ] && tag="${STAGE_NAME[$n]}"
@@ -98,7 +111,7 @@ submit() {
     opts+=(--mem "${MONO_SLURM_CPU_MEM:-16G}")
   else
     opts+=(--mem "${MONO_SLURM_MEM:-64G}")
-    [ -n "${MONO_SLURM_GPU-gpu:1}" ] && opts+=(--gres "${MONO_SLURM_GPU-gpu:1}")
+    [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")
   fi
   if [ "$n" = 2 ] || [ "$n" = 3 ]; then   # long training: checkpoint on signal, then requeue
     opts+=(--signal "B:${MONO_SLURM_SIGNAL:-USR1}@${MONO_SLURM_SIGNAL_LEAD:-120}" --requeue --open-mode=append)
@@ -116,29 +129,63 @@ submit() {
     echo "<job_${n}_s${seed}>"
     return 0
   fi
-  local id
-  id=$(sbatch "${opts[@]}" "$ROOT/jobs/${JOB_FILE[$n]}.sh" "${args[@]}") || {
-    echo "error: sbatch failed for $tag" >&2; exit 1; }
+  local id rc=0
+  id=$(sbatch "${opts[@]}" "$ROOT/jobs/${JOB_FILE[$n]}.sh" "${args[@]}" 2>"$SBATCH_ERR") || rc=$?
   id="${id%%;*}"
+  if [ "$rc" != 0 ] || ! [[ "$id" =~ ^[0-9]+$ ]]; then
+    local reason
+    reason=$(grep -m1 . "$SBATCH_ERR" || true)
+    [ -n "$reason" ] || reason="sbatch exited $rc and printed job id '$id'"
+    printf '%s\t%s\t%s\n' "${STAGE_NAME[$n]}" "$seed" "$reason" > "$SUBMIT_ERROR"
+    return 1
+  fi
+  cat "$SBATCH_ERR" >&2        # sbatch's warnings, if any
   printf '%s\t%s\t%s\t%s\n' "$id" "${STAGE_NAME[$n]}" "$seed" "${log//%j/$id}" >> "$JOBS_TSV"
   echo "submitted $tag as job $id" >&2
   echo "$id"
 }
 
+# abort_submission: a submission failed; cancel every job of this run submitted so
+# far (jobs.tsv), say why, exit 1. Nothing of a half-submitted graph stays queued.
+abort_submission() {
+  local stage seed reason ids=()
+  if [ -s "$SUBMIT_ERROR" ]; then
+    IFS=$'\t' read -r stage seed reason < "$SUBMIT_ERROR"
+    echo "error: sbatch rejected $stage (seed $seed): $reason" >&2
+  else
+    echo "error: submitting the job graph failed (see the messages above)" >&2
+  fi
+  mapfile -t ids < <(tail -n +2 "$JOBS_TSV" | cut -f1)
+  if [ ${#ids[@]} -gt 0 ]; then
+    if scancel "${ids[@]}"; then
+      echo "cancelled the ${#ids[@]} job(s) of this run already submitted: ${ids[*]}" >&2
+    else
+      echo "scancel reported errors; check that none of the ${#ids[@]} job(s) of this run is left: squeue -j $(join "${ids[@]}" | tr : ,)" >&2
+    fi
+  else
+    echo "no job of this run had been submitted" >&2
+  fi
+  rm -f "$SUBMIT_ERROR" "$SBATCH_ERR"
+  exit 1
+}
+
 join() { local IFS=:; echo "$*"; }
 ids() { local out=(); for x in "$@"; do [ -n "$x" ] && out+=("$x"); done; join "${out[@]+"${out[@]}"}"; }
 
-J0=$(submit 0 "${SEED_LIST[0]}" "")
+J0=$(submit 0 "${SEED_LIST[0]}" "") || abort_submission
 ALL=()
 for seed in "${SEED_LIST[@]}"; do
-  J1=$(submit 1 "$seed" "$(ids "$J0")")
-  J2=$(submit 2 "$seed" "$(ids "$J0")")
-  J3=$(submit 3 "$seed" "$(ids "$J1")")
+  J1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
+  J2=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission
+  J3=$(submit 3 "$seed" "$(ids "$J1")") || abort_submission
   DEPS=$(ids "$J2" "$J3")
-  J4=$(submit 4 "$seed" "$DEPS"); J5=$(submit 5 "$seed" "$DEPS"); J6=$(submit 6 "$seed" "$DEPS")
+  J4=$(submit 4 "$seed" "$DEPS") || abort_submission
+  J5=$(submit 5 "$seed" "$DEPS") || abort_submission
+  J6=$(submit 6 "$seed" "$DEPS") || abort_submission
   ALL+=("$J4" "$J5" "$J6")
 done
-J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")")
+J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")") || abort_submission
+rm -f "$SBATCH_ERR"
 if [ "$MODE" = dry ]; then
   echo "(dry run: nothing submitted; job ids above are placeholders)" >&2
   exit 0

@@ -48,6 +48,7 @@ def check_determinism():
     from configs.experiment_config import TrainConfig
     from utils.corpus import stdlib_documents
     from utils.tokenization import train_bpe
+    from utils.compute import CPU
     from utils.training import train
     docs = [d["text"] for d in stdlib_documents(200)[:200]]
     assert train_bpe(docs, 300).backend_tokenizer.to_str() == train_bpe(docs, 300).backend_tokenizer.to_str()
@@ -56,7 +57,7 @@ def check_determinism():
     runs = []
     for _ in range(2):
         m = _small_model()
-        train(m, tokens, tokens, t, 16, seed=5, device=torch.device("cpu"), desc="determinism")
+        train(m, tokens, tokens, t, 16, seed=5, compute=CPU, desc="determinism")
         runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(runs[0], runs[1]), "two identical training runs differ"
     return "tokenizer, data order and 5 training steps bitwise repeatable"
@@ -96,12 +97,13 @@ def check_monotonicity():
 def check_perplexity():
     import numpy as np
     import torch
+    from utils.compute import CPU
     from utils.perplexity import aggregate, document_nll
     m = _small_model().eval()
     with torch.no_grad():
         m.get_output_embeddings().weight.zero_()
     docs = [np.arange(1, 50) % SMALL["vocab_size"], np.arange(2, 9)]
-    res = aggregate(document_nll(m, docs, 0, 16, 8, 4, torch.device("cpu")))
+    res = aggregate(document_nll(m, docs, 0, 16, 8, 4, CPU))
     assert res["tokens"] == 49 + 7 and math.isclose(res["perplexity"], SMALL["vocab_size"], rel_tol=1e-5)
     return f"uniform model: perplexity {res['perplexity']:.3f} = vocab size, {res['tokens']} tokens scored"
 
@@ -111,16 +113,16 @@ def check_training():
     import torch
     from configs.experiment_config import TrainConfig
     from utils.monotonicity import apply_monotonicity
+    from utils.compute import CPU
     from utils.training import train, validation_loss
     tokens = np.tile(np.arange(1, 17, dtype=np.uint16), 400)      # a learnable pattern
     m = _small_model()
     apply_monotonicity(m, "mlp_both", "monotone", 1e-6)
     v = m.gpt_neox.layers[0].mlp.dense_h_to_4h.parametrizations.weight.original
     v0 = v.detach().clone()
-    cpu = torch.device("cpu")
-    before = validation_loss(m, tokens, 16, 8, 32, cpu)
+    before = validation_loss(m, tokens, 16, 8, 32, CPU)
     hist = train(m, tokens, tokens, TrainConfig(max_tokens=8 * 16 * 40, micro_batch_size=8, lr=3e-3,
-                                                 log_interval=10), 16, seed=0, device=cpu, desc="verify")
+                                                 log_interval=10), 16, seed=0, compute=CPU, desc="verify")
     moved = (v.detach() != v0).float().mean().item()
     assert hist["val_loss"] < 0.5 * before, f"loss {before:.2f} -> {hist['val_loss']:.2f}"
     assert moved > 0.5, f"only {moved:.0%} of the constrained pre-parameters moved (trap 2)"

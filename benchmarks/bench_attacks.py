@@ -23,19 +23,21 @@ import utils  # noqa: E402,F401
 from configs.experiment_config import load_config  # noqa: E402
 from utils import hotflip, uat  # noqa: E402
 from utils.attack_core import exact_nll  # noqa: E402
+from utils.compute import Compute  # noqa: E402
 from utils.modeling import build_tiny_model, load_model  # noqa: E402
 
 
-def candidates_per_second(model, n: int, length: int, batch_size: int, device) -> dict:
+def candidates_per_second(model, n: int, length: int, batch_size: int, compute: Compute) -> dict:
+    device = compute.device
     vocab = model.get_input_embeddings().weight.shape[0]
     seqs = [torch.randint(1, vocab, (length,)) for _ in range(n)]
-    exact_nll(model, seqs[:batch_size], device, batch_size)            # warm-up
+    exact_nll(model, seqs[:batch_size], compute, batch_size)            # warm-up
     out = {}
     for name, bs, subset in (("batched", batch_size, seqs), ("one_at_a_time", 1, seqs[: max(8, n // 8)])):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        exact_nll(model, subset, device, bs)
+        exact_nll(model, subset, compute, bs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[name] = len(subset) / (time.perf_counter() - t0)
@@ -43,7 +45,7 @@ def candidates_per_second(model, n: int, length: int, batch_size: int, device) -
     return out
 
 
-def attack_times(model, a, device) -> dict:
+def attack_times(model, a, compute: Compute) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     forbidden = torch.zeros(vocab, dtype=torch.bool)
     forbidden[0] = True
@@ -51,12 +53,12 @@ def attack_times(model, a, device) -> dict:
     texts = [torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,), generator=g)]) for _ in range(4)]
     t0 = time.perf_counter()
     for t in texts:
-        hotflip.attack_text(model, t, a, forbidden, device)
+        hotflip.attack_text(model, t, a, forbidden, compute)
     hot = (time.perf_counter() - t0) / len(texts)
     opt = [torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,), generator=g)])
            for _ in range(a.uat_opt_texts)]
     t0 = time.perf_counter()
-    uat.find_trigger(model, opt, a, forbidden, seed=0, init_token=1, device=device)
+    uat.find_trigger(model, opt, a, forbidden, seed=0, init_token=1, compute=compute)
     return {"hotflip_seconds_per_text": hot, "uat_seconds_per_search": time.perf_counter() - t0}
 
 
@@ -67,7 +69,7 @@ def main() -> int:
     p.add_argument("--json")
     args = p.parse_args()
     cfg = load_config("tiny")
-    a, cpu = cfg.attack, torch.device("cpu")
+    a, cpu = cfg.attack, Compute(torch.device("cpu"), "fp32")
     model = load_model(Path(args.model)) if args.model else build_tiny_model(cfg.model, 0)
     model.eval().requires_grad_(False)
     res = {"cpu": {"threads": torch.get_num_threads(), "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
@@ -89,7 +91,7 @@ def main() -> int:
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})).to(dev)
         big.eval().requires_grad_(False)
         g = res["gpu"] = {"device": torch.cuda.get_device_name(),
-                          **candidates_per_second(big, args.candidates, 257, 32, dev)}
+                          **candidates_per_second(big, args.candidates, 257, 32, Compute(dev, "bf16-mixed"))}
         print(f"GPU {g['device']}, Pythia-1.4B shape, 257 tokens: batched (x32) {g['batched']:,.0f}/s, "
               f"one at a time {g['one_at_a_time']:,.0f}/s, speedup {g['speedup']:.1f}x")
     if args.json:

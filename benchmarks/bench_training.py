@@ -27,14 +27,16 @@ import utils  # noqa: E402,F401
 from configs.experiment_config import load_config  # noqa: E402
 from utils.modeling import build_tiny_model  # noqa: E402
 from utils.monotonicity import apply_monotonicity  # noqa: E402
-from utils.training import autocast_for, lm_loss, make_optimizer  # noqa: E402
+from utils.compute import Compute  # noqa: E402
+from utils.training import lm_loss, make_optimizer  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name (datasheet values, no sparsity).
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12}
 
 
-def time_steps(model, batch_size, seq_len, steps, device, cfg_train) -> float:
+def time_steps(model, batch_size, seq_len, steps, compute: Compute, cfg_train) -> float:
     """Seconds per optimizer step (median of `steps` after 2 warm-up steps)."""
+    device = compute.device
     model.to(device).train()
     opt = make_optimizer(model, cfg_train, device)
     vocab = model.config.vocab_size
@@ -44,7 +46,7 @@ def time_steps(model, batch_size, seq_len, steps, device, cfg_train) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast_for(device):
+        with compute.autocast():
             loss = lm_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -60,7 +62,7 @@ def time_steps(model, batch_size, seq_len, steps, device, cfg_train) -> float:
 def cpu_benchmark(steps: int) -> dict:
     cfg = load_config("tiny")
     bs, seq = cfg.recovery_monotone.micro_batch_size, cfg.data.seq_len
-    cpu = torch.device("cpu")
+    cpu = Compute(torch.device("cpu"), "fp32")
     out = {"device": "cpu", "threads": torch.get_num_threads(), "batch": [bs, seq]}
     for arm in ("baseline", "monotone"):
         model = build_tiny_model(cfg.model, 0)
@@ -98,7 +100,7 @@ def gpu_benchmark(steps: int, micro_batch: int) -> dict:
                 model.gradient_checkpointing_enable()
             torch.cuda.reset_peak_memory_stats()
             try:
-                s = time_steps(model, micro_batch, 2048, steps, dev, preset.recovery_monotone)
+                s = time_steps(model, micro_batch, 2048, steps, Compute(dev, "bf16-mixed"), preset.recovery_monotone)
             except torch.cuda.OutOfMemoryError:
                 out["runs"].append({"arm": arm, "gradient_checkpointing": ckpt, "oom": True})
                 del model

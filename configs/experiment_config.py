@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 
 SCOPES = ("mlp_in", "mlp_both", "mlp_in_attn_out")
 ACTIVATION_POLICIES = ("monotone", "keep")
-MODEL_SOURCES = ("tiny", "hub")
+MODEL_SOURCES = ("tiny", "hub", "local")
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
 DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
 SPLITS = ("train", "val", "test")
 
@@ -26,11 +27,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"            # tiny: built and pretrained locally; hub: downloaded
+    source: str = "tiny"            # tiny: built and pretrained here; hub: the HF hub (or its cache); local: `path`
     hub_id: str = ""                # e.g. EleutherAI/pythia-1.4b
     revision: str = "main"          # hub branch, tag or commit; the resolved sha goes in the manifest
-    dtype: str = "float32"          # dtype the weights are loaded in (released Pythia is fp16)
-    # Architecture of the tiny GPT-NeoX (hub models bring their own config.json).
+    path: str = ""                  # source=local: a HF model directory (config.json, safetensors, tokenizer)
+    # Architecture of the tiny GPT-NeoX (hub and local models bring their own config.json).
     n_layer: int = 4
     d_model: int = 128
     n_head: int = 4
@@ -53,7 +54,8 @@ class DataConfig:
     stdlib_test_fraction: float = 0.1
     seq_len: int = 128              # tokens per training / evaluation window
     quick: bool = True              # quick: the quick_* document counts; full: the others
-    train_docs: int = 0             # 0 = every document of the split
+    max_epochs: float = 1.0         # passes over the training tokens a training budget may take (> 1 repeats data)
+    train_docs: int = 0             # 0 = as many as one pass of the largest training budget needs
     val_docs: int = 0
     test_docs: int = 0
     quick_train_docs: int = 0
@@ -130,6 +132,7 @@ class ExperimentConfig:
     seed: int = 42
     work_dir: str = "work"
     device: str = "auto"            # auto | cpu | cuda
+    precision: str = "auto"         # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)      # tiny preset only
@@ -151,7 +154,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, sections: tuple[str, ...], extra: str = "") -> str:
-        """Hash of the config sections a stage's output depends on (plus `extra`)."""
+        """Hash of the config sections (or top-level fields) a stage's output depends on (plus `extra`)."""
         d = self.to_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True) + extra
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -164,7 +167,7 @@ class ExperimentConfig:
         m, d, mo = self.model, self.data, self.monotone
         need(m.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {m.source!r}")
         need(m.source != "hub" or m.hub_id, "model.hub_id is required when model.source=hub")
-        need(m.dtype in ("float32", "float16", "bfloat16"), f"model.dtype must be float32, float16 or bfloat16, got {m.dtype!r}")
+        need(m.source != "local" or m.path, "model.path is required when model.source=local")
         for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "context_length"):
             need(getattr(m, name) > 0, f"model.{name} must be > 0")
         need(m.n_head > 0 and m.d_model % m.n_head == 0, "model.d_model must be divisible by model.n_head")
@@ -174,7 +177,9 @@ class ExperimentConfig:
             for s in SPLITS:
                 need(getattr(d, f"{s}_file"), f"data.{s}_file is required when data.source={d.source}")
         need(d.seq_len > 1, "data.seq_len must be > 1")
-        need(m.source == "hub" or d.seq_len <= m.context_length, "data.seq_len must be <= model.context_length")
+        # Hub and local models bring their own context length; stage 0 checks these against it.
+        need(m.source != "tiny" or d.seq_len <= m.context_length, "data.seq_len must be <= model.context_length")
+        need(d.max_epochs > 0, "data.max_epochs must be > 0")
         need(0 < d.stdlib_val_fraction and 0 < d.stdlib_test_fraction
              and d.stdlib_val_fraction + d.stdlib_test_fraction < 1, "data.stdlib_*_fraction must be > 0 and sum to < 1")
         for s in SPLITS:
@@ -196,16 +201,17 @@ class ExperimentConfig:
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
         e, a = self.eval, self.attack
         need(0 < e.stride < e.max_len, "eval.stride must be > 0 and < eval.max_len")
-        need(m.source == "hub" or e.max_len <= m.context_length, "eval.max_len must be <= model.context_length")
+        need(m.source != "tiny" or e.max_len <= m.context_length, "eval.max_len must be <= model.context_length")
         need(e.batch_size > 0 and a.batch_size > 0, "eval.batch_size and attack.batch_size must be > 0")
         need(2 <= a.min_text_len <= a.text_len, "attack.min_text_len must be >= 2 and <= attack.text_len")
-        need(m.source == "hub" or a.text_len + a.uat_trigger_len + 1 <= m.context_length,
+        need(m.source != "tiny" or a.text_len + a.uat_trigger_len + 1 <= m.context_length,
              "attack.text_len + attack.uat_trigger_len + 1 must fit model.context_length")
         for name in ("uat_opt_texts", "uat_eval_texts", "uat_trigger_len", "uat_restarts", "uat_max_sweeps",
                      "uat_top_k", "uat_beam", "hotflip_texts", "hotflip_max_flips", "hotflip_top_k", "hotflip_beam"):
             need(getattr(a, name) > 0, f"attack.{name} must be > 0")
         need(a.success_threshold > 0, "attack.success_threshold must be > 0")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.seed >= 0, "seed must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
@@ -215,6 +221,9 @@ class ExperimentConfig:
 
 def _tiny() -> ExperimentConfig:
     cfg = ExperimentConfig(preset="tiny")
+    # The stdlib corpus holds ~0.24M training tokens: the pretraining below takes
+    # ~2.2 passes over them and each recovery ~1.1 (every training run prints its count).
+    cfg.data.max_epochs = 3.0
     # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
     cfg.pretrain = TrainConfig(max_tokens=520_000, micro_batch_size=16, lr=3e-3,
                                warmup_fraction=0.05, weight_decay=0.1)
@@ -229,19 +238,20 @@ def _tiny() -> ExperimentConfig:
 
 def _pythia(size: str) -> ExperimentConfig:
     cfg = ExperimentConfig(preset=f"pythia-{size}", device="cuda")
-    cfg.model = ModelConfig(source="hub", hub_id=f"EleutherAI/pythia-{size}", dtype="float16",
-                            vocab_size=50304, context_length=2048)
+    # Released weights are fp16; they are loaded as fp32 master weights (precision governs compute).
+    cfg.model = ModelConfig(source="hub", hub_id=f"EleutherAI/pythia-{size}", vocab_size=50304, context_length=2048)
     # The mirror ships separate val and test files (trap 5: never score train documents).
     cfg.data = DataConfig(source="hub", hub_id="monology/pile-uncopyrighted",
                           train_file="train/00.jsonl.zst", val_file="val.jsonl.zst",
                           test_file="test.jsonl.zst", min_chars=1, seq_len=2048, quick=False,
-                          train_docs=100_000, val_docs=1_000, test_docs=10_000,
-                          quick_train_docs=10_000, quick_val_docs=200, quick_test_docs=1_000)
+                          val_docs=1_000, test_docs=10_000, quick_val_docs=200, quick_test_docs=1_000)
     # Paper recipe (REFERENCE.md): effective batch 32 x 2048 (8 x 4 accumulation),
     # AdamW wd 0.01, clip 1.0, gradient checkpointing; baseline lr 1e-5 warmup 10%,
     # monotone lr 5e-5 warmup 20%. The paper gave the monotone copy 10 epochs and
-    # the baseline 5; here both get the same budget, 10 epochs of 90k documents
-    # at 2048 tokens (set both max_tokens to change it).
+    # the baseline 5 of 90k documents truncated and padded to 2048; here both get
+    # the same budget, the paper's 10 x 90k x 2048 = 1.84B token positions, as
+    # packed distinct tokens in one pass (stage 0 reads as many documents as that
+    # takes; README "Budgets"). Set both max_tokens to change it.
     recovery = dict(max_tokens=10 * 90_000 * 2048, micro_batch_size=8, grad_accum_steps=4,
                     weight_decay=0.01, grad_clip=1.0, min_lr_fraction=0.0, log_interval=10,
                     eval_interval=500, eval_windows=256, checkpoint_every_steps=500,

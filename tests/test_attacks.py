@@ -12,11 +12,11 @@ from configs.experiment_config import AttackConfig, ModelConfig
 from conftest import fast_sets, run_script
 from utils import hotflip, uat
 from utils.attack_core import embedding_grads, flip_scores, masked_mean, per_token_nll, target_mask
+from utils.compute import CPU
 from utils.modeling import build_tiny_model, load_model
 from utils.tokenization import TokenFile
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=50, context_length=64)
-CPU = torch.device("cpu")
 
 
 def _model():
@@ -195,3 +195,29 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
         mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
         assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
         assert u["transfer"][arm][arm] == m["eval"]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured, tmp_path):
+    """Stages 4 and 6 in bf16-mixed (autocast on CPU, as on a GPU) agree with fresh fp32 forwards:
+    perplexity within 2% and every HotFlip NLL within 0.05 nats (bf16 keeps ~3 significant digits)."""
+    work, fp32 = measured
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy)
+    sets = fast_sets() + [a for kv in SMALL_ATTACKS for a in ("--set", kv)] + ["--set", "precision=bf16-mixed"]
+    for stage in ("stage_4_evaluate", "stage_6_hotflip_attacks"):
+        r = run_script(stage, "--work-dir", str(copy), *sets)
+        assert r.returncode == 0 and "already done" not in r.stdout, r.stderr   # precision is in the fingerprint
+    results = copy / "seed_42" / "results"
+    ev, hf = (json.loads((results / f"{n}.json").read_text()) for n in ("evaluation", "hotflip"))
+    assert ev["compute"]["precision"] == hf["compute"]["precision"] == "bf16-mixed"
+    assert fp32["evaluation"]["compute"]["precision"] == "fp32"
+    for arm, m in ev["models"].items():
+        assert m["perplexity"] == pytest.approx(fp32["evaluation"]["models"][arm]["perplexity"], rel=0.02)
+    for arm, m in hf["models"].items():
+        model = load_model(m["path"]).eval()
+        for rec in m["examples"]:
+            orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
+            targets = target_mask(len(orig), rec["modified_positions"])
+            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=0.05)
+            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=0.05)

@@ -55,10 +55,10 @@ def test_environment_then_cli_overrides():
 
 
 def test_quick_switch_selects_document_counts():
-    cfg = load_config("pythia-1.4b")
-    assert cfg.data.max_docs("train") == 100_000 and cfg.data.max_docs("test") == 10_000
+    cfg = load_config("pythia-1.4b")       # training documents: as many as the budget needs (0)
+    assert cfg.data.max_docs("train") == 0 and cfg.data.max_docs("test") == 10_000
     cfg = load_config("pythia-1.4b", [("data.quick", "true")])
-    assert cfg.data.max_docs("train") == 10_000 and cfg.data.max_docs("test") == 1_000
+    assert cfg.data.max_docs("train") == 0 and cfg.data.max_docs("test") == 1_000
 
 
 def test_stage_script_rejects_bad_config_with_exit_2(tmp_path):
@@ -78,7 +78,7 @@ def test_help_lists_the_common_flags():
 
 
 # Fields read through a computed name: DataConfig.max_docs (f"{split}_docs") and
-# corpus.split_documents (f"{split}_file"); test_quick_switch and the local-source
+# corpus.documents (f"{split}_file"); test_quick_switch and the local-source
 # tests in test_data.py exercise them.
 DYNAMIC_FIELDS = {f"{p}{s}_docs" for p in ("", "quick_") for s in ("train", "val", "test")} | \
                  {f"{s}_file" for s in ("train", "val", "test")} | {"quick"}   # quick: read by max_docs

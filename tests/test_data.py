@@ -9,26 +9,53 @@ import pytest
 import zstandard
 
 from configs.experiment_config import DataConfig
-from utils.corpus import local_documents, stdlib_documents, write_corpus
+from utils.corpus import documents, local_documents, read_corpus, stdlib_documents
 from utils.run_files import PipelineError
-from utils.tokenization import TokenFile, train_bpe
+from utils.tokenization import TokenFile, train_bpe, write_split
 from utils.training import PackedBatches
 
 
-def test_stdlib_corpus_is_deterministic_and_splits_are_disjoint(tmp_path):
+def _write_splits(d, tok, out, max_tokens=0):
+    return {s: write_split(documents(d, s), tok, out / f"{s}.jsonl", out / "tokens", s, max_docs=d.max_docs(s),
+                           max_tokens=max_tokens if s == "train" else 0, batch=100)
+            for s in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    return train_bpe([d["text"] for d in stdlib_documents(200)[:300]], 512)
+
+
+def test_stdlib_corpus_is_deterministic_and_splits_are_disjoint(tmp_path, small_tokenizer):
     d = DataConfig()
-    first = write_corpus(d, tmp_path / "a")
+    first = _write_splits(d, small_tokenizer, tmp_path / "a")
     stdlib_documents.cache_clear()          # rebuild from the files, not the cache
-    second = write_corpus(d, tmp_path / "b")
+    second = _write_splits(d, small_tokenizer, tmp_path / "b")
     for split in ("train", "val", "test"):
         a = (tmp_path / "a" / f"{split}.jsonl").read_bytes()
         assert a == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
         assert hashlib.sha256(a).hexdigest() == first[split]["sha256"] == second[split]["sha256"]
+        assert (tmp_path / "a" / "tokens" / f"{split}.tokens.npy").read_bytes() == \
+               (tmp_path / "b" / "tokens" / f"{split}.tokens.npy").read_bytes()
     texts = {s: {json.loads(l)["text"] for l in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()}
              for s in ("train", "val", "test")}
     assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["val"])
     assert first["train"]["documents"] > 1000 and first["test"]["documents"] > 100
     assert all(len(t) >= d.min_chars for t in texts["test"])
+
+
+def test_streaming_split_matches_one_shot_tokenisation_and_stops_at_the_token_budget(tmp_path, small_tokenizer):
+    """Batched streaming gives the tokens of encoding each document alone; a token budget stops
+    after the first whole document that reaches it."""
+    d, tok = DataConfig(), small_tokenizer
+    stats = _write_splits(d, tok, tmp_path, max_tokens=5000)
+    tf = TokenFile(tmp_path / "tokens", "train")
+    docs = read_corpus(tmp_path / "train.jsonl")
+    assert len(tf) == len(docs) == stats["train"]["documents"]
+    assert tf.offsets[-2] < 5000 <= tf.offsets[-1] == stats["train"]["tokens"]
+    for i, text in enumerate(docs):
+        assert tf.document(i).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    assert tf.tokens.dtype == np.uint16
 
 
 def test_tokenizer_round_trip_and_determinism():
@@ -85,13 +112,13 @@ def test_local_sources_read_back_the_documents(tmp_path, source):
     assert list(local_documents(source, str(path), "text")) == DOCS
 
 
-def test_local_source_corpus_uses_each_split_file(tmp_path):
+def test_local_source_corpus_uses_each_split_file(tmp_path, small_tokenizer):
     for split, n in (("train", 5), ("val", 2), ("test", 3)):
         (tmp_path / f"{split}.jsonl").write_text(
             "".join(json.dumps({"body": f"{split} doc {i} " * 5}) + "\n" for i in range(n)))
     d = DataConfig(source="jsonl", text_field="body", min_chars=10, quick=True, quick_train_docs=4,
                    **{f"{s}_file": str(tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")})
-    stats = write_corpus(d, tmp_path / "out")
+    stats = _write_splits(d, small_tokenizer, tmp_path / "out")
     assert {s: stats[s]["documents"] for s in stats} == {"train": 4, "val": 2, "test": 3}
     assert "test doc 0" in (tmp_path / "out" / "test.jsonl").read_text()
 

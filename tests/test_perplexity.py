@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.experiment_config import ModelConfig
+from utils.compute import CPU
 from utils.modeling import build_tiny_model
 from utils.perplexity import aggregate, document_nll, rolling_windows
 
@@ -45,7 +46,7 @@ def test_batched_scoring_equals_plain_computation():
     model = build_tiny_model(SMALL, 0).eval()
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, SMALL.vocab_size, n) for n in (1, 5, 16, 17, 40)]
-    got = document_nll(model, docs, 0, max_len=16, stride=8, batch_size=3, device=torch.device("cpu"))
+    got = document_nll(model, docs, 0, max_len=16, stride=8, batch_size=3, compute=CPU)
     for doc, (nll, n) in zip(docs, got):
         assert n == len(doc)
         assert abs(nll - _plain_nll(model, doc, 0, 16, 8)) < 1e-3 * max(1, n)
@@ -56,6 +57,6 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()   # all logits 0: p = 1/V for every token
     docs = [np.arange(1, 30), np.arange(3, 10)]
-    res = aggregate(document_nll(model, docs, 0, 8, 4, 4, torch.device("cpu")))
+    res = aggregate(document_nll(model, docs, 0, 8, 4, 4, CPU))
     assert res["tokens"] == 29 + 7
     assert math.isclose(res["perplexity"], SMALL.vocab_size, rel_tol=1e-5)

@@ -2,6 +2,8 @@
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 
 GOLDEN = ROOT / "tests" / "golden" / "run_all_dry_run.txt"
@@ -34,6 +36,28 @@ def test_site_settings_reach_sbatch(tmp_path):
     assert "--gres gpu:a100:1" in train and "--time 02:00:00" in train
     setup = next(l for l in r.stderr.splitlines() if "job_0_setup.sh" in l)
     assert "--gres" not in setup                                   # CPU-only stage
+
+
+@pytest.mark.parametrize("args, env_extra, gres", [
+    ((), {}, None),                                                   # tiny: device=auto, no GPU asked
+    (("--preset", "pythia-410m"), {}, "gpu:1"),                       # device=cuda
+    (("--preset", "pythia-410m", "--set", "device=cpu"), {}, None),
+    (("--preset", "pythia-410m"), {"MONO__DEVICE": "cpu"}, None),     # environment override
+    (("--preset", "pythia-410m"), {"MONO_SLURM_GPU": ""}, None),      # empty: none, even for cuda
+    ((), {"MONO_SLURM_GPU": "gpu:a100:1"}, "gpu:a100:1"),             # set: asked whatever the device
+], ids=["tiny", "pythia-cuda", "pythia-set-cpu", "pythia-env-cpu", "pythia-gpu-empty", "tiny-gpu-forced"])
+def test_gpu_is_requested_only_for_a_cuda_config_or_when_forced(tmp_path, args, env_extra, gres):
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), *args, env_extra=env_extra)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("sbatch ")]
+    assert len(lines) == 8
+    for line in lines:
+        stage = int(line.split("--job-name mono-")[1][0])
+        want = f"--gres {gres} " if gres and 1 <= stage <= 6 else None
+        if want:
+            assert line.count("--gres") == 1 and want in line, line
+        else:
+            assert "--gres" not in line, line
 
 
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path):

@@ -111,6 +111,26 @@ def test_failed_stage_leaves_dependents_unrun_and_is_reported(tmp_path):
     assert not (work / "seed_42" / "results").exists()
 
 
+def test_rejected_submission_cancels_the_jobs_already_submitted(tmp_path):
+    # This cluster has no GPUs: forcing a gres makes sbatch reject stage 1 after
+    # stage 0 (CPU only, no gres) was accepted.
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--work-dir", str(work), *_sets(FAST)],
+                       capture_output=True, text=True, env={**_env(), "MONO_SLURM_GPU": "gpu:1"}, timeout=600)
+    assert r.returncode == 1, r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    assert "stage_1_apply_monotonicity (seed 42)" in errors[0] and "sbatch: error:" in errors[0], errors[0]
+    assert "gres" in errors[0].lower(), errors[0]                 # sbatch's own reason
+    ids = _job_ids(work)
+    assert len(ids) == 1                                           # stage 0 only; nothing after stage 1
+    assert f"cancelled the 1 job(s) of this run already submitted: {ids[0]}" in r.stderr, r.stderr
+    _wait_until_no_jobs(ids, timeout=60)
+    state = subprocess.run(["scontrol", "-o", "show", "job", ids[0]], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in state, state
+    assert not (work / "slurm" / ".submit_error").exists()
+
+
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(tiny_run, tmp_path):
     _, paths = tiny_run
     short = [("recovery_baseline.max_tokens", "24576"), ("recovery_baseline.micro_batch_size", "8"),

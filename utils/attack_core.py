@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from utils.training import autocast_for
+from utils.compute import Compute
 
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,26 +33,26 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def per_token_nll(model, seqs: list[torch.Tensor], device) -> list[torch.Tensor]:
+def per_token_nll(model, seqs: list[torch.Tensor], compute: Compute) -> list[torch.Tensor]:
     """NLL of token t given tokens < t, for t = 1 .. len-1 of each sequence (float32, CPU)."""
     ids, mask = _pad(seqs)
-    ids = ids.to(device)
+    ids = ids.to(compute.device)
     # Equal lengths (every candidate batch of an attack) need no mask: SDPA then
     # takes its fast causal path.
-    mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(device)
-    with autocast_for(device), parametrize.cached():
+    mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(compute.device)
+    with compute.autocast(), parametrize.cached():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                           reduction="none").view(len(seqs), -1).cpu()
     return [nll[r, :len(s) - 1] for r, s in enumerate(seqs)]
 
 
-def exact_nll(model, seqs: list[torch.Tensor], device, batch_size: int) -> list[torch.Tensor]:
+def exact_nll(model, seqs: list[torch.Tensor], compute: Compute, batch_size: int) -> list[torch.Tensor]:
     """per_token_nll over any number of sequences; on CUDA OOM the batch is halved, never dropped."""
     out, start, bs = [], 0, batch_size
     while start < len(seqs):
         try:
-            out += per_token_nll(model, seqs[start:start + bs], device)
+            out += per_token_nll(model, seqs[start:start + bs], compute)
             start += bs
         except torch.cuda.OutOfMemoryError:
             if bs == 1:
@@ -75,15 +75,15 @@ def masked_mean(nll: torch.Tensor, targets: torch.Tensor) -> float:
     return float(nll[targets[1:]].mean())
 
 
-def embedding_grads(model, seqs: list[torch.Tensor], targets: list[torch.Tensor], device) -> torch.Tensor:
+def embedding_grads(model, seqs: list[torch.Tensor], targets: list[torch.Tensor], compute: Compute) -> torch.Tensor:
     """d(sum over sequences of mean target NLL) / d(input embeddings): [B, T, d], right-padded."""
     ids, mask = _pad(seqs)
     labels = torch.full_like(ids, -100)
     for r, (s, tgt) in enumerate(zip(seqs, targets)):
         labels[r, :len(s)] = torch.where(tgt, s, torch.full_like(s, -100))
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    ids, mask, labels = ids.to(compute.device), mask.to(compute.device), labels.to(compute.device)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    with autocast_for(device):
+    with compute.autocast():
         logits = model(inputs_embeds=emb, attention_mask=mask).logits
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none",
                           ignore_index=-100)
@@ -108,9 +108,14 @@ def flip_scores(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Ten
 
 
 def forbidden_tokens(tokenizer, vocab_rows: int) -> torch.Tensor:
-    """Special tokens, and embedding rows past the tokenizer's vocabulary (Pythia pads to 50304)."""
+    """Special tokens, and embedding rows past the tokenizer's vocabulary (Pythia pads 50,277 to 50,304).
+
+    Special means a named role (all_special_ids) or an added token marked special: Pythia's
+    `<|padding|>` (id 1) has no role, and transformers 5's all_special_ids omits it."""
     mask = torch.zeros(vocab_rows, dtype=torch.bool)
-    mask[list(tokenizer.all_special_ids)] = True
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    mask[[i for i in special if i < vocab_rows]] = True
     mask[len(tokenizer):] = True
     return mask
 

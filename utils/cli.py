@@ -8,6 +8,7 @@ saving a checkpoint (rerun to resume). Only exit 0 writes the completion flag.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -83,5 +84,12 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
     except Preempted as e:
         print(f"[{name}] {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: [{name}] disk full while writing {e.filename or 'its outputs'}: free space or choose "
+              f"another --work-dir (downloads go to the Hugging Face cache: HF_HOME / HF_HUB_CACHE); "
+              f"rerun to continue", file=sys.stderr)
+        return EXIT_FAILED
     print(f"[{name}] done")
     return 0

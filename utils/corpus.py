@@ -1,10 +1,11 @@
-"""Documents for the three splits, from any supported source, written as jsonl.
+"""Documents for the three splits, from any supported source.
 
 Sources: `stdlib` (docstrings of the Python standard library found on this
-machine, read with `ast`, nothing imported or committed), `hub` (a dataset on
-the Hugging Face hub, streamed, with separate files per split), and local
-`jsonl`, `jsonl.zst` (the Pile's format), `parquet` and `text` files (plain
-text: documents separated by a blank line).
+machine, read with `ast`, nothing imported or committed), `hub` (split files of
+a dataset on the Hugging Face hub, fetched into its cache by utils.hub), and
+local `jsonl`, `jsonl.zst` (the Pile's format), `parquet` and `text` files
+(plain text: documents separated by a blank line). Everything streams: a split
+is never held in memory (utils.tokenization.write_split writes it).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from configs.experiment_config import SPLITS, DataConfig
-from utils.run_files import PipelineError, atomic_write_text
+from configs.experiment_config import DataConfig
+from utils.run_files import PipelineError
 
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                 "turtledemo", "__pycache__", "ensurepip", "pydoc_data"}
@@ -71,75 +72,70 @@ def _read_jsonl(stream, text_field: str, where: str) -> Iterator[str]:
             raise PipelineError(f"{where}:{lineno}: not a JSON object with a {text_field!r} field") from None
 
 
+def _text_blocks(f) -> Iterator[str]:
+    """Documents separated by blank lines, read line by line."""
+    block = []
+    for line in f:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).strip("\n")
+            block = []
+    if block:
+        yield "".join(block).strip("\n")
+
+
 def local_documents(source: str, path: str, text_field: str) -> Iterator[str]:
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"data file not found: {p}")
-    if source == "jsonl":
-        with p.open(encoding="utf-8") as f:
-            yield from _read_jsonl(f, text_field, str(p))
-    elif source == "jsonl.zst":
-        import zstandard
-        with p.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as zr:
-            yield from _read_jsonl(io.TextIOWrapper(zr, encoding="utf-8"), text_field, str(p))
-    elif source == "parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(p)
-        if text_field not in pf.schema_arrow.names:
-            raise PipelineError(f"{p}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(columns=[text_field]):
-            yield from batch.column(0).to_pylist()
-    elif source == "text":
-        for block in p.read_text(encoding="utf-8").split("\n\n"):
-            if block.strip():
-                yield block.strip("\n")
-    else:
-        raise PipelineError(f"unsupported local data source {source!r}")
+    import zstandard
+    try:
+        if source == "jsonl":
+            with p.open(encoding="utf-8") as f:
+                yield from _read_jsonl(f, text_field, str(p))
+        elif source == "jsonl.zst":
+            with p.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as zr:
+                yield from _read_jsonl(io.TextIOWrapper(zr, encoding="utf-8"), text_field, str(p))
+        elif source == "parquet":
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(p)
+            if text_field not in pf.schema_arrow.names:
+                raise PipelineError(f"{p}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=[text_field]):
+                yield from batch.column(0).to_pylist()
+        elif source == "text":
+            with p.open(encoding="utf-8") as f:
+                yield from _text_blocks(f)
+        else:
+            raise PipelineError(f"unsupported local data source {source!r}")
+    except (zstandard.ZstdError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{p}: unreadable as {source} ({type(e).__name__}: {e})") from None
 
 
-def hub_documents(d: DataConfig, split: str, revision: str | None = None) -> Iterator[str]:
-    """Stream one split file of a hub dataset (needs the hub or a warm HF cache)."""
-    from datasets import load_dataset
-    data_file = getattr(d, f"{split}_file")
-    ds = load_dataset(d.hub_id, revision=revision or d.revision, data_files={split: data_file},
-                      split=split, streaming=True)
-    for row in ds:
-        yield row[d.text_field]
+def _file_format(name: str) -> str:
+    for fmt in ("jsonl.zst", "jsonl", "parquet"):
+        if name.endswith("." + fmt):
+            return fmt
+    raise PipelineError(f"cannot tell the format of data file {name!r} (expected .jsonl.zst, .jsonl or .parquet)")
 
 
-def split_documents(d: DataConfig, split: str, revision: str | None = None) -> Iterator[str]:
+def documents(d: DataConfig, split: str, hub_paths: dict | None = None) -> Iterator[str]:
+    """The split's documents of at least d.min_chars characters, in source order.
+
+    Hub datasets are read from the files utils.hub.fetch_dataset put in the cache (`hub_paths`)."""
     if d.source == "stdlib":
-        for doc in stdlib_documents(d.min_chars):
-            if stdlib_split(doc["id"], d.stdlib_val_fraction, d.stdlib_test_fraction) == split:
-                yield doc["text"]
+        texts = (doc["text"] for doc in stdlib_documents(d.min_chars)
+                 if stdlib_split(doc["id"], d.stdlib_val_fraction, d.stdlib_test_fraction) == split)
     elif d.source == "hub":
-        yield from hub_documents(d, split, revision)
+        texts = local_documents(_file_format(getattr(d, f"{split}_file")), hub_paths[split], d.text_field)
     else:
-        yield from local_documents(d.source, getattr(d, f"{split}_file"), d.text_field)
-
-
-def write_corpus(d: DataConfig, out_dir: Path, revision: str | None = None) -> dict:
-    """Write `<split>.jsonl` for each split; returns per-split counts and hashes.
-
-    `revision` pins a hub dataset to the commit recorded in the manifest."""
-    stats = {}
-    for split in SPLITS:
-        limit = d.max_docs(split)
-        lines, n_chars = [], 0
-        for text in split_documents(d, split, revision):
-            if len(text) < d.min_chars:
-                continue
-            lines.append(json.dumps({"text": text}, ensure_ascii=False))
-            n_chars += len(text)
-            if limit and len(lines) >= limit:
-                break
-        if not lines:
-            raise PipelineError(f"split {split!r} has no documents of at least {d.min_chars} characters")
-        blob = "\n".join(lines) + "\n"
-        atomic_write_text(out_dir / f"{split}.jsonl", blob)
-        stats[split] = {"documents": len(lines), "characters": n_chars,
-                        "sha256": hashlib.sha256(blob.encode()).hexdigest()}
-    return stats
+        texts = local_documents(d.source, getattr(d, f"{split}_file"), d.text_field)
+    for text in texts:
+        if not isinstance(text, str):
+            raise PipelineError(f"split {split!r}: field {d.text_field!r} holds {type(text).__name__}, not text")
+        if len(text) >= d.min_chars:
+            yield text
 
 
 def read_corpus(path: Path) -> list[str]:

@@ -40,9 +40,9 @@ def score(adv_nll: torch.Tensor, clean_nll: torch.Tensor, length: int, modified)
             "rel_delta_nll": attacked / clean - 1}
 
 
-def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor, device) -> dict:
+def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor, compute) -> dict:
     embeddings = model.get_input_embeddings().weight.detach()
-    clean_nll = exact_nll(model, [ids], device, 1)[0]
+    clean_nll = exact_nll(model, [ids], compute, 1)[0]
     beam = [(ids, frozenset(), 0.0)]        # (ids, modified positions, objective)
     best, evaluations = beam[0], 0
     for _ in range(a.hotflip_max_flips):
@@ -51,7 +51,7 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
             free = torch.tensor([p for p in range(1, len(cur)) if p not in modified])
             if len(free) == 0:
                 continue
-            grad = embedding_grads(model, [cur], [target_mask(len(cur), modified)], device)[0]
+            grad = embedding_grads(model, [cur], [target_mask(len(cur), modified)], compute)[0]
             scores = flip_scores(grad[free], cur[free].to(grad.device), embeddings, forbidden.to(grad.device))
             top = scores.flatten().topk(min(a.hotflip_top_k, scores.numel())).indices.cpu()
             for flat in top:
@@ -61,7 +61,7 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
                 candidates.append((new, modified | {pos}, parent_obj))
         if not candidates:
             break
-        nlls = exact_nll(model, [c[0] for c in candidates], device, a.batch_size)
+        nlls = exact_nll(model, [c[0] for c in candidates], compute, a.batch_size)
         evaluations += len(candidates)
         accepted = {}
         for (new, modified, parent_obj), nll in zip(candidates, nlls):
@@ -74,13 +74,13 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
         if beam[0][2] > best[2]:
             best = beam[0]
     adv, modified, _ = best
-    adv_nll = exact_nll(model, [adv], device, 1)[0]
+    adv_nll = exact_nll(model, [adv], compute, 1)[0]
     return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": sorted(modified),
             "n_flips": len(modified), "exact_evaluations": evaluations, **score(adv_nll, clean_nll, len(adv), modified)}
 
 
 def random_flips(model, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor, gen: torch.Generator,
-                 device) -> dict:
+                 compute) -> dict:
     """Control: the same number of flips at random positions to random allowed tokens."""
     allowed = (~forbidden).nonzero().squeeze(1)
     positions = (torch.randperm(len(ids) - 1, generator=gen)[:n_flips] + 1).tolist()
@@ -90,12 +90,12 @@ def random_flips(model, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor
         while tok == adv[p]:
             tok = allowed[torch.randint(len(allowed), (1,), generator=gen)].item()
         adv[p] = tok
-    clean_nll, adv_nll = exact_nll(model, [ids, adv], device, 2)
+    clean_nll, adv_nll = exact_nll(model, [ids, adv], compute, 2)
     return {"adversarial_ids": adv.tolist(), "modified_positions": sorted(positions),
             **score(adv_nll, clean_nll, len(adv), positions)}
 
 
-def rescore(model, original: list[int], adversarial: list[int], modified: list[int], device) -> dict:
+def rescore(model, original: list[int], adversarial: list[int], modified: list[int], compute) -> dict:
     """Damage of a stored (original, adversarial) pair on `model` (transfer and recomputation)."""
-    clean_nll, adv_nll = exact_nll(model, [torch.tensor(original), torch.tensor(adversarial)], device, 2)
+    clean_nll, adv_nll = exact_nll(model, [torch.tensor(original), torch.tensor(adversarial)], compute, 2)
     return score(adv_nll, clean_nll, len(original), modified)

@@ -18,7 +18,8 @@ from configs.experiment_config import ExperimentConfig
 from utils import hotflip, uat
 from utils.attack_core import forbidden_tokens, select_texts
 from utils.corpus import read_corpus
-from utils.modeling import load_model, resolve_device
+from utils.compute import Compute
+from utils.modeling import load_model
 from utils.perplexity import aggregate, document_nll
 from utils.run_files import RunPaths, read_json, write_json
 from utils.stages import read_manifest
@@ -27,8 +28,8 @@ from utils.tokenization import TokenFile, load_tokenizer
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
 CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
                 "monotonic": "monotonicity_certificate_monotonic.json"}
-EVAL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "eval")
-ATTACK_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "attack")
+MODEL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "precision")
+EVAL_SECTIONS, ATTACK_SECTIONS = (*MODEL_SECTIONS, "eval"), (*MODEL_SECTIONS, "attack")
 
 
 def available_arms(paths: RunPaths) -> dict[str, Path]:
@@ -63,14 +64,14 @@ def _load(path: Path, device):
 # -- stage 4 -------------------------------------------------------------------
 
 def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    e, device = cfg.eval, resolve_device(cfg.device)
+    e, compute = cfg.eval, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     test = TokenFile(paths.shared / "tokens", "test")
     corpus_file = paths.shared / "corpus" / "test.jsonl"
     docs = [test.document(i) for i in range(len(test))]
     n_bytes = sum(len(t.encode("utf-8")) for t in read_corpus(corpus_file))
     out = {
-        "split": "test", "token_file": str(test.path), "offsets_file": str(test.path).replace(".tokens.", ".offsets."),
+        "split": "test", "compute": compute.describe(), "token_file": str(test.path), "offsets_file": str(test.path).replace(".tokens.", ".offsets."),
         "corpus_file": str(corpus_file), "documents": len(docs), "utf8_bytes": n_bytes,
         "convention": {
             "unit": "per document: tokens[offsets[i]:offsets[i+1]-1] (the trailing EOS is not scored)",
@@ -84,8 +85,8 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     }
     for arm, path in available_arms(paths).items():
         t0 = time.time()
-        model = _load(path, device)
-        per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, device)
+        model = _load(path, compute.device)
+        per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute)
         agg = aggregate(per_doc)
         out["models"][arm] = {
             "path": str(path), "label": arm_label(paths, arm), **agg,
@@ -102,7 +103,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
 # -- stage 5 -------------------------------------------------------------------
 
 def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    a, device = cfg.attack, resolve_device(cfg.device)
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     test = TokenFile(paths.shared / "tokens", "test")
     eos = tokenizer.eos_token_id
@@ -113,9 +114,9 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     models = {}
     for arm, path in arms.items():
         t0 = time.time()
-        model = _load(path, device)
+        model = _load(path, compute.device)
         forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
-        found = uat.find_trigger(model, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, device)
+        found = uat.find_trigger(model, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, compute)
         trig = found["trigger"]
         models[arm] = {"path": str(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
                        "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
@@ -126,12 +127,12 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
     transfer = {src: {} for src in arms}
     for arm, path in arms.items():
-        model = _load(path, device)
+        model = _load(path, compute.device)
         clean, clean_per = uat.mean_loss(model, torch.tensor([], dtype=torch.long), [t["ids"] for t in held],
-                                         device, a.batch_size)
+                                         compute, a.batch_size)
         for src in arms:
             trig = torch.tensor(models[src]["trigger_ids"])
-            attacked, per = uat.mean_loss(model, trig, [t["ids"] for t in held], device, a.batch_size)
+            attacked, per = uat.mean_loss(model, trig, [t["ids"] for t in held], compute, a.batch_size)
             row = {"clean_nll": clean, "triggered_nll": attacked, "abs_delta_nll": attacked - clean,
                    "rel_delta_nll": attacked / clean - 1}
             transfer[src][arm] = row
@@ -144,7 +145,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
               f"({100 * models[arm]['eval']['rel_delta_nll']:+.1f}%)")
         del model
     path = paths.results / "uat.json"
-    write_json(path, {"composition": uat.COMPOSITION, "config": vars(a), "seed": cfg.seed,
+    write_json(path, {"composition": uat.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
                       "token_file": str(test.path), "opt_docs": [t["doc"] for t in opt],
                       "eval_docs": [t["doc"] for t in held],
                       "loss": "mean over texts of the mean next-token NLL of the text tokens; "
@@ -165,24 +166,24 @@ def _summary(records: list[dict], threshold: float) -> dict:
 
 
 def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    a, device = cfg.attack, resolve_device(cfg.device)
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     test = TokenFile(paths.shared / "tokens", "test")
     texts = select_texts(test, tokenizer.eos_token_id, a.hotflip_texts, a.text_len, a.min_text_len, cfg.seed)
     arms = available_arms(paths)
     models = {}
     for arm, path in arms.items():
-        model = _load(path, device)
+        model = _load(path, compute.device)
         forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
         records, controls, t0 = [], [], time.time()
         for t in texts:
-            rec = hotflip.attack_text(model, t["ids"], a, forbidden, device)
+            rec = hotflip.attack_text(model, t["ids"], a, forbidden, compute)
             rec["doc"] = t["doc"]
             rec["success"] = rec["rel_delta_nll"] > a.success_threshold
             records.append(rec)
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
             controls.append({"doc": t["doc"], **hotflip.random_flips(model, t["ids"], rec["n_flips"], forbidden,
-                                                                     gen, device)})
+                                                                     gen, compute)})
         models[arm] = {"path": str(path), "label": arm_label(paths, arm),
                        "summary": _summary(records, a.success_threshold),
                        "random_control": _summary(controls, a.success_threshold),
@@ -194,14 +195,14 @@ def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         del model
     transfer = {src: {} for src in arms}
     for arm, path in arms.items():
-        model = _load(path, device)
+        model = _load(path, compute.device)
         for src in arms:
-            rows = [hotflip.rescore(model, r["original_ids"], r["adversarial_ids"], r["modified_positions"], device)
+            rows = [hotflip.rescore(model, r["original_ids"], r["adversarial_ids"], r["modified_positions"], compute)
                     for r in models[src]["examples"]]
             transfer[src][arm] = _summary(rows, a.success_threshold)
         del model
     path = paths.results / "hotflip.json"
-    write_json(path, {"composition": hotflip.COMPOSITION, "config": vars(a), "seed": cfg.seed,
+    write_json(path, {"composition": hotflip.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
                       "token_file": str(test.path), "success_threshold": a.success_threshold,
                       "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
                               "clean and attacked on the same positions",

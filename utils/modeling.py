@@ -1,7 +1,6 @@
-"""Building, downloading, saving and loading models (Hugging Face dirs, safetensors only)."""
+"""Building, saving and loading models (Hugging Face dirs, safetensors only; fetching is utils.hub)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,14 +15,6 @@ from utils.run_files import PipelineError, atomic_dir
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device=cuda requested but no CUDA device is available (use --set device=cpu)")
-    return torch.device(name)
-
-
 def build_tiny_model(m: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
     """A Pythia-shaped GPT-NeoX: parallel residual, exact GELU, rotary on 25% of head dims."""
     config = GPTNeoXConfig(
@@ -35,26 +26,6 @@ def build_tiny_model(m: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
-
-
-def download_hub_model(m: ModelConfig, cache_dir: Path) -> dict:
-    """Fetch config, tokenizer and safetensors weights once; record what was fetched."""
-    from huggingface_hub import HfApi, snapshot_download
-    info = HfApi().model_info(m.hub_id, revision=m.revision, files_metadata=True)
-    if not any(s.rfilename.endswith(".safetensors") for s in info.siblings):
-        raise PipelineError(f"{m.hub_id}@{m.revision} has no safetensors weights; refusing pickle files")
-    path = Path(snapshot_download(m.hub_id, revision=info.sha, cache_dir=str(cache_dir),
-                                  allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    return {"hub_id": m.hub_id, "revision": m.revision, "sha": info.sha, "path": str(path),
-            "files": {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file()}}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model(model, path: Path, tokenizer=None, extra: dict | None = None) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from utils.training import autocast_for
+from utils.compute import Compute
 
 
 def rolling_windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -42,7 +42,7 @@ def rolling_windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, i
 
 
 @torch.no_grad()
-def score_windows(model, seqs: list[np.ndarray], device: torch.device) -> list[float]:
+def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float]:
     """Sum of target NLLs per (input_ids, n_targets) row, right-padded into one batch."""
     width = max(len(s) for s, _ in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -52,15 +52,15 @@ def score_windows(model, seqs: list[np.ndarray], device: torch.device) -> list[f
         ids[r, :len(s)] = torch.from_numpy(s)
         labels[r, len(s) - n_targets:len(s)] = ids[r, len(s) - n_targets:len(s)]
         mask[r, :len(s)] = 1
-    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    with autocast_for(device), parametrize.cached():     # softplus(V) once per forward
+    ids, labels, mask = ids.to(compute.device), labels.to(compute.device), mask.to(compute.device)
+    with compute.autocast(), parametrize.cached():     # softplus(V) once per forward
         logits = model(input_ids=ids, attention_mask=mask).logits
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none")
     return nll.sum(dim=1).tolist()
 
 
 def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, stride: int,
-                 batch_size: int, device: torch.device) -> list[tuple[float, int]]:
+                 batch_size: int, compute: Compute) -> list[tuple[float, int]]:
     """(sum NLL, tokens scored) for each document, windows batched across documents.
 
     On CUDA out-of-memory the same windows are retried in smaller batches, never dropped.
@@ -75,7 +75,7 @@ def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, strid
     while start < len(rows):
         chunk = rows[start:start + bs]
         try:
-            sums = score_windows(model, [(s, n) for _, s, n in chunk], device)
+            sums = score_windows(model, [(s, n) for _, s, n in chunk], compute)
         except torch.cuda.OutOfMemoryError:
             if bs == 1:
                 raise

@@ -14,7 +14,8 @@ from torch.nn.utils import parametrize
 
 from configs.experiment_config import ExperimentConfig
 from utils.checkpoint import Checkpointer
-from utils.modeling import load_model, resolve_device, save_model
+from utils.compute import Compute
+from utils.modeling import load_model, save_model
 from utils.monotonicity import certify, constrained_modules
 from utils.run_files import PipelineError, RunPaths, write_json
 from utils.stages import certificate_probe, read_manifest
@@ -22,8 +23,8 @@ from utils.tokenization import TokenFile, load_tokenizer
 from utils.training import StopOnSignal, train
 
 # Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
-SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline"),
-            "monotonic": ("model", "data", "pretrain", "monotone", "recovery_monotone")}
+SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline", "precision"),
+            "monotonic": ("model", "data", "pretrain", "monotone", "recovery_monotone", "precision")}
 
 
 @torch.no_grad()
@@ -70,11 +71,11 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
                   else paths.models / "monotonic_init")
     if not (start_path / "config.json").exists():
         raise PipelineError(f"no starting model at {start_path}: run stage 1 first")
-    device = resolve_device(cfg.device)
+    compute = Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     train_tok = TokenFile(paths.shared / "tokens", "train")
     val_tok = TokenFile(paths.shared / "tokens", "val")
-    model = load_model(start_path, "float32", device)
+    model = load_model(start_path, "float32", compute.device)   # fp32 master weights
 
     best_dir = paths.models / f"{arm}_best"
     def save_best(m, step, val_loss):
@@ -83,9 +84,10 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     checkpointer = Checkpointer(paths.seed_dir / "checkpoints" / arm, cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
     print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
-          f"seed {cfg.seed}, device {device}")
-    history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, device,
-                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best)
+          f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}")
+    history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
+                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best,
+                    max_epochs=cfg.data.max_epochs)
 
     start = load_model(start_path, "float32", "cpu")
     report = {"arm": arm, "start_model": str(start_path), "seed": cfg.seed, "recipe": vars(recipe),
@@ -98,7 +100,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     if arm == "monotonic":
         mo = cfg.monotone
         cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed,
-                       input_ids=certificate_probe(cfg, paths).to(device))
+                       input_ids=certificate_probe(cfg, paths).to(compute.device))
         cert["configured_monotone"] = cfg.is_monotone_run
         cert_path = paths.results / "monotonicity_certificate_monotonic.json"
         write_json(cert_path, cert)

@@ -50,6 +50,29 @@ class RunPaths:
         return (self.shared if shared else self.seed_dir) / "flags" / f"{stage}.done"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: Path) -> None:
+    """Give a file or a directory tree the modes a plain open()/mkdir() would (0644/0755 under
+    umask 022): tempfile's private 0600/0700 would hide results from the user's group."""
+    mask = _umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished temporary file or directory into place, readable as the umask allows."""
+    share_modes(tmp)
+    os.replace(tmp, final)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -57,7 +80,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    publish(Path(tmp), path)
 
 
 def write_json(path: Path, obj) -> None:
@@ -89,7 +112,7 @@ def atomic_dir(final: Path):
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
-            os.replace(self.tmp, final)
+            publish(self.tmp, final)
             shutil.rmtree(old, ignore_errors=True)
             return False
     return _Swap()

@@ -5,6 +5,7 @@ which handles completion flags, the resolved config and error exits.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -12,13 +13,15 @@ import numpy as np
 import torch
 
 from configs.experiment_config import SPLITS, ExperimentConfig
-from utils.corpus import read_corpus, write_corpus
-from utils.modeling import build_tiny_model, download_hub_model, file_sha256, load_model, resolve_device, save_model
+from utils.compute import Compute
+from utils.corpus import documents
+from utils.hub import fetch_dataset, fetch_model, file_sha256
+from utils.modeling import build_tiny_model, load_model, save_model
 from utils.monotonicity import apply_monotonicity, certify
 from utils.perplexity import aggregate, document_nll
-from utils.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
-from utils.tokenization import TokenFile, load_tokenizer, tokenize_split, train_bpe
-from utils.training import train
+from utils.run_files import PipelineError, RunPaths, code_revision, read_json, share_modes, write_json
+from utils.tokenization import TokenFile, load_tokenizer, train_bpe, write_split
+from utils.training import budget_tokens, passes, train
 
 TINY_PRETRAIN_SEED = 1234   # the tiny "foundation model" is shared by every experiment seed
 
@@ -34,48 +37,88 @@ def unigram_perplexity(train: TokenFile, test: TokenFile, vocab_size: int) -> fl
     return math.exp(nll / n)
 
 
-def heldout_perplexity(model, tokens: TokenFile, eos_id: int, cfg: ExperimentConfig, device) -> dict:
+def heldout_perplexity(model, tokens: TokenFile, eos_id: int, cfg: ExperimentConfig, compute: Compute) -> dict:
     """Stage 4's protocol (cfg.eval), on the whole test split."""
     e = cfg.eval
     per_doc = document_nll(model, [tokens.document(i) for i in range(len(tokens))], eos_id, e.max_len, e.stride,
-                           e.batch_size, device)
+                           e.batch_size, compute)
     return {**aggregate(per_doc), "documents": len(tokens), "max_len": e.max_len, "stride": e.stride}
 
 
+def training_runs(cfg: ExperimentConfig) -> list[str]:
+    """Config sections of every training run that reads the training tokens."""
+    return ["recovery_baseline", "recovery_monotone"] + (["pretrain"] if cfg.model.source == "tiny" else [])
+
+
+def train_tokens_needed(cfg: ExperimentConfig) -> int:
+    """Training tokens stage 0 reads at most: one pass for the largest budget (plus one window,
+    since packing drops the last partial one). Less data means repeating it, up to data.max_epochs."""
+    largest = max(budget_tokens(getattr(cfg, run), cfg.data.seq_len) for run in training_runs(cfg))
+    return largest + cfg.data.seq_len + 1
+
+
+def setup_inputs(cfg: ExperimentConfig, paths: RunPaths) -> str:
+    """What stage 0's outputs depend on besides its sections: how many training tokens it reads,
+    and for the tiny preset the precision its model is pretrained in."""
+    return f"train_tokens={train_tokens_needed(cfg)}" + (f",precision={cfg.precision}" if cfg.model.source == "tiny" else "")
+
+
+def check_context(cfg: ExperimentConfig, model_dir: Path) -> None:
+    """Windows the config asks for must fit the model's context (hub and local models)."""
+    ctx = read_json(model_dir / "config.json").get("max_position_embeddings")
+    e, a = cfg.eval, cfg.attack
+    too_long = [f"{name}={n}" for name, n in (("data.seq_len", cfg.data.seq_len), ("eval.max_len", e.max_len),
+                                              ("attack.text_len+uat_trigger_len+1", a.text_len + a.uat_trigger_len + 1))
+                if ctx and n > ctx]
+    if too_long:
+        raise PipelineError(f"{', '.join(too_long)} exceed the model's context of {ctx} tokens")
+
+
 def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    """Corpus, tokenizer, token files and the pretrained model, built once for all seeds."""
-    shared = paths.shared
-    device = resolve_device(cfg.device)
+    """Documents, tokenizer, token files and the pretrained model, built once for all seeds.
+
+    Computes on a device only for the tiny preset (which pretrains its model):
+    hub and local presets set up on any machine, a login node included."""
+    shared, d = paths.shared, cfg.data
     manifest = {"config": cfg.to_dict(), "code_revision": code_revision()}
-    if cfg.data.source == "hub":      # pin the dataset revision we read
-        from huggingface_hub import HfApi
-        manifest["dataset"] = {"hub_id": cfg.data.hub_id, "revision": cfg.data.revision,
-                               "sha": HfApi().dataset_info(cfg.data.hub_id, revision=cfg.data.revision).sha,
-                               "files": {s: getattr(cfg.data, f"{s}_file") for s in SPLITS}}
-    print(f"[setup] writing corpus ({cfg.data.source}) to {shared / 'corpus'}")
-    manifest["corpus"] = write_corpus(cfg.data, shared / "corpus",
-                                      revision=manifest.get("dataset", {}).get("sha"))
-    if cfg.model.source == "hub":
-        print(f"[setup] downloading {cfg.model.hub_id}@{cfg.model.revision}")
-        manifest["model"] = download_hub_model(cfg.model, shared / "hf_cache")
-        pretrained = Path(manifest["model"]["path"])
-        tokenizer = load_tokenizer(pretrained)
-    else:
-        print(f"[setup] training a {cfg.model.vocab_size}-token BPE tokenizer")
-        tokenizer = train_bpe(read_corpus(shared / "corpus" / "train.jsonl"), cfg.model.vocab_size)
-        pretrained = shared / "models" / "pretrained"
-    tokenizer.save_pretrained(str(shared / "tokenizer"))
-    manifest["tokenizer_sha256"] = file_sha256(shared / "tokenizer" / "tokenizer.json")
-    manifest["tokens"] = {s: tokenize_split(tokenizer, shared / "corpus" / f"{s}.jsonl", shared / "tokens", s)
-                          for s in SPLITS}
-    tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
+    hub_paths = None
+    if d.source == "hub":
+        manifest["dataset"] = fetch_dataset(d)
+        hub_paths = manifest["dataset"]["paths"]
     if cfg.model.source == "tiny":
+        print(f"[setup] training a {cfg.model.vocab_size}-token BPE tokenizer")
+        train_docs = itertools.islice(documents(d, "train", hub_paths), d.max_docs("train") or None)
+        tokenizer = train_bpe(train_docs, cfg.model.vocab_size)
+        pretrained = shared / "models" / "pretrained"
+    else:
+        print(f"[setup] model from {cfg.model.path if cfg.model.source == 'local' else cfg.model.hub_id}")
+        manifest["model"] = fetch_model(cfg.model)
+        pretrained = Path(manifest["model"]["path"])
+        check_context(cfg, pretrained)
+        tokenizer = load_tokenizer(pretrained)
+    # From here on the shared files are rewritten: an earlier manifest no longer describes them.
+    (shared / "manifest.json").unlink(missing_ok=True)
+    paths.flag("stage_0_setup", shared=True).unlink(missing_ok=True)
+    tokenizer.save_pretrained(str(shared / "tokenizer"))
+    share_modes(shared / "tokenizer")
+    manifest["tokenizer_sha256"] = file_sha256(shared / "tokenizer" / "tokenizer.json")
+    need = train_tokens_needed(cfg)
+    manifest["corpus"] = {}
+    for split in SPLITS:
+        print(f"[setup] tokenising the {split} split" + (f" (up to {need:,} tokens)" if split == "train" else ""))
+        manifest["corpus"][split] = write_split(documents(d, split, hub_paths), tokenizer, shared / "corpus" /
+                                                f"{split}.jsonl", shared / "tokens", split, max_docs=d.max_docs(split),
+                                                max_tokens=need if split == "train" else 0)
+    tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
+    manifest["training_data"] = data_budget(cfg, tok["train"])
+    if cfg.model.source == "tiny":
+        compute = Compute.from_config(cfg.device, cfg.precision)
         model = build_tiny_model(cfg.model, TINY_PRETRAIN_SEED)
         print(f"[setup] pretraining the tiny GPT-NeoX ({sum(p.numel() for p in model.parameters()):,} "
-              f"parameters) for {cfg.pretrain.max_tokens:,} tokens on {device}")
-        manifest["pretrain"] = train(model, tok["train"].tokens, tok["val"].tokens, cfg.pretrain,
-                                     cfg.data.seq_len, TINY_PRETRAIN_SEED, device, desc="pretrain")
-        ppl = heldout_perplexity(model, tok["test"], tokenizer.eos_token_id, cfg, device)
+              f"parameters) for {cfg.pretrain.max_tokens:,} tokens on {compute.device} ({compute.precision})")
+        manifest["pretrain"] = train(model, tok["train"].tokens, tok["val"].tokens, cfg.pretrain, d.seq_len,
+                                     TINY_PRETRAIN_SEED, compute, desc="pretrain", max_epochs=d.max_epochs)
+        ppl = heldout_perplexity(model, tok["test"], tokenizer.eos_token_id, cfg, compute)
         manifest["pretrained_test"] = ppl
         manifest["unigram_test_perplexity"] = unigram_perplexity(tok["train"], tok["test"], cfg.model.vocab_size)
         print(f"[setup] tiny pretrained test perplexity {ppl['perplexity']:.1f} "
@@ -85,6 +128,13 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     write_json(shared / "manifest.json", manifest)
     return [str(shared / "manifest.json"), str(pretrained / "config.json")] + \
            [str(t.path) for t in tok.values()]
+
+
+def data_budget(cfg: ExperimentConfig, train_tokens: TokenFile) -> dict:
+    """Passes each training run will make over the training tokens; more than data.max_epochs is refused."""
+    runs = {name: passes(name, budget_tokens(getattr(cfg, name), cfg.data.seq_len), train_tokens.tokens.size,
+                         cfg.data.seq_len, cfg.data.max_epochs) for name in training_runs(cfg)}
+    return {"documents": len(train_tokens), "max_epochs": cfg.data.max_epochs, "runs": runs}
 
 
 def read_manifest(paths: RunPaths) -> dict:
@@ -106,7 +156,7 @@ def certificate_probe(cfg: ExperimentConfig, paths: RunPaths) -> torch.Tensor:
 def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Constrain the pretrained model, certify it, save `monotonic_init`."""
     pretrained = Path(read_manifest(paths)["pretrained_path"])
-    device = resolve_device(cfg.device)
+    device = Compute.from_config(cfg.device, cfg.precision).device   # the certificate computes in fp32/float64
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     probe_ids = certificate_probe(cfg, paths).to(device)
     model = load_model(pretrained, "float32", device)

@@ -10,21 +10,26 @@ Training reads the stream packed; evaluation reads documents by offsets.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import os
+import shutil
 import tempfile
+from array import array
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from utils.corpus import read_corpus
-from utils.run_files import PipelineError
+from utils.run_files import PipelineError, publish
 
 EOS = "<|endoftext|>"   # id 0, as Pythia's bos = eos = 0
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE like GPT-NeoX's, trained on `texts` (deterministic)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,28 +49,71 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def write_split(texts: Iterable[str], tokenizer, corpus_file: Path, token_dir: Path, split: str,
+                max_docs: int = 0, max_tokens: int = 0, batch: int = 1000) -> dict:
+    """Write a split's documents (jsonl) and token files in one streaming pass.
+
+    Stops after `max_docs` documents or once `max_tokens` tokens are written
+    (0: no limit), whichever comes first; whole documents only. Memory stays
+    bounded whatever the document count: tokens go to disk a batch at a time,
+    and the tokenizer's batch encoding uses every core.
+    """
+    eos = tokenizer.eos_token_id
+    dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    token_dir.mkdir(parents=True, exist_ok=True)
+    corpus_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=token_dir, prefix=f".{split}.") as tmp:
+        raw_path, jsonl_path = Path(tmp) / "tokens.raw", Path(tmp) / "corpus.jsonl"
+        offsets, n_tokens, n_chars, digest = array("q", [0]), 0, 0, hashlib.sha256()
+        with raw_path.open("wb") as raw, jsonl_path.open("w", encoding="utf-8") as jsonl:
+            for docs in _batches(texts, batch):
+                if max_docs:
+                    docs = docs[:max_docs - (len(offsets) - 1)]
+                flat = []
+                for text, ids in zip(docs, tokenizer(docs, add_special_tokens=False)["input_ids"]):
+                    flat += ids
+                    flat.append(eos)
+                    n_tokens += len(ids) + 1
+                    offsets.append(n_tokens)
+                    line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                    jsonl.write(line)
+                    digest.update(line.encode())
+                    n_chars += len(text)
+                    if max_tokens and n_tokens >= max_tokens:
+                        break
+                np.asarray(flat, dtype=dtype).tofile(raw)
+                if (max_tokens and n_tokens >= max_tokens) or (max_docs and len(offsets) - 1 >= max_docs):
+                    break
+        if len(offsets) == 1:
+            raise PipelineError(f"split {split!r} has no documents")
+        _raw_to_npy(raw_path, dtype, n_tokens, token_dir / f"{split}.tokens.npy")
+        _save_npy(np.frombuffer(offsets, dtype=np.int64), token_dir / f"{split}.offsets.npy")
+        publish(jsonl_path, corpus_file)
+    return {"documents": len(offsets) - 1, "characters": n_chars, "tokens": n_tokens, "dtype": str(dtype),
+            "sha256": digest.hexdigest()}
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _raw_to_npy(raw: Path, dtype: np.dtype, n: int, out: Path) -> None:
+    """A .npy header, then the raw tokens copied in blocks: never the whole array in memory."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "wb") as f, raw.open("rb") as src:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (n,)})
+        shutil.copyfileobj(src, f, 16 << 20)
+    publish(Path(tmp), out)
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
     os.close(fd)
     np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def tokenize_split(tokenizer, corpus_file: Path, out_dir: Path, split: str, batch: int = 1000) -> dict:
-    docs = read_corpus(corpus_file)
-    eos = tokenizer.eos_token_id
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    pieces, lengths = [], []
-    for i in range(0, len(docs), batch):
-        for ids in tokenizer(docs[i:i + batch], add_special_tokens=False)["input_ids"]:
-            pieces.append(np.asarray(ids + [eos], dtype=dtype))
-            lengths.append(len(ids) + 1)
-    tokens = np.concatenate(pieces)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _save_npy(out_dir / f"{split}.tokens.npy", tokens)
-    _save_npy(out_dir / f"{split}.offsets.npy", offsets)
-    return {"documents": len(docs), "tokens": int(tokens.size), "dtype": str(tokens.dtype)}
+    publish(Path(tmp), path)
 
 
 class TokenFile:

@@ -3,8 +3,8 @@
 Data order is a pure function of (seed, micro-step): the token stream is cut
 into non-overlapping windows of seq_len + 1 tokens, shuffled per epoch by a
 generator seeded with (seed, epoch). So a run's position is one integer.
-Weights stay fp32 (bf16 autocast on CUDA only): bf16 master weights make
-AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
+Weights stay fp32 whatever the precision (utils.compute): bf16 master
+weights make AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,8 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from configs.experiment_config import TrainConfig
+from utils.compute import Compute
+from utils.run_files import PipelineError
 
 
 class PackedBatches:
@@ -46,6 +46,26 @@ class PackedBatches:
         return torch.from_numpy(np.stack(rows))
 
 
+def budget_tokens(t: TrainConfig, seq_len: int) -> int:
+    """Tokens a recipe trains on: max_tokens rounded up to whole optimizer steps."""
+    per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
+    return max(1, math.ceil(t.max_tokens / per_step)) * per_step
+
+
+def passes(run: str, budget: int, n_tokens: int, seq_len: int, max_epochs: float | None) -> dict:
+    """Passes a budget makes over the packed training tokens (printed); more than max_epochs is refused."""
+    per_epoch = (n_tokens - 1) // seq_len * seq_len          # whole windows, as PackedBatches reads them
+    epochs = budget / max(per_epoch, 1)
+    print(f"[{run}] {budget:,} tokens = {epochs:.2f} passes over {per_epoch:,} distinct training tokens"
+          + (" (repeating data)" if epochs > 1 else ""))
+    if max_epochs is not None and epochs > max_epochs * (1 + 1e-9):
+        raise PipelineError(
+            f"{run}: {budget:,} tokens are {epochs:.2f} passes over the {per_epoch:,} training tokens, more than "
+            f"data.max_epochs={max_epochs:g}; rerun stage 0 with more training documents (data.train_docs), lower "
+            f"{run}.max_tokens, or allow the repetition with --set data.max_epochs={math.ceil(epochs * 100) / 100:g}")
+    return {"training_tokens": n_tokens, "tokens_per_epoch": per_epoch, "epochs": epochs}
+
+
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_fraction (steps are optimizer steps)."""
     warmup = int(t.warmup_fraction * total_steps)
@@ -55,10 +75,6 @@ def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
     return t.lr * (t.min_lr_fraction + (1 - t.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
@@ -66,7 +82,7 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int,
-                    device: torch.device) -> float:
+                    compute: Compute) -> float:
     """Mean next-token loss over the first `max_windows` disjoint windows (a training monitor;
     the reported perplexity is utils.perplexity's)."""
     was_training = model.training
@@ -76,8 +92,8 @@ def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
     for i in range(0, n, batch_size):
         rows = [np.asarray(tokens[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64)
                 for j in range(i, min(n, i + batch_size))]
-        with autocast_for(device), parametrize.cached():
-            losses.append(lm_loss(model, torch.from_numpy(np.stack(rows)).to(device)).item() * len(rows))
+        with compute.autocast(), parametrize.cached():
+            losses.append(lm_loss(model, torch.from_numpy(np.stack(rows)).to(compute.device)).item() * len(rows))
     model.train(was_training)
     return sum(losses) / n
 
@@ -115,21 +131,24 @@ class StopOnSignal:
 
 
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
-          seed: int, device: torch.device, desc: str = "train", checkpointer=None, stop=None,
-          on_best=None) -> dict:
+          seed: int, compute: Compute, desc: str = "train", checkpointer=None, stop=None,
+          on_best=None, max_epochs: float | None = None) -> dict:
     """Train `model` in place for t.max_tokens tokens; returns the history.
 
     With a `checkpointer`, resumes from its newest checkpoint and saves every
     t.checkpoint_every_steps steps / t.checkpoint_every_minutes minutes and at
     the end. With `stop`, a signal makes it checkpoint and raise Preempted.
     `on_best(model, step, val_loss)` is called when the validation loss improves.
+    A budget needing more than `max_epochs` passes over the training tokens is refused.
     """
+    device = compute.device
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
+    total_steps = budget_tokens(t, seq_len) // tokens_per_step
+    batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
+    data = passes(desc, budget_tokens(t, seq_len), len(train_tokens), seq_len, max_epochs)
     model.to(device).train()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
-    total_steps = max(1, math.ceil(t.max_tokens / tokens_per_step))
-    batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
     opt = make_optimizer(model, t, device)
     state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0}
     if checkpointer is not None:
@@ -139,7 +158,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     start_step, t0, last_ckpt = state["step"], time.time(), time.time()
 
     def evaluate(step):
-        val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, device)
+        val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, compute)
         if state["best_val_loss"] is None or val < state["best_val_loss"]:
             state["best_val_loss"], state["best_step"] = val, step
             if on_best is not None:
@@ -159,7 +178,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         loss_sum = 0.0
         for micro in range(t.grad_accum_steps):
             batch = batches.batch(step * t.grad_accum_steps + micro).to(device)
-            with autocast_for(device):
+            with compute.autocast():
                 loss = lm_loss(model, batch) / t.grad_accum_steps
             loss.backward()
             loss_sum += loss.item()
@@ -195,6 +214,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     model.eval()
     final_val = state["history"][-1].get("val_loss") if state["history"] else None
     return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "tokens": total_steps * tokens_per_step,
+            "precision": compute.precision, **data,
             "steps": state["history"], "val_loss": final_val, "best_val_loss": state["best_val_loss"],
             "best_step": state["best_step"],
             "train_seconds": state["train_seconds"] + time.time() - t0}

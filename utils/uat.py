@@ -37,25 +37,25 @@ def text_only(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return text, target_mask(len(text))
 
 
-def mean_loss(model, trigger, texts, device, batch_size) -> tuple[float, list[float]]:
+def mean_loss(model, trigger, texts, compute, batch_size) -> tuple[float, list[float]]:
     """Mean over texts of each text's mean target NLL with `trigger` prepended (empty = clean)."""
     pairs = [triggered(trigger, t) if len(trigger) else text_only(t) for t in texts]
-    nlls = exact_nll(model, [ids for ids, _ in pairs], device, batch_size)
+    nlls = exact_nll(model, [ids for ids, _ in pairs], compute, batch_size)
     per_text = [masked_mean(n, tg) for n, (_, tg) in zip(nlls, pairs)]
     return sum(per_text) / len(per_text), per_text
 
 
-def _candidate_losses(model, triggers, texts, device, batch_size) -> list[float]:
+def _candidate_losses(model, triggers, texts, compute, batch_size) -> list[float]:
     """Exact loss of every candidate trigger on every text, all in shared batches."""
     pairs = [triggered(trig, t) for trig in triggers for t in texts]
-    nlls = exact_nll(model, [ids for ids, _ in pairs], device, batch_size)
+    nlls = exact_nll(model, [ids for ids, _ in pairs], compute, batch_size)
     per = [masked_mean(n, tg) for n, (_, tg) in zip(nlls, pairs)]
     k = len(texts)
     return [sum(per[i * k:(i + 1) * k]) / k for i in range(len(triggers))]
 
 
 def find_trigger(model, texts: list[torch.Tensor], a: AttackConfig, forbidden: torch.Tensor,
-                 seed: int, init_token: int, device) -> dict:
+                 seed: int, init_token: int, compute) -> dict:
     embeddings = model.get_input_embeddings().weight.detach()
     allowed = (~forbidden).nonzero().squeeze(1)
     best = {"loss": float("-inf")}
@@ -66,7 +66,7 @@ def find_trigger(model, texts: list[torch.Tensor], a: AttackConfig, forbidden: t
             start = torch.full((a.uat_trigger_len,), init_token, dtype=torch.long)
         else:
             start = allowed[torch.randint(len(allowed), (a.uat_trigger_len,), generator=gen)]
-        beam = [(start, _candidate_losses(model, [start], texts, device, a.batch_size)[0])]
+        beam = [(start, _candidate_losses(model, [start], texts, compute, a.batch_size)[0])]
         sweeps = 0
         for sweeps in range(1, a.uat_max_sweeps + 1):
             before = beam[0][1]
@@ -74,14 +74,14 @@ def find_trigger(model, texts: list[torch.Tensor], a: AttackConfig, forbidden: t
                 candidates = []
                 for trig, _ in beam:
                     pairs = [triggered(trig, t) for t in texts]
-                    grad = embedding_grads(model, [p[0] for p in pairs], [p[1] for p in pairs], device)
+                    grad = embedding_grads(model, [p[0] for p in pairs], [p[1] for p in pairs], compute)
                     g = grad[:, 1 + pos].mean(0, keepdim=True)       # averaged over the texts
                     scores = flip_scores(g, trig[pos:pos + 1].to(g.device), embeddings, forbidden.to(g.device))[0]
                     for tok in scores.topk(a.uat_top_k).indices.cpu():
                         cand = trig.clone()
                         cand[pos] = tok
                         candidates.append(cand)
-                losses = _candidate_losses(model, candidates, texts, device, a.batch_size)
+                losses = _candidate_losses(model, candidates, texts, compute, a.batch_size)
                 evaluations += len(candidates) * len(texts)
                 pool = {tuple(t.tolist()): (t, l) for t, l in [*beam, *zip(candidates, losses)]}
                 beam = sorted(pool.values(), key=lambda x: -x[1])[:a.uat_beam]
