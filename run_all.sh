@@ -2,7 +2,7 @@
 # Run the whole pipeline: stage 0 once, stages 1-6 per seed, stage 7 over all seeds.
 #   bash run_all.sh --local                  # in this shell, no SLURM (embedded tiny preset by default)
 #   bash run_all.sh --preset pythia-1.4b --seeds 42,1337,2024     # submit the job graph to SLURM
-#   bash run_all.sh --dry-run ...            # print the sbatch commands, submit nothing
+#   bash run_all.sh --dry-run ...            # print the sbatch commands (stdout), submit and create nothing
 #   bash run_all.sh --status --work-dir DIR  # what ran, what failed, where the logs are
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
@@ -32,8 +32,11 @@ while [ $# -gt 0 ]; do
 done
 [[ "$SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: --seeds must be comma-separated integers, got '$SEEDS'" >&2; exit 2; }
 IFS=, read -ra SEED_LIST <<< "$SEEDS"
-mkdir -p "$WORK_DIR"
-WORK_DIR="$(cd "$WORK_DIR" && pwd)"
+DUPLICATE=$(printf '%s\n' "${SEED_LIST[@]}" | sort | uniq -d | head -n1)
+[ -z "$DUPLICATE" ] || { echo "error: --seeds lists seed $DUPLICATE more than once ('$SEEDS'): its stages would run twice on the same files" >&2; exit 2; }
+WORK_DIR="$(realpath -m "$WORK_DIR")"
+[ "$MODE" = dry ] || [ "$MODE" = status ] || mkdir -p "$WORK_DIR"     # a dry run creates nothing
+exec 3>&1                                                              # stdout, also inside $(submit ...)
 
 PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic
                  stage_4_evaluate stage_5_uat_attacks stage_6_hotflip_attacks)
@@ -44,25 +47,45 @@ fi
 
 source "$ROOT/scripts/ensure_env.sh"
 # Fail early, before anything runs or is submitted, on a bad preset or override.
+CHECK_ERR="$(mktemp)"
 python "$ROOT/scripts/stage_0_setup.py" --preset "$PRESET" --seed "${SEED_LIST[0]}" --work-dir "$WORK_DIR" \
-  "${SETS[@]}" --check >/dev/null 2>"$WORK_DIR/.config_check" || {
-  if grep -q '^error:' "$WORK_DIR/.config_check"; then grep '^error:' "$WORK_DIR/.config_check" >&2; exit 2; fi; }
-rm -f "$WORK_DIR/.config_check"
+  "${SETS[@]}" --check >/dev/null 2>"$CHECK_ERR" || {
+  if grep -q '^error:' "$CHECK_ERR"; then grep '^error:' "$CHECK_ERR" >&2; rm -f "$CHECK_ERR"; exit 2; fi; }
+rm -f "$CHECK_ERR"
 
 # -- local: the same graph, in this shell -------------------------------------
+# Each stage's output also goes to WORK_DIR/local/logs/<stage>[_seed<S>].log, and
+# WORK_DIR/local/{jobs.tsv,status/} record the run as SLURM runs are recorded, so
+# `run_all.sh --status` reports local runs too.
 if [ "$MODE" = local ]; then
+  LOCAL_DIR="$WORK_DIR/local"
+  mkdir -p "$LOCAL_DIR/logs" "$LOCAL_DIR/status"
+  printf 'job_id\tstage\tseed\tlog\n' > "$LOCAL_DIR/jobs.tsv"
   run() {  # run STAGE SEED [extra args]
-    local stage="$1" seed="$2"; shift 2
-    echo "=== $stage (preset $PRESET, seed $seed) ==="
+    local stage="$1" seed="$2" tag log rc=0; shift 2
+    tag="${stage}_seed$seed"; [ "$stage" = stage_0_setup ] || [ "$stage" = stage_7_aggregate ] && tag="$stage"
+    log="$LOCAL_DIR/logs/$tag.log"
+    printf 'local\t%s\t%s\t%s\n' "$stage" "$seed" "$log" >> "$LOCAL_DIR/jobs.tsv"
+    echo "running local" > "$LOCAL_DIR/status/$tag"
+    echo "=== $stage (preset $PRESET, seed $seed) ===" | tee -a "$log"
     python "$ROOT/scripts/$stage.py" --preset "$PRESET" --seed "$seed" --work-dir "$WORK_DIR" "${SETS[@]}" "$@" \
-      || { echo "error: $stage failed for seed $seed; outputs so far are in $WORK_DIR" >&2; exit 1; }
+      2>&1 | tee -a "$log" || rc=$?
+    if [ "$rc" = 0 ]; then echo "done local" > "$LOCAL_DIR/status/$tag"; return 0; fi
+    if [ "$rc" = 130 ] || [ "$rc" = 75 ]; then
+      echo "interrupted local rc=$rc" > "$LOCAL_DIR/status/$tag"
+      echo "error: $stage (seed $seed) was interrupted; rerun the same command to resume (log: $log)" >&2
+    else
+      echo "failed local rc=$rc" > "$LOCAL_DIR/status/$tag"
+      echo "error: $stage failed for seed $seed (log: $log); outputs so far are in $WORK_DIR" >&2
+    fi
+    exit 1
   }
   run stage_0_setup "${SEED_LIST[0]}"
   for seed in "${SEED_LIST[@]}"; do
     for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
   done
   run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
-  echo "=== all stages done; outputs in $WORK_DIR ==="
+  echo "=== all stages done; outputs in $WORK_DIR (logs: $LOCAL_DIR/logs) ==="
   exit 0
 fi
 
@@ -73,7 +96,7 @@ LOG_DIR="$WORK_DIR/slurm/logs"
 JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
 SUBMIT_ERROR="$WORK_DIR/slurm/.submit_error"      # stage, seed, sbatch's reason of a rejected submission
 SBATCH_ERR="$WORK_DIR/slurm/.sbatch_stderr"
-mkdir -p "$LOG_DIR"
+[ "$MODE" = dry ] || mkdir -p "$LOG_DIR"
 rm -f "$SUBMIT_ERROR" "$SBATCH_ERR"
 [ "$MODE" = dry ] || printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"
 # GPU for stages 1-6: MONO_SLURM_GPU if set (empty: none); else gpu:1 only if the
@@ -125,7 +148,7 @@ submit() {
   local args=("$ROOT" "$PRESET" "$seed" "$WORK_DIR" "${SETS[@]}")
   [ "$n" = 7 ] && args+=(--seeds "$SEEDS")
   if [ "$MODE" = dry ]; then
-    echo "sbatch ${opts[*]} $ROOT/jobs/${JOB_FILE[$n]}.sh ${args[*]}" >&2
+    echo "sbatch ${opts[*]} $ROOT/jobs/${JOB_FILE[$n]}.sh ${args[*]}" >&3
     echo "<job_${n}_s${seed}>"
     return 0
   fi

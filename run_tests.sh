@@ -8,6 +8,7 @@
 #   coverage     the same, plus an HTML report in htmlcov/
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+case "${1:-}" in -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 MODE="${1:-all}"; [ $# -gt 0 ] && shift
 source "$ROOT/scripts/ensure_env.sh"
 cd "$ROOT"

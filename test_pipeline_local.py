@@ -115,7 +115,7 @@ def check_stage_7(work: Path) -> str:
     for name in ("results.md", "table.tex", "training_curves.png", "perplexity.png", "hotflip_delta_nll.png",
                  "uat_transfer.png"):
         assert (work / "final" / name).stat().st_size > 0, name
-    return f"report in {work / 'final' / 'results.md'}"
+    return "results.md, table.tex and the plots written"
 
 
 STAGES = [("stage_0_setup", check_stage_0), ("stage_1_apply_monotonicity", check_stage_1),
@@ -152,8 +152,9 @@ def main(argv=None) -> int:
     if not args.keep and not args.work_dir:
         import shutil
         shutil.rmtree(work, ignore_errors=True)
+        print(f"temporary work dir {work} removed (--keep keeps it)")
     else:
-        print(f"outputs kept in {work}")
+        print(f"outputs kept in {work} (report: {work / 'final' / 'results.md'})")
     return 1 if failed else 0
 
 

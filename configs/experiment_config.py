@@ -271,6 +271,8 @@ def _pythia(size: str) -> ExperimentConfig:
     return cfg
 
 
+TINY_ARCHITECTURE = ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "context_length")
+
 PRESETS = {
     "tiny": _tiny,
     "pythia-410m": lambda: _pythia("410m"),
@@ -335,5 +337,11 @@ def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None
     for key, raw in [*env_overrides(environ), *overrides]:
         apply_override(cfg, key, raw)
     cfg.validate()
+    if cfg.model.source != "tiny":      # a hub or local model brings its own architecture (config.json)
+        own = PRESETS[preset]().model
+        changed = [f"model.{n}" for n in TINY_ARCHITECTURE if getattr(cfg.model, n) != getattr(own, n)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} describe the tiny model built here; with "
+                              f"model.source={cfg.model.source} the model's own config.json decides them")
     return cfg
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Status of a SLURM submission of run_all.sh: one line per job, failures with their logs.
+"""Status of the latest run_all.sh run of a work dir (SLURM or --local): one line per stage, failures with logs.
 
     python scripts/pipeline_status.py WORK_DIR      (or: bash run_all.sh --status --work-dir WORK_DIR)
 
-Reads WORK_DIR/slurm/jobs.tsv (written at submission) and the status files the
-jobs write; asks squeue about jobs still queued. Exit 1 if any stage failed or
-never ran because a stage it depends on failed. Standard library only.
+Reads WORK_DIR/slurm/jobs.tsv (written at submission) or WORK_DIR/local/jobs.tsv
+(a local run), whichever is newer, and the status files the stages write; asks
+squeue about SLURM jobs still queued. Exit 1 if any stage failed or never ran
+because a stage it depends on failed. Standard library only.
 """
 import subprocess
 import sys
@@ -23,18 +24,20 @@ def queue_state(job_id: str) -> str | None:
 
 def main(work_dir: str) -> int:
     work = Path(work_dir)
-    tsv = work / "slurm" / "jobs.tsv"
-    if not tsv.exists():
-        print(f"error: no SLURM submission recorded in {work} (missing {tsv})", file=sys.stderr)
+    runs = [p for p in (work / "slurm" / "jobs.tsv", work / "local" / "jobs.tsv") if p.exists()]
+    if not runs:
+        print(f"error: no run recorded in {work} (neither slurm/jobs.tsv nor local/jobs.tsv)", file=sys.stderr)
         return 2
+    tsv = max(runs, key=lambda p: p.stat().st_mtime)
+    print(f"{'local run' if tsv.parent.name == 'local' else 'SLURM submission'} recorded in {tsv}")
     rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
     bad = []
     print(f"{'job':>8}  {'stage':<28}{'seed':>6}  state")
     for job_id, stage, seed, log in rows:
         tag = stage if stage in ("stage_0_setup", "stage_7_aggregate") else f"{stage}_seed{seed}"
-        status_file = work / "slurm" / "status" / tag
+        status_file = tsv.parent / "status" / tag
         recorded = status_file.read_text().split() if status_file.exists() else []
-        queued = queue_state(job_id)
+        queued = queue_state(job_id) if job_id != "local" else None
         if recorded and recorded[1] != job_id:
             recorded = []                       # an older submission's record
         if queued:
@@ -47,15 +50,16 @@ def main(work_dir: str) -> int:
                 state += f" ({reason})"
         elif recorded:
             state = recorded[0] + (" " + " ".join(recorded[2:]) if len(recorded) > 2 else "")
-            if recorded[0] == "failed":
+            if recorded[0] in ("failed", "interrupted"):
                 bad.append((stage, seed, log, state))
         else:
             state = "did not run (cancelled: a dependency failed)"
             bad.append((stage, seed, "", state))
-        print(f"{job_id:>8}  {stage:<28}{seed:>6}  {state}" + (f"  log: {log}" if recorded and recorded[0] == "failed" else ""))
+        print(f"{job_id:>8}  {stage:<28}{seed:>6}  {state}" + (f"  log: {log}" if recorded and recorded[0] in
+                                                                 ("failed", "interrupted") else ""))
     failed = [b for b in bad if b[2]]
     for stage, seed, log, state in failed:
-        print(f"FAILED: {stage} (seed {seed}); log: {log}")
+        print(f"{state.split()[0].upper()}: {stage} (seed {seed}); log: {log}")
     return 1 if bad else 0
 
 

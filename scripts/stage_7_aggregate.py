@@ -13,7 +13,7 @@ from pathlib import Path
 from configs.experiment_config import ConfigError
 from utils.aggregate import run_aggregate
 from utils.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, stage_parser
-from utils.run_files import PipelineError, write_flag
+from utils.run_files import PipelineError, RunPaths, write_flag
 
 
 def main() -> int:
@@ -28,9 +28,12 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     work = Path(cfg.work_dir)
+    if work.exists() and not work.is_dir():
+        print(f"error: [stage_7_aggregate] work dir {work} is a file, not a directory", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         outputs = run_aggregate(work, seeds, args.allow_partial, cfg.preset)
-        write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs)
+        write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs, RunPaths(work, cfg.seed))
     except PipelineError as e:
         print(f"error: [stage_7_aggregate] {e}", file=sys.stderr)
         return EXIT_FAILED

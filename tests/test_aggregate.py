@@ -58,7 +58,8 @@ def _write_seed(work, seed, success, skip=()):
                                                     "min_weight": 1e-4},
         "evaluation.json": {"models": {a: {"label": "x", "perplexity": math.exp(2.0 + i),
                                            "bits_per_byte": 1.0,
-                                           "per_document": {"nll": [(2.0 + i) * 10] * 5, "tokens": [10] * 5}}
+                                           "per_document": {"nll": [(2.0 + i) * 10 + d - 2 for d in range(5)],
+                                                            "tokens": [10] * 5}}
                                        for i, a in enumerate(ARMS)}},
         "hotflip.json": {"success_threshold": 0.15, "transfer": {a: {b: {"success_rate": 0.5} for b in ARMS} for a in ARMS},
                          "models": {a: {"label": "x", "random_control": {"mean_abs_delta_nll": 0.01, "success_rate": 0.0},
@@ -85,28 +86,52 @@ def _write_seed(work, seed, success, skip=()):
 def _work(tmp_path, skip=()):
     _write_seed(tmp_path, 1, {"pretrained": {0, 1}, "monotonic_init": set(range(9)), "baseline": set(range(6)),
                               "monotonic": {0, 1}})
-    _write_seed(tmp_path, 2, {"pretrained": {0}, "monotonic_init": set(range(8)), "baseline": set(range(4)),
+    _write_seed(tmp_path, 2, {"pretrained": {0}, "monotonic_init": set(range(8)), "baseline": set(range(8)),
                               "monotonic": {0, 1, 2}}, skip=skip)
     return tmp_path
 
 
 def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
+    from scipy.stats import binomtest
     outputs = run_aggregate(_work(tmp_path), None, False, "tiny")
     final = json.loads((tmp_path / "final" / "final_results.json").read_text())
-    base = final["across_seeds"]["arms"]["baseline"]["hotflip_success_rate"]
-    assert base["mean"] == pytest.approx(0.5) and base["n"] == 2        # seeds: 6/10 and 4/10
-    assert final["across_seeds"]["arms"]["monotonic"]["hotflip_success_rate"]["mean"] == pytest.approx(0.25)
-    assert final["across_seeds"]["more_robust"]["hotflip_success_rate"] == "monotonic"
-    diff = final["across_seeds"]["monotonic_minus_baseline"]["hotflip_success_rate"]
-    assert diff["mean"] == pytest.approx(-0.25)
+    acr = final["across_seeds"]
+    base = acr["arms"]["baseline"]["hotflip_success_rate"]
+    assert base["mean"] == pytest.approx(0.7) and base["n"] == 2 and base["n_texts"] == 20   # 6/10 and 8/10
+    ci = binomtest(14, 20).proportion_ci(method="wilson")
+    assert base["ci95"] == pytest.approx([ci.low, ci.high])            # a rate's interval stays inside [0, 1]
+    mono_init = acr["arms"]["monotonic_init"]["hotflip_success_rate"]      # 9/10 and 8/10: t over seeds would
+    assert 0 < mono_init["ci95"][0] < mono_init["ci95"][1] <= 1            # run past 1; Wilson does not
+    assert acr["arms"]["monotonic"]["hotflip_success_rate"]["mean"] == pytest.approx(0.25)
+    diff = acr["monotonic_minus_baseline"]["hotflip_success_rate"]
+    assert diff["mean"] == pytest.approx(-0.45)
     t = final["per_seed"]["1"]["tests"]["hotflip_success"]
     assert (t["only_first"], t["only_second"]) == (4, 0) and t["p_value"] == pytest.approx(2 / 16)
+    # Pooled over seeds: 9 texts where only the baseline fell, none the other way.
+    pooled = acr["tests"]["hotflip_success_rate"]
+    assert pooled["p_value"] == pytest.approx(2 / 2**9) and pooled["unit"].startswith("attacked text")
+    assert acr["more_robust"]["hotflip_success_rate"].startswith("monotonic (McNemar exact")
+    assert acr["more_robust"]["hotflip_mean_abs_delta_nll"].startswith("monotonic (Wilcoxon")
+    # UAT's unit is the trigger search: equal damage in both seeds is no difference.
+    assert acr["tests"]["uat_abs_delta_nll"]["unit"].startswith("trigger search")
+    assert acr["more_robust"]["uat_abs_delta_nll"].startswith("no significant difference (paired t-test")
+    # Shared arms: one model for every seed; their interval comes from the documents, not zero width.
+    shared = acr["arms"]["pretrained"]["perplexity"]
+    assert acr["arms"]["pretrained"]["shared"] and shared["ci95"][0] < shared["mean"] < shared["ci95"][1]
     assert final["per_seed"]["1"]["arms"]["pretrained"]["perplexity"] == pytest.approx(math.exp(2))
     assert not final["partial"] and final["per_seed"]["2"]["certificates"]["monotonic"]["monotone"]
+    md = (tmp_path / "final" / "results.md").read_text()
+    assert "n = 2 seed(s); per seed 5 test documents (perplexity), 10 HotFlip texts, 10 UAT evaluation texts" in md
+    assert "Preset `tiny`." in md and "Pretrained *" in md
+    # table.tex is a fragment to \input; table_standalone.tex compiles on its own.
     tex = (tmp_path / "final" / "table.tex").read_text()
+    assert r"\documentclass" not in tex and r"\begin{document}" not in tex and tex.count(r"\begin{tabular}") == 1
+    standalone = (tmp_path / "final" / "table_standalone.tex").read_text()
+    assert standalone.startswith(r"\documentclass") and r"\usepackage{booktabs}" in standalone
     body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]
-    assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")
-    assert all(r in tex for r in (r"\toprule", r"\midrule", r"\bottomrule", r"\usepackage{booktabs}"))
+    for t in (tex, standalone):
+        assert t.count("{") == t.count("}") and t.count(r"\begin{") == t.count(r"\end{")
+        assert all(r in t for r in (r"\toprule", r"\midrule", r"\bottomrule"))
     rows = [l for l in body.splitlines() if l.endswith(r"\\")]
     assert len(rows) == 4 and all(len(re.findall(r"(?<!\\)&", r)) == 5 for r in rows)
     for png in [p for p in outputs if p.endswith(".png")]:

@@ -129,14 +129,14 @@ def measured(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_evaluation_is_recomputable_from_what_it_names(measured):
-    _, res = measured
+    work, res = measured
     ev = res["evaluation"]
     c = ev["convention"]
-    tokens = np.load(ev["token_file"], mmap_mode="r")
-    offsets = np.load(ev["offsets_file"], mmap_mode="r")
+    tokens = np.load(work / ev["token_file"], mmap_mode="r")       # recorded relative to the work dir
+    offsets = np.load(work / ev["offsets_file"], mmap_mode="r")
     assert ev["split"] == "test" and set(ev["models"]) == {"pretrained", "monotonic_init"}
     for arm, m in ev["models"].items():
-        model = load_model(m["path"]).eval()
+        model = load_model(work / m["path"]).eval()
         per = m["per_document"]
         assert math.exp(sum(per["nll"]) / sum(per["tokens"])) == pytest.approx(m["perplexity"], rel=1e-9)
         assert sum(per["tokens"]) == m["tokens"] == int(offsets[-1]) - ev["documents"]
@@ -160,10 +160,10 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
 
 @pytest.mark.slow
 def test_hotflip_records_are_recomputable_and_beat_random_flips(measured):
-    _, res = measured
+    work, res = measured
     hf = res["hotflip"]
     for arm, m in hf["models"].items():
-        model = load_model(m["path"]).eval()
+        model = load_model(work / m["path"]).eval()
         for rec in m["examples"]:
             orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
             assert (orig != adv).nonzero().squeeze(1).tolist() == rec["modified_positions"]
@@ -184,7 +184,7 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
     assert not set(u["opt_docs"]) & set(u["eval_docs"])
     tf = TokenFile(work / "shared" / "tokens", "test")
     for arm, m in u["models"].items():
-        model = load_model(m["path"]).eval()
+        model = load_model(work / m["path"]).eval()
         trig = torch.tensor(m["trigger_ids"])
         for ex in m["examples"][:4]:
             text = torch.tensor(ex["text_ids"])
@@ -215,7 +215,7 @@ def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured
     for arm, m in ev["models"].items():
         assert m["perplexity"] == pytest.approx(fp32["evaluation"]["models"][arm]["perplexity"], rel=0.02)
     for arm, m in hf["models"].items():
-        model = load_model(m["path"]).eval()
+        model = load_model(copy / m["path"]).eval()
         for rec in m["examples"]:
             orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
             targets = target_mask(len(orig), rec["modified_positions"])

@@ -41,6 +41,14 @@ def test_all_problems_reported_at_once():
     assert "pretrain.lr" in str(e.value) and "monotone.init_eps" in str(e.value)
 
 
+def test_tiny_architecture_overrides_on_a_hub_or_local_model_are_an_error():
+    with pytest.raises(ConfigError, match=r"model.n_layer describe the tiny model built here; with model.source=hub"):
+        load_config("pythia-410m", [("model.n_layer", "2")])
+    with pytest.raises(ConfigError, match=r"model.d_model describe .* model.source=local"):
+        load_config("tiny", [("model.source", "local"), ("model.path", "/m"), ("model.d_model", "64")])
+    assert load_config("tiny", [("model.n_layer", "2")]).model.n_layer == 2      # the tiny model: fine
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("pythia-99b")

@@ -115,9 +115,24 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
             assert not forbidden[new].any(), (arm, new)
         assert not forbidden[uat["models"][arm]["trigger_ids"]].any(), arm
 
+    # The local run left a log per stage and reports itself like a SLURM run; training wrote its
+    # history as it went.
+    status = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--status", "--work-dir", str(work)],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("done local") == 8, status.stdout
+    assert len(list((work / "local" / "logs").glob("*.log"))) == 8
+    live = [json.loads(l) for l in (seed / "results" / "training_monotonic.history.jsonl").read_text().splitlines()]
+    assert live == h["steps"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(seed / "results" / "tensorboard" / "monotonic")).Reload()
+    assert [e.value for e in board.Scalars("monotonic/val_loss")] == \
+        pytest.approx([r["val_loss"] for r in h["steps"] if r.get("val_loss") is not None])
+
     # Stage 7 read every arm; the report exists.
     final = json.loads((work / "final" / "final_results.json").read_text())
-    assert "monotonic" in json.dumps(final) and (work / "final" / "results.md").exists()
+    md = (work / "final" / "results.md").read_text()
+    assert f"Preset `{PRESET}`. Model: local {model_dir}." in md and "jsonl.zst" in md   # what was measured
+    assert final["per_seed"]["42"]["training"]["monotonic"]["train_curve"]
 
     # Shareable outputs: under umask 022 everything but checkpoints is 0644 / 0755.
     private = []

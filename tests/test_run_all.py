@@ -20,21 +20,22 @@ def test_dry_run_matches_the_golden_sbatch_commands(tmp_path):
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--seeds", "42,7", "--set", "data.seq_len=64")
     assert r.returncode == 0, r.stderr
     lines = [l.replace(str(ROOT), "<ROOT>").replace(str(tmp_path), "<WORK>")
-             for l in r.stderr.splitlines() if l.startswith("sbatch ")]
+             for l in r.stdout.splitlines() if l.startswith("sbatch ")]
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text("\n".join(lines) + "\n")
     assert lines == GOLDEN.read_text().splitlines()
-    assert not (tmp_path / "slurm" / "jobs.tsv").exists()      # nothing submitted
+    assert all(l.startswith("sbatch ") for l in r.stdout.splitlines())   # stdout: the commands alone
+    assert not (tmp_path / "slurm").exists()                             # nothing submitted or created
 
 
 def test_site_settings_reach_sbatch(tmp_path):
     r = _run_all("--dry-run", "--work-dir", str(tmp_path),
                  env_extra={"MONO_SLURM_PARTITION": "gpu-a100", "MONO_SLURM_ACCOUNT": "proj42",
                             "MONO_SLURM_GPU": "gpu:a100:1", "MONO_SLURM_TIME_2": "02:00:00"})
-    train = next(l for l in r.stderr.splitlines() if "job_2_baseline.sh" in l)
+    train = next(l for l in r.stdout.splitlines() if "job_2_baseline.sh" in l)
     assert "--partition gpu-a100" in train and "--account proj42" in train
     assert "--gres gpu:a100:1" in train and "--time 02:00:00" in train
-    setup = next(l for l in r.stderr.splitlines() if "job_0_setup.sh" in l)
+    setup = next(l for l in r.stdout.splitlines() if "job_0_setup.sh" in l)
     assert "--gres" not in setup                                   # CPU-only stage
 
 
@@ -49,7 +50,7 @@ def test_site_settings_reach_sbatch(tmp_path):
 def test_gpu_is_requested_only_for_a_cuda_config_or_when_forced(tmp_path, args, env_extra, gres):
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), *args, env_extra=env_extra)
     assert r.returncode == 0, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.startswith("sbatch ")]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
     assert len(lines) == 8
     for line in lines:
         stage = int(line.split("--job-name mono-")[1][0])
@@ -68,3 +69,32 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
         assert len(errors) == 1 and msg in errors[0], r.stderr
+
+
+def test_duplicate_seeds_are_refused_before_anything_runs(tmp_path):
+    for mode in ("--dry-run", "--local"):
+        r = _run_all(mode, "--work-dir", str(tmp_path / "w"), "--seeds", "42,7,42")
+        assert r.returncode == 2 and r.stderr.strip() == (
+            "error: --seeds lists seed 42 more than once ('42,7,42'): its stages would run twice on the same files")
+        assert not (tmp_path / "w").exists()
+
+
+def test_a_failed_local_run_leaves_its_log_and_status(tmp_path):
+    work = tmp_path / "w"
+    missing = [a for s in ("train", "val", "test") for a in ("--set", f"data.{s}_file={tmp_path / s}.jsonl")]
+    r = _run_all("--local", "--work-dir", str(work), "--set", "data.source=jsonl", *missing)
+    log = work / "local" / "logs" / "stage_0_setup.log"
+    assert r.returncode == 1 and f"error: stage_0_setup failed for seed 42 (log: {log})" in r.stderr
+    assert "data file not found" in log.read_text()
+    status = _run_all("--status", "--work-dir", str(work))
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert "local run recorded in" in status.stdout
+    assert f"FAILED: stage_0_setup (seed 42); log: {log}" in status.stdout
+
+
+def test_help_of_both_entry_points_is_their_usage():
+    r = _run_all("--help")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("Run the whole pipeline")
+    assert "set -euo" not in r.stdout and r.stdout.rstrip().endswith("(exit 1).")
+    t = subprocess.run(["bash", str(ROOT / "run_tests.sh"), "--help"], capture_output=True, text=True, timeout=60)
+    assert t.returncode == 0 and "unknown mode" not in t.stderr and "integration" in t.stdout

@@ -1,6 +1,8 @@
 """Stage scripts end to end on the tiny preset: outputs, flags, exit codes."""
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -9,13 +11,17 @@ from conftest import fast_sets, run_script
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_local_script_passes():
+def test_pipeline_local_script_passes(capsys):
     import test_pipeline_local
     sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16",
             "recovery_baseline.max_tokens=60000", "recovery_monotone.max_tokens=60000",
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
             "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3"]
     assert test_pipeline_local.main([a for kv in sets for a in ("--set", kv)]) == 0
+    out = capsys.readouterr().out
+    removed = re.search(r"temporary work dir (\S+) removed", out)
+    assert removed and not Path(removed.group(1)).exists()
+    assert removed.group(1) not in out.replace(removed.group(0), "")     # no path printed into a deleted dir
 
 
 def _copy_stage0(tiny_run, tmp_path):
@@ -66,3 +72,59 @@ def test_corrupt_pretrained_model_is_one_clear_error_and_keeps_outputs(tiny_run,
     r = run_script("stage_1_apply_monotonicity", "--work-dir", str(work), *fast_sets())
     assert r.returncode == 1 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
     assert (work / "shared" / "manifest.json").exists() and weights.exists()
+
+
+def test_a_stage_already_running_on_the_work_dir_is_refused(tiny_run, tmp_path):
+    import fcntl
+    work = _copy_stage0(tiny_run, tmp_path)
+    lock = work / "seed_42" / "flags" / "stage_1_apply_monotonicity.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as held:
+        held.write("pid 4242 on node7")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = run_script("stage_1_apply_monotonicity", "--work-dir", str(work), *fast_sets())
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"error: [stage_1_apply_monotonicity] stage_1_apply_monotonicity (seed 42) is "
+                                f"already running on this work dir (pid 4242 on node7 holds {lock}); "
+                                f"wait for it or stop it")
+    assert not (work / "seed_42" / "results").exists()
+    r = run_script("stage_1_apply_monotonicity", "--work-dir", str(work), *fast_sets())   # released: runs
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("stage", ["stage_0_setup", "stage_1_apply_monotonicity", "stage_2_train_baseline",
+                                   "stage_3_train_monotonic", "stage_4_evaluate", "stage_5_uat_attacks",
+                                   "stage_6_hotflip_attacks", "stage_7_aggregate"])
+def test_common_bad_inputs_are_one_error_line_for_every_stage(stage, tmp_path):
+    """A work dir that is a file, a bad override, a missing earlier stage: one `error:` line, no traceback."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a directory")
+    cases = [(["--work-dir", str(a_file)], 2, "is a file, not a directory"),
+             (["--work-dir", str(tmp_path / "w"), "--set", "eval.stride=0"], 2, "eval.stride"),
+             (["--work-dir", str(tmp_path / "w"), "--set", "no_such=1"], 2, "unknown config key")]
+    if stage != "stage_0_setup":
+        cases.append((["--work-dir", str(tmp_path / "empty")], 1, "stage 0 has not run" if stage != "stage_7_aggregate"
+                      else "no seed"))
+    for args, code, fragment in cases:
+        r = run_script(stage, *args)
+        assert r.returncode == code and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], (args, r.stderr)
+
+
+def test_own_data_too_small_for_the_attacks_fails_in_stage_0_before_training(tmp_path):
+    """30 test documents cannot feed UAT (12 + 24 texts) and HotFlip (24): say so before any training."""
+    from utils.corpus import stdlib_documents
+    docs = [d["text"] for d in stdlib_documents(200)]
+    files = {}
+    for split, chunk in (("train", docs[:400]), ("val", docs[400:440]), ("test", docs[440:470])):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
+    sets = ["--set", "data.source=jsonl", *[a for s, p in files.items() for a in ("--set", f"data.{s}_file={p}")]]
+    r = run_script("stage_0_setup", "--work-dir", str(tmp_path / "w"), *fast_sets(), *sets)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and "UAT needs 36" in line and "HotFlip 24" in line, line
+    assert "pretraining" not in r.stdout                              # failed before any training
+    assert not (tmp_path / "w" / "shared" / "manifest.json").exists()

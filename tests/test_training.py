@@ -127,15 +127,16 @@ def test_resume_after_sigkill_is_bitwise_identical(stage1_work, uninterrupted, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_checkpoints_exits_75_and_resume_matches(stage1_work, uninterrupted, tmp_path, sig):
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 75), (signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_signal_checkpoints_exits_and_resume_matches(stage1_work, uninterrupted, tmp_path, sig, code):
+    """SLURM's warning signals exit 75 (requeue); Ctrl-C exits 130; all checkpoint first."""
     work = _clone(stage1_work, tmp_path, "signalled")
     proc = _popen(work)
     _wait_for_checkpoint(work, proc, min_step=3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err
-    assert "stopped by signal" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert f"stopped by signal {sig.name}" in err and "rerun the same command" in err and "Traceback" not in err
     assert not (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
     steps = [int(p.name.split("_")[1]) for p in (work / "seed_42" / "checkpoints" / "monotonic").glob("step_*")]
     assert max(steps) < 24
@@ -162,3 +163,27 @@ def test_resume_with_a_different_config_is_refused(stage1_work, tmp_path):
     work = _killed_after_checkpoint(stage1_work, tmp_path, "changed", min_step=3)
     r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--set", "recovery_monotone.lr=0.1")
     assert r.returncode == 1 and "different config" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_copied_work_dir_uses_its_own_files(stage1_work, tmp_path):
+    """`cp -a work elsewhere`, original moved away: the copy trains from its own models, records
+    paths relative to itself, and a missing stage-0 model is one clear line."""
+    orig = _clone(stage1_work, tmp_path, "orig")
+    moved = tmp_path / "moved"
+    subprocess.run(["cp", "-a", str(orig), str(moved)], check=True)
+    orig.rename(tmp_path / "gone")
+    base = ["--set", "recovery_baseline.max_tokens=2048", "--set", "recovery_baseline.micro_batch_size=8",
+            "--set", "recovery_baseline.eval_windows=8"]
+    for stage, extra in ((STAGE, SHORT), ("stage_2_train_baseline", base)):
+        r = run_script(stage, "--work-dir", str(moved), *fast_sets(), *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    results = moved / "seed_42" / "results"
+    assert json.loads((results / "training_monotonic.json").read_text())["start_model"] == \
+        "seed_42/models/monotonic_init"
+    assert json.loads((results / "training_baseline.json").read_text())["start_model"] == "shared/models/pretrained"
+    assert json.loads((moved / "shared" / "manifest.json").read_text())["pretrained_path"] == "shared/models/pretrained"
+    shutil.rmtree(moved / "shared" / "models" / "pretrained")
+    r = run_script("stage_4_evaluate", "--work-dir", str(moved), *fast_sets())
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "pretrained model recorded by stage 0 is not at" in r.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.run_files import PipelineError, read_json
-from utils.statistics import (bootstrap_interval, mcnemar_exact, perplexity_bootstrap, t_interval,
-                              wilcoxon_paired)
+from utils.statistics import (bootstrap_interval, mcnemar_exact, paired_t, perplexity_bootstrap, t_interval,
+                              wilcoxon_paired, wilson_interval)
 
 INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
@@ -21,6 +21,8 @@ INPUTS = {  # result file -> the stage that writes it
     "hotflip.json": "stage 6"}
 METRICS = ("perplexity", "hotflip_success_rate", "hotflip_mean_abs_delta_nll", "random_flip_mean_abs_delta_nll",
            "uat_abs_delta_nll", "uat_rel_delta_nll")
+SHARED_ARMS = ("pretrained", "monotonic_init")   # the same model for every seed: no seed changes them
+LEVEL = 0.05                                     # significance level of every verdict
 
 
 def find_seeds(work_dir: Path) -> list[int]:
@@ -65,13 +67,14 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
             m = ev["models"][arm]
             row.update(label=m["label"], perplexity=m["perplexity"], bits_per_byte=m["bits_per_byte"],
                        perplexity_ci95=perplexity_bootstrap(m["per_document"]["nll"], m["per_document"]["tokens"],
-                                                            seed=seed))
+                                                            seed=seed), n_documents=len(m["per_document"]["nll"]))
         if hf and arm in hf["models"]:
             ex = hf["models"][arm]["examples"]
             succ = [float(r["success"]) for r in ex]
             delta = [r["abs_delta_nll"] for r in ex]
             row.update(label=hf["models"][arm]["label"], hotflip_success_rate=float(np.mean(succ)),
-                       hotflip_success_ci95=bootstrap_interval(succ, seed=seed),
+                       hotflip_successes=int(sum(succ)), n_hotflip_texts=len(succ),
+                       hotflip_success_ci95=wilson_interval(int(sum(succ)), len(succ)),
                        hotflip_mean_abs_delta_nll=float(np.mean(delta)),
                        hotflip_delta_ci95=bootstrap_interval(delta, seed=seed),
                        hotflip_mean_rel_delta_nll=float(np.mean([r["rel_delta_nll"] for r in ex])),
@@ -82,7 +85,8 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
             m = ua["models"][arm]
             per = [e["triggered_nll"] - e["clean_nll"] for e in m["examples"]]
             row.update(uat_abs_delta_nll=m["eval"]["abs_delta_nll"], uat_rel_delta_nll=m["eval"]["rel_delta_nll"],
-                       uat_delta_ci95=bootstrap_interval(per, seed=seed), uat_trigger=m["trigger_text"])
+                       uat_delta_ci95=bootstrap_interval(per, seed=seed), uat_trigger=m["trigger_text"],
+                       n_uat_texts=len(per))
         out["arms"][arm] = row
     if ua:
         out["transfer"]["uat_rel_delta_nll"] = {s: {t: v["rel_delta_nll"] for t, v in row.items()}
@@ -98,7 +102,8 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                 "tokens": h["tokens"], "final_val_loss": h["val_loss"], "best_val_loss": h["best_val_loss"],
                 "start_val_perplexity": tr["start_val_perplexity"], "final_val_perplexity": tr["final_val_perplexity"],
                 "fraction_V_changed": tr["movement"]["fraction_V_changed"],
-                "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None]}
+                "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None],
+                "train_curve": [(r["tokens"], r["train_loss"]) for r in h["steps"] if r.get("train_loss") is not None]}
     # Paired tests: baseline vs monotonic on the same documents.
     if hf and {"baseline", "monotonic"} <= set(hf["models"]):
         b, m = hf["models"]["baseline"]["examples"], hf["models"]["monotonic"]["examples"]
@@ -108,7 +113,9 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                                                                          _by_doc(m, lambda r: r["abs_delta_nll"])))
     if ua and {"baseline", "monotonic"} <= set(ua["models"]):
         key = lambda e: e["triggered_nll"] - e["clean_nll"]  # noqa: E731
-        out["tests"]["uat_abs_delta_nll"] = wilcoxon_paired(*_paired(_by_doc(ua["models"]["baseline"]["examples"], key),
+        # Conditional on the two triggers this seed's searches found: the texts are the unit here,
+        # the search is not (the across-seed test in pooled_tests is the one the verdict uses).
+        out["tests"]["uat_abs_delta_nll_given_triggers"] = wilcoxon_paired(*_paired(_by_doc(ua["models"]["baseline"]["examples"], key),
                                                                      _by_doc(ua["models"]["monotonic"]["examples"], key)))
     out["certificates"] = {arm: {"monotone": c["monotone"], "scope": c["scope"],
                                  "total_violations": c["total_violations"], "min_weight": c["min_weight"]}
@@ -122,30 +129,92 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     return out
 
 
-def _more_robust(base: dict, mono: dict) -> dict:
-    """Which arm is more robust on each measure (lower is more robust), computed, not assumed."""
-    verdict = {}
-    for key in ("hotflip_success_rate", "hotflip_mean_abs_delta_nll", "uat_abs_delta_nll"):
-        b, m = base.get(key, {}).get("mean"), mono.get(key, {}).get("mean")
-        if b is None or m is None:
-            continue
-        verdict[key] = "tie" if b == m else ("monotonic" if m < b else "baseline")
-    return verdict
+def pooled_tests(raw: dict) -> dict:
+    """Baseline vs monotone over every seed, each test on its proper unit.
+
+    HotFlip: the attacked text (pairs: the same text attacked on both arms), pooled over seeds.
+    UAT: the trigger search, i.e. the seed (one damage per arm and seed): a paired t-test."""
+    pairs = {"success": ([], []), "delta": ([], [])}
+    uat = ([], [])
+    for files in raw.values():
+        hf, ua = files.get("hotflip.json"), files.get("uat.json")
+        if hf and {"baseline", "monotonic"} <= set(hf["models"]):
+            b, m = (hf["models"][a]["examples"] for a in ("baseline", "monotonic"))
+            for key, field in (("success", "success"), ("delta", "abs_delta_nll")):
+                x, y = _paired(_by_doc(b, lambda r, f=field: r[f]), _by_doc(m, lambda r, f=field: r[f]))
+                pairs[key][0].extend(x)
+                pairs[key][1].extend(y)
+        if ua and {"baseline", "monotonic"} <= set(ua["models"]):
+            uat[0].append(ua["models"]["baseline"]["eval"]["abs_delta_nll"])
+            uat[1].append(ua["models"]["monotonic"]["eval"]["abs_delta_nll"])
+    out = {}
+    if pairs["success"][0]:
+        out["hotflip_success_rate"] = {**mcnemar_exact(*pairs["success"]), "unit": "attacked text, pooled over seeds",
+                                       "n": len(pairs["success"][0])}
+        out["hotflip_mean_abs_delta_nll"] = {**wilcoxon_paired(*pairs["delta"]),
+                                             "unit": "attacked text, pooled over seeds", "n": len(pairs["delta"][0])}
+    if uat[0]:
+        out["uat_abs_delta_nll"] = {**paired_t(*uat), "unit": "trigger search (one per seed and arm)"}
+    return out
 
 
-def across_seeds(per_seed: dict) -> dict:
+def verdicts(tests: dict, across: dict) -> dict:
+    """Which arm is more robust (less damage) per measure, named only where its test says so at LEVEL."""
+    out = {}
+    for key, t in tests.items():
+        b, m = across["baseline"][key]["mean"], across["monotonic"][key]["mean"]
+        p = t.get("p_value")
+        if p is None:
+            out[key] = f"no test possible ({t['test']} over seeds needs at least 2 seeds)"
+        elif p < LEVEL and m != b:
+            out[key] = f"{'monotonic' if m < b else 'baseline'} ({t['test']}, p = {p:.3g} < {LEVEL})"
+        else:
+            out[key] = f"no significant difference ({t['test']}, p = {p:.3g}, level {LEVEL})"
+    return out
+
+
+def across_seeds(per_seed: dict, raw: dict) -> dict:
+    """Every arm and measure across seeds: t intervals over seeds, except success rates (Wilson
+    over every attacked text, inside [0, 1]) and the shared arms' perplexity (one model and one
+    test set for every seed: its bootstrap interval over documents, not a zero-width one)."""
     arms = sorted({a for s in per_seed.values() for a in s["arms"]})
     out = {"arms": {}, "monotonic_minus_baseline": {}}
     for arm in arms:
-        out["arms"][arm] = {k: t_interval([s["arms"][arm][k] for s in per_seed.values()
-                                           if k in s["arms"].get(arm, {})]) for k in METRICS}
+        rows = [s["arms"][arm] for s in per_seed.values() if arm in s["arms"]]
+        stats = {k: t_interval([r[k] for r in rows if k in r]) for k in METRICS}
+        hits = [(r["hotflip_successes"], r["n_hotflip_texts"]) for r in rows if "hotflip_successes" in r]
+        if hits:
+            k, n = sum(h for h, _ in hits), sum(n for _, n in hits)
+            stats["hotflip_success_rate"] = {"n": len(hits), "n_texts": n, "mean": k / n,
+                                             "ci95": wilson_interval(k, n), "interval": "Wilson, texts pooled over seeds"}
+        if arm in SHARED_ARMS and rows and "perplexity" in rows[0]:
+            stats["perplexity"] = {"n": len(rows), "mean": rows[0]["perplexity"], "ci95": rows[0]["perplexity_ci95"],
+                                   "interval": "bootstrap over documents (the same model for every seed)"}
+        stats["shared"] = arm in SHARED_ARMS
+        out["arms"][arm] = stats
     for k in METRICS:
         diffs = [s["arms"]["monotonic"][k] - s["arms"]["baseline"][k] for s in per_seed.values()
                  if k in s["arms"].get("monotonic", {}) and k in s["arms"].get("baseline", {})]
         out["monotonic_minus_baseline"][k] = t_interval(diffs)
     if {"baseline", "monotonic"} <= set(arms):
-        out["more_robust"] = _more_robust(out["arms"]["baseline"], out["arms"]["monotonic"])
+        out["tests"] = pooled_tests(raw)
+        out["more_robust"] = verdicts(out["tests"], out["arms"])
     return out
+
+
+def provenance(work_dir: Path, preset: str) -> dict:
+    """What was measured: preset, model and data, from stage 0's manifest."""
+    path = work_dir / "shared" / "manifest.json"
+    if not path.exists():
+        return {"preset": preset}
+    m = read_json(path)
+    model = m.get("model") or {"source": "tiny", "path": m.get("pretrained_path")}
+    cfg = m["config"]["data"]
+    data = m.get("dataset") or {"source": cfg["source"], "files": {s: cfg[f"{s}_file"] for s in ("train", "val", "test")}
+                                if cfg["source"] != "stdlib" else "Python standard library docstrings"}
+    return {"preset": preset, "model": {k: model.get(k) for k in ("source", "hub_id", "sha", "path") if model.get(k)},
+            "data": {k: data[k] for k in ("source", "hub_id", "sha", "files") if k in data},
+            "documents": {s: c["documents"] for s, c in m.get("corpus", {}).items()}}
 
 
 def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str) -> list[str]:
@@ -155,15 +224,17 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     raw, missing = collect(work_dir, seeds, allow_partial)
     per_seed = {str(s): seed_summary(s, raw[s], work_dir) for s in seeds}
     thresholds = {r["hotflip.json"]["success_threshold"] for r in raw.values() if "hotflip.json" in r}
-    final = {"preset": preset, "seeds": seeds, "partial": bool(missing),
+    final = {"preset": preset, "provenance": provenance(work_dir, preset), "seeds": seeds, "partial": bool(missing),
              "missing": {str(s): m for s, m in missing.items()},
              "success_threshold": thresholds.pop() if len(thresholds) == 1 else None,
-             "per_seed": per_seed, "across_seeds": across_seeds(per_seed)}
+             "per_seed": per_seed, "across_seeds": across_seeds(per_seed, raw)}
     out = work_dir / "final"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "final_results.json", final)
     atomic_write_text(out / "results.md", markdown(final))
-    atomic_write_text(out / "table.tex", latex(final))
+    atomic_write_text(out / "table.tex", latex(final))                  # \\input into a paper
+    atomic_write_text(out / "table_standalone.tex", latex(final, standalone=True))
     written = plots(final, out)
     print(screen_summary(final, out / "results.md"))
-    return [str(out / n) for n in ("final_results.json", "results.md", "table.tex")] + [str(p) for p in written]
+    return [str(out / n) for n in ("final_results.json", "results.md", "table.tex", "table_standalone.tex")] + \
+           [str(p) for p in written]

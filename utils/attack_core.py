@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from utils.compute import Compute
+from utils.run_files import PipelineError
 
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +128,7 @@ def select_texts(token_file, eos_id: int, n: int, text_len: int, min_len: int, s
     Each record holds the document index and the sequence [EOS] + text.
     `skip` leaves out the first `skip` eligible documents of that order (disjoint sets).
     """
-    order = np.random.default_rng([seed, 7]).permutation(len(token_file))
+    order, reserved = np.random.default_rng([seed, 7]).permutation(len(token_file)), skip
     picked = []
     for i in order:
         doc = token_file.document(int(i))
@@ -139,6 +140,7 @@ def select_texts(token_file, eos_id: int, n: int, text_len: int, min_len: int, s
         picked.append({"doc": int(i), "ids": torch.tensor([eos_id, *doc[:text_len].tolist()])})
         if len(picked) == n:
             break
-    if len(picked) < n:
-        raise ValueError(f"only {len(picked)} test documents have >= {min_len} tokens; {n} requested")
+    if len(picked) < n:      # stage 0 checks the sizes: this is a split changed since
+        raise PipelineError(f"{len(picked)} test documents of >= {min_len} tokens are left after the first {reserved} "
+                            f"(reserved for another purpose); {n} requested: rerun stage 0 or lower the counts")
     return picked

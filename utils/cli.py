@@ -3,20 +3,23 @@
 Every stage takes --preset, --seed, --work-dir and repeatable --set key=value.
 Exit codes: 0 done (or already done with the same config), 1 the stage could
 not finish, 2 invalid flags or config, 75 stopped by SIGUSR1/SIGTERM after
-saving a checkpoint (rerun to resume). Only exit 0 writes the completion flag.
+saving a checkpoint (rerun to resume), 130 interrupted by Ctrl-C (SIGINT; a
+training stage checkpoints first, as for SIGTERM). Only exit 0 writes the
+completion flag.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 from pathlib import Path
 
 from configs.experiment_config import PRESETS, ConfigError, load_config
 from utils.training import Preempted
-from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, write_flag, write_json
+from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, stage_lock, write_flag, write_json
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 1, 2, 75
+EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -60,6 +63,9 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
+    if paths.work_dir.exists() and not paths.work_dir.is_dir():
+        print(f"error: [{name}] work dir {paths.work_dir} is a file, not a directory", file=sys.stderr)
+        return EXIT_CONFIG
     flag = paths.flag(name, shared)
     try:
         fingerprint = cfg.fingerprint(sections, inputs(cfg, paths) if inputs else "")
@@ -70,26 +76,31 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         done = flag_matches(flag, fingerprint)
         print(f"[{name}] {'done' if done else 'not done'} for this config")
         return 0 if done else EXIT_FAILED
-    if flag_matches(flag, fingerprint) and not args.force:
-        print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
-        return 0
-    out_dir = paths.shared if shared else paths.results
-    write_json(out_dir / f"config_{name}.json", cfg.to_dict())
     try:
-        outputs = fn(cfg, paths)
-        write_flag(flag, fingerprint, outputs)
+        with stage_lock(flag.with_suffix(".lock"), f"{name} (seed {cfg.seed})" if not shared else name):
+            if flag_matches(flag, fingerprint) and not args.force:
+                print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
+                return 0
+            out_dir = paths.shared if shared else paths.results
+            write_json(out_dir / f"config_{name}.json", cfg.to_dict())
+            outputs = fn(cfg, paths)
+            write_flag(flag, fingerprint, outputs, paths)
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
     except Preempted as e:
         print(f"[{name}] {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"error: [{name}] disk full while writing {e.filename or 'its outputs'}: free space or choose "
-              f"another --work-dir (downloads go to the Hugging Face cache: HF_HOME / HF_HUB_CACHE); "
-              f"rerun to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print(f"\n[{name}] interrupted (Ctrl-C); not marked done, rerun the same command to run it again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:          # the file system, not the code: one line (a full disk says how to go on)
+        hint = (" free space or choose another --work-dir (downloads go to the Hugging Face cache: HF_HOME / "
+                "HF_HUB_CACHE), then rerun" if e.errno == errno.ENOSPC else "")
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        print(f"error: [{name}] {what} while writing {e.filename or 'its outputs'}:{hint or ' ' + str(e)}",
+              file=sys.stderr)
         return EXIT_FAILED
     print(f"[{name}] done")
     return 0

@@ -22,7 +22,7 @@ from utils.compute import Compute
 from utils.modeling import load_model
 from utils.perplexity import aggregate, document_nll
 from utils.run_files import RunPaths, read_json, write_json
-from utils.stages import read_manifest
+from utils.stages import pretrained_model
 from utils.tokenization import TokenFile, load_tokenizer
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
@@ -33,7 +33,7 @@ EVAL_SECTIONS, ATTACK_SECTIONS = (*MODEL_SECTIONS, "eval"), (*MODEL_SECTIONS, "a
 
 
 def available_arms(paths: RunPaths) -> dict[str, Path]:
-    arms = {"pretrained": Path(read_manifest(paths)["pretrained_path"])}
+    arms = {"pretrained": pretrained_model(paths)}
     for arm in ARMS[1:]:
         if (paths.models / arm / "config.json").exists():
             arms[arm] = paths.models / arm
@@ -71,8 +71,8 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     docs = [test.document(i) for i in range(len(test))]
     n_bytes = sum(len(t.encode("utf-8")) for t in read_corpus(corpus_file))
     out = {
-        "split": "test", "compute": compute.describe(), "token_file": str(test.path), "offsets_file": str(test.path).replace(".tokens.", ".offsets."),
-        "corpus_file": str(corpus_file), "documents": len(docs), "utf8_bytes": n_bytes,
+        "split": "test", "compute": compute.describe(), "token_file": paths.rel(test.path),
+        "offsets_file": paths.rel(test.path).replace(".tokens.", ".offsets."), "corpus_file": paths.rel(corpus_file), "documents": len(docs), "utf8_bytes": n_bytes,
         "convention": {
             "unit": "per document: tokens[offsets[i]:offsets[i+1]-1] (the trailing EOS is not scored)",
             "sequence": "[EOS] + document, so the first token is predicted from EOS and every token is scored",
@@ -89,7 +89,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute)
         agg = aggregate(per_doc)
         out["models"][arm] = {
-            "path": str(path), "label": arm_label(paths, arm), **agg,
+            "path": paths.rel(path), "label": arm_label(paths, arm), **agg,
             "bits_per_byte": agg["nll_sum"] / math.log(2) / n_bytes, "seconds": time.time() - t0,
             "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
         print(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
@@ -118,7 +118,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
         found = uat.find_trigger(model, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, compute)
         trig = found["trigger"]
-        models[arm] = {"path": str(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
+        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
                        "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
                        "restart": found["restart"], "sweeps": found["sweeps"],
                        "exact_evaluations": found["exact_evaluations"], "search_seconds": time.time() - t0}
@@ -146,7 +146,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         del model
     path = paths.results / "uat.json"
     write_json(path, {"composition": uat.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
-                      "token_file": str(test.path), "opt_docs": [t["doc"] for t in opt],
+                      "token_file": paths.rel(test.path), "opt_docs": [t["doc"] for t in opt],
                       "eval_docs": [t["doc"] for t in held],
                       "loss": "mean over texts of the mean next-token NLL of the text tokens; "
                               "sequence [EOS] + trigger + text, trigger positions masked",
@@ -184,7 +184,7 @@ def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
             controls.append({"doc": t["doc"], **hotflip.random_flips(model, t["ids"], rec["n_flips"], forbidden,
                                                                      gen, compute)})
-        models[arm] = {"path": str(path), "label": arm_label(paths, arm),
+        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
                        "summary": _summary(records, a.success_threshold),
                        "random_control": _summary(controls, a.success_threshold),
                        "seconds_per_example": (time.time() - t0) / len(texts),
@@ -203,7 +203,7 @@ def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         del model
     path = paths.results / "hotflip.json"
     write_json(path, {"composition": hotflip.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
-                      "token_file": str(test.path), "success_threshold": a.success_threshold,
+                      "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
                       "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
                               "clean and attacked on the same positions",
                       "models": models, "transfer": transfer})

@@ -7,7 +7,6 @@ starting model and the recipe differ.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
@@ -18,7 +17,7 @@ from utils.compute import Compute
 from utils.modeling import load_model, save_model
 from utils.monotonicity import certify, constrained_modules
 from utils.run_files import PipelineError, RunPaths, write_json
-from utils.stages import certificate_probe, read_manifest
+from utils.stages import certificate_probe, pretrained_model, read_manifest
 from utils.tokenization import TokenFile, load_tokenizer
 from utils.training import StopOnSignal, train
 
@@ -67,9 +66,9 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     if recipe.max_tokens != other.max_tokens:
         print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
               f"tokens): the baseline/monotone comparison is confounded by training length")
-    start_path = (Path(read_manifest(paths)["pretrained_path"]) if arm == "baseline"
-                  else paths.models / "monotonic_init")
+    start_path = pretrained_model(paths) if arm == "baseline" else paths.models / "monotonic_init"
     if not (start_path / "config.json").exists():
+        read_manifest(paths)                     # stage 0 missing is the first thing to say
         raise PipelineError(f"no starting model at {start_path}: run stage 1 first")
     compute = Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
@@ -87,14 +86,14 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
           f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}")
     history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
                     desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best,
-                    max_epochs=cfg.data.max_epochs)
+                    max_epochs=cfg.data.max_epochs, history_file=paths.results / f"training_{arm}.history.jsonl")
 
     start = load_model(start_path, "float32", "cpu")
-    report = {"arm": arm, "start_model": str(start_path), "seed": cfg.seed, "recipe": vars(recipe),
+    report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
               "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
               "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row
               "final_val_perplexity": math.exp(history["val_loss"]),
-              "best": {"step": history["best_step"], "val_loss": history["best_val_loss"], "path": str(best_dir)}}
+              "best": {"step": history["best_step"], "val_loss": history["best_val_loss"], "path": paths.rel(best_dir)}}
     outputs = []
     extra = {"arm": arm, "seed": cfg.seed, "final_val_loss": history["val_loss"]}
     if arm == "monotonic":

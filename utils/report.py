@@ -34,13 +34,41 @@ def _label(final: dict, arm: str) -> str:
     return ", ".join(sorted(l for l in labels if l))
 
 
+def _provenance(final: dict) -> list[str]:
+    pv = final.get("provenance", {})
+    model, data = pv.get("model", {}), pv.get("data", {})
+    what = [f"Preset `{final['preset']}`."]
+    if model:
+        what.append("Model: " + (f"{model['hub_id']} @ {model.get('sha', '?')[:12]}" if model.get("hub_id")
+                                 else f"{model.get('source')} {model.get('path', '')}") + ".")
+    if data:
+        what.append("Data: " + (f"{data['hub_id']} @ {data.get('sha', '?')[:12]}" if data.get("hub_id")
+                                else f"{data.get('source')} {data.get('files', '')}") + ".")
+    if pv.get("documents"):
+        what.append("Documents (train / val / test): " + " / ".join(f"{pv['documents'][s]:,}" for s in
+                                                                   ("train", "val", "test")) + ".")
+    return [" ".join(what), ""]
+
+
+def _sizes(final: dict) -> str:
+    """n of every table: documents, texts and seeds."""
+    rows = [r for s in final["per_seed"].values() for r in s["arms"].values()]
+    n = lambda k: max((r[k] for r in rows if k in r), default=0)  # noqa: E731
+    return (f"n = {len(final['seeds'])} seed(s); per seed {n('n_documents'):,} test documents (perplexity), "
+            f"{n('n_hotflip_texts')} HotFlip texts, {n('n_uat_texts')} UAT evaluation texts.")
+
+
 def markdown(final: dict) -> str:
     seeds = final["seeds"]
     lines = [f"# Results: monotone MLPs vs. adversarial attacks ({final['preset']}, seeds {', '.join(map(str, seeds))})", ""]
+    lines += _provenance(final)
     if final["partial"]:
         lines += ["**PARTIAL RESULTS**: missing inputs: " +
                   "; ".join(f"seed {s}: {', '.join(m)}" for s, m in final["missing"].items()), ""]
-    lines += ["Across seeds: mean [t-based 95% interval] (no interval with one seed). HotFlip success: relative NLL "
+    lines += [_sizes(final), "",
+              "Across seeds: mean [t-based 95% interval over seeds] (none with one seed); HotFlip success: rate over "
+              "every attacked text of every seed [Wilson 95% interval]. Shared models (*: the same model for every "
+              "seed) show their perplexity's bootstrap interval over documents. HotFlip success: relative NLL "
               f"increase > {100 * final['success_threshold']:.0f}%; delta-NLL in nats/token (absolute, which does not "
               "favour the model with the higher clean loss).", "",
               "| Model | Label | Perplexity | HotFlip success | HotFlip dNLL | Random-flip dNLL | UAT dNLL | UAT rel. |",
@@ -48,15 +76,21 @@ def markdown(final: dict) -> str:
     acr = final["across_seeds"]["arms"]
     for arm in _arms(final):
         a = acr[arm]
-        lines.append(f"| {ARM_NAMES[arm]} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
+        name = ARM_NAMES[arm] + (" *" if a.get("shared") else "")
+        lines.append(f"| {name} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
                      f"{_fmt(a['hotflip_success_rate'], 100, 1, True)} | {_fmt(a['hotflip_mean_abs_delta_nll'], 1, 3)} | "
                      f"{_fmt(a['random_flip_mean_abs_delta_nll'], 1, 3)} | {_fmt(a['uat_abs_delta_nll'], 1, 3)} | "
                      f"{_fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
-    more = final["across_seeds"].get("more_robust", {})
-    if more:
-        lines += ["", "More robust (lower is better), computed from the means: " +
-                  ", ".join(f"{k}: **{v}**" for k, v in more.items())]
-    lines += ["", "## Per seed (bootstrap 95% intervals over examples)", "",
+    tests = final["across_seeds"].get("tests", {})
+    if tests:
+        lines += ["", "## Which arm is more robust (baseline vs monotone, every seed)", "",
+                  "An arm is named only where its paired test rejects equality at the 0.05 level.", "",
+                  "| Measure | Verdict | Test | Unit | n | p-value |", "|---|---|---|---|---|---|"]
+        for key, t in tests.items():
+            p = "n/a" if t.get("p_value") is None else f"{t['p_value']:.3g}"
+            lines.append(f"| {key} | {final['across_seeds']['more_robust'][key]} | {t['test']} | {t['unit']} | "
+                         f"{t.get('n', '')} | {p} |")
+    lines += ["", "## Per seed (95% intervals over examples: Wilson for success, bootstrap otherwise)", "",
               "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | UAT dNLL [per-text CI] |", "|---|---|---|---|---|---|"]
     for seed, s in final["per_seed"].items():
         for arm in ORDER:
@@ -68,7 +102,8 @@ def markdown(final: dict) -> str:
                          f"{100 * r.get('hotflip_success_rate', float('nan')):.1f}%{ci('hotflip_success_ci95', 100, 1)} | "
                          f"{r.get('hotflip_mean_abs_delta_nll', float('nan')):.3f}{ci('hotflip_delta_ci95', 1, 3)} | "
                          f"{r.get('uat_abs_delta_nll', float('nan')):.3f}{ci('uat_delta_ci95', 1, 3)} |")
-    lines += ["", "## Paired tests, baseline vs monotone (same examples)", "", "| Seed | Measure | Test | p-value | Detail |",
+    lines += ["", "## Paired tests per seed, baseline vs monotone (unit: the text; the UAT test is conditional on "
+              "the triggers that seed's searches found)", "", "| Seed | Measure | Test | p-value | Detail |",
               "|---|---|---|---|---|"]
     for seed, s in final["per_seed"].items():
         for name, t in s["tests"].items():
@@ -97,8 +132,8 @@ def _tex_cell(stat: dict, scale=1.0, digits=2, pct=False) -> str:
     return cell
 
 
-def latex(final: dict) -> str:
-    """A standalone document holding one booktabs table (paste the tabular into a paper)."""
+def latex(final: dict, standalone: bool = False) -> str:
+    """A booktabs table to \\input into a paper (needs \\usepackage{booktabs}); standalone: a document around it."""
     acr = final["across_seeds"]["arms"]
     rows = []
     for arm in _arms(final):
@@ -107,15 +142,18 @@ def latex(final: dict) -> str:
                     f" & {_tex_cell(a['hotflip_mean_abs_delta_nll'], 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
                     f" & {_tex_cell(a['uat_abs_delta_nll'], 1, 3)} \\\\")
     n = len(final["seeds"])
-    note = (f"Mean over {n} seeds $\\pm$ half-width of the t-based 95\\% interval." if n > 1
-            else "One seed: no interval across seeds.")
+    note = (f"Mean over {n} seeds $\\pm$ half-width of the 95\\% interval (success: Wilson over all texts; "
+            f"others: t over seeds)." if n > 1 else "One seed: no interval across seeds.")
+    note += " " + _sizes(final).replace("%", "\\%")
     if final["partial"]:
         note += " PARTIAL: some seeds lack some stages."
-    return "\n".join([
-        r"\documentclass[varwidth=\maxdimen]{standalone}", r"\usepackage{booktabs}", r"\begin{document}",
-        r"\begin{tabular}{lccccc}", r"\toprule",
-        r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & UAT NLL increase & UAT $\Delta$NLL \\",
-        r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", "", rf"\footnotesize {note}", r"\end{document}", ""])
+    table = [r"\begin{tabular}{lccccc}", r"\toprule",
+             r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & UAT NLL increase & UAT $\Delta$NLL \\",
+             r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", "", rf"\footnotesize {note}", ""]
+    if not standalone:
+        return "\n".join([f"% {final['preset']}: \\input this file; it needs \\usepackage{{booktabs}}", *table])
+    return "\n".join([r"\documentclass[varwidth=\maxdimen]{standalone}", r"\usepackage{booktabs}",
+                      r"\begin{document}", *table, r"\end{document}", ""])
 
 
 def plots(final: dict, out_dir: Path) -> list[Path]:
@@ -123,12 +161,18 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
     tag = " (PARTIAL)" if final["partial"] else ""
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"baseline": "tab:blue", "monotonic": "tab:red"}
     for seed, s in seeds.items():
-        for arm, style in (("baseline", "-"), ("monotonic", "--")):
+        for arm, colour in colours.items():
             if arm in s["training"]:
-                tok, loss = zip(*s["training"][arm]["curve"])
-                ax.plot(tok, loss, style, label=f"{arm}, seed {seed}")
-    ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title="Recovery training" + tag)
+                first = seed == next(iter(seeds))
+                if s["training"][arm].get("train_curve"):
+                    ax.plot(*zip(*s["training"][arm]["train_curve"]), ":", color=colour, alpha=0.6,
+                            label=f"{arm}, train" if first else None)
+                ax.plot(*zip(*s["training"][arm]["curve"]), "-", color=colour, marker=".",
+                        label=f"{arm}, validation" if first else None)
+    ax.set(xlabel="training tokens", ylabel="loss (nats/token)",
+           title=f"Recovery training, seeds {', '.join(map(str, seeds))}" + tag)
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "training_curves.png"))
 
@@ -136,12 +180,17 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
     acr = final["across_seeds"]["arms"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(arms):
-        vals = [(seed, s["arms"][arm]["perplexity"]) for seed, s in seeds.items() if "perplexity" in s["arms"].get(arm, {})]
-        ax.scatter([i] * len(vals), [v for _, v in vals], color="k", zorder=3, s=12)
-        ax.bar(i, acr[arm]["perplexity"]["mean"] or 0, alpha=0.6)
+        vals = [s["arms"][arm]["perplexity"] for s in seeds.values() if "perplexity" in s["arms"].get(arm, {})]
+        ax.scatter([i + 0.12] * len(vals), vals, color="grey", zorder=3, s=12, label="seeds" if i == 0 else None)
+        stat = acr[arm]["perplexity"]
+        if stat["mean"] is not None:
+            lo, hi = stat["ci95"] or (stat["mean"], stat["mean"])
+            ax.errorbar(i, stat["mean"], yerr=[[stat["mean"] - lo], [hi - stat["mean"]]], fmt="o", color="k",
+                        capsize=4, label="mean, 95% interval" if i == 0 else None)
     ax.set_xticks(range(len(arms)), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
     ax.set(yscale="log", ylabel="test perplexity (log scale)",
-           title=f"Perplexity per model; dots = seeds {', '.join(map(str, seeds))}" + tag)
+           title=f"Perplexity per model; seeds {', '.join(map(str, seeds))}" + tag)
+    ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "perplexity.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -188,8 +237,7 @@ def screen_summary(final: dict, report: Path) -> str:
         m = lambda k, sc=1.0: "n/a" if a[k]["mean"] is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
         lines.append(f"  {ARM_NAMES[arm]:<22}{m('perplexity'):>12}{m('hotflip_success_rate', 100) + '%':>15}"
                      f"{m('hotflip_mean_abs_delta_nll'):>14}{m('uat_rel_delta_nll', 100) + '%':>10}")
-    more = final["across_seeds"].get("more_robust")
-    if more:
-        lines.append("  more robust: " + ", ".join(f"{k} -> {v}" for k, v in more.items()))
+    for k, v in final["across_seeds"].get("more_robust", {}).items():
+        lines.append(f"  more robust on {k}: {v}")
     lines.append(f"  report: {report}")
     return "\n".join(lines)

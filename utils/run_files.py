@@ -6,11 +6,14 @@ WORK_DIR/final/        cross-seed aggregates
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,18 @@ class RunPaths:
 
     def flag(self, stage: str, shared: bool = False) -> Path:
         return (self.shared if shared else self.seed_dir) / "flags" / f"{stage}.done"
+
+    # What a run records about its own files is relative to the work dir, so a copied or
+    # moved work dir uses its own files; things outside it (a local model, the HF cache) stay absolute.
+    def rel(self, path: Path) -> str:
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.work_dir.resolve()))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        return self.work_dir / recorded          # an absolute `recorded` stays as it is
 
 
 def _umask() -> int:
@@ -118,6 +133,28 @@ def atomic_dir(final: Path):
     return _Swap()
 
 
+@contextmanager
+def stage_lock(path: Path, what: str):
+    """One run of a stage and seed per work dir at a time (local or SLURM, same file system)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PipelineError(f"{what} is already running on this work dir ({holder} holds {path}); "
+                                f"wait for it or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def code_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -138,9 +175,10 @@ def flag_matches(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def write_flag(path: Path, fingerprint: str, outputs: list[str]) -> None:
-    """Written last, only when the stage's outputs are whole."""
+def write_flag(path: Path, fingerprint: str, outputs: list[str], paths: RunPaths) -> None:
+    """Written last, only when the stage's outputs are whole (recorded relative to the work dir)."""
     missing = [o for o in outputs if not Path(o).exists()]
     if missing:
         raise PipelineError(f"refusing to mark {path.stem} done: missing outputs {missing}")
-    write_json(path, {"fingerprint": fingerprint, "outputs": outputs, "code_revision": code_revision()})
+    write_json(path, {"fingerprint": fingerprint, "outputs": [paths.rel(o) for o in outputs],
+                      "code_revision": code_revision()})

@@ -110,6 +110,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                                 f"{split}.jsonl", shared / "tokens", split, max_docs=d.max_docs(split),
                                                 max_tokens=need if split == "train" else 0)
     tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
+    check_split_sizes(cfg, tok)
     manifest["training_data"] = data_budget(cfg, tok["train"])
     if cfg.model.source == "tiny":
         compute = Compute.from_config(cfg.device, cfg.precision)
@@ -124,10 +125,29 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         print(f"[setup] tiny pretrained test perplexity {ppl['perplexity']:.1f} "
               f"(add-one unigram model: {manifest['unigram_test_perplexity']:.1f})")
         save_model(model, pretrained, tokenizer)
-    manifest["pretrained_path"] = str(pretrained)
+    manifest["pretrained_path"] = paths.rel(pretrained)
     write_json(shared / "manifest.json", manifest)
     return [str(shared / "manifest.json"), str(pretrained / "config.json")] + \
            [str(t.path) for t in tok.values()]
+
+
+def check_split_sizes(cfg: ExperimentConfig, tok: dict[str, TokenFile]) -> None:
+    """Before anything trains: every split is large enough for every stage that reads it."""
+    d, a, problems = cfg.data, cfg.attack, []
+    lengths = np.diff(np.asarray(tok["test"].offsets)) - 1             # tokens per test document
+    eligible = int((lengths >= a.min_text_len).sum())
+    uat, hot = a.uat_opt_texts + a.uat_eval_texts, a.hotflip_texts
+    if eligible < max(uat, hot):
+        problems.append(f"the test split has {eligible} documents of >= attack.min_text_len={a.min_text_len} tokens, "
+                        f"but UAT needs {uat} (attack.uat_opt_texts {a.uat_opt_texts} + attack.uat_eval_texts "
+                        f"{a.uat_eval_texts}) and HotFlip {hot} (attack.hotflip_texts): add test documents "
+                        f"(data.test_docs, data.test_file) or lower those counts")
+    for split in ("train", "val"):
+        if (tok[split].tokens.size - 1) // d.seq_len < 1:
+            problems.append(f"the {split} split has {tok[split].tokens.size} tokens, less than one window of "
+                            f"data.seq_len+1={d.seq_len + 1}: add {split} documents or lower data.seq_len")
+    if problems:
+        raise PipelineError("; ".join(problems))
 
 
 def data_budget(cfg: ExperimentConfig, train_tokens: TokenFile) -> dict:
@@ -135,6 +155,15 @@ def data_budget(cfg: ExperimentConfig, train_tokens: TokenFile) -> dict:
     runs = {name: passes(name, budget_tokens(getattr(cfg, name), cfg.data.seq_len), train_tokens.tokens.size,
                          cfg.data.seq_len, cfg.data.max_epochs) for name in training_runs(cfg)}
     return {"documents": len(train_tokens), "max_epochs": cfg.data.max_epochs, "runs": runs}
+
+
+def pretrained_model(paths: RunPaths) -> Path:
+    """The model stage 0 set up: inside the work dir (tiny) or where the manifest says (hub, local)."""
+    path = paths.resolve(read_manifest(paths)["pretrained_path"])
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"the pretrained model recorded by stage 0 is not at {path} (moved or deleted?); "
+                            f"rerun stage 0 with --force")
+    return path
 
 
 def read_manifest(paths: RunPaths) -> dict:
@@ -155,7 +184,7 @@ def certificate_probe(cfg: ExperimentConfig, paths: RunPaths) -> torch.Tensor:
 
 def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Constrain the pretrained model, certify it, save `monotonic_init`."""
-    pretrained = Path(read_manifest(paths)["pretrained_path"])
+    pretrained = pretrained_model(paths)
     device = Compute.from_config(cfg.device, cfg.precision).device   # the certificate computes in fp32/float64
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     probe_ids = certificate_probe(cfg, paths).to(device)
@@ -180,5 +209,5 @@ def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     if cfg.is_monotone_run and not cert["monotone"]:
         raise PipelineError(f"run is configured monotone but the certificate failed: see {cert_path}")
     out = paths.models / "monotonic_init"
-    save_model(model.cpu(), out, tokenizer, extra={"certificate": str(cert_path), "label": cert["label"]})
+    save_model(model.cpu(), out, tokenizer, extra={"certificate": paths.rel(cert_path), "label": cert["label"]})
     return [str(cert_path), str(out / "config.json")]

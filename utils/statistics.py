@@ -1,9 +1,10 @@
 """The statistics of the final report, each small and tested against known values.
 
 Across seeds: mean, sample std and a t-based 95% interval. Within a seed:
-percentile bootstrap intervals over examples. Paired comparisons on the same
-examples: McNemar's exact test for success/failure, Wilcoxon's signed-rank
-test for delta-NLL (scipy's implementations).
+percentile bootstrap intervals over examples. Proportions: Wilson score
+intervals (inside [0, 1]). Paired comparisons on the same examples: McNemar's
+exact test for success/failure, Wilcoxon's signed-rank test for delta-NLL; on
+few units (seeds): a paired t-test (scipy's implementations).
 """
 from __future__ import annotations
 
@@ -61,3 +62,23 @@ def wilcoxon_paired(a: list[float], b: list[float]) -> dict:
     res = stats.wilcoxon(d)
     return {"test": "Wilcoxon signed-rank", "statistic": float(res.statistic), "p_value": float(res.pvalue),
             "mean_difference": float(d.mean())}
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion (scipy): stays inside [0, 1], sensible at 0 and n."""
+    if n == 0:
+        return None
+    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), min(1.0, float(ci.high))]
+
+
+def paired_t(a: list[float], b: list[float]) -> dict:
+    """Paired t-test of a - b (two-sided), for few units such as seeds; fewer than 2 pairs: no test."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) < 2:
+        return {"test": "paired t-test", "n": len(d), "p_value": None, "mean_difference": float(d.mean()) if len(d) else None}
+    if not np.any(d != d[0]):
+        p = 1.0 if d[0] == 0 else 0.0          # identical non-zero differences: no variance, a sure sign
+        return {"test": "paired t-test", "n": len(d), "p_value": p, "mean_difference": float(d.mean())}
+    res = stats.ttest_rel(a, b)
+    return {"test": "paired t-test", "n": len(d), "p_value": float(res.pvalue), "mean_difference": float(d.mean())}

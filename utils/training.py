@@ -8,10 +8,13 @@ weights make AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
 import time
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -110,14 +113,28 @@ def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def tensorboard_writer(log_dir: Path, start_step: int):
+    """A TensorBoard writer if tensorboard is installed (else None); a resumed run drops what
+    the interrupted one logged after its checkpoint (purge_step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir), purge_step=start_step or None)
+
+
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint; rerun to resume."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 class StopOnSignal:
-    """Records SIGUSR1 / SIGTERM so the loop can checkpoint and stop between steps."""
+    """Records SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) so the loop can checkpoint and stop between steps."""
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.signum = None
         for s in signals:
             signal.signal(s, self._handle)
@@ -132,7 +149,7 @@ class StopOnSignal:
 
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
           seed: int, compute: Compute, desc: str = "train", checkpointer=None, stop=None,
-          on_best=None, max_epochs: float | None = None) -> dict:
+          on_best=None, max_epochs: float | None = None, history_file: Path | None = None) -> dict:
     """Train `model` in place for t.max_tokens tokens; returns the history.
 
     With a `checkpointer`, resumes from its newest checkpoint and saves every
@@ -140,6 +157,9 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     the end. With `stop`, a signal makes it checkpoint and raise Preempted.
     `on_best(model, step, val_loss)` is called when the validation loss improves.
     A budget needing more than `max_epochs` passes over the training tokens is refused.
+    `history_file` gets every history row as a JSON line as soon as it exists (watch or plot a
+    running job); after a resume it is rewritten from the checkpoint's history first. With
+    tensorboard installed, the rows also go to TensorBoard event files in tensorboard/<desc>/ beside it.
     """
     device = compute.device
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
@@ -156,6 +176,22 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         if restored:
             state = {k: restored[k] for k in state}
     start_step, t0, last_ckpt = state["step"], time.time(), time.time()
+    board = None
+    if history_file is not None:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        history_file.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
+        board = tensorboard_writer(history_file.parent / "tensorboard" / desc, start_step)
+
+    def record(row: dict) -> None:
+        state["history"].append(row)
+        if history_file is not None:
+            with history_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if board is not None:
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    board.add_scalar(f"{desc}/{key}", value, row["step"])
+            board.flush()
 
     def evaluate(step):
         val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, compute)
@@ -166,7 +202,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         return val
 
     if start_step == 0:   # the starting point, for the record (and "best" can never be worse)
-        state["history"].append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None, "tokens_per_s": None,
+        record({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None, "tokens_per_s": None,
                                  "val_loss": evaluate(0)})
     # Redraw often on a terminal, every 30 s in a batch job log.
     bar = tqdm(range(start_step, total_steps), desc=desc, unit="step", initial=start_step, total=total_steps,
@@ -193,7 +229,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                    "tokens_per_s": tok_s}
             if done % t.eval_interval == 0 or done == total_steps:
                 row["val_loss"] = evaluate(done)
-            state["history"].append(row)
+            record(row)
         if checkpointer is not None:
             stopping = stop is not None and stop.requested
             due = (done % t.checkpoint_every_steps == 0 or done == total_steps or stopping
@@ -206,9 +242,11 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                 last_ckpt = time.time()
             if stopping:
                 bar.close()
-                raise Preempted(f"stopped by signal {stop.signum} after step {done}/{total_steps}; "
-                                f"checkpoint saved, rerun the stage to resume")
+                raise Preempted(f"stopped by signal {signal.Signals(stop.signum).name} after step {done}/"
+                                f"{total_steps}; checkpoint saved, rerun the same command to resume", stop.signum)
     bar.close()
+    if board is not None:
+        board.close()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
