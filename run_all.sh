@@ -113,6 +113,9 @@ STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_b
             [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate)
 
 is_done() {  # is_done N SEED: the stage's completion flag matches this config
+  local flag="$WORK_DIR/seed_$2/flags/${STAGE_NAME[$1]}.done"
+  [ "$1" = 0 ] && flag="$WORK_DIR/shared/flags/${STAGE_NAME[0]}.done"
+  [ -f "$flag" ] || return 1            # no flag: not done (and no Python to start)
   python "$ROOT/scripts/${STAGE_NAME[$1]}.py" --preset "$PRESET" --seed "$2" --work-dir "$WORK_DIR" \
     "${SETS[@]}" --check >/dev/null 2>&1
 }

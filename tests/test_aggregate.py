@@ -152,3 +152,23 @@ def test_missing_stage_is_named_and_partial_only_when_asked(tmp_path):
     assert final["across_seeds"]["arms"]["baseline"]["hotflip_success_rate"]["n"] == 1
     assert "PARTIAL" in (work / "final" / "results.md").read_text()
     assert "PARTIAL" in (work / "final" / "table.tex").read_text()
+
+
+def test_plots_show_points_for_perplexity_and_both_losses_by_arm(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.patches import Rectangle
+
+    from utils.report import perplexity_figure, training_figure
+    run_aggregate(_work(tmp_path), None, False, "tiny")
+    final = json.loads((tmp_path / "final" / "final_results.json").read_text())
+    for seed in final["per_seed"].values():               # the hand-made records have no train loss: add some
+        for arm in ("baseline", "monotonic"):
+            seed["training"][arm]["train_curve"] = [[100, 6.5], [1000, 5.2]]
+    ax = perplexity_figure(final).axes[0]
+    assert ax.get_yscale() == "log"
+    assert not [p for p in ax.patches if isinstance(p, Rectangle)]                   # no bars
+    assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == 4          # one point + interval per arm
+    lines = training_figure(final).axes[0].get_lines()
+    colour = {l.get_label(): l.get_color() for l in lines if not l.get_label().startswith("_")}
+    assert set(colour) == {"baseline, train", "baseline, validation", "monotonic, train", "monotonic, validation"}
+    assert colour["baseline, train"] == colour["baseline, validation"] != colour["monotonic, validation"]

@@ -27,3 +27,10 @@ def test_citation_names_the_method_paper_and_this_software():
     assert [a["family-names"] for a in paper["authors"]] == ["Cooper", "Nadali", "Trivedi", "Velasquez"]
     assert any(i["value"] == "arXiv:2602.02686" for i in paper["identifiers"])
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_readme_commands_give_every_set_one_key():
+    """`--set a=1 b=2` is not a form the CLI accepts: each KEY=VALUE needs its own --set."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    bad = re.findall(r"--set\s+\S+=\S+\s+[\w.]+=\S+", text)
+    assert not bad, bad

@@ -119,7 +119,9 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     # history as it went.
     status = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--status", "--work-dir", str(work)],
                             capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and status.stdout.count("done local") == 8, status.stdout
+    states = [l.split()[-1] for l in status.stdout.splitlines() if l.split()[:1] == ["local"] and "stage_" in l
+              and "recorded in" not in l]
+    assert status.returncode == 0 and states == ["done"] * 8, status.stdout
     assert len(list((work / "local" / "logs").glob("*.log"))) == 8
     live = [json.loads(l) for l in (seed / "results" / "training_monotonic.history.jsonl").read_text().splitlines()]
     assert live == h["steps"]
@@ -220,7 +222,7 @@ def test_hub_answers_are_one_error_line(fake_hub, answer, fragment, tmp_path):
                                HF_HUB_CACHE=str(tmp_path / "cache")))
     line = _error_line(r)
     assert fragment in line and "monology/pile-uncopyrighted" in line, line
-    assert not (work / "shared" / "manifest.json").exists() and not (work / "shared" / "flags").exists()
+    assert not (work / "shared" / "manifest.json").exists() and not list(work.glob("shared/flags/*.done"))
 
 
 @pytest.mark.slow
@@ -232,7 +234,7 @@ def test_no_network_and_empty_offline_cache_are_one_error_line_with_the_fix(tmp_
     line = _error_line(_stage0(tmp_path / "b", env=offline))
     assert "not in the local Hugging Face cache" in line and "login node" in line
     for work in (tmp_path / "a", tmp_path / "b"):
-        assert not (work / "shared" / "manifest.json").exists() and not (work / "shared" / "flags").exists()
+        assert not (work / "shared" / "manifest.json").exists() and not list(work.glob("shared/flags/*.done"))
 
 
 @pytest.mark.slow
@@ -273,7 +275,7 @@ def test_disk_full_is_one_error_line_and_leaves_nothing_that_looks_complete(stan
         line = _error_line(_stage0(mnt / "w", *_sets({**_local(standins), **SHRINK})))
         assert "disk full" in line
         assert not (mnt / "w" / "shared" / "manifest.json").exists()
-        assert not (mnt / "w" / "shared" / "flags").exists()
+        assert not list((mnt / "w").glob("shared/flags/*.done"))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 

@@ -156,10 +156,9 @@ def latex(final: dict, standalone: bool = False) -> str:
                       r"\begin{document}", *table, r"\end{document}", ""])
 
 
-def plots(final: dict, out_dir: Path) -> list[Path]:
-    seeds, written = final["per_seed"], []
-    tag = " (PARTIAL)" if final["partial"] else ""
-
+def training_figure(final: dict):
+    """Train (dotted) and validation (solid) loss, one colour per arm, every seed."""
+    seeds, tag = final["per_seed"], " (PARTIAL)" if final["partial"] else ""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"baseline": "tab:blue", "monotonic": "tab:red"}
     for seed, s in seeds.items():
@@ -174,10 +173,13 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
     ax.set(xlabel="training tokens", ylabel="loss (nats/token)",
            title=f"Recovery training, seeds {', '.join(map(str, seeds))}" + tag)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "training_curves.png"))
+    return fig
 
-    arms = _arms(final)
-    acr = final["across_seeds"]["arms"]
+
+def perplexity_figure(final: dict):
+    """Mean and 95% interval per model as points (no bars: a log axis gives bar length no meaning)."""
+    seeds, tag = final["per_seed"], " (PARTIAL)" if final["partial"] else ""
+    arms, acr = _arms(final), final["across_seeds"]["arms"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(arms):
         vals = [s["arms"][arm]["perplexity"] for s in seeds.values() if "perplexity" in s["arms"].get(arm, {})]
@@ -191,7 +193,15 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
     ax.set(yscale="log", ylabel="test perplexity (log scale)",
            title=f"Perplexity per model; seeds {', '.join(map(str, seeds))}" + tag)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "perplexity.png"))
+    return fig
+
+
+def plots(final: dict, out_dir: Path) -> list[Path]:
+    seeds, written = final["per_seed"], []
+    tag = " (PARTIAL)" if final["partial"] else ""
+    written.append(_save(training_figure(final), out_dir / "training_curves.png"))
+    written.append(_save(perplexity_figure(final), out_dir / "perplexity.png"))
+    arms = _arms(final)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     data = [[d for s in seeds.values() for d in s["arms"].get(arm, {}).get("hotflip_abs_deltas", [])] for arm in arms]
