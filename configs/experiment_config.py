@@ -330,6 +330,16 @@ def env_overrides(environ=None) -> list[tuple[str, str]]:
     return out
 
 
+def parse_sets(items: list[str]) -> list[tuple[str, str]]:
+    """`--set KEY=VALUE` arguments as (key, raw value) pairs."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append(tuple(item.split("=", 1)))
+    return pairs
+
+
 def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None) -> ExperimentConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")

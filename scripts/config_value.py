@@ -12,7 +12,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from configs.experiment_config import PRESETS, ConfigError, load_config
+from configs.experiment_config import PRESETS, ConfigError, load_config, parse_sets
 
 
 def main() -> int:
@@ -23,12 +23,7 @@ def main() -> int:
     p.add_argument("key", help="field to print, e.g. device or data.seq_len")
     args = p.parse_args()
     try:
-        overrides = []
-        for item in args.overrides:
-            if "=" not in item:
-                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-            overrides.append(tuple(item.split("=", 1)))
-        value = load_config(args.preset, overrides)
+        value = load_config(args.preset, parse_sets(args.overrides))
         for part in args.key.split("."):
             if not hasattr(value, "__dataclass_fields__") or part not in value.__dataclass_fields__:
                 raise ConfigError(f"unknown config key {args.key!r}")

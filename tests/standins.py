@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import zstandard
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from tokenizers import AddedToken
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from configs.experiment_config import TrainConfig
 from utils.compute import CPU
 from utils.corpus import stdlib_documents, stdlib_split
+from utils.tokenization import train_bpe
 from utils.training import train
 
 PILE_SETS = ("Pile-CC", "Github", "StackExchange", "Wikipedia (en)", "ArXiv")
@@ -63,17 +64,10 @@ def pile_layout(root: Path) -> dict[str, Path]:
 WHITESPACE_RUNS = [" " * n for n in range(24, 1, -1)][:8]
 
 
-def pythia_tokenizer(texts: list[str], bpe_vocab: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens([AddedToken(w, normalized=False) for w in WHITESPACE_RUNS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", model_max_length=10**9)
+def pythia_tokenizer(texts: list[str], bpe_vocab: int):
+    tokenizer = train_bpe(texts, bpe_vocab, special_tokens=("<|endoftext|>", "<|padding|>"))
+    tokenizer.add_tokens([AddedToken(w, normalized=False) for w in WHITESPACE_RUNS])
+    return tokenizer
 
 
 def pythia_format_dir(out: Path, *, d_model: int = 64, n_layer: int = 2, n_head: int = 4, bpe_vocab: int = 1000,

@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from configs.experiment_config import PRESETS, ConfigError, load_config
+from configs.experiment_config import PRESETS, ConfigError, load_config, parse_sets
 from utils.training import Preempted
 from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, stage_lock, write_flag, write_json
 
@@ -38,11 +38,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    overrides = []
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides.append(tuple(item.split("=", 1)))
+    overrides = parse_sets(args.overrides)
     if args.seed is not None:
         overrides.append(("seed", str(args.seed)))
     overrides.append(("work_dir", str(Path(args.work_dir or ROOT / "work").resolve())))
@@ -99,8 +95,7 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         hint = (" free space or choose another --work-dir (downloads go to the Hugging Face cache: HF_HOME / "
                 "HF_HUB_CACHE), then rerun" if e.errno == errno.ENOSPC else "")
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-        print(f"error: [{name}] {what} while writing {e.filename or 'its outputs'}:{hint or ' ' + str(e)}",
-              file=sys.stderr)
+        print(f"error: [{name}] {what} ({e.filename or 'its files'}):{hint or ' ' + str(e)}", file=sys.stderr)
         return EXIT_FAILED
     print(f"[{name}] done")
     return 0

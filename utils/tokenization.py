@@ -29,12 +29,12 @@ from utils.run_files import PipelineError, publish
 EOS = "<|endoftext|>"   # id 0, as Pythia's bos = eos = 0
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE like GPT-NeoX's, trained on `texts` (deterministic)."""
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens=(EOS,)) -> PreTrainedTokenizerFast:
+    """Byte-level BPE like GPT-NeoX's, trained on `texts` (deterministic); special tokens first (EOS = 0)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
