@@ -5,6 +5,8 @@ Saves models/baseline (last) and models/baseline_best, results/training_baseline
 (history, weight movement). Checkpoints under
 checkpoints/baseline/; a rerun resumes from the newest one. SIGUSR1 or SIGTERM:
 checkpoint, then exit 75 without the completion flag.
+Several processes (GPUs, or CPU processes with gloo) train one FSDP2-sharded model:
+    torchrun --nproc_per_node N scripts/stage_2_train_baseline.py --preset ... (checkpoints resume at any N).
 """
 import _bootstrap  # noqa: F401
 
@@ -13,4 +15,4 @@ from utils.recovery import SECTIONS, recover
 
 if __name__ == "__main__":
     raise SystemExit(run_stage("stage_2_train_baseline", __doc__, lambda cfg, paths: recover(cfg, paths, "baseline"),
-                               SECTIONS["baseline"]))
+                               SECTIONS["baseline"], multiprocess=True))

@@ -5,6 +5,8 @@ Saves models/monotonic (last) and models/monotonic_best, results/training_monoto
 (history, weight movement, certificate). Checkpoints under
 checkpoints/monotonic/; a rerun resumes from the newest one. SIGUSR1 or SIGTERM:
 checkpoint, then exit 75 without the completion flag.
+Several processes (GPUs, or CPU processes with gloo) train one FSDP2-sharded model:
+    torchrun --nproc_per_node N scripts/stage_3_train_monotonic.py --preset ... (checkpoints resume at any N).
 """
 import _bootstrap  # noqa: F401
 
@@ -13,4 +15,4 @@ from utils.recovery import SECTIONS, recover
 
 if __name__ == "__main__":
     raise SystemExit(run_stage("stage_3_train_monotonic", __doc__, lambda cfg, paths: recover(cfg, paths, "monotonic"),
-                               SECTIONS["monotonic"]))
+                               SECTIONS["monotonic"], multiprocess=True))

@@ -1,4 +1,5 @@
 """Shared fixtures: a real tiny pipeline work dir, built once per test session."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def run_script(name: str, *args: str, env=None, timeout=600) -> subprocess.Compl
 
 def fast_sets() -> list[str]:
     return [a for k, v in FAST for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(scope="session")
+def stage1_work(tiny_run, tmp_path_factory):
+    """A work dir where stages 0 and 1 have run (copy it before training in it)."""
+    _, paths = tiny_run
+    work = tmp_path_factory.mktemp("train") / "base"
+    shutil.copytree(paths.shared, work / "shared")
+    r = run_script("stage_1_apply_monotonicity", "--work-dir", str(work), *fast_sets())
+    assert r.returncode == 0, r.stderr
+    return work

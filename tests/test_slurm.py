@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import FAST, ROOT, run_script
+from utils.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -162,6 +162,6 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(tiny_run, tmp_
     assert "requeueing job" in text and "restart=1" in text and "resumed from" in text, text[-3000:]
     assert (work / "seed_42" / "flags" / "stage_2_train_baseline.done").exists()
     final = "step_00000024"
-    a = load_file(work / "seed_42" / "checkpoints" / "baseline" / final / "model.safetensors")
-    b = load_file(reference / "seed_42" / "checkpoints" / "baseline" / final / "model.safetensors")
+    a = read_checkpoint(work / "seed_42" / "checkpoints" / "baseline" / final)
+    b = read_checkpoint(reference / "seed_42" / "checkpoints" / "baseline" / final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,10 @@ not finish, 2 invalid flags or config, 75 stopped by SIGUSR1/SIGTERM after
 saving a checkpoint (rerun to resume), 130 interrupted by Ctrl-C (SIGINT; a
 training stage checkpoints first, as for SIGTERM). Only exit 0 writes the
 completion flag.
+
+Stages that train (2 and 3) also run under torchrun: every rank runs the stage
+function; rank 0 alone takes the lock, decides whether the stage is already
+done, and writes the config and the flag.
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import argparse
 import errno
 import signal
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from configs.experiment_config import PRESETS, ConfigError, load_config, parse_sets
+from utils import distributed
 from utils.training import Preempted
 from utils.run_files import ROOT, PipelineError, RunPaths, flag_matches, stage_lock, write_flag, write_json
 
@@ -46,18 +52,36 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False,
-              inputs=None) -> int:
+              inputs=None, multiprocess: bool = False) -> int:
     """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag.
 
     `inputs(cfg, paths) -> str`, if given, adds what the stage reads besides the
-    config (e.g. which models exist) to the completion fingerprint.
+    config (e.g. which models exist) to the completion fingerprint. With
+    `multiprocess`, the stage may be started by torchrun.
     """
     args = stage_parser(description).parse_args()
+    if distributed.launched() and not multiprocess:
+        print(f"error: [{name}] runs as one process; start it with python, not torchrun", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if distributed.launched() and not args.check:
+        try:
+            distributed.init(cfg.device)
+        except PipelineError as e:
+            print(f"error: [{name}] {e}", file=sys.stderr)
+            return EXIT_FAILED
+    try:
+        return _run(name, args, cfg, fn, sections, shared, inputs)
+    finally:
+        distributed.destroy()
+
+
+def _run(name, args, cfg, fn, sections, shared, inputs) -> int:
+    main = distributed.is_main()
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
     if paths.work_dir.exists() and not paths.work_dir.is_dir():
         print(f"error: [{name}] work dir {paths.work_dir} is a file, not a directory", file=sys.stderr)
@@ -72,20 +96,38 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         done = flag_matches(flag, fingerprint)
         print(f"[{name}] {'done' if done else 'not done'} for this config")
         return 0 if done else EXIT_FAILED
+    RUN, SKIP, FAILED = 0, 1, 2
     try:
-        with stage_lock(flag.with_suffix(".lock"), f"{name} (seed {cfg.seed})" if not shared else name):
-            if flag_matches(flag, fingerprint) and not args.force:
-                print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
+        with ExitStack() as held:
+            verdict = RUN
+            if main:     # rank 0 decides for all ranks (and is the only one without torchrun)
+                try:
+                    held.enter_context(stage_lock(flag.with_suffix(".lock"),
+                                                  f"{name} (seed {cfg.seed})" if not shared else name))
+                    if flag_matches(flag, fingerprint) and not args.force:
+                        verdict = SKIP
+                except PipelineError as e:
+                    print(f"error: [{name}] {e}", file=sys.stderr)
+                    verdict = FAILED
+            verdict = distributed.from_main(verdict)
+            if verdict == FAILED:
+                return EXIT_FAILED
+            if verdict == SKIP:
+                if main:
+                    print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
                 return 0
             out_dir = paths.shared if shared else paths.results
-            write_json(out_dir / f"config_{name}.json", cfg.to_dict())
+            if main:
+                write_json(out_dir / f"config_{name}.json", cfg.to_dict())
             outputs = fn(cfg, paths)
-            write_flag(flag, fingerprint, outputs, paths)
+            if main:
+                write_flag(flag, fingerprint, outputs, paths)
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
     except Preempted as e:
-        print(f"[{name}] {e}", file=sys.stderr)
+        if main:
+            print(f"[{name}] {e}", file=sys.stderr)
         return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"\n[{name}] interrupted (Ctrl-C); not marked done, rerun the same command to run it again",
@@ -97,5 +139,6 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
         print(f"error: [{name}] {what} ({e.filename or 'its files'}):{hint or ' ' + str(e)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"[{name}] done")
+    if main:
+        print(f"[{name}] done")
     return 0

@@ -2,7 +2,8 @@
 
 Both arms go through utils.training.train with the same data, data order
 (the experiment seed) and, in the presets, the same token budget; only the
-starting model and the recipe differ.
+starting model and the recipe differ. Under torchrun every rank trains its
+shard; rank 0 gathers the whole model and writes everything else.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from configs.experiment_config import ExperimentConfig
+from utils import distributed
 from utils.checkpoint import Checkpointer
 from utils.compute import Compute
 from utils.modeling import load_model, save_model
@@ -74,23 +76,46 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     train_tok = TokenFile(paths.shared / "tokens", "train")
     val_tok = TokenFile(paths.shared / "tokens", "val")
-    model = load_model(start_path, "float32", compute.device)   # fp32 master weights
+    # fp32 master weights; under torchrun loaded on the CPU and moved to the GPU shard by shard
+    model = load_model(start_path, "float32", "cpu" if distributed.active() else compute.device)
+    main = distributed.is_main()
+    plain = None
+
+    def unsharded(m):
+        """The whole trained model on rank 0 (a CPU copy when sharded), None on the others. Collective."""
+        nonlocal plain
+        if not distributed.is_sharded(m):
+            return m
+        state = distributed.full_state_dict(m)
+        if not main:
+            return None
+        plain = plain or load_model(start_path, "float32", "cpu")
+        plain.load_state_dict(state)
+        return plain
 
     best_dir = paths.models / f"{arm}_best"
     def save_best(m, step, val_loss):
-        save_model(m, best_dir, tokenizer, extra={"step": step, "val_loss": val_loss})
+        m = unsharded(m)
+        if main:
+            save_model(m, best_dir, tokenizer, extra={"step": step, "val_loss": val_loss})
 
     checkpointer = Checkpointer(paths.seed_dir / "checkpoints" / arm, cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
-    print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
-          f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}")
+    if main:
+        print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
+              f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}, "
+              f"{distributed.world_size()} process(es)")
     history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
                     desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best,
                     max_epochs=cfg.data.max_epochs, history_file=paths.results / f"training_{arm}.history.jsonl")
+    model = unsharded(model)
+    if not main:
+        return []
+    model.to(compute.device)
 
     start = load_model(start_path, "float32", "cpu")
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
-              "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
+              "processes": distributed.world_size(), "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
               "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row
               "final_val_perplexity": math.exp(history["val_loss"]),
               "best": {"step": history["best_step"], "val_loss": history["best_val_loss"], "path": paths.rel(best_dir)}}

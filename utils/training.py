@@ -1,15 +1,20 @@
 """The one training loop (tiny pretraining now; the recoveries reuse it).
 
-Data order is a pure function of (seed, micro-step): the token stream is cut
-into non-overlapping windows of seq_len + 1 tokens, shuffled per epoch by a
-generator seeded with (seed, epoch). So a run's position is one integer.
-Weights stay fp32 whatever the precision (utils.compute): bf16 master
-weights make AdamW updates of ~1e-5 vanish (REFERENCE trap 2).
+Data order is a pure function of (seed, window index): the token stream is
+cut into non-overlapping windows of seq_len + 1 tokens, shuffled per epoch by a
+generator seeded with (seed, epoch). Optimizer step s trains on global windows
+[s * G, (s + 1) * G) with G = micro_batch_size * grad_accum_steps, whatever the
+number of processes: under torchrun each rank takes a contiguous 1/N of them
+(utils.distributed), so a run's position is one integer and a checkpoint
+resumes at any world size. Weights stay fp32 whatever the precision
+(utils.compute): bf16 master weights make AdamW updates of ~1e-5 vanish
+(REFERENCE trap 2).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -22,6 +27,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from configs.experiment_config import TrainConfig
+from utils import distributed
 from utils.compute import Compute
 from utils.run_files import PipelineError
 
@@ -40,13 +46,17 @@ class PackedBatches:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
         return self._perm
 
-    def batch(self, micro_step: int) -> torch.Tensor:
-        """The [batch_size, seq_len + 1] token windows of global micro-step `micro_step`."""
+    def rows(self, first: int, count: int) -> torch.Tensor:
+        """The [count, seq_len + 1] token windows number first .. first + count - 1 of the shuffled stream."""
         rows = []
-        for g in range(micro_step * self.batch_size, (micro_step + 1) * self.batch_size):
+        for g in range(first, first + count):
             start = int(self._permutation(g // self.n_windows)[g % self.n_windows]) * self.seq_len
             rows.append(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
         return torch.from_numpy(np.stack(rows))
+
+    def batch(self, micro_step: int) -> torch.Tensor:
+        """The windows of global micro-step `micro_step` (batch_size of them)."""
+        return self.rows(micro_step * self.batch_size, self.batch_size)
 
 
 def budget_tokens(t: TrainConfig, seq_len: int) -> int:
@@ -59,8 +69,9 @@ def passes(run: str, budget: int, n_tokens: int, seq_len: int, max_epochs: float
     """Passes a budget makes over the packed training tokens (printed); more than max_epochs is refused."""
     per_epoch = (n_tokens - 1) // seq_len * seq_len          # whole windows, as PackedBatches reads them
     epochs = budget / max(per_epoch, 1)
-    print(f"[{run}] {budget:,} tokens = {epochs:.2f} passes over {per_epoch:,} distinct training tokens"
-          + (" (repeating data)" if epochs > 1 else ""))
+    if distributed.is_main():
+        print(f"[{run}] {budget:,} tokens = {epochs:.2f} passes over {per_epoch:,} distinct training tokens"
+              + (" (repeating data)" if epochs > 1 else ""))
     if max_epochs is not None and epochs > max_epochs * (1 + 1e-9):
         raise PipelineError(
             f"{run}: {budget:,} tokens are {epochs:.2f} passes over the {per_epoch:,} training tokens, more than "
@@ -87,18 +98,26 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int,
                     compute: Compute) -> float:
     """Mean next-token loss over the first `max_windows` disjoint windows (a training monitor;
-    the reported perplexity is utils.perplexity's)."""
+    the reported perplexity is utils.perplexity's).
+
+    Under torchrun the batches are dealt round-robin to the ranks; every rank runs the same
+    number of forwards (a sharded model's forward is collective), the spare ones weighted 0.
+    """
     was_training = model.training
     model.eval()
     n = min(max_windows, (len(tokens) - 1) // seq_len)
-    losses = []
-    for i in range(0, n, batch_size):
+    starts = list(range(0, n, batch_size))
+    rank, world = distributed.rank(), distributed.world_size()
+    total = 0.0
+    for k in range(rank, math.ceil(len(starts) / world) * world, world):
+        i = starts[k] if k < len(starts) else 0
         rows = [np.asarray(tokens[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64)
                 for j in range(i, min(n, i + batch_size))]
         with compute.autocast(), parametrize.cached():
-            losses.append(lm_loss(model, torch.from_numpy(np.stack(rows)).to(compute.device)).item() * len(rows))
+            loss = lm_loss(model, torch.from_numpy(np.stack(rows)).to(compute.device)).item()
+        total += loss * len(rows) if k < len(starts) else 0.0
     model.train(was_training)
-    return sum(losses) / n
+    return distributed.sum_across(total)[0] / n
 
 
 def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -132,10 +151,15 @@ class Preempted(Exception):
 
 
 class StopOnSignal:
-    """Records SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) so the loop can checkpoint and stop between steps."""
+    """Records SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) so the loop can checkpoint and stop between steps.
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
-        self.signum = None
+    A stop file (MONO_STOP_FILE) counts as SIGUSR1 once it exists: a SLURM batch script creates
+    it when warned, since under srun + torchrun it cannot signal the training processes itself.
+    """
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT),
+                 stop_file: str | None = None):
+        self.signum, self.stop_file = None, stop_file or os.environ.get("MONO_STOP_FILE")
         for s in signals:
             signal.signal(s, self._handle)
 
@@ -144,6 +168,8 @@ class StopOnSignal:
 
     @property
     def requested(self) -> bool:
+        if self.signum is None and self.stop_file and os.path.exists(self.stop_file):
+            self.signum = signal.SIGUSR1
         return self.signum is not None
 
 
@@ -160,15 +186,27 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     `history_file` gets every history row as a JSON line as soon as it exists (watch or plot a
     running job); after a resume it is rewritten from the checkpoint's history first. With
     tensorboard installed, the rows also go to TensorBoard event files in tensorboard/<desc>/ beside it.
+
+    Under torchrun (utils.distributed initialised) the model is sharded with FSDP2 in place and
+    every rank calls this; rank 0 alone prints, logs and writes the history.
     """
     device = compute.device
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq_len
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    windows_per_step = t.micro_batch_size * t.grad_accum_steps
+    if windows_per_step % world:
+        raise PipelineError(f"{desc}: {windows_per_step} sequences per optimizer step (micro_batch_size x "
+                            f"grad_accum_steps) do not split evenly over {world} processes")
+    per_rank = windows_per_step // world
+    tokens_per_step = windows_per_step * seq_len
     total_steps = budget_tokens(t, seq_len) // tokens_per_step
     batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
     data = passes(desc, budget_tokens(t, seq_len), len(train_tokens), seq_len, max_epochs)
-    model.to(device).train()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    sharded = distributed.active()
+    if sharded:                  # moves each rank's shard to the device
+        distributed.shard(model, device, bf16_compute=compute.precision == "bf16-mixed")
+    model.to(device).train()
     opt = make_optimizer(model, t, device)
     state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0}
     if checkpointer is not None:
@@ -177,14 +215,14 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
             state = {k: restored[k] for k in state}
     start_step, t0, last_ckpt = state["step"], time.time(), time.time()
     board = None
-    if history_file is not None:
+    if history_file is not None and main:
         history_file.parent.mkdir(parents=True, exist_ok=True)
         history_file.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
         board = tensorboard_writer(history_file.parent / "tensorboard" / desc, start_step)
 
     def record(row: dict) -> None:
         state["history"].append(row)
-        if history_file is not None:
+        if history_file is not None and main:
             with history_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if board is not None:
@@ -206,35 +244,41 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                                  "val_loss": evaluate(0)})
     # Redraw often on a terminal, every 30 s in a batch job log.
     bar = tqdm(range(start_step, total_steps), desc=desc, unit="step", initial=start_step, total=total_steps,
-               mininterval=1 if sys.stderr.isatty() else 30)
+               mininterval=1 if sys.stderr.isatty() else 30, disable=not main)
     for step in bar:
         lr = lr_at(step, total_steps, t)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(t.grad_accum_steps):
-            batch = batches.batch(step * t.grad_accum_steps + micro).to(device)
+        first = step * windows_per_step + rank * per_rank          # this rank's slice of the step's windows
+        micro_starts = range(0, per_rank, t.micro_batch_size)
+        for i, offset in enumerate(micro_starts):
+            count = min(t.micro_batch_size, per_rank - offset)
+            if sharded:       # reduce-scatter gradients once per optimizer step, after the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro_starts) - 1)
+            batch = batches.rows(first + offset, count).to(device)
             with compute.autocast():
-                loss = lm_loss(model, batch) / t.grad_accum_steps
+                # the mean over this rank's windows; FSDP averages the ranks' gradients
+                loss = lm_loss(model, batch) * count / per_rank
             loss.backward()
             loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)   # global norm, across shards
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
         tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == total_steps:
-            row = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_sum,
-                   "tokens_per_s": tok_s}
+            row = {"step": done, "tokens": done * tokens_per_step, "lr": lr,
+                   "train_loss": distributed.sum_across(loss_sum)[0] / world, "tokens_per_s": tok_s}
             if done % t.eval_interval == 0 or done == total_steps:
                 row["val_loss"] = evaluate(done)
             record(row)
         if checkpointer is not None:
-            stopping = stop is not None and stop.requested
-            due = (done % t.checkpoint_every_steps == 0 or done == total_steps or stopping
-                   or time.time() - last_ckpt > 60 * t.checkpoint_every_minutes)
-            if due:
+            # One collective: a signal on any rank (or rank 0's clock) stops or checkpoints every rank.
+            stopping, overdue = distributed.any_rank(
+                stop is not None and stop.requested, time.time() - last_ckpt > 60 * t.checkpoint_every_minutes)
+            if done % t.checkpoint_every_steps == 0 or done == total_steps or stopping or overdue:
                 state["step"] = done
                 state["train_seconds"] += time.time() - t0
                 t0, start_step = time.time(), done
@@ -242,8 +286,11 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                 last_ckpt = time.time()
             if stopping:
                 bar.close()
-                raise Preempted(f"stopped by signal {signal.Signals(stop.signum).name} after step {done}/"
-                                f"{total_steps}; checkpoint saved, rerun the same command to resume", stop.signum)
+                signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGUSR1
+                why = f"signal {signal.Signals(signum).name}" if stop is not None and stop.signum is not None \
+                    else "a signal to another process"
+                raise Preempted(f"stopped by {why} after step {done}/{total_steps}; checkpoint saved, "
+                                f"rerun the same command to resume", signum)
     bar.close()
     if board is not None:
         board.close()

@@ -1,0 +1,219 @@
+"""Recovery training on several processes (gloo on CPU stands in for NCCL on GPUs).
+
+Real torchrun where the launcher matters; elsewhere the ranks are started directly with
+torchrun's variables (RANK, WORLD_SIZE, ...), as srun can, so each rank's exit code is seen.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, fast_sets
+from utils.checkpoint import read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+STAGE = "stage_3_train_monotonic"
+SCRIPT = str(ROOT / "scripts" / f"{STAGE}.py")
+# 8 sequences of 128 tokens per optimizer step, a checkpoint every 3 steps.
+def _short(steps):
+    return ["--set", f"recovery_monotone.max_tokens={steps * 1024}", "--set", "recovery_monotone.micro_batch_size=8",
+            "--set", "recovery_monotone.checkpoint_every_steps=3", "--set", "recovery_monotone.eval_interval=5",
+            "--set", "recovery_monotone.eval_windows=8"]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def _clone(stage1_work, tmp_path, name):
+    shutil.copytree(stage1_work, tmp_path / name)
+    return tmp_path / name
+
+
+def _torchrun(work, nproc, steps, timeout=300):
+    return subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), SCRIPT, "--work-dir", str(work),
+                           *fast_sets(), *_short(steps)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _single(work, steps, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, "--work-dir", str(work), *fast_sets(), *_short(steps)],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(work, nproc, steps):
+    """The ranks of one job, started as torchrun would start them."""
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, SCRIPT, "--work-dir", str(work), *fast_sets(), *_short(steps)],
+                             env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                  "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(nproc)]
+
+
+def _descendants(pid):
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children] + [d for c in children for d in _descendants(int(c))]
+
+
+def _checkpoint_steps(work):
+    return sorted(int(p.name.split("_")[1]) for p in (work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
+
+
+def _wait_for_checkpoint(work, procs, min_step, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _checkpoint_steps(work) and _checkpoint_steps(work)[-1] >= min_step:
+            return
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _model(work):
+    return load_file(next((work / "seed_42" / "models" / "monotonic").glob("*.safetensors")))
+
+
+def _last_checkpoint(work):
+    ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
+    return read_checkpoint(ckpts[-1])
+
+
+# Float tolerance between world sizes (the same windows and the same mean loss, summed in another
+# order): relative L2 difference of the whole model <= 1e-4 and of every tensor <= 1e-3, except the
+# attention QKV bias: its key part has an exactly zero gradient (softmax ignores a shift shared by all
+# keys), and Adam normalises that gradient's rounding noise into steps of size lr in either direction.
+WHOLE, PER_TENSOR, ZERO_GRADIENT = 1e-4, 1e-3, "attention.query_key_value.bias"
+
+
+def _relative_differences(a, b):
+    """(whole-model relative L2 difference, worst relative difference of a tensor other than the QKV bias)."""
+    assert a.keys() == b.keys()
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+    den = sum(float(a[k].double().pow(2).sum()) for k in a) ** 0.5
+    per = max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-30)) for k in a if ZERO_GRADIENT not in k)
+    return num / den, per
+
+
+@pytest.fixture(scope="module")
+def one_process(stage1_work, tmp_path_factory):
+    """Uninterrupted 1-process run of 12 steps: final exported model."""
+    work = _clone(stage1_work, tmp_path_factory.mktemp("one"), "w")
+    r = _single(work, 12)
+    assert r.returncode == 0, r.stderr
+    return _model(work)
+
+
+@pytest.fixture(scope="module")
+def two_processes(stage1_work, tmp_path_factory):
+    """Uninterrupted torchrun run on 2 processes, 12 steps: (work dir, last checkpoint, exported model)."""
+    work = _clone(stage1_work, tmp_path_factory.mktemp("two"), "w")
+    r = _torchrun(work, 2, 12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    return work, _last_checkpoint(work), _model(work)
+
+
+def test_two_processes_train_what_one_process_trains(one_process, two_processes):
+    work, _, model = two_processes
+    whole, per = _relative_differences(one_process, model)
+    assert whole <= WHOLE and per <= PER_TENSOR, (whole, per)
+    # Same export as one process: a Hugging Face directory with materialised weights W >= 0.
+    assert set(model) == set(one_process)
+    ffn = [k for k in model if "mlp" in k and k.endswith("weight")]
+    assert ffn and all(model[k].min() >= 0 for k in ffn)
+    assert (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    assert len(list((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*/shard-*.safetensors"))) == 2 * 2
+
+
+def test_sigkill_two_processes_then_resume_is_bitwise_identical(stage1_work, two_processes, tmp_path):
+    work = _clone(stage1_work, tmp_path, "killed")
+    launcher = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2", SCRIPT, "--work-dir", str(work), *fast_sets(),
+                                 *_short(12)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(work, [launcher], min_step=6)
+    time.sleep(0.3)                                   # inside a later step
+    for pid in [launcher.pid, *_descendants(launcher.pid)]:    # the launcher and both ranks: a lost node
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    assert _checkpoint_steps(work)[-1] < 12
+    assert not (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    r = _torchrun(work, 2, 12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    _, ckpt, model = two_processes
+    last = _last_checkpoint(work)
+    assert last.keys() == ckpt.keys()
+    assert all(torch.equal(last[k], ckpt[k]) for k in ckpt)       # weights, V, Adam moments, step counts
+    resumed = _model(work)
+    assert all(torch.equal(resumed[k], model[k]) for k in model)
+
+
+def _preempt(ranks, signalled):
+    """Signal one rank; every rank must checkpoint and exit 75 (none left waiting in a collective)."""
+    ranks[signalled].send_signal(signal.SIGUSR1)
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [75] * len(ranks), [o[1][-2000:] for o in outs]
+    return outs
+
+
+def test_a_signal_to_any_rank_stops_all_and_a_single_process_resumes(stage1_work, one_process, tmp_path):
+    work = _clone(stage1_work, tmp_path, "two_then_one")
+    ranks = _start_ranks(work, 2, 12)
+    _wait_for_checkpoint(work, ranks, min_step=3)
+    outs = _preempt(ranks, signalled=1)              # not rank 0: the others learn it through a collective
+    assert "rerun the same command to resume" in outs[0][1]
+    stopped_at = _checkpoint_steps(work)[-1]
+    assert stopped_at < 12
+    assert not (work / "seed_42" / "flags" / f"{STAGE}.done").exists()
+    r = _single(work, 12)                            # 2 processes wrote it, 1 resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {stopped_at})" in r.stdout and "random number generators are not restored" in r.stdout
+    whole, per = _relative_differences(one_process, _model(work))
+    assert whole <= WHOLE and per <= PER_TENSOR, (whole, per)
+
+
+def test_a_single_process_checkpoint_resumes_on_two(stage1_work, one_process, tmp_path):
+    work = _clone(stage1_work, tmp_path, "one_then_two")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--work-dir", str(work), *fast_sets(), *_short(12)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(work, [proc], min_step=3)
+    _preempt([proc], signalled=0)
+    stopped_at = _checkpoint_steps(work)[-1]
+    r = _torchrun(work, 2, 12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {stopped_at})" in r.stdout
+    report = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())
+    history = [row["step"] for row in report["history"]["steps"]]
+    assert history == sorted(set(history)) and history[-1] == 12
+    whole, per = _relative_differences(one_process, _model(work))
+    assert whole <= WHOLE and per <= PER_TENSOR, (whole, per)
+
+
+def test_stages_that_run_as_one_process_refuse_torchrun(stage1_work, tmp_path):
+    r = subprocess.run([*TORCHRUN, "--nproc_per_node", "1", str(ROOT / "scripts" / "stage_4_evaluate.py"),
+                        "--work-dir", str(tmp_path / "w")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode != 0
+    assert "runs as one process; start it with python, not torchrun" in r.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(stage1_work, tmp_path):
+    work = _clone(stage1_work, tmp_path, "uneven")
+    r = subprocess.run([*TORCHRUN, "--nproc_per_node", "3", SCRIPT, "--work-dir", str(work), *fast_sets(),
+                        *_short(3)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode != 0
+    assert "8 sequences per optimizer step (micro_batch_size x grad_accum_steps) do not split evenly over 3" \
+        in r.stderr
