@@ -10,11 +10,13 @@
 #   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),
 #   MONO_SLURM_MEM (64G; CPU-only stages: MONO_SLURM_CPU_MEM, 16G), MONO_SLURM_TIME_<N> (per stage),
 #   MONO_SLURM_SIGNAL (USR1) and MONO_SLURM_SIGNAL_LEAD (120 s) for preemption, MONO_SLURM_EXTRA (more sbatch flags).
+#   Training stages 2-3 on several GPUs: MONO_SLURM_GPUS_PER_NODE (processes per node: GPUs, or CPU processes
+#   when device=cpu) and MONO_SLURM_NODES (1); they run as srun + torchrun (FSDP2), CPUs and memory per node.
 # If sbatch rejects a job, the jobs of this run already submitted are cancelled (exit 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -105,6 +107,16 @@ DEVICE=$(python "$ROOT/scripts/config_value.py" --preset "$PRESET" "${SETS[@]}" 
 if [ -n "${MONO_SLURM_GPU+set}" ]; then GPU_GRES="$MONO_SLURM_GPU"
 elif [ "$DEVICE" = cuda ]; then GPU_GRES=gpu:1
 else GPU_GRES=""; fi
+# Multi-process training (stages 2-3): processes per node and nodes.
+TRAIN_NODES="${MONO_SLURM_NODES:-1}"; TRAIN_PROCS="${MONO_SLURM_GPUS_PER_NODE:-}"
+[[ "$TRAIN_NODES" =~ ^[1-9][0-9]*$ ]] || { echo "error: MONO_SLURM_NODES must be a positive integer, got '$TRAIN_NODES'" >&2; exit 2; }
+[ -z "$TRAIN_PROCS" ] || [[ "$TRAIN_PROCS" =~ ^[1-9][0-9]*$ ]] || {
+  echo "error: MONO_SLURM_GPUS_PER_NODE must be a positive integer, got '$TRAIN_PROCS'" >&2; exit 2; }
+[ "$TRAIN_NODES" = 1 ] || TRAIN_PROCS="${TRAIN_PROCS:-1}"
+TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per node
+if [ -n "$TRAIN_PROCS" ] && [ -n "$GPU_GRES" ]; then
+  if [[ "$GPU_GRES" =~ :[0-9]+$ ]]; then TRAIN_GRES="${GPU_GRES%:*}:$TRAIN_PROCS"; else TRAIN_GRES="$GPU_GRES:$TRAIN_PROCS"; fi
+fi
 declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=04:00:00 [7]=00:30:00)
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
           [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
@@ -135,6 +147,10 @@ submit() {
          --kill-on-invalid-dep=yes --cpus-per-task "${MONO_SLURM_CPUS:-8}")
   if [ "$n" = 0 ] || [ "$n" = 7 ]; then
     opts+=(--mem "${MONO_SLURM_CPU_MEM:-16G}")
+  elif { [ "$n" = 2 ] || [ "$n" = 3 ]; } && [ -n "$TRAIN_PROCS" ]; then     # srun + torchrun, see jobs/common.sh
+    opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
+           --export "ALL,MONO_NPROC_PER_NODE=$TRAIN_PROCS")
+    [ -n "$TRAIN_GRES" ] && opts+=(--gres "$TRAIN_GRES")
   else
     opts+=(--mem "${MONO_SLURM_MEM:-64G}")
     [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")

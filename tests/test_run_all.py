@@ -39,6 +39,34 @@ def test_site_settings_reach_sbatch(tmp_path):
     assert "--gres" not in setup                                   # CPU-only stage
 
 
+@pytest.mark.parametrize("env_extra, args, train", [
+    ({"MONO_SLURM_NODES": "2", "MONO_SLURM_GPUS_PER_NODE": "4"}, ("--preset", "pythia-1.4b"),
+     "--nodes 2 --ntasks-per-node 1 --export ALL,MONO_NPROC_PER_NODE=4 --gres gpu:4 "),
+    ({"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_GPU": "gpu:a100:1"}, ("--preset", "pythia-6.9b"),
+     "--nodes 1 --ntasks-per-node 1 --export ALL,MONO_NPROC_PER_NODE=8 --gres gpu:a100:8 "),
+    ({"MONO_SLURM_GPUS_PER_NODE": "2"}, (), "--nodes 1 --ntasks-per-node 1 --export ALL,MONO_NPROC_PER_NODE=2 "),
+], ids=["2-nodes-x-4-gpus", "8-typed-gpus", "2-cpu-processes"])
+def test_multi_process_training_jobs(tmp_path, env_extra, args, train):
+    """Stages 2-3 become srun + torchrun jobs over the nodes; every other stage stays one process."""
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), *args, env_extra=env_extra)
+    assert r.returncode == 0, r.stderr
+    for line in (l for l in r.stdout.splitlines() if l.startswith("sbatch ")):
+        stage = int(line.split("--job-name mono-")[1][0])
+        if stage in (2, 3):
+            assert train in line, line
+        else:
+            assert "--nodes" not in line and "MONO_NPROC_PER_NODE" not in line, line
+            assert "gpu:4" not in line and "gpu:a100:8" not in line
+
+
+@pytest.mark.parametrize("name, value", [("MONO_SLURM_NODES", "0"), ("MONO_SLURM_GPUS_PER_NODE", "two")])
+def test_bad_multi_process_settings_are_one_error_line(tmp_path, name, value):
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), env_extra={name: value})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and f"{name} must be a positive integer" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not r.stdout
+
+
 @pytest.mark.parametrize("args, env_extra, gres", [
     ((), {}, None),                                                   # tiny: device=auto, no GPU asked
     (("--preset", "pythia-410m"), {}, "gpu:1"),                       # device=cuda

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal  # noqa: F401
 import subprocess
+import sys
 import time
 
 import pytest
@@ -159,6 +160,45 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(tiny_run, tmp_
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)   # what SLURM does at the time limit
     _wait_until_no_jobs([job], timeout=900)
     text = log.read_text()
+    assert "requeueing job" in text and "restart=1" in text and "resumed from" in text, text[-3000:]
+    assert (work / "seed_42" / "flags" / "stage_2_train_baseline.done").exists()
+    final = "step_00000024"
+    a = read_checkpoint(work / "seed_42" / "checkpoints" / "baseline" / final)
+    b = read_checkpoint(reference / "seed_42" / "checkpoints" / "baseline" / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_training_job_requeues_on_usr1_and_matches_torchrun(tiny_run, tmp_path):
+    """srun + torchrun with 2 CPU ranks (gloo) inside a SLURM job: preempted, requeued, resumed."""
+    _, paths = tiny_run
+    short = [("recovery_baseline.max_tokens", "24576"), ("recovery_baseline.micro_batch_size", "8"),
+             ("recovery_baseline.checkpoint_every_steps", "3"), ("recovery_baseline.eval_windows", "8")]
+    sets = _sets(FAST + short)
+    reference = tmp_path / "reference"
+    shutil.copytree(paths.shared, reference / "shared")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "scripts" / "stage_2_train_baseline.py"), "--work-dir", str(reference), *sets],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    work = tmp_path / "work"
+    shutil.copytree(paths.shared, work / "shared")
+    log = work / "job.log"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--job-name", "mono-2proc", "--output", str(log), "--mem", "4G",
+         "--cpus-per-task", "2", "--nodes", "1", "--ntasks-per-node", "1", "--export", "ALL,MONO_NPROC_PER_NODE=2",
+         "--signal", "B:USR1@60", "--requeue", "--open-mode=append",
+         str(ROOT / "jobs" / "job_2_baseline.sh"), str(ROOT), "tiny", "42", str(work), *sets],
+        capture_output=True, text=True, env=_env(), check=True).stdout.strip()
+    ckpts = work / "seed_42" / "checkpoints" / "baseline"
+    deadline = time.time() + 300
+    while not list(ckpts.glob("step_*")):
+        assert time.time() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    _wait_until_no_jobs([job], timeout=900)
+    text = log.read_text()
+    assert "1 node(s) x 2 process(es)" in text and "2 process(es)" in text, text[-3000:]
     assert "requeueing job" in text and "restart=1" in text and "resumed from" in text, text[-3000:]
     assert (work / "seed_42" / "flags" / "stage_2_train_baseline.done").exists()
     final = "step_00000024"

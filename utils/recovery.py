@@ -65,7 +65,7 @@ def movement_report(start, trained, scope: str) -> dict:
 def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     recipe = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
     other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
-    if recipe.max_tokens != other.max_tokens:
+    if recipe.max_tokens != other.max_tokens and distributed.is_main():
         print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
               f"tokens): the baseline/monotone comparison is confounded by training length")
     start_path = pretrained_model(paths) if arm == "baseline" else paths.models / "monotonic_init"
