@@ -160,16 +160,17 @@ class StopOnSignal:
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT),
                  stop_file: str | None = None):
         self.signum, self.stop_file = None, stop_file or os.environ.get("MONO_STOP_FILE")
+        self.reason = None
         for s in signals:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        self.signum, self.reason = signum, f"signal {signal.Signals(signum).name}"
 
     @property
     def requested(self) -> bool:
         if self.signum is None and self.stop_file and os.path.exists(self.stop_file):
-            self.signum = signal.SIGUSR1
+            self.signum, self.reason = signal.SIGUSR1, f"stop file {self.stop_file}"
         return self.signum is not None
 
 
@@ -286,11 +287,10 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                 last_ckpt = time.time()
             if stopping:
                 bar.close()
-                signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGUSR1
-                why = f"signal {signal.Signals(signum).name}" if stop is not None and stop.signum is not None \
-                    else "a signal to another process"
-                raise Preempted(f"stopped by {why} after step {done}/{total_steps}; checkpoint saved, "
-                                f"rerun the same command to resume", signum)
+                own = stop is not None and stop.signum is not None
+                raise Preempted(f"stopped by {stop.reason if own else 'a signal to another process'} after step "
+                                f"{done}/{total_steps}; checkpoint saved, rerun the same command to resume",
+                                stop.signum if own else signal.SIGUSR1)
     bar.close()
     if board is not None:
         board.close()
