@@ -19,6 +19,7 @@ MODEL_SOURCES = ("tiny", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
 SPLITS = ("train", "val", "test")
+TRAINABLE = ("all", "constrained")     # recoveries: every weight, or only the monotone-constrained modules
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2       # newest K kept
     gradient_checkpointing: bool = False
+    trainable: str = "all"          # recoveries: all | constrained (ablation: only the scope's modules train)
 
 
 @dataclass
@@ -99,8 +101,8 @@ class MonotoneConfig:
 @dataclass
 class EvalConfig:
     """Rolling-window perplexity on the test split (utils/perplexity.py states the convention)."""
-    max_len: int = 128              # tokens per window (model context for hub models)
-    stride: int = 64                # window advance; each token is scored once
+    max_len: int = 128              # tokens the model reads per window (at most its context)
+    stride: int = 64                # targets per window after the first; = max_len: lm-eval's windows
     batch_size: int = 16            # windows per forward pass (halved on CUDA OOM, never dropped)
 
 
@@ -187,6 +189,8 @@ class ExperimentConfig:
         for name in ("pretrain", "recovery_baseline", "recovery_monotone"):
             t = getattr(self, name)
             need(t.max_tokens > 0, f"{name}.max_tokens must be > 0")
+            need(t.trainable in TRAINABLE and (name != "pretrain" or t.trainable == "all"),
+                 f"{name}.trainable must be one of {', '.join(TRAINABLE)} (pretrain: all)")
             need(t.micro_batch_size > 0 and t.grad_accum_steps > 0, f"{name}.micro_batch_size and grad_accum_steps must be > 0")
             need(t.lr > 0, f"{name}.lr must be > 0")
             need(0 <= t.min_lr_fraction <= 1, f"{name}.min_lr_fraction must be in [0, 1]")
@@ -200,7 +204,7 @@ class ExperimentConfig:
         need(mo.init_eps > 0, "monotone.init_eps must be > 0")
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
         e, a = self.eval, self.attack
-        need(0 < e.stride < e.max_len, "eval.stride must be > 0 and < eval.max_len")
+        need(0 < e.stride <= e.max_len, "eval.stride must be > 0 and <= eval.max_len")
         need(m.source != "tiny" or e.max_len <= m.context_length, "eval.max_len must be <= model.context_length")
         need(e.batch_size > 0 and a.batch_size > 0, "eval.batch_size and attack.batch_size must be > 0")
         need(2 <= a.min_text_len <= a.text_len, "attack.min_text_len must be >= 2 and <= attack.text_len")
@@ -258,8 +262,8 @@ def _pythia(size: str) -> ExperimentConfig:
                     checkpoint_every_minutes=30.0, keep_checkpoints=2, gradient_checkpointing=True)
     cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery)
     cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
-    # lm-evaluation-harness style: full 2048 windows; stride 1024 gives every
-    # token at least 1024 tokens of context.
+    # Full 2048-token windows; stride 1024 gives every token at least 1024 tokens
+    # of context (stride 2048 would be lm-evaluation-harness's windows, half the cost).
     cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8)
     # Paper sizes: HotFlip 200 documents, 10 flips, 15% threshold; UAT trigger
     # of 10, 3 restarts x 50 sweeps, 80 texts to optimise, 120 to evaluate.

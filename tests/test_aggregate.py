@@ -77,7 +77,10 @@ def _write_seed(work, seed, success, skip=()):
             "history": {"tokens": 1000, "val_loss": 5.0, "best_val_loss": 5.0,
                         "steps": [{"tokens": 0, "val_loss": 7.0}, {"tokens": 1000, "val_loss": 5.0}]},
             "start_val_perplexity": math.exp(7), "final_val_perplexity": math.exp(5),
-            "movement": {"fraction_V_changed": 0.9 if arm == "monotonic" else None}}
+            "movement": {"fraction_V_changed": 0.9 if arm == "monotonic" else None,
+                         "groups": {"mlp_in": {"relative_delta": (0.02 + 0.02 * (seed == 2)) if arm == "monotonic"
+                                               else 0.4},
+                                    "attention": {"relative_delta": 0.5 if arm == "monotonic" else 0.3}}}}
     for name, obj in files.items():
         if name not in skip:
             (res / name).write_text(json.dumps(obj))
@@ -123,6 +126,8 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     md = (tmp_path / "final" / "results.md").read_text()
     assert "n = 2 seed(s); per seed 5 test documents (perplexity), 10 HotFlip texts, 10 UAT evaluation texts" in md
     assert "Preset `tiny`." in md and "Pretrained *" in md
+    # What recovery changed, per module group: mean over seeds of each arm's relative change.
+    assert "| mlp_in | 40.00% | 3.00% |" in md and "| attention | 30.00% | 50.00% |" in md
     # table.tex is a fragment to \input; table_standalone.tex compiles on its own.
     tex = (tmp_path / "final" / "table.tex").read_text()
     assert r"\documentclass" not in tex and r"\begin{document}" not in tex and tex.count(r"\begin{tabular}") == 1

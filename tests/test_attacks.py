@@ -14,7 +14,8 @@ from utils import hotflip, uat
 from utils.attack_core import embedding_grads, flip_scores, masked_mean, per_token_nll, target_mask
 from utils.compute import CPU
 from utils.modeling import build_tiny_model, load_model
-from utils.tokenization import TokenFile
+from utils.corpus import read_corpus
+from utils.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=50, context_length=64)
 
@@ -143,19 +144,25 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
         for i in (0, 3):       # independent recomputation, one window at a time, no padding
             doc = np.asarray(tokens[offsets[i]:offsets[i + 1] - 1], dtype=np.int64)
             seq = torch.tensor([c["eos_id"], *doc.tolist()])
-            total, scored_to = 0.0, 1
-            for begin in range(0, len(seq), c["stride"]):
-                end = min(begin + c["max_len"], len(seq))
+            # The stated windows: target chunks ending at max_len, then every stride tokens; each
+            # window reads the max_len tokens before its last target.
+            total, scored_to, end = 0.0, 1, min(len(seq), c["max_len"] + 1)
+            while end > scored_to:
+                begin = max(0, end - 1 - c["max_len"])
                 with torch.no_grad():
-                    logp = F.log_softmax(model(input_ids=seq[None, begin:end]).logits[0].double(), -1)
+                    logp = F.log_softmax(model(input_ids=seq[None, begin:end - 1]).logits[0].double(), -1)
                 for t in range(scored_to, end):
                     total -= logp[t - begin - 1, seq[t]].item()
-                scored_to = max(scored_to, end)
-                if end == len(seq):
-                    break
+                scored_to, end = end, min(len(seq), end + c["stride"])
             assert per["tokens"][i] == len(doc)
             assert total == pytest.approx(per["nll"][i], rel=1e-4)
     assert ev["models"]["monotonic_init"]["label"] == "monotone"
+    # Bits per byte divide by the bytes the tokenizer encoded (after its NFC normaliser).
+    tokenizer = load_tokenizer(work / "shared" / "tokenizer")
+    assert ev["utf8_bytes"] == sum(encoded_utf8_bytes(tokenizer, t) for t in read_corpus(work / ev["corpus_file"]))
+    assert "NFC" in ev["convention"]["utf8_bytes"]
+    for m in ev["models"].values():
+        assert m["bits_per_byte"] == pytest.approx(m["nll_sum"] / math.log(2) / ev["utf8_bytes"], rel=1e-12)
 
 
 @pytest.mark.slow

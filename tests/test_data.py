@@ -11,7 +11,7 @@ import zstandard
 from configs.experiment_config import DataConfig
 from utils.corpus import documents, local_documents, read_corpus, stdlib_documents
 from utils.run_files import PipelineError
-from utils.tokenization import TokenFile, train_bpe, write_split
+from utils.tokenization import TokenFile, encoded_utf8_bytes, normaliser_name, train_bpe, write_split
 from utils.training import PackedBatches
 
 
@@ -141,3 +141,20 @@ def test_packed_batches_are_a_pure_function_of_seed_and_step():
     starts = sorted(int(row[0]) for k in range(25) for row in a.batch(k))
     assert starts == list(range(0, 1000, 10))
     assert all(np.array_equal(r[1:] - r[:-1], np.ones(10)) for r in a.batch(3).numpy())
+
+
+def test_bits_per_byte_count_the_bytes_the_tokenizer_encodes(small_tokenizer):
+    """GPT-NeoX normalises to NFC before encoding: decomposed accents are counted as the composed
+    bytes that were encoded, not as the raw file's."""
+    import copy
+    import unicodedata
+    decomposed = "Cafe\u0301 na\u0308ive re\u0301sume\u0301"
+    composed = unicodedata.normalize("NFC", decomposed)
+    assert len(decomposed.encode()) == len(composed.encode()) + 4
+    assert normaliser_name(small_tokenizer) == "NFC"
+    ids = small_tokenizer(decomposed, add_special_tokens=False)["input_ids"]
+    assert small_tokenizer.decode(ids) == composed
+    assert encoded_utf8_bytes(small_tokenizer, decomposed) == len(composed.encode())
+    raw = copy.deepcopy(small_tokenizer)
+    raw.backend_tokenizer.normalizer = None                 # a tokenizer that encodes the text as it is
+    assert encoded_utf8_bytes(raw, decomposed) == len(decomposed.encode()) and normaliser_name(raw) is None

@@ -177,3 +177,47 @@ def test_a_copied_work_dir_uses_its_own_files(stage1_work, tmp_path):
     r = run_script("stage_4_evaluate", "--work-dir", str(moved), *fast_sets())
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "pretrained model recorded by stage 0 is not at" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_frozen_ablation_trains_only_the_constrained_modules(stage1_work, tmp_path):
+    """recovery_monotone.trainable=constrained: attention, embeddings and norms stay exactly as they
+    were; the per-group report shows it, and the certificate still holds."""
+    work = _clone(stage1_work, tmp_path, "frozen")
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--set", "recovery_monotone.max_tokens=6144",
+                   "--set", "recovery_monotone.trainable=constrained")
+    assert r.returncode == 0, r.stderr
+    assert "ablation: only the modules of scope mlp_both train" in r.stdout
+    report = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())
+    groups = report["movement"]["groups"]
+    assert set(groups) == {"mlp_in", "mlp_out", "attention", "embeddings", "norms"}
+    assert groups["mlp_in"]["relative_delta"] > 0 and groups["mlp_out"]["relative_delta"] > 0
+    assert all(groups[g]["relative_delta"] == 0 for g in ("attention", "embeddings", "norms"))
+    assert report["certificate"]["monotone"] and report["recipe"]["trainable"] == "constrained"
+
+
+def test_weight_change_is_reported_per_module_group():
+    import copy
+    from configs.experiment_config import ModelConfig
+    from utils.modeling import build_tiny_model
+    from utils.recovery import module_group, weight_change_by_group
+    start = build_tiny_model(ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=97), 0)
+    out = start.get_output_embeddings()
+    names = {n: module_group(n, m, out) for n, m in start.named_modules()
+             if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    assert names["gpt_neox.embed_in"] == names["lm_head"] == "embeddings"       # input and output embeddings
+    assert names["gpt_neox.layers.1.mlp.dense_h_to_4h"] == "mlp_in"
+    assert names["gpt_neox.layers.1.mlp.dense_4h_to_h"] == "mlp_out"
+    assert names["gpt_neox.layers.0.attention.query_key_value"] == names["gpt_neox.layers.0.attention.dense"] \
+        == "attention"
+    assert names["gpt_neox.layers.0.input_layernorm"] == names["gpt_neox.final_layer_norm"] == "norms"
+    trained = copy.deepcopy(start)
+    with torch.no_grad():
+        w = trained.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
+        w.mul_(1.5)                                     # +50% on one of the two mlp_in weight matrices
+    groups = weight_change_by_group(start, trained)
+    mlp_in = [start.gpt_neox.layers[i].mlp.dense_h_to_4h for i in (0, 1)]
+    mass = sum(float(m.weight.abs().sum() + m.bias.abs().sum()) for m in mlp_in)
+    expected = 0.5 * float(mlp_in[0].weight.abs().sum()) / mass
+    assert groups["mlp_in"]["relative_delta"] == pytest.approx(expected, rel=1e-5)
+    assert all(v["relative_delta"] == 0 for g, v in groups.items() if g != "mlp_in")

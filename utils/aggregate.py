@@ -102,6 +102,9 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                 "tokens": h["tokens"], "final_val_loss": h["val_loss"], "best_val_loss": h["best_val_loss"],
                 "start_val_perplexity": tr["start_val_perplexity"], "final_val_perplexity": tr["final_val_perplexity"],
                 "fraction_V_changed": tr["movement"]["fraction_V_changed"],
+                "trainable": tr.get("recipe", {}).get("trainable", "all"),
+                "relative_weight_change": {g: v["relative_delta"]
+                                           for g, v in tr["movement"].get("groups", {}).items()},
                 "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None],
                 "train_curve": [(r["tokens"], r["train_loss"]) for r in h["steps"] if r.get("train_loss") is not None]}
     # Paired tests: baseline vs monotonic on the same documents.

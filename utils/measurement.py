@@ -23,7 +23,7 @@ from utils.modeling import load_model
 from utils.perplexity import aggregate, document_nll
 from utils.run_files import RunPaths, read_json, write_json
 from utils.stages import pretrained_model
-from utils.tokenization import TokenFile, load_tokenizer
+from utils.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer, normaliser_name
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
 CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
@@ -69,18 +69,22 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     test = TokenFile(paths.shared / "tokens", "test")
     corpus_file = paths.shared / "corpus" / "test.jsonl"
     docs = [test.document(i) for i in range(len(test))]
-    n_bytes = sum(len(t.encode("utf-8")) for t in read_corpus(corpus_file))
+    n_bytes = sum(encoded_utf8_bytes(tokenizer, t) for t in read_corpus(corpus_file))
     out = {
         "split": "test", "compute": compute.describe(), "token_file": paths.rel(test.path),
         "offsets_file": paths.rel(test.path).replace(".tokens.", ".offsets."), "corpus_file": paths.rel(corpus_file), "documents": len(docs), "utf8_bytes": n_bytes,
         "convention": {
             "unit": "per document: tokens[offsets[i]:offsets[i+1]-1] (the trailing EOS is not scored)",
             "sequence": "[EOS] + document, so the first token is predicted from EOS and every token is scored",
-            "windows": "rolling: at most max_len tokens, advancing by stride; each window scores only the "
-                       "tokens not scored before (earlier tokens are context, label -100)",
+            "windows": "targets in consecutive chunks (the first ends at token max_len, each next stride "
+                       "tokens later); each window reads the at most max_len tokens before its last target "
+                       "and scores only its chunk (the rest is context, label -100); stride = max_len is "
+                       "lm-evaluation-harness's loglikelihood_rolling",
             "max_len": e.max_len, "stride": e.stride, "eos_id": tokenizer.eos_token_id,
             "aggregate": "perplexity = exp(sum NLL / sum tokens) over all documents; "
-                         "bits_per_byte = sum NLL / ln 2 / UTF-8 bytes of the documents"},
+                         "bits_per_byte = sum NLL / ln 2 / utf8_bytes",
+            "utf8_bytes": f"UTF-8 bytes of the documents after the tokenizer's normaliser "
+                          f"({normaliser_name(tokenizer) or 'none'}), i.e. of the text that was encoded"},
         "models": {},
     }
     for arm, path in available_arms(paths).items():

@@ -2,12 +2,17 @@
 
 Convention (stated in every result that uses it): each document d is scored as
 the sequence [EOS] + d, so its first token is predicted from EOS (Pythia's
-bos = eos = 0) and exactly len(d) tokens are scored. Windows of at most
-`max_len` tokens advance by `stride`; a window scores only the tokens the
-previous one did not (context tokens get label -100), so every token keeps as
-much left context as the window allows (HF "perplexity of fixed-length models",
-lm-evaluation-harness rolling loglikelihood when stride = max_len - 1).
-Aggregation is exp(sum NLL / sum tokens), never a mean of per-document values.
+bos = eos = 0) and exactly len(d) tokens are scored. The targets are cut into
+consecutive chunks: the first ends at token max_len, each next one `stride`
+tokens later. Each window feeds the model the (at most) `max_len` tokens just
+before its last target and scores only its chunk (the rest is context, label
+-100), so every target sees at least max_len - stride earlier tokens (all of
+them in the first window) and the last window as many as fit. With
+stride = max_len these are exactly lm-evaluation-harness's
+loglikelihood_rolling windows (tested against lm_eval.utils); a smaller
+stride gives more context at max_len / stride times the cost (HF "perplexity
+of fixed-length models"). Aggregation is exp(sum NLL / sum tokens), never a
+mean of per-document values.
 """
 from __future__ import annotations
 
@@ -24,38 +29,37 @@ from utils.compute import Compute
 def rolling_windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows (begin, end, n_targets) over a sequence of n tokens whose first is context only.
 
-    The window covers seq[begin:end] and scores its last n_targets tokens.
-    Example: n=7, max_len=4, stride=2 -> [(0, 4, 3), (2, 6, 2), (4, 7, 1)]:
-    tokens 1-3, then 4-5, then 6; every target 1..6 exactly once.
+    The model reads seq[begin:end-1] (at most max_len tokens) and the window scores the last
+    n_targets tokens of seq[begin+1:end]. Example: n=7, max_len=3, stride=2 ->
+    [(0, 4, 3), (2, 6, 2), (3, 7, 1)]: tokens 1-3, then 4-5 (read: 2-4), then 6 (read: 3-5);
+    every target 1..6 exactly once.
     """
-    if not 0 < stride < max_len:
-        raise ValueError(f"need 0 < stride < max_len, got stride={stride}, max_len={max_len}")
-    windows, scored_to = [], 1
-    for begin in range(0, n, stride):
-        end = min(begin + max_len, n)
-        if end > scored_to:
-            windows.append((begin, end, end - scored_to))
-            scored_to = end
-        if end == n:
-            break
+    if not 0 < stride <= max_len:
+        raise ValueError(f"need 0 < stride <= max_len, got stride={stride}, max_len={max_len}")
+    windows, scored_to, end = [], 1, min(n, max_len + 1)
+    while end > scored_to:
+        windows.append((max(0, end - 1 - max_len), end, end - scored_to))
+        scored_to, end = end, min(n, end + stride)
     return windows
 
 
 @torch.no_grad()
 def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float]:
-    """Sum of target NLLs per (input_ids, n_targets) row, right-padded into one batch."""
-    width = max(len(s) for s, _ in seqs)
+    """Sum of target NLLs per (window tokens, n_targets) row: the model reads all but the last
+    token of each window, rows right-padded into one batch."""
+    width = max(len(s) for s, _ in seqs) - 1
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for r, (s, n_targets) in enumerate(seqs):
-        ids[r, :len(s)] = torch.from_numpy(s)
-        labels[r, len(s) - n_targets:len(s)] = ids[r, len(s) - n_targets:len(s)]
-        mask[r, :len(s)] = 1
+        n = len(s) - 1
+        ids[r, :n] = torch.from_numpy(s[:-1])
+        labels[r, n - n_targets:n] = torch.from_numpy(s[len(s) - n_targets:])
+        mask[r, :n] = 1
     ids, labels, mask = ids.to(compute.device), labels.to(compute.device), mask.to(compute.device)
     with compute.autocast(), parametrize.cached():     # softplus(V) once per forward
         logits = model(input_ids=ids, attention_mask=mask).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none")
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
     return nll.sum(dim=1).tolist()
 
 

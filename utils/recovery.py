@@ -28,6 +28,55 @@ SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline", "prec
             "monotonic": ("model", "data", "pretrain", "monotone", "recovery_monotone", "precision")}
 
 
+MLP_IN = ("dense_h_to_4h", "up_proj", "gate_proj", "c_fc", "fc1")     # GPT-NeoX, Llama, GPT-2, OPT names
+GROUPS = ("mlp_in", "mlp_out", "attention", "embeddings", "norms", "other")
+
+
+def module_group(name: str, module: torch.nn.Module, output_embeddings: torch.nn.Module) -> str:
+    """Which part of a transformer a module with weights belongs to."""
+    parts = name.split(".")
+    if isinstance(module, torch.nn.Embedding) or module is output_embeddings:
+        return "embeddings"
+    if "norm" in type(module).__name__.lower():
+        return "norms"
+    if "mlp" in parts:
+        return "mlp_in" if parts[-1] in MLP_IN else "mlp_out"
+    if {"attention", "self_attn", "attn"} & set(parts):
+        return "attention"
+    return "other"
+
+
+@torch.no_grad()
+def weight_change_by_group(start, trained) -> dict:
+    """Relative change sum |W1 - W0| / sum |W0| of the effective weights and biases, per module group:
+    whether recovery moved the (constrained) MLPs or got around them through attention and embeddings."""
+    sums = {}
+    start_by_name = dict(start.named_modules())
+    out_emb = trained.get_output_embeddings()
+    for name, mod in trained.named_modules():
+        tensors = [t for t in ("weight", "bias") if isinstance(getattr(mod, t, None), torch.Tensor)]
+        if not tensors:
+            continue
+        acc = sums.setdefault(module_group(name, mod, out_emb), [0.0, 0.0, 0])
+        for t in tensors:
+            w0, w1 = getattr(start_by_name[name], t).float().cpu(), getattr(mod, t).float().cpu()
+            acc[0] += float((w1 - w0).abs().sum())
+            acc[1] += float(w0.abs().sum())
+            acc[2] += w0.numel()
+    return {g: {"relative_delta": d / m if m else None, "mean_abs_delta": d / n, "parameters": n}
+            for g in GROUPS if g in sums for d, m, n in [sums[g]]}
+
+
+def freeze_all_but_constrained(model, scope: str) -> int:
+    """The ablation recipe.trainable = constrained: only the scope's modules (the monotone MLPs: their
+    pre-parameters V and biases) train, so the question is whether they themselves recover.
+    Returns the number of trainable parameters."""
+    model.requires_grad_(False)
+    for module in constrained_modules(model, scope).values():
+        module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @torch.no_grad()
 def movement_report(start, trained, scope: str) -> dict:
     """How far training moved the weights: a frozen constraint shows up here (trap 2).
@@ -59,6 +108,7 @@ def movement_report(start, trained, scope: str) -> dict:
     for group, (delta, n, mass) in sums.items():
         out[f"mean_abs_delta_W_{group}"] = delta / n
         out[f"relative_delta_W_{group}"] = delta / mass
+    out["groups"] = weight_change_by_group(start, trained)
     return out
 
 
@@ -101,6 +151,10 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
 
     checkpointer = Checkpointer(paths.seed_dir / "checkpoints" / arm, cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
+    if recipe.trainable == "constrained":
+        n = freeze_all_but_constrained(model, cfg.monotone.scope)
+        if main:
+            print(f"[{arm}] ablation: only the modules of scope {cfg.monotone.scope} train ({n:,} parameters)")
     if main:
         print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
               f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}, "
@@ -141,4 +195,6 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
           f"mean |dW| constrained {mv['mean_abs_delta_W_constrained']:.2e}, "
           f"unconstrained {mv['mean_abs_delta_W_unconstrained']:.2e}"
           + (f"; {mv['fraction_V_changed']:.1%} of V changed" if mv["fraction_V_changed"] is not None else ""))
+    print(f"[{arm}] relative |dW| by group: " + ", ".join(
+        f"{g} {v['relative_delta']:.1%}" for g, v in mv["groups"].items() if v["relative_delta"] is not None))
     return outputs + [str(result_path), str(paths.models / arm / "config.json")]

@@ -58,6 +58,29 @@ def _sizes(final: dict) -> str:
             f"{n('n_hotflip_texts')} HotFlip texts, {n('n_uat_texts')} UAT evaluation texts.")
 
 
+def weight_change_table(final: dict) -> list[str]:
+    """Relative |dW| per module group and arm, mean over seeds: what recovery actually changed."""
+    runs = [(arm, t) for s in final["per_seed"].values() for arm, t in s["training"].items()
+            if t.get("relative_weight_change")]
+    if not runs:
+        return []
+    arms = [a for a in ("baseline", "monotonic") if any(arm == a for arm, _ in runs)]
+    groups = [g for g in ("mlp_in", "mlp_out", "attention", "embeddings", "norms", "other")
+              if any(g in t["relative_weight_change"] for _, t in runs)]
+    frozen = sorted({f"{arm}: only the constrained modules trained" for arm, t in runs if t["trainable"] != "all"})
+    lines = ["", "## What recovery changed (relative weight change sum|W1 - W0| / sum|W0| per module group, "
+                 "mean over seeds)", ""] + ([f"Ablation: {'; '.join(frozen)}.", ""] if frozen else []) + \
+            ["| Group | " + " | ".join(ARM_NAMES[a] for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    for g in groups:
+        cells = []
+        for a in arms:
+            vals = [t["relative_weight_change"][g] for arm, t in runs
+                    if arm == a and t["relative_weight_change"].get(g) is not None]
+            cells.append(f"{100 * sum(vals) / len(vals):.2f}%" if vals else "n/a")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(final: dict) -> str:
     seeds = final["seeds"]
     lines = [f"# Results: monotone MLPs vs. adversarial attacks ({final['preset']}, seeds {', '.join(map(str, seeds))})", ""]
@@ -117,6 +140,7 @@ def markdown(final: dict) -> str:
             frac = "n/a" if t["fraction_V_changed"] is None else f"{100 * t['fraction_V_changed']:.1f}%"
             lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {t['start_val_perplexity']:.1f} -> "
                          f"{t['final_val_perplexity']:.1f} | {frac} |")
+    lines += weight_change_table(final)
     lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png, uat_transfer.png", ""]
     return "\n".join(lines)
 

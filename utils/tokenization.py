@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.run_files import PipelineError, publish
@@ -30,8 +30,10 @@ EOS = "<|endoftext|>"   # id 0, as Pythia's bos = eos = 0
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens=(EOS,)) -> PreTrainedTokenizerFast:
-    """Byte-level BPE like GPT-NeoX's, trained on `texts` (deterministic); special tokens first (EOS = 0)."""
+    """Byte-level BPE like GPT-NeoX's (NFC normaliser), trained on `texts` (deterministic); special
+    tokens first (EOS = 0)."""
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), min_frequency=2,
@@ -40,6 +42,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens=(EOS,)) -> P
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
                                    unk_token=EOS, model_max_length=10**9)
+
+
+def normaliser_name(tokenizer) -> str | None:
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    return type(normalizer).__name__ if normalizer is not None else None
+
+
+def encoded_utf8_bytes(tokenizer, text: str) -> int:
+    """UTF-8 bytes of `text` as the tokenizer sees it: after its normaliser (GPT-NeoX: NFC), so
+    bits per byte divide by the bytes that were actually encoded."""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    return len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
 
 
 def load_tokenizer(path: Path):
