@@ -19,6 +19,7 @@ MODEL_SOURCES = ("tiny", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
 SPLITS = ("train", "val", "test")
+HELDOUT_OVERLAP = ("report", "drop")
 TRAINABLE = ("all", "constrained")     # recoveries: every weight, or only the monotone-constrained modules
 
 
@@ -53,6 +54,10 @@ class DataConfig:
     min_chars: int = 200            # documents shorter than this are dropped
     stdlib_val_fraction: float = 0.1   # stdlib corpus: split by a hash of the document id
     stdlib_test_fraction: float = 0.1
+    # Held-out documents sharing more than this fraction of their 12-token n-grams with the training
+    # split are near-duplicates (utils/overlap.py): always counted in the manifest; "drop" removes them.
+    near_duplicate_threshold: float = 0.5
+    heldout_overlap: str = "report"  # report | drop
     seq_len: int = 128              # tokens per training / evaluation window
     quick: bool = True              # quick: the quick_* document counts; full: the others
     max_epochs: float = 1.0         # passes over the training tokens a training budget may take (> 1 repeats data)
@@ -184,6 +189,8 @@ class ExperimentConfig:
         need(d.max_epochs > 0, "data.max_epochs must be > 0")
         need(0 < d.stdlib_val_fraction and 0 < d.stdlib_test_fraction
              and d.stdlib_val_fraction + d.stdlib_test_fraction < 1, "data.stdlib_*_fraction must be > 0 and sum to < 1")
+        need(d.heldout_overlap in HELDOUT_OVERLAP, f"data.heldout_overlap must be one of {', '.join(HELDOUT_OVERLAP)}")
+        need(0 < d.near_duplicate_threshold <= 1, "data.near_duplicate_threshold must be in (0, 1]")
         for s in SPLITS:
             need(getattr(d, f"{s}_docs") >= 0 and getattr(d, f"quick_{s}_docs") >= 0, f"data.{s}_docs must be >= 0")
         for name in ("pretrain", "recovery_baseline", "recovery_monotone"):
@@ -228,6 +235,8 @@ def _tiny() -> ExperimentConfig:
     # The stdlib corpus holds ~0.24M training tokens: the pretraining below takes
     # ~2.2 passes over them and each recovery ~1.1 (every training run prints its count).
     cfg.data.max_epochs = 3.0
+    # Docstrings repeat each other (overloads, subclasses): held-out near-copies of training text are removed.
+    cfg.data.heldout_overlap = "drop"
     # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
     cfg.pretrain = TrainConfig(max_tokens=520_000, micro_batch_size=16, lr=3e-3,
                                warmup_fraction=0.05, weight_decay=0.1)

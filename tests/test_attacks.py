@@ -229,3 +229,17 @@ def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured
             targets = target_mask(len(orig), rec["modified_positions"])
             assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=0.05)
             assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=0.05)
+
+
+def test_forbidden_tokens_cover_added_special_tokens_without_a_role(tmp_path):
+    """GPT-NeoX-20B's layout: <|endoftext|> = 0 (eos), <|padding|> = 1 marked special but with no
+    named role, so transformers 5's all_special_ids omits it; attacks must still never insert it."""
+    from utils.attack_core import forbidden_tokens
+    from utils.tokenization import train_bpe
+    texts = ["the quick brown fox jumps over the lazy dog " * 3] * 40
+    train_bpe(texts, 300, special_tokens=("<|endoftext|>", "<|padding|>")).save_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    assert 1 not in tok.all_special_ids and tok.convert_ids_to_tokens(1) == "<|padding|>"
+    rows = len(tok) + 20                                   # embedding rows padded past the tokenizer
+    f = forbidden_tokens(tok, rows)
+    assert f[0] and f[1] and f[len(tok):].all() and not f[2:len(tok)].any()

@@ -158,3 +158,56 @@ def test_bits_per_byte_count_the_bytes_the_tokenizer_encodes(small_tokenizer):
     raw = copy.deepcopy(small_tokenizer)
     raw.backend_tokenizer.normalizer = None                 # a tokenizer that encodes the text as it is
     assert encoded_utf8_bytes(raw, decomposed) == len(decomposed.encode()) and normaliser_name(raw) is None
+
+
+
+def _token_file(tmp_path, split, docs, eos=0):
+    """A split's token files, written as write_split writes them: each document, then EOS."""
+    tokens = np.concatenate([np.append(np.asarray(d), eos) for d in docs]).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])]).astype(np.int64)
+    np.save(tmp_path / f"{split}.tokens.npy", tokens)
+    np.save(tmp_path / f"{split}.offsets.npy", offsets)
+    return TokenFile(tmp_path, split)
+
+
+def _containment(doc, train_docs, n=12):
+    """Plain-Python reference: the fraction of doc's n-grams found in any training document."""
+    grams = lambda d: [tuple(d[i:i + n]) for i in range(len(d) - n + 1)]  # noqa: E731
+    seen = {g for d in train_docs for g in grams(list(d))}
+    mine = grams(list(doc))
+    return sum(g in seen for g in mine) / len(mine)
+
+
+def test_near_duplicates_of_training_text_are_found_on_constructed_documents(tmp_path):
+    from utils.overlap import heldout_overlap, sampling_rate
+    rng = np.random.default_rng(0)
+    train = [rng.integers(1, 5000, 300) for _ in range(20)]
+    copy = train[3].copy()
+    edited = train[5].copy()
+    edited[::10] = rng.integers(1, 5000, 30)              # one token in ten changed: few 12-grams survive
+    spliced = np.concatenate([train[7][:100], rng.integers(1, 5000, 60)])   # 100 copied tokens, 60 new
+    across = np.concatenate([train[8][-20:], train[9][:20]])   # spans a document boundary of the train split
+    fresh = rng.integers(1, 5000, 200)
+    held = [copy, edited, spliced, across, fresh, train[2][:8]]     # the last is shorter than one n-gram
+    r = heldout_overlap(_token_file(tmp_path, "train", train), _token_file(tmp_path, "test", held), 0, 0.5)
+    for doc, got in zip(held[:5], r["containment"]):
+        assert got == pytest.approx(_containment(doc, train))
+    assert r["containment"][0] == 1.0 and r["containment"][4] == 0.0 and r["containment"][1] < 0.5
+    assert 0.5 < r["containment"][2] < 1
+    assert r["containment"][3] == pytest.approx(18 / 29)       # the 11 n-grams across the boundary are new
+    assert r["near_duplicate_docs"] == [0, 2, 3] and r["too_short_to_check"] == 1 and r["sample_rate"] == 1
+    assert sampling_rate(10**9) == 32 and sampling_rate(1 << 25) == 1
+
+
+def test_stage_0_removes_held_out_near_duplicates_of_the_tiny_corpus(tiny_run):
+    """The tiny preset drops them (docstrings repeat each other); what remains is below the threshold."""
+    from utils.overlap import heldout_overlap
+    cfg, paths = tiny_run
+    manifest = json.loads((paths.shared / "manifest.json").read_text())
+    for split in ("val", "test"):
+        report = manifest["heldout_overlap"][split]
+        assert report["removed"] == report["near_duplicates"] > 0
+        assert manifest["corpus"][split]["documents"] == report["documents"] - report["removed"]
+        again = heldout_overlap(TokenFile(paths.shared / "tokens", "train"), TokenFile(paths.shared / "tokens", split),
+                                0, cfg.data.near_duplicate_threshold)
+        assert again["near_duplicates"] == 0 and again["documents"] == manifest["corpus"][split]["documents"]

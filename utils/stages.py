@@ -14,10 +14,11 @@ import torch
 
 from configs.experiment_config import SPLITS, ExperimentConfig
 from utils.compute import Compute
-from utils.corpus import documents
+from utils.corpus import documents, read_corpus
 from utils.hub import fetch_dataset, fetch_model, file_sha256
 from utils.modeling import build_tiny_model, load_model, save_model
 from utils.monotonicity import apply_monotonicity, certify
+from utils.overlap import heldout_overlap
 from utils.perplexity import aggregate, document_nll
 from utils.run_files import PipelineError, RunPaths, code_revision, read_json, share_modes, write_json
 from utils.tokenization import TokenFile, load_tokenizer, train_bpe, write_split
@@ -110,6 +111,11 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                                 f"{split}.jsonl", shared / "tokens", split, max_docs=d.max_docs(split),
                                                 max_tokens=need if split == "train" else 0)
     tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
+    manifest["heldout_overlap"] = {}
+    for split in ("val", "test"):
+        manifest["heldout_overlap"][split] = heldout_near_duplicates(cfg, paths, tokenizer, tok, split,
+                                                                     manifest["corpus"])
+    tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
     check_split_sizes(cfg, tok)
     manifest["training_data"] = data_budget(cfg, tok["train"])
     if cfg.model.source == "tiny":
@@ -129,6 +135,26 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     write_json(shared / "manifest.json", manifest)
     return [str(shared / "manifest.json"), str(pretrained / "config.json")] + \
            [str(t.path) for t in tok.values()]
+
+
+def heldout_near_duplicates(cfg: ExperimentConfig, paths: RunPaths, tokenizer, tok: dict[str, TokenFile],
+                            split: str, corpus: dict) -> dict:
+    """Count the split's near-duplicates of training text; with data.heldout_overlap = drop, rewrite
+    the split without them (corpus[split] is updated)."""
+    d = cfg.data
+    report = heldout_overlap(tok["train"], tok[split], tokenizer.eos_token_id, d.near_duplicate_threshold)
+    report.pop("containment")
+    near = set(report["near_duplicate_docs"])
+    report["removed"] = len(near) if d.heldout_overlap == "drop" else 0
+    if report["removed"]:
+        corpus_file = paths.shared / "corpus" / f"{split}.jsonl"
+        kept = [t for i, t in enumerate(read_corpus(corpus_file)) if i not in near]
+        corpus[split] = write_split(iter(kept), tokenizer, corpus_file, paths.shared / "tokens", split)
+    print(f"[setup] {split}: {report['near_duplicates']} of {report['documents']} documents share more than "
+          f"{d.near_duplicate_threshold:.0%} of their {report['shingle_tokens']}-token n-grams with the training "
+          f"split" + (" (removed)" if report["removed"] else "")
+          + (f"; n-grams sampled 1 in {report['sample_rate']}" if report["sample_rate"] > 1 else ""))
+    return report
 
 
 def check_split_sizes(cfg: ExperimentConfig, tok: dict[str, TokenFile]) -> None:
