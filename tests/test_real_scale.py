@@ -136,6 +136,10 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     md = (work / "final" / "results.md").read_text()
     assert f"Preset `{PRESET}`. Model: local {model_dir}." in md and "jsonl.zst" in md   # what was measured
     assert final["per_seed"]["42"]["training"]["monotonic"]["train_curve"]
+    # A hub-layout source is checked for held-out text repeating training text, and not changed (report).
+    overlap = json.loads((work / "shared" / "manifest.json").read_text())["heldout_overlap"]
+    assert set(overlap) == {"val", "test"} and all(o["removed"] == 0 for o in overlap.values())
+    assert "Held-out near-duplicates of training text" in md and "What recovery changed" in md
 
     # Shareable outputs: under umask 022 everything but checkpoints is 0644 / 0755.
     private = []

@@ -217,7 +217,10 @@ def provenance(work_dir: Path, preset: str) -> dict:
                                 if cfg["source"] != "stdlib" else "Python standard library docstrings"}
     return {"preset": preset, "model": {k: model.get(k) for k in ("source", "hub_id", "sha", "path") if model.get(k)},
             "data": {k: data[k] for k in ("source", "hub_id", "sha", "files") if k in data},
-            "documents": {s: c["documents"] for s, c in m.get("corpus", {}).items()}}
+            "documents": {s: c["documents"] for s, c in m.get("corpus", {}).items()},
+            "heldout_overlap": {s: {k: r[k] for k in ("documents", "near_duplicates", "removed", "threshold",
+                                                      "shingle_tokens", "sample_rate")}
+                                for s, r in m.get("heldout_overlap", {}).items()}}
 
 
 def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str) -> list[str]:

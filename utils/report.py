@@ -47,6 +47,13 @@ def _provenance(final: dict) -> list[str]:
     if pv.get("documents"):
         what.append("Documents (train / val / test): " + " / ".join(f"{pv['documents'][s]:,}" for s in
                                                                    ("train", "val", "test")) + ".")
+    overlap = pv.get("heldout_overlap")
+    if overlap:
+        r = next(iter(overlap.values()))
+        what.append(f"Held-out near-duplicates of training text (more than {r['threshold']:.0%} of their "
+                    f"{r['shingle_tokens']}-token n-grams in the training split): " + ", ".join(
+                        f"{s} {o['near_duplicates']} of {o['documents']}" + (" (removed)" if o["removed"] else "")
+                        for s, o in overlap.items()) + ".")
     return [" ".join(what), ""]
 
 
