@@ -96,6 +96,10 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     h = report["history"]
     assert h["precision"] == "fp32" and h["epochs"] <= 1 and h["training_tokens"] == train_tokens
     assert report["movement"]["fraction_V_changed"] > 0.99 and report["certificate"]["monotone"]
+    # Portable: the saved monotone model carries the custom code other Hugging Face tools need.
+    for arm in ("monotonic_init", "monotonic", "monotonic_best"):
+        config = json.loads((seed / "models" / arm / "config.json").read_text())
+        assert "auto_map" in config and (seed / "models" / arm / "modeling_monotone.py").exists()
 
     # Stages 4-6: every arm measured at the preset's shapes; no attack proposes a special token
     # (<|endoftext|>, <|padding|>) or one of the padded embedding rows.

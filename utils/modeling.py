@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,10 +29,23 @@ def build_tiny_model(m: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
     return GPTNeoXForCausalLM(config)
 
 
+PORTABLE_CODE = Path(__file__).parent / "portable" / "modeling_monotone.py"
+
+
 def save_model(model, path: Path, tokenizer=None, extra: dict | None = None) -> None:
-    """Save materialised weights (W = softplus(V)) as a HF directory, atomically."""
+    """Save materialised weights (W = softplus(V)) as a HF directory, atomically.
+
+    A model with the monotone activation also gets the custom code that defines it and an
+    `auto_map` to it, so any Hugging Face tool loads it with trust_remote_code=True."""
+    portable = getattr(model.config, "hidden_act", None) == "monotone_gelu"
+    if portable:
+        if not isinstance(model, GPTNeoXForCausalLM):
+            raise PipelineError(f"portable monotone checkpoints are defined for GPT-NeoX, not {type(model).__name__}")
+        model.config.auto_map = {"AutoModelForCausalLM": f"{PORTABLE_CODE.stem}.GPTNeoXForCausalLM"}
     with atomic_dir(Path(path)) as tmp:
         model.save_pretrained(tmp, state_dict=materialised_state_dict(model))
+        if portable:
+            shutil.copyfile(PORTABLE_CODE, tmp / PORTABLE_CODE.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra:
