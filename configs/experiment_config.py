@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16-mixed")
 DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
 SPLITS = ("train", "val", "test")
 HELDOUT_OVERLAP = ("report", "drop")
+HELDOUT_TASKS = ("heldout_lastword", "heldout_cloze")   # lm-eval tasks stage 0 builds from the test split
 TRAINABLE = ("all", "constrained")     # recoveries: every weight, or only the monotone-constrained modules
 
 
@@ -105,10 +106,14 @@ class MonotoneConfig:
 
 @dataclass
 class EvalConfig:
-    """Rolling-window perplexity on the test split (utils/perplexity.py states the convention)."""
+    """Rolling-window perplexity on the test split (utils/perplexity.py states the convention),
+    and zero-shot capability tasks through lm-evaluation-harness (utils/capabilities.py)."""
     max_len: int = 128              # tokens the model reads per window (at most its context)
     stride: int = 64                # targets per window after the first; = max_len: lm-eval's windows
     batch_size: int = 16            # windows per forward pass (halved on CUDA OOM, never dropped)
+    tasks: str = "heldout_lastword,heldout_cloze"   # lm-eval task names, comma-separated ("" = none)
+    task_limit: int = 0             # examples per task (0 = all)
+    task_batch_size: int = 16
 
 
 @dataclass
@@ -212,6 +217,8 @@ class ExperimentConfig:
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
         e, a = self.eval, self.attack
         need(0 < e.stride <= e.max_len, "eval.stride must be > 0 and <= eval.max_len")
+        need(e.task_limit >= 0 and e.task_batch_size > 0, "eval.task_limit must be >= 0, eval.task_batch_size > 0")
+
         need(m.source != "tiny" or e.max_len <= m.context_length, "eval.max_len must be <= model.context_length")
         need(e.batch_size > 0 and a.batch_size > 0, "eval.batch_size and attack.batch_size must be > 0")
         need(2 <= a.min_text_len <= a.text_len, "attack.min_text_len must be >= 2 and <= attack.text_len")
@@ -273,7 +280,8 @@ def _pythia(size: str) -> ExperimentConfig:
     cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
     # Full 2048-token windows; stride 1024 gives every token at least 1024 tokens
     # of context (stride 2048 would be lm-evaluation-harness's windows, half the cost).
-    cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8)
+    cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8, task_batch_size=8,
+                          tasks="lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag,sciq")
     # Paper sizes: HotFlip 200 documents, 10 flips, 15% threshold; UAT trigger
     # of 10, 3 restarts x 50 sweeps, 80 texts to optimise, 120 to evaluate.
     cfg.attack = AttackConfig(text_len=256, min_text_len=64, batch_size=32,

@@ -14,7 +14,7 @@ from configs.experiment_config import load_config  # noqa: E402
 from utils.run_files import RunPaths  # noqa: E402
 
 # Small budgets: the behaviour under test does not depend on a well-trained model.
-FAST = [("pretrain.max_tokens", "120000"), ("monotone.cert_trials", "16")]
+FAST = [("pretrain.max_tokens", "120000"), ("monotone.cert_trials", "16"), ("eval.task_limit", "40")]
 
 
 def tiny_config(work_dir: Path, extra=()):

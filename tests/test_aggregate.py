@@ -81,6 +81,10 @@ def _write_seed(work, seed, success, skip=()):
                          "groups": {"mlp_in": {"relative_delta": (0.02 + 0.02 * (seed == 2)) if arm == "monotonic"
                                                else 0.4},
                                     "attention": {"relative_delta": 0.5 if arm == "monotonic" else 0.3}}}}
+    correct = {"pretrained": 8, "monotonic_init": 2, "baseline": 7, "monotonic": 4}   # of 10 examples
+    files["capabilities.json"] = {"harness": "lm-evaluation-harness 0.4.13", "models": {a: {"tasks": {"heldout_cloze": {
+        "metrics": {"acc": k / 10, "acc_stderr": 0.1}, "n": 10, "correct": [float(i < k) for i in range(10)]}}}
+        for a, k in correct.items()}}
     for name, obj in files.items():
         if name not in skip:
             (res / name).write_text(json.dumps(obj))
@@ -128,6 +132,14 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert "Preset `tiny`." in md and "Pretrained *" in md
     # What recovery changed, per module group: mean over seeds of each arm's relative change.
     assert "| mlp_in | 40.00% | 3.00% |" in md and "| attention | 30.00% | 50.00% |" in md
+    # Capabilities: accuracy per task and arm; baseline vs monotone on the same examples of both seeds.
+    cap = acr["capabilities"]["heldout_cloze"]
+    assert cap["arms"]["baseline"]["mean"] == pytest.approx(0.7) and cap["arms"]["monotonic"]["n"] == 2
+    assert (cap["test"]["only_first"], cap["test"]["only_second"], cap["test"]["n"]) == (6, 0, 20)
+    assert cap["test"]["p_value"] == pytest.approx(2 / 2**6)
+    assert "## Capabilities (zero-shot accuracy, lm-evaluation-harness 0.4.13" in md
+    assert "| heldout_cloze | 80.0% [80.0, 80.0] | 20.0% [20.0, 20.0] | 70.0% [70.0, 70.0] | 40.0% [40.0, 40.0] | " \
+           "p = 0.0312 (baseline-only 6, monotone-only 0, n = 20) |" in md
     # table.tex is a fragment to \input; table_standalone.tex compiles on its own.
     tex = (tmp_path / "final" / "table.tex").read_text()
     assert r"\documentclass" not in tex and r"\begin{document}" not in tex and tex.count(r"\begin{tabular}") == 1

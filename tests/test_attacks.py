@@ -157,6 +157,13 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
             assert per["tokens"][i] == len(doc)
             assert total == pytest.approx(per["nll"][i], rel=1e-4)
     assert ev["models"]["monotonic_init"]["label"] == "monotone"
+    # Capabilities: lm-eval's held-out tasks on every arm, with per-example correctness.
+    caps = json.loads((work / "seed_42" / "results" / "capabilities.json").read_text())
+    assert caps["harness"].startswith("lm-evaluation-harness 0.4") and set(caps["models"]) == set(ev["models"])
+    for m in caps["models"].values():
+        for task in ("heldout_lastword", "heldout_cloze"):
+            r = m["tasks"][task]
+            assert r["n"] == 40 == len(r["correct"]) and sum(r["correct"]) / 40 == pytest.approx(r["metrics"]["acc"])
     # Bits per byte divide by the bytes the tokenizer encoded (after its NFC normaliser).
     tokenizer = load_tokenizer(work / "shared" / "tokenizer")
     assert ev["utf8_bytes"] == sum(encoded_utf8_bytes(tokenizer, t) for t in read_corpus(work / ev["corpus_file"]))

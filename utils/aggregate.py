@@ -19,6 +19,7 @@ INPUTS = {  # result file -> the stage that writes it
     "training_monotonic.json": "stage 3", "monotonicity_certificate_monotonic.json": "stage 3",
     "evaluation.json": "stage 4", "uat.json": "stage 5",
     "hotflip.json": "stage 6"}
+OPTIONAL_INPUTS = ("capabilities.json",)      # stage 4 writes it only when eval.tasks names tasks
 METRICS = ("perplexity", "hotflip_success_rate", "hotflip_mean_abs_delta_nll", "random_flip_mean_abs_delta_nll",
            "uat_abs_delta_nll", "uat_rel_delta_nll")
 SHARED_ARMS = ("pretrained", "monotonic_init")   # the same model for every seed: no seed changes them
@@ -37,7 +38,8 @@ def collect(work_dir: Path, seeds: list[int], allow_partial: bool) -> tuple[dict
     raw, missing = {}, {}
     for seed in seeds:
         results = work_dir / f"seed_{seed}" / "results"
-        raw[seed] = {name: read_json(results / name) for name in INPUTS if (results / name).exists()}
+        raw[seed] = {name: read_json(results / name) for name in (*INPUTS, *OPTIONAL_INPUTS)
+                     if (results / name).exists()}
         gone = [f"{name} ({stage})" for name, stage in INPUTS.items() if name not in raw[seed]]
         if gone:
             missing[seed] = gone
@@ -120,6 +122,12 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
         # the search is not (the across-seed test in pooled_tests is the one the verdict uses).
         out["tests"]["uat_abs_delta_nll_given_triggers"] = wilcoxon_paired(*_paired(_by_doc(ua["models"]["baseline"]["examples"], key),
                                                                      _by_doc(ua["models"]["monotonic"]["examples"], key)))
+    caps = raw.get("capabilities.json")
+    if caps:
+        out["capabilities"] = {arm: {task: {"acc": r["metrics"].get("acc"), "acc_stderr": r["metrics"].get("acc_stderr"),
+                                            "n": r["n"]} for task, r in m["tasks"].items()}
+                               for arm, m in caps["models"].items()}
+        out["capability_harness"] = caps["harness"]
     out["certificates"] = {arm: {"monotone": c["monotone"], "scope": c["scope"],
                                  "total_violations": c["total_violations"], "min_weight": c["min_weight"]}
                            for arm, name in (("monotonic_init", "monotonicity_certificate.json"),
@@ -161,6 +169,29 @@ def pooled_tests(raw: dict) -> dict:
     return out
 
 
+def capability_summary(per_seed: dict, raw: dict) -> dict:
+    """Per task: each arm's accuracy across seeds (t interval), and baseline vs monotone paired on the
+    same examples (McNemar, examples pooled over seeds)."""
+    tasks = sorted({t for s in per_seed.values() for arm in s.get("capabilities", {}).values() for t in arm})
+    out = {}
+    for task in tasks:
+        arms = sorted({a for s in per_seed.values() for a, r in s.get("capabilities", {}).items() if task in r})
+        row = {"arms": {a: t_interval([s["capabilities"][a][task]["acc"] for s in per_seed.values()
+                                       if task in s.get("capabilities", {}).get(a, {})]) for a in arms}}
+        first, second = [], []
+        for files in raw.values():
+            caps = files.get("capabilities.json")
+            if caps and all(task in caps["models"].get(a, {}).get("tasks", {}) for a in ("baseline", "monotonic")):
+                b, m = (caps["models"][a]["tasks"][task]["correct"] for a in ("baseline", "monotonic"))
+                first.extend(x > 0.5 for x in b)
+                second.extend(x > 0.5 for x in m)
+        if first:
+            row["test"] = {**mcnemar_exact(first, second), "unit": "task example, pooled over seeds",
+                           "n": len(first)}
+        out[task] = row
+    return out
+
+
 def verdicts(tests: dict, across: dict) -> dict:
     """Which arm is more robust (less damage) per measure, named only where its test says so at LEVEL."""
     out = {}
@@ -199,6 +230,8 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
         diffs = [s["arms"]["monotonic"][k] - s["arms"]["baseline"][k] for s in per_seed.values()
                  if k in s["arms"].get("monotonic", {}) and k in s["arms"].get("baseline", {})]
         out["monotonic_minus_baseline"][k] = t_interval(diffs)
+    if any("capabilities" in s for s in per_seed.values()):
+        out["capabilities"] = capability_summary(per_seed, raw)
     if {"baseline", "monotonic"} <= set(arms):
         out["tests"] = pooled_tests(raw)
         out["more_robust"] = verdicts(out["tests"], out["arms"])

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from configs.experiment_config import ExperimentConfig
+from configs.experiment_config import HELDOUT_TASKS, ExperimentConfig
 from utils import hotflip, uat
 from utils.attack_core import forbidden_tokens, select_texts
 from utils.corpus import read_corpus
 from utils.compute import Compute
 from utils.modeling import load_model
 from utils.perplexity import aggregate, document_nll
-from utils.run_files import RunPaths, read_json, write_json
+from utils.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.stages import pretrained_model
+from utils.capabilities import evaluate_capabilities, task_names
 from utils.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer, normaliser_name
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
@@ -87,6 +88,17 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                           f"({normaliser_name(tokenizer) or 'none'}), i.e. of the text that was encoded"},
         "models": {},
     }
+    tasks, task_data = task_names(e.tasks), paths.shared / "tasks"
+    missing = [t for t in tasks if t in HELDOUT_TASKS and not (task_data / f"{t}.jsonl").exists()]
+    if missing:
+        raise PipelineError(f"eval.tasks names {', '.join(missing)}, which stage 0 did not build (test split too "
+                            f"small?); see {paths.shared / 'manifest.json'}")
+    if tasks:
+        import lm_eval
+        caps = {"harness": f"lm-evaluation-harness {lm_eval.__version__}", "num_fewshot": 0,
+                "limit": e.task_limit or None, "tasks": tasks,
+                "compute": {"device": str(compute.device), "weights": "float32", "autocast": None},
+                "models": {}}
     for arm, path in available_arms(paths).items():
         t0 = time.time()
         model = _load(path, compute.device)
@@ -98,10 +110,20 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
         print(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
               f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
+        if tasks:
+            caps["models"][arm] = {"path": paths.rel(path), "tasks": evaluate_capabilities(
+                model, tokenizer, tasks, task_data, e.task_batch_size, e.max_len, e.task_limit, str(compute.device))}
+            print(f"[evaluate] {arm:<15} " + ", ".join(
+                f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
+                for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
         del model
     path = paths.results / "evaluation.json"
     write_json(path, out)
-    return [str(path)]
+    written = [str(path)]
+    if tasks:
+        write_json(paths.results / "capabilities.json", caps)
+        written.append(str(paths.results / "capabilities.json"))
+    return written
 
 
 # -- stage 5 -------------------------------------------------------------------

@@ -65,6 +65,26 @@ def _sizes(final: dict) -> str:
             f"{n('n_hotflip_texts')} HotFlip texts, {n('n_uat_texts')} UAT evaluation texts.")
 
 
+def capability_table(final: dict) -> list[str]:
+    """Zero-shot accuracy per task and arm (mean [t interval over seeds]) and the paired test."""
+    caps = final["across_seeds"].get("capabilities")
+    if not caps:
+        return []
+    harness = next((s["capability_harness"] for s in final["per_seed"].values() if "capability_harness" in s), "")
+    arms = [a for a in ORDER if any(a in row["arms"] for row in caps.values())]
+    lines = ["", f"## Capabilities (zero-shot accuracy, {harness}; mean [t-based 95% interval over seeds])", "",
+             "Baseline vs monotone: McNemar's exact test on the same examples, pooled over seeds.", "",
+             "| Task | " + " | ".join(ARM_NAMES[a] for a in arms) + " | Baseline vs monotone |",
+             "|---|" + "---|" * (len(arms) + 1)]
+    for task, row in caps.items():
+        cells = [_fmt(row["arms"][a], 100, 1, True) if a in row["arms"] else "n/a" for a in arms]
+        t = row.get("test")
+        test = (f"p = {t['p_value']:.3g} (baseline-only {t['only_first']}, monotone-only {t['only_second']}, "
+                f"n = {t['n']})") if t else "n/a"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {test} |")
+    return lines
+
+
 def weight_change_table(final: dict) -> list[str]:
     """Relative |dW| per module group and arm, mean over seeds: what recovery actually changed."""
     runs = [(arm, t) for s in final["per_seed"].values() for arm, t in s["training"].items()
@@ -147,6 +167,7 @@ def markdown(final: dict) -> str:
             frac = "n/a" if t["fraction_V_changed"] is None else f"{100 * t['fraction_V_changed']:.1f}%"
             lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {t['start_val_perplexity']:.1f} -> "
                          f"{t['final_val_perplexity']:.1f} | {frac} |")
+    lines += capability_table(final)
     lines += weight_change_table(final)
     lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png, uat_transfer.png", ""]
     return "\n".join(lines)

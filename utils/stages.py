@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from configs.experiment_config import SPLITS, ExperimentConfig
+from utils.capabilities import build_heldout_tasks, cache_task_datasets, task_names
 from utils.compute import Compute
 from utils.corpus import documents, read_corpus
 from utils.hub import fetch_dataset, fetch_model, file_sha256
@@ -117,6 +118,11 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                                                      manifest["corpus"])
     tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
     check_split_sizes(cfg, tok)
+    # Capability tasks: the held-out ones from the (final) test split; the harness's own cached for offline use.
+    manifest["capability_tasks"] = {**build_heldout_tasks(read_corpus(shared / "corpus" / "test.jsonl"),
+                                                          shared / "tasks"),
+                                    **cache_task_datasets(task_names(cfg.eval.tasks) if "hub" in (
+                                        cfg.model.source, d.source) else [])}
     manifest["training_data"] = data_budget(cfg, tok["train"])
     if cfg.model.source == "tiny":
         compute = Compute.from_config(cfg.device, cfg.precision)

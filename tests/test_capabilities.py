@@ -1,0 +1,69 @@
+"""Capability tasks through lm-evaluation-harness: the held-out tasks stage 0 builds, on real models."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils.capabilities import evaluate_capabilities
+from utils.corpus import read_corpus
+from utils.modeling import load_model
+from utils.tokenization import load_tokenizer
+
+TASKS = ["heldout_lastword", "heldout_cloze"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_scores(tiny_run):
+    _, paths = tiny_run
+    model = load_model(paths.shared / "models" / "pretrained").eval()
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    return model, tokenizer, evaluate_capabilities(model, tokenizer, TASKS, paths.shared / "tasks", 16, 128, 0, "cpu")
+
+
+def test_stage_0_builds_the_held_out_tasks_from_the_test_split(tiny_run):
+    _, paths = tiny_run
+    manifest = json.loads((paths.shared / "manifest.json").read_text())
+    assert manifest["capability_tasks"]["tasks"] == TASKS
+    test_docs = [" ".join(t.split()) for t in read_corpus(paths.shared / "corpus" / "test.jsonl")]
+    rows = [json.loads(line) for line in (paths.shared / "tasks" / "heldout_cloze.jsonl").read_text().splitlines()]
+    assert len(rows) == manifest["capability_tasks"]["examples"] >= 100
+    for row in rows[:50]:
+        answer = row["choices"][row["label"]]
+        assert any(d.startswith(row["context"] + " " + answer) for d in test_docs)  # a held-out passage, its word
+        assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+
+
+def test_the_pretrained_tiny_model_beats_chance(pretrained_scores):
+    _, _, scores = pretrained_scores
+    cloze, lastword = scores["heldout_cloze"], scores["heldout_lastword"]
+    assert cloze["metrics"]["acc"] - 2 * cloze["metrics"]["acc_stderr"] > 0.25     # four choices
+    assert lastword["metrics"]["acc"] - 2 * lastword["metrics"]["acc_stderr"] > 0  # greedy: chance ~ 1/vocab
+    assert len(cloze["correct"]) == cloze["n"] and sum(cloze["correct"]) / cloze["n"] == \
+        pytest.approx(cloze["metrics"]["acc"])
+
+
+def test_lm_eval_log_likelihoods_equal_our_forward_pass(tiny_run, pretrained_scores):
+    """The harness's numbers for a few cloze examples, recomputed with one forward pass each."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from utils.capabilities import write_task_configs
+    _, paths = tiny_run
+    model, tokenizer, _ = pretrained_scores
+    configs = paths.work_dir / "task_configs"
+    write_task_configs(paths.shared / "tasks", configs)
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu"),
+                                  tasks=["heldout_cloze"], limit=5, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(configs)), verbosity="ERROR")
+    samples = out["samples"]["heldout_cloze"]
+    assert len(samples) == 5
+    for sample in samples:
+        assert [c for _, c in sample["arguments"]] == [" " + c for c in sample["doc"]["choices"]]
+        for (context, choice), resp in zip(sample["arguments"], sample["resps"]):
+            n_ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor(tokenizer(context + choice, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=ids[None, :-1]).logits[0].double(), -1)
+            ours = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
+            assert resp[0][0] == pytest.approx(ours, abs=1e-4)
