@@ -142,7 +142,8 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
            "p = 0.0312 (baseline-only 6, monotone-only 0, n = 20) |" in md
     # table.tex is a fragment to \input; table_standalone.tex compiles on its own.
     tex = (tmp_path / "final" / "table.tex").read_text()
-    assert r"\documentclass" not in tex and r"\begin{document}" not in tex and tex.count(r"\begin{tabular}") == 1
+    assert r"\documentclass" not in tex and r"\begin{document}" not in tex and tex.count(r"\begin{tabular}") == 2
+    assert r"heldout\_cloze & 80.0" in tex                          # the capability table
     standalone = (tmp_path / "final" / "table_standalone.tex").read_text()
     assert standalone.startswith(r"\documentclass") and r"\usepackage{booktabs}" in standalone
     body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")]

@@ -202,10 +202,24 @@ def latex(final: dict, standalone: bool = False) -> str:
     table = [r"\begin{tabular}{lccccc}", r"\toprule",
              r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & UAT NLL increase & UAT $\Delta$NLL \\",
              r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", "", rf"\footnotesize {note}", ""]
+    table += _latex_capabilities(final)
     if not standalone:
         return "\n".join([f"% {final['preset']}: \\input this file; it needs \\usepackage{{booktabs}}", *table])
     return "\n".join([r"\documentclass[varwidth=\maxdimen]{standalone}", r"\usepackage{booktabs}",
                       r"\begin{document}", *table, r"\end{document}", ""])
+
+
+def _latex_capabilities(final: dict) -> list[str]:
+    """Zero-shot accuracy (%) per task (rows) and arm (columns), when stage 4 evaluated tasks."""
+    caps = final["across_seeds"].get("capabilities")
+    if not caps:
+        return []
+    arms = [a for a in ORDER if any(a in row["arms"] for row in caps.values())]
+    rows = [task.replace("_", r"\_") + " & " + " & ".join(
+        _tex_cell(row["arms"].get(a), 100, 1) for a in arms) + r" \\" for task, row in caps.items()]
+    return [r"\begin{tabular}{l" + "c" * len(arms) + "}", r"\toprule",
+            "Task & " + " & ".join(ARM_NAMES[a] for a in arms) + r" \\", r"\midrule", *rows, r"\bottomrule",
+            r"\end{tabular}", "", r"\footnotesize Zero-shot accuracy (\%), lm-evaluation-harness.", ""]
 
 
 def training_figure(final: dict):
