@@ -35,11 +35,12 @@ def check_config():
 
 
 def check_imports():
-    import datasets, numpy, safetensors, tokenizers, torch, transformers, zstandard  # noqa: F401,E401
+    import datasets, lm_eval, numpy, safetensors, tokenizers, torch, transformers, zstandard  # noqa: F401,E401
     import utils  # noqa: F401
     from transformers.activations import ACT2FN
     assert type(ACT2FN["monotone_gelu"]).__name__ == "MonotoneGELU"
-    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"lm-evaluation-harness {lm_eval.__version__}")
 
 
 def check_determinism():
