@@ -145,6 +145,12 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     overlap = json.loads((work / "shared" / "manifest.json").read_text())["heldout_overlap"]
     assert set(overlap) == {"val", "test"} and all(o["removed"] == 0 for o in overlap.values())
     assert "Held-out near-duplicates of training text" in md and "What recovery changed" in md
+    # Capabilities: lm-eval's held-out tasks on every arm, in the report.
+    caps = json.loads((seed / "results" / "capabilities.json").read_text())
+    assert set(caps["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic"}
+    assert all(m["tasks"]["heldout_cloze"]["n"] == 20 for m in caps["models"].values())
+    assert "## Capabilities (zero-shot accuracy, lm-evaluation-harness 0.4.13" in md
+    assert set(final["across_seeds"]["capabilities"]) == {"heldout_lastword", "heldout_cloze"}
 
     # Shareable outputs: under umask 022 everything but checkpoints is 0644 / 0755.
     private = []
