@@ -21,7 +21,9 @@ DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
 SPLITS = ("train", "val", "test")
 HELDOUT_OVERLAP = ("report", "drop")
 HELDOUT_TASKS = ("heldout_lastword", "heldout_cloze")   # lm-eval tasks stage 0 builds from the test split
-TRAINABLE = ("all", "constrained")     # recoveries: every weight, or only the monotone-constrained modules
+TRAINABLE = ("all", "constrained")
+UAT_SEARCHES = ("beam", "gcg")          # Wallace et al.'s left-to-right beam search, or GCG
+TEXT_ATTACKS = ("hotflip", "gcg")       # stage 6: searches under HotFlip's threat model     # recoveries: every weight, or only the monotone-constrained modules
 
 
 class ConfigError(ValueError):
@@ -118,7 +120,7 @@ class EvalConfig:
 
 @dataclass
 class AttackConfig:
-    """Shared by UAT (stage 5) and HotFlip (stage 6); texts come from the test split."""
+    """Shared by UAT (stage 5), HotFlip and GCG (stage 6); texts come from the test split."""
     text_len: int = 64              # tokens per attacked text (documents are truncated)
     min_text_len: int = 32          # shorter documents are not attacked
     batch_size: int = 64            # sequences per exact re-evaluation forward pass
@@ -127,15 +129,30 @@ class AttackConfig:
     uat_eval_texts: int = 24        # disjoint texts it is evaluated on
     uat_trigger_len: int = 4
     uat_restarts: int = 2
-    uat_max_sweeps: int = 5         # left-to-right sweeps; stops after one without gain
-    uat_top_k: int = 8              # candidate tokens per position (first-order scores)
+    uat_search: str = "beam"        # beam (Wallace et al.) | gcg (uses the gcg_* settings)
+    uat_max_sweeps: int = 5         # beam: left-to-right sweeps; stops after one without gain
+    uat_top_k: int = 8              # beam: candidate tokens per position (first-order scores)
     uat_beam: int = 2
-    # HotFlip (Ebrahimi et al. 2018)
+    # Screening (exact, cheaper): every candidate on the first uat_screen_texts optimisation texts,
+    # the best uat_screen_keep on all of them; 0 = every candidate on every text.
+    uat_screen_texts: int = 0
+    uat_screen_keep: int = 0
+    # Stage 6: searches under HotFlip's threat model (Ebrahimi et al. 2018; GCG, Zou et al. 2023)
+    text_attacks: str = "hotflip,gcg"   # comma-separated, see TEXT_ATTACKS
     hotflip_texts: int = 24
-    hotflip_max_flips: int = 5
+    hotflip_max_flips: int = 5      # also GCG's limit on modified tokens (the same threat model)
     hotflip_top_k: int = 16         # (position, token) candidates per beam item and flip
     hotflip_beam: int = 2
+    gcg_texts: int = 24             # GCG attacks the first gcg_texts of HotFlip's texts
+    # GCG (nanoGCG's defaults: 250 steps, width 512, top-k 256, buffer 0), scaled to the preset
+    gcg_steps: int = 12
+    gcg_search_width: int = 32      # random single swaps scored exactly per step
+    gcg_top_k: int = 32             # tokens per position from the one-hot gradient
+    gcg_buffer: int = 0             # 0: continue from each step's best swap; B: from the best of the B best seen
     success_threshold: float = 0.15  # relative NLL increase counted as a successful attack
+
+    def text_attack_names(self) -> list[str]:
+        return [n.strip() for n in self.text_attacks.split(",") if n.strip()]
 
 
 @dataclass
@@ -225,8 +242,17 @@ class ExperimentConfig:
         need(m.source != "tiny" or a.text_len + a.uat_trigger_len + 1 <= m.context_length,
              "attack.text_len + attack.uat_trigger_len + 1 must fit model.context_length")
         for name in ("uat_opt_texts", "uat_eval_texts", "uat_trigger_len", "uat_restarts", "uat_max_sweeps",
-                     "uat_top_k", "uat_beam", "hotflip_texts", "hotflip_max_flips", "hotflip_top_k", "hotflip_beam"):
+                     "uat_top_k", "uat_beam", "hotflip_texts", "hotflip_max_flips", "hotflip_top_k", "hotflip_beam",
+                     "gcg_texts", "gcg_steps", "gcg_search_width", "gcg_top_k"):
             need(getattr(a, name) > 0, f"attack.{name} must be > 0")
+        need(a.gcg_buffer >= 0, "attack.gcg_buffer must be >= 0")
+        need(a.uat_search in UAT_SEARCHES, f"attack.uat_search must be one of {', '.join(UAT_SEARCHES)}, got {a.uat_search!r}")
+        need(a.uat_screen_texts == 0 or (0 < a.uat_screen_texts < a.uat_opt_texts and a.uat_screen_keep > 0),
+             "attack.uat_screen_texts must be 0 (off) or below attack.uat_opt_texts, with attack.uat_screen_keep > 0")
+        bad = [n for n in a.text_attack_names() if n not in TEXT_ATTACKS]
+        need(a.text_attack_names() and not bad and len(set(a.text_attack_names())) == len(a.text_attack_names()),
+             f"attack.text_attacks must list some of {', '.join(TEXT_ATTACKS)} (comma-separated, each once), "
+             f"got {a.text_attacks!r}")
         need(a.success_threshold > 0, "attack.success_threshold must be > 0")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")

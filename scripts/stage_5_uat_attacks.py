@@ -3,7 +3,8 @@
 
 Each model's trigger is optimised on one set of test texts and evaluated on a
 disjoint set; every trigger is also measured on every other model (transfer).
-Writes results/uat.json with per-text records (text ids, clean and triggered NLL).
+Writes results/uat.json with per-text records (text ids, clean and triggered NLL)
+and the exact cost of each search. Under torchrun the ranks share every query's batches.
 """
 import _bootstrap  # noqa: F401
 
@@ -11,4 +12,4 @@ from utils.cli import run_stage
 from utils.measurement import ATTACK_SECTIONS, arms_fingerprint, run_uat
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_5_uat_attacks", __doc__, run_uat, ATTACK_SECTIONS, inputs=arms_fingerprint))
+    raise SystemExit(run_stage("stage_5_uat_attacks", __doc__, run_uat, ATTACK_SECTIONS, inputs=arms_fingerprint, multiprocess=True))

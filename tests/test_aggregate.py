@@ -67,6 +67,14 @@ def _write_seed(work, seed, success, skip=()):
                                                       "abs_delta_nll": 0.5 if d in success[a] else 0.05,
                                                       "rel_delta_nll": 0.2 if d in success[a] else 0.02,
                                                       "clean_nll": 2.5} for d in range(10)]} for a in ARMS}},
+        # GCG (same threat model): every arm also falls on doc 9; 500 exact forward passes per text.
+        "gcg.json": {"success_threshold": 0.15, "transfer": {a: {b: {"success_rate": 0.6} for b in ARMS} for a in ARMS},
+                     "models": {a: {"label": "x", "examples": [
+                         {"doc": d, "success": d in success[a] or d == 9,
+                          "abs_delta_nll": 0.6 if d in success[a] or d == 9 else 0.06,
+                          "rel_delta_nll": 0.25 if d in success[a] or d == 9 else 0.03, "clean_nll": 2.5,
+                          "cost": {"forward_passes": 500, "forward_tokens": 500 * 65, "gradient_passes": 10,
+                                   "gradient_tokens": 650}} for d in range(10)]} for a in ARMS}},
         "uat.json": {"transfer": {a: {b: {"rel_delta_nll": 0.1} for b in ARMS} for a in ARMS},
                      "models": {a: {"trigger_text": "t", "eval": {"abs_delta_nll": 0.3, "rel_delta_nll": 0.1},
                                     "examples": [{"doc": d, "clean_nll": 3.0, "triggered_nll": 3.3} for d in range(10)]}
@@ -119,6 +127,11 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert pooled["p_value"] == pytest.approx(2 / 2**9) and pooled["unit"].startswith("attacked text")
     assert acr["more_robust"]["hotflip_success_rate"].startswith("monotonic (McNemar exact")
     assert acr["more_robust"]["hotflip_mean_abs_delta_nll"].startswith("monotonic (Wilcoxon")
+    # GCG: its own rates (HotFlip's successes plus doc 9) and its own paired tests on the same texts.
+    assert acr["arms"]["baseline"]["gcg_success_rate"]["mean"] == pytest.approx(0.8)       # 7/10 and 9/10
+    assert acr["arms"]["monotonic"]["gcg_success_rate"]["mean"] == pytest.approx(0.35)     # 3/10 and 4/10
+    assert acr["tests"]["gcg_success_rate"]["p_value"] == pytest.approx(2 / 2**9)
+    assert final["per_seed"]["1"]["arms"]["baseline"]["gcg_forward_passes_per_text"] == 500
     # UAT's unit is the trigger search: equal damage in both seeds is no difference.
     assert acr["tests"]["uat_abs_delta_nll"]["unit"].startswith("trigger search")
     assert acr["more_robust"]["uat_abs_delta_nll"].startswith("no significant difference (paired t-test")
@@ -128,7 +141,8 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert final["per_seed"]["1"]["arms"]["pretrained"]["perplexity"] == pytest.approx(math.exp(2))
     assert not final["partial"] and final["per_seed"]["2"]["certificates"]["monotonic"]["monotone"]
     md = (tmp_path / "final" / "results.md").read_text()
-    assert "n = 2 seed(s); per seed 5 test documents (perplexity), 10 HotFlip texts, 10 UAT evaluation texts" in md
+    assert "n = 2 seed(s); per seed 5 test documents (perplexity), 10 HotFlip texts, 10 GCG texts, 10 UAT evaluation texts" in md
+    assert "## Attack compute" in md and "| Baseline (recovered) | 500 |" in md     # GCG's forward passes per text
     assert "Preset `tiny`." in md and "Pretrained *" in md
     # What recovery changed, per module group: mean over seeds of each arm's relative change.
     assert "| mlp_in | 40.00% | 3.00% |" in md and "| attention | 30.00% | 50.00% |" in md
@@ -151,11 +165,11 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
         assert t.count("{") == t.count("}") and t.count(r"\begin{") == t.count(r"\end{")
         assert all(r in t for r in (r"\toprule", r"\midrule", r"\bottomrule"))
     rows = [l for l in body.splitlines() if l.endswith(r"\\")]
-    assert len(rows) == 4 and all(len(re.findall(r"(?<!\\)&", r)) == 5 for r in rows)
+    assert len(rows) == 4 and all(len(re.findall(r"(?<!\\)&", r)) == 7 for r in rows)
     for png in [p for p in outputs if p.endswith(".png")]:
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert len([p for p in outputs if p.endswith(".png")]) == 4
+    assert len([p for p in outputs if p.endswith(".png")]) == 5           # with gcg_delta_nll.png
     assert "report:" in capsys.readouterr().out
 
 

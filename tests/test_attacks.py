@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from configs.experiment_config import AttackConfig, ModelConfig
 from conftest import fast_sets, run_script
-from utils import hotflip, uat
-from utils.attack_core import embedding_grads, flip_scores, masked_mean, per_token_nll, target_mask
+from utils import gcg, hotflip, uat
+from utils.attack_core import Victim, flip_scores, masked_mean, target_mask
 from utils.compute import CPU
 from utils.modeling import build_tiny_model, load_model
 from utils.corpus import read_corpus
@@ -41,16 +41,19 @@ def test_masked_loss_counts_only_targets_and_ignores_padding():
     masks = [torch.rand(len(s), generator=g) < 0.6 for s in seqs]
     for m in masks:
         m[0], m[-1] = False, True
-    batched = per_token_nll(model, seqs, CPU)            # right-padded together
+    victim = Victim(model, CPU, batch_size=2)             # right-padded together, in two batches
+    batched = victim.nll(seqs, masks)
     for s, m, nll in zip(seqs, masks, batched):
         assert masked_mean(nll, m) == pytest.approx(_plain_target_nll(model, s, m), abs=1e-5)
+        assert torch.isnan(nll[~m[1:]]).all()              # no logits were computed there
+    assert victim.cost.forward_passes == 3 and victim.cost.forward_tokens == 9 + 20 + 14
 
 
 def test_flip_scores_are_first_order_and_exclude_current_and_special_tokens():
     model = _model()
     ids = torch.randint(1, 50, (12,))
     targets = target_mask(12)
-    grad = embedding_grads(model, [ids], [targets], CPU)[0]
+    grad = Victim(model, CPU, 4).grads([ids], [targets])[0]
     E = model.get_input_embeddings().weight
     forbidden = torch.zeros(50, dtype=torch.bool)
     forbidden[0] = True
@@ -68,7 +71,7 @@ def test_embedding_gradient_matches_finite_difference_direction():
     model = _model()
     ids = torch.randint(1, 50, (10,))
     targets = target_mask(10)
-    grad = embedding_grads(model, [ids], [targets], CPU)[0]
+    grad = Victim(model, CPU, 4).grads([ids], [targets])[0]
     emb = model.get_input_embeddings()(ids)
     step = 1e-3 * grad / grad.norm()
     def loss(e):
@@ -86,7 +89,7 @@ def test_uat_trigger_tokens_are_never_targets():
     ids, targets = uat.triggered(trigger, text)
     assert ids.tolist() == [0, 7, 8, 9, *text[1:].tolist()]
     assert not targets[:4].any() and targets[4:].all()
-    loss, per = uat.mean_loss(model, trigger, [text], CPU, 4)
+    loss, per = uat.mean_loss(Victim(model, CPU, 4), trigger, [text])
     assert loss == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
 
 
@@ -96,7 +99,7 @@ def test_hotflip_never_scores_flipped_tokens_and_only_keeps_improving_flips():
     forbidden = torch.zeros(50, dtype=torch.bool)
     forbidden[0] = True
     a = AttackConfig(hotflip_max_flips=4, hotflip_top_k=8, hotflip_beam=2, batch_size=16)
-    rec = hotflip.attack_text(model, ids, a, forbidden, CPU)
+    rec = hotflip.attack_text(Victim(model, CPU, a.batch_size), ids, a, forbidden)
     adv = torch.tensor(rec["adversarial_ids"])
     changed = (adv != ids).nonzero().squeeze(1).tolist()
     assert changed == rec["modified_positions"] and 0 not in changed and len(changed) <= 4
@@ -106,6 +109,71 @@ def test_hotflip_never_scores_flipped_tokens_and_only_keeps_improving_flips():
     assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-5)
     assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
     assert rec["abs_delta_nll"] >= 0 and (rec["n_flips"] == 0 or rec["abs_delta_nll"] > 0)
+
+
+def _texts(n, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.tensor([0]), torch.randint(1, 50, (length,), generator=g)]) for _ in range(n)]
+
+
+def test_gcg_keeps_hotflips_threat_model_and_counts_its_cost_exactly():
+    model, ids = _model(), _texts(1, 24)[0]
+    forbidden = torch.zeros(50, dtype=torch.bool)
+    forbidden[[0, 1]] = True
+    a = AttackConfig(hotflip_max_flips=3, gcg_steps=6, gcg_search_width=16, gcg_top_k=8, batch_size=8)
+    victim = Victim(model, CPU, a.batch_size)
+    rec = gcg.attack_text(victim, ids, a, forbidden, torch.Generator().manual_seed(1))
+    adv = torch.tensor(rec["adversarial_ids"])
+    changed = (adv != ids).nonzero().squeeze(1).tolist()
+    assert changed == rec["modified_positions"] and 0 not in changed and 0 < len(changed) <= 3
+    assert not forbidden[adv[changed]].any()
+    targets = target_mask(len(ids), changed)
+    assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-5)
+    assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-5)
+    assert rec["abs_delta_nll"] > 0
+    # One gradient per step; forward: the clean text, at most width distinct swaps per step, the final rescoring.
+    c = rec["cost"]
+    assert c["gradient_passes"] == 6 and c["gradient_tokens"] == 6 * len(ids)
+    assert 2 + 6 < c["forward_passes"] <= 2 + 6 * 16 and c["forward_tokens"] == c["forward_passes"] * len(ids)
+    assert c == victim.cost.since(type(victim.cost)())
+    # The same generator seed gives the same search (what makes a sharded run equal one process).
+    again = gcg.attack_text(Victim(model, CPU, 4), ids, a, forbidden, torch.Generator().manual_seed(1))
+    assert again["adversarial_ids"] == rec["adversarial_ids"]
+
+
+def test_screened_trigger_losses_are_exact_for_the_kept_candidates_and_cost_less():
+    model, texts = _model(), _texts(6, 10)
+    g = torch.Generator().manual_seed(3)
+    triggers = [torch.randint(2, 50, (3,), generator=g) for _ in range(10)]
+    full_victim, screened_victim = Victim(model, CPU, 16), Victim(model, CPU, 16)
+    full = uat.trigger_losses(full_victim, triggers, texts)
+    screened = uat.trigger_losses(screened_victim, triggers, texts, screen=2, keep=3)
+    kept = [i for i, l in enumerate(screened) if l != float("-inf")]
+    assert len(kept) == 3
+    for i in kept:
+        assert screened[i] == pytest.approx(full[i], abs=1e-6)
+        assert full[i] == pytest.approx(sum(_plain_target_nll(model, *uat.triggered(triggers[i], t))
+                                            for t in texts) / len(texts), abs=1e-5)
+    assert full_victim.cost.forward_passes == 10 * 6
+    assert screened_victim.cost.forward_passes == 10 * 2 + 3 * 4
+    # the kept ones are the best on the screening texts
+    head = [sum(p) for p in uat.per_text_losses(Victim(model, CPU, 16), triggers, texts[:2])]
+    assert set(kept) == set(sorted(range(10), key=lambda i: -head[i])[:3])
+
+
+@pytest.mark.parametrize("search", ["beam", "gcg"])
+def test_trigger_searches_report_a_loss_that_recomputes(search):
+    model, texts = _model(), _texts(4, 12)
+    forbidden = torch.zeros(50, dtype=torch.bool)
+    forbidden[0] = True
+    a = AttackConfig(uat_trigger_len=3, uat_restarts=2, uat_max_sweeps=2, uat_top_k=4, uat_beam=1, uat_search=search,
+                     gcg_steps=4, gcg_search_width=8, gcg_top_k=4, uat_screen_texts=2, uat_screen_keep=3)
+    victim = Victim(model, CPU, 16)
+    found = uat.find_trigger(victim, texts, a, forbidden, seed=0, init_token=5)
+    clean, _ = uat.mean_loss(Victim(model, CPU, 16), torch.tensor([], dtype=torch.long), texts)
+    assert found["loss"] == pytest.approx(uat.mean_loss(Victim(model, CPU, 3), found["trigger"], texts)[0], abs=1e-6)
+    assert found["loss"] > clean and not forbidden[found["trigger"]].any()
+    assert found["cost"]["forward_passes"] == victim.cost.forward_passes > 0 and found["cost"]["gradient_passes"] > 0
 
 
 # -- stages 4-6 end to end, and recomputation of what they stored ---------------

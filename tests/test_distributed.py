@@ -204,7 +204,7 @@ def test_a_single_process_checkpoint_resumes_on_two(stage1_work, one_process, tm
 
 
 def test_stages_that_run_as_one_process_refuse_torchrun(stage1_work, tmp_path):
-    r = subprocess.run([*TORCHRUN, "--nproc_per_node", "1", str(ROOT / "scripts" / "stage_4_evaluate.py"),
+    r = subprocess.run([*TORCHRUN, "--nproc_per_node", "1", str(ROOT / "scripts" / "stage_1_apply_monotonicity.py"),
                         "--work-dir", str(tmp_path / "w")], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode != 0
     assert "runs as one process; start it with python, not torchrun" in r.stderr

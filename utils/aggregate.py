@@ -18,10 +18,11 @@ INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
     "training_monotonic.json": "stage 3", "monotonicity_certificate_monotonic.json": "stage 3",
     "evaluation.json": "stage 4", "uat.json": "stage 5",
-    "hotflip.json": "stage 6"}
+    "hotflip.json": "stage 6", "gcg.json": "stage 6"}
 OPTIONAL_INPUTS = ("capabilities.json",)      # stage 4 writes it only when eval.tasks names tasks
-METRICS = ("perplexity", "hotflip_success_rate", "hotflip_mean_abs_delta_nll", "random_flip_mean_abs_delta_nll",
-           "uat_abs_delta_nll", "uat_rel_delta_nll")
+TEXT_ATTACKS = ("hotflip", "gcg")             # stage 6's searches: the same threat model and record fields
+METRICS = ("perplexity", *(f"{n}_{m}" for n in TEXT_ATTACKS for m in ("success_rate", "mean_abs_delta_nll")),
+           "random_flip_mean_abs_delta_nll", "uat_abs_delta_nll", "uat_rel_delta_nll")
 SHARED_ARMS = ("pretrained", "monotonic_init")   # the same model for every seed: no seed changes them
 LEVEL = 0.05                                     # significance level of every verdict
 
@@ -33,6 +34,14 @@ def find_seeds(work_dir: Path) -> list[int]:
     return seeds
 
 
+def expected_inputs(results: Path) -> dict:
+    """INPUTS, less the stage 6 searches that seed's configuration left out (attack.text_attacks)."""
+    cfg = results / "config_stage_6_hotflip_attacks.json"
+    chosen = read_json(cfg)["attack"].get("text_attacks", "hotflip").split(",") if cfg.exists() else TEXT_ATTACKS
+    return {name: stage for name, stage in INPUTS.items()
+            if name.removesuffix(".json") not in TEXT_ATTACKS or name.removesuffix(".json") in chosen}
+
+
 def collect(work_dir: Path, seeds: list[int], allow_partial: bool) -> tuple[dict, dict]:
     """Per seed, the result files that exist; and what is missing."""
     raw, missing = {}, {}
@@ -40,7 +49,7 @@ def collect(work_dir: Path, seeds: list[int], allow_partial: bool) -> tuple[dict
         results = work_dir / f"seed_{seed}" / "results"
         raw[seed] = {name: read_json(results / name) for name in (*INPUTS, *OPTIONAL_INPUTS)
                      if (results / name).exists()}
-        gone = [f"{name} ({stage})" for name, stage in INPUTS.items() if name not in raw[seed]]
+        gone = [f"{name} ({stage})" for name, stage in expected_inputs(results).items() if name not in raw[seed]]
         if gone:
             missing[seed] = gone
     if missing and not allow_partial:
@@ -59,10 +68,28 @@ def _paired(first: dict, second: dict) -> tuple[list, list]:
     return [first[d] for d in docs], [second[d] for d in docs]
 
 
+def text_attack_row(name: str, m: dict, seed: int) -> dict:
+    """One arm's HotFlip or GCG results of one seed, keys prefixed by the search's name."""
+    ex = m["examples"]
+    succ = [float(r["success"]) for r in ex]
+    delta = [r["abs_delta_nll"] for r in ex]
+    row = {f"{name}_success_rate": float(np.mean(succ)), f"{name}_successes": int(sum(succ)),
+           f"n_{name}_texts": len(succ), f"{name}_success_ci95": wilson_interval(int(sum(succ)), len(succ)),
+           f"{name}_mean_abs_delta_nll": float(np.mean(delta)), f"{name}_delta_ci95": bootstrap_interval(delta, seed=seed),
+           f"{name}_mean_rel_delta_nll": float(np.mean([r["rel_delta_nll"] for r in ex])), f"{name}_abs_deltas": delta}
+    if all("cost" in r for r in ex):
+        row[f"{name}_forward_passes_per_text"] = float(np.mean([r["cost"]["forward_passes"] for r in ex]))
+    if name == "hotflip":       # the control draws as many random flips as HotFlip made
+        row.update(random_flip_mean_abs_delta_nll=m["random_control"]["mean_abs_delta_nll"],
+                   random_flip_success_rate=m["random_control"]["success_rate"])
+    return row
+
+
 def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     out = {"arms": {}, "transfer": {}, "training": {}, "tests": {}}
-    ev, hf, ua = raw.get("evaluation.json"), raw.get("hotflip.json"), raw.get("uat.json")
-    arms = list((ev or hf or ua or {"models": {}})["models"])
+    ev, ua = raw.get("evaluation.json"), raw.get("uat.json")
+    text = {n: raw[f"{n}.json"] for n in TEXT_ATTACKS if f"{n}.json" in raw}
+    arms = list((ev or ua or next(iter(text.values()), None) or {"models": {}})["models"])
     for arm in arms:
         row = {}
         if ev and arm in ev["models"]:
@@ -70,19 +97,9 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
             row.update(label=m["label"], perplexity=m["perplexity"], bits_per_byte=m["bits_per_byte"],
                        perplexity_ci95=perplexity_bootstrap(m["per_document"]["nll"], m["per_document"]["tokens"],
                                                             seed=seed), n_documents=len(m["per_document"]["nll"]))
-        if hf and arm in hf["models"]:
-            ex = hf["models"][arm]["examples"]
-            succ = [float(r["success"]) for r in ex]
-            delta = [r["abs_delta_nll"] for r in ex]
-            row.update(label=hf["models"][arm]["label"], hotflip_success_rate=float(np.mean(succ)),
-                       hotflip_successes=int(sum(succ)), n_hotflip_texts=len(succ),
-                       hotflip_success_ci95=wilson_interval(int(sum(succ)), len(succ)),
-                       hotflip_mean_abs_delta_nll=float(np.mean(delta)),
-                       hotflip_delta_ci95=bootstrap_interval(delta, seed=seed),
-                       hotflip_mean_rel_delta_nll=float(np.mean([r["rel_delta_nll"] for r in ex])),
-                       hotflip_abs_deltas=delta,
-                       random_flip_mean_abs_delta_nll=hf["models"][arm]["random_control"]["mean_abs_delta_nll"],
-                       random_flip_success_rate=hf["models"][arm]["random_control"]["success_rate"])
+        for name, res in text.items():
+            if arm in res["models"]:
+                row.update(label=res["models"][arm]["label"], **text_attack_row(name, res["models"][arm], seed))
         if ua and arm in ua["models"]:
             m = ua["models"][arm]
             per = [e["triggered_nll"] - e["clean_nll"] for e in m["examples"]]
@@ -93,9 +110,9 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     if ua:
         out["transfer"]["uat_rel_delta_nll"] = {s: {t: v["rel_delta_nll"] for t, v in row.items()}
                                                 for s, row in ua["transfer"].items()}
-    if hf:
-        out["transfer"]["hotflip_success_rate"] = {s: {t: v["success_rate"] for t, v in row.items()}
-                                                   for s, row in hf["transfer"].items()}
+    for name, res in text.items():
+        out["transfer"][f"{name}_success_rate"] = {s: {t: v["success_rate"] for t, v in row.items()}
+                                                   for s, row in res["transfer"].items()}
     for arm in ("baseline", "monotonic"):
         tr = raw.get(f"training_{arm}.json")
         if tr:
@@ -110,12 +127,13 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                 "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None],
                 "train_curve": [(r["tokens"], r["train_loss"]) for r in h["steps"] if r.get("train_loss") is not None]}
     # Paired tests: baseline vs monotonic on the same documents.
-    if hf and {"baseline", "monotonic"} <= set(hf["models"]):
-        b, m = hf["models"]["baseline"]["examples"], hf["models"]["monotonic"]["examples"]
-        out["tests"]["hotflip_success"] = mcnemar_exact(*_paired(_by_doc(b, lambda r: r["success"]),
-                                                                 _by_doc(m, lambda r: r["success"])))
-        out["tests"]["hotflip_abs_delta_nll"] = wilcoxon_paired(*_paired(_by_doc(b, lambda r: r["abs_delta_nll"]),
-                                                                         _by_doc(m, lambda r: r["abs_delta_nll"])))
+    for name, res in text.items():
+        if {"baseline", "monotonic"} <= set(res["models"]):
+            b, m = res["models"]["baseline"]["examples"], res["models"]["monotonic"]["examples"]
+            out["tests"][f"{name}_success"] = mcnemar_exact(*_paired(_by_doc(b, lambda r: r["success"]),
+                                                                     _by_doc(m, lambda r: r["success"])))
+            out["tests"][f"{name}_abs_delta_nll"] = wilcoxon_paired(
+                *_paired(_by_doc(b, lambda r: r["abs_delta_nll"]), _by_doc(m, lambda r: r["abs_delta_nll"])))
     if ua and {"baseline", "monotonic"} <= set(ua["models"]):
         key = lambda e: e["triggered_nll"] - e["clean_nll"]  # noqa: E731
         # Conditional on the two triggers this seed's searches found: the texts are the unit here,
@@ -143,27 +161,31 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
 def pooled_tests(raw: dict) -> dict:
     """Baseline vs monotone over every seed, each test on its proper unit.
 
-    HotFlip: the attacked text (pairs: the same text attacked on both arms), pooled over seeds.
+    HotFlip and GCG: the attacked text (pairs: the same text attacked on both arms), pooled over seeds.
     UAT: the trigger search, i.e. the seed (one damage per arm and seed): a paired t-test."""
-    pairs = {"success": ([], []), "delta": ([], [])}
+    pairs = {(n, k): ([], []) for n in TEXT_ATTACKS for k in ("success", "abs_delta_nll")}
     uat = ([], [])
     for files in raw.values():
-        hf, ua = files.get("hotflip.json"), files.get("uat.json")
-        if hf and {"baseline", "monotonic"} <= set(hf["models"]):
-            b, m = (hf["models"][a]["examples"] for a in ("baseline", "monotonic"))
-            for key, field in (("success", "success"), ("delta", "abs_delta_nll")):
-                x, y = _paired(_by_doc(b, lambda r, f=field: r[f]), _by_doc(m, lambda r, f=field: r[f]))
-                pairs[key][0].extend(x)
-                pairs[key][1].extend(y)
+        ua = files.get("uat.json")
+        for name in TEXT_ATTACKS:
+            res = files.get(f"{name}.json")
+            if res and {"baseline", "monotonic"} <= set(res["models"]):
+                b, m = (res["models"][a]["examples"] for a in ("baseline", "monotonic"))
+                for field in ("success", "abs_delta_nll"):
+                    x, y = _paired(_by_doc(b, lambda r, f=field: r[f]), _by_doc(m, lambda r, f=field: r[f]))
+                    pairs[name, field][0].extend(x)
+                    pairs[name, field][1].extend(y)
         if ua and {"baseline", "monotonic"} <= set(ua["models"]):
             uat[0].append(ua["models"]["baseline"]["eval"]["abs_delta_nll"])
             uat[1].append(ua["models"]["monotonic"]["eval"]["abs_delta_nll"])
     out = {}
-    if pairs["success"][0]:
-        out["hotflip_success_rate"] = {**mcnemar_exact(*pairs["success"]), "unit": "attacked text, pooled over seeds",
-                                       "n": len(pairs["success"][0])}
-        out["hotflip_mean_abs_delta_nll"] = {**wilcoxon_paired(*pairs["delta"]),
-                                             "unit": "attacked text, pooled over seeds", "n": len(pairs["delta"][0])}
+    for name in TEXT_ATTACKS:
+        succ, delta = pairs[name, "success"], pairs[name, "abs_delta_nll"]
+        if succ[0]:
+            out[f"{name}_success_rate"] = {**mcnemar_exact(*succ), "unit": "attacked text, pooled over seeds",
+                                           "n": len(succ[0])}
+            out[f"{name}_mean_abs_delta_nll"] = {**wilcoxon_paired(*delta), "unit": "attacked text, pooled over seeds",
+                                                 "n": len(delta[0])}
     if uat[0]:
         out["uat_abs_delta_nll"] = {**paired_t(*uat), "unit": "trigger search (one per seed and arm)"}
     return out
@@ -216,11 +238,12 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     for arm in arms:
         rows = [s["arms"][arm] for s in per_seed.values() if arm in s["arms"]]
         stats = {k: t_interval([r[k] for r in rows if k in r]) for k in METRICS}
-        hits = [(r["hotflip_successes"], r["n_hotflip_texts"]) for r in rows if "hotflip_successes" in r]
-        if hits:
-            k, n = sum(h for h, _ in hits), sum(n for _, n in hits)
-            stats["hotflip_success_rate"] = {"n": len(hits), "n_texts": n, "mean": k / n,
-                                             "ci95": wilson_interval(k, n), "interval": "Wilson, texts pooled over seeds"}
+        for name in TEXT_ATTACKS:
+            hits = [(r[f"{name}_successes"], r[f"n_{name}_texts"]) for r in rows if f"{name}_successes" in r]
+            if hits:
+                k, n = sum(h for h, _ in hits), sum(n for _, n in hits)
+                stats[f"{name}_success_rate"] = {"n": len(hits), "n_texts": n, "mean": k / n, "ci95": wilson_interval(k, n),
+                                                 "interval": "Wilson, texts pooled over seeds"}
         if arm in SHARED_ARMS and rows and "perplexity" in rows[0]:
             stats["perplexity"] = {"n": len(rows), "mean": rows[0]["perplexity"], "ci95": rows[0]["perplexity_ci95"],
                                    "interval": "bootstrap over documents (the same model for every seed)"}
@@ -262,7 +285,7 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     seeds = seeds or find_seeds(work_dir)
     raw, missing = collect(work_dir, seeds, allow_partial)
     per_seed = {str(s): seed_summary(s, raw[s], work_dir) for s in seeds}
-    thresholds = {r["hotflip.json"]["success_threshold"] for r in raw.values() if "hotflip.json" in r}
+    thresholds = {r[f"{n}.json"]["success_threshold"] for r in raw.values() for n in TEXT_ATTACKS if f"{n}.json" in r}
     final = {"preset": preset, "provenance": provenance(work_dir, preset), "seeds": seeds, "partial": bool(missing),
              "missing": {str(s): m for s, m in missing.items()},
              "success_threshold": thresholds.pop() if len(thresholds) == 1 else None,

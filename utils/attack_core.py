@@ -1,26 +1,31 @@
-"""The core shared by every token-level attack (UAT, HotFlip, and later ones).
+"""The core shared by every token-level attack (UAT, HotFlip, GCG).
 
 One loss convention for all attacks: the mean next-token NLL over the target
 positions, where a target is a token the attacker did not insert or modify
 (labels -100 elsewhere). Sequences are [EOS] + text, so every text token,
 including the first, is predicted from something.
 
-Pieces, in the order an attack uses them:
-  per_token_nll      exact per-position NLL of a batch of sequences (right-padded)
-  exact_nll          the same for many sequences, in batches of `batch_size`
-  embedding_grads    gradient of the summed target loss w.r.t. the input embeddings
-  flip_scores        first-order estimate (e_b - e_a) . grad of swapping token a for b
-                     at each position, with forbidden tokens at -inf
+`Victim` is the attacked model behind the two queries every search makes, each
+counted (TextAttack's query budget): the exact NLL of candidate sequences and
+the gradient of their loss w.r.t. the input embeddings. `flip_scores` turns a
+gradient into first-order estimates (e_b - e_a) . grad of every token swap.
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from utils import distributed
 from utils.compute import Compute
 from utils.run_files import PipelineError
+
+# Target positions per vocabulary projection: bounds the float32 logits of a chunk to
+# LOGIT_ROWS x vocab (~200 MB for Pythia's 50,304 tokens) whatever the batch and length.
+LOGIT_ROWS = 1024
 
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,36 +36,6 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[r, :len(s)] = s
         mask[r, :len(s)] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def per_token_nll(model, seqs: list[torch.Tensor], compute: Compute) -> list[torch.Tensor]:
-    """NLL of token t given tokens < t, for t = 1 .. len-1 of each sequence (float32, CPU)."""
-    ids, mask = _pad(seqs)
-    ids = ids.to(compute.device)
-    # Equal lengths (every candidate batch of an attack) need no mask: SDPA then
-    # takes its fast causal path.
-    mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(compute.device)
-    with compute.autocast(), parametrize.cached():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                          reduction="none").view(len(seqs), -1).cpu()
-    return [nll[r, :len(s) - 1] for r, s in enumerate(seqs)]
-
-
-def exact_nll(model, seqs: list[torch.Tensor], compute: Compute, batch_size: int) -> list[torch.Tensor]:
-    """per_token_nll over any number of sequences; on CUDA OOM the batch is halved, never dropped."""
-    out, start, bs = [], 0, batch_size
-    while start < len(seqs):
-        try:
-            out += per_token_nll(model, seqs[start:start + bs], compute)
-            start += bs
-        except torch.cuda.OutOfMemoryError:
-            if bs == 1:
-                raise
-            torch.cuda.empty_cache()
-            bs //= 2
-    return out
 
 
 def target_mask(length: int, excluded=()) -> torch.Tensor:
@@ -76,21 +51,119 @@ def masked_mean(nll: torch.Tensor, targets: torch.Tensor) -> float:
     return float(nll[targets[1:]].mean())
 
 
-def embedding_grads(model, seqs: list[torch.Tensor], targets: list[torch.Tensor], compute: Compute) -> torch.Tensor:
-    """d(sum over sequences of mean target NLL) / d(input embeddings): [B, T, d], right-padded."""
-    ids, mask = _pad(seqs)
-    labels = torch.full_like(ids, -100)
-    for r, (s, tgt) in enumerate(zip(seqs, targets)):
-        labels[r, :len(s)] = torch.where(tgt, s, torch.full_like(s, -100))
-    ids, mask, labels = ids.to(compute.device), mask.to(compute.device), labels.to(compute.device)
-    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    with compute.autocast():
-        logits = model(inputs_embeds=emb, attention_mask=mask).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none",
-                          ignore_index=-100)
-    per_seq = nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
-    (grad,) = torch.autograd.grad(per_seq.sum(), emb)
-    return grad.float()
+@dataclass
+class Cost:
+    """Exact work an attack asked of the model: sequences and tokens per kind of pass."""
+    forward_passes: int = 0          # sequences scored exactly (no gradient)
+    forward_tokens: int = 0
+    gradient_passes: int = 0         # sequences run forward and backward for an embedding gradient
+    gradient_tokens: int = 0
+
+    def copy(self) -> "Cost":
+        return replace(self)
+
+    def since(self, start: "Cost") -> dict:
+        return {k: v - getattr(start, k) for k, v in asdict(self).items()}
+
+
+class Victim:
+    """The attacked model, queried in batches of `batch_size`, with every query counted.
+
+    nll(seqs, targets)   exact next-token NLL at the target positions ([len-1] per sequence,
+                         NaN elsewhere); the vocabulary projection runs only on target rows,
+                         LOGIT_ROWS at a time, so no [batch, length, vocab] tensor exists
+    grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d]
+
+    With `shard` under torch.distributed, batch b of every query runs on rank b mod N and
+    the answers are gathered in order: each batch is the same computation as in one process,
+    so every rank receives the 1-process answer (the cost counts the whole query, not a share).
+    """
+
+    def __init__(self, model, compute: Compute, batch_size: int, shard: bool = False):
+        self.model, self.compute, self.batch_size = model, compute, batch_size
+        self.shard = shard and distributed.world_size() > 1
+        self.cost = Cost()
+        self.embeddings = model.get_input_embeddings().weight.detach()
+
+    def nll(self, seqs: list[torch.Tensor], targets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        targets = targets or [target_mask(len(s)) for s in seqs]
+        self.cost.forward_passes += len(seqs)
+        self.cost.forward_tokens += sum(len(s) for s in seqs)
+        return self._batched(self._nll_batch, seqs, targets)
+
+    def grads(self, seqs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.cost.gradient_passes += len(seqs)
+        self.cost.gradient_tokens += sum(len(s) for s in seqs)
+        return self._batched(self._grad_batch, seqs, targets)
+
+    def _batched(self, fn, seqs, targets) -> list[torch.Tensor]:
+        bs = self.batch_size
+        batches = [(seqs[i:i + bs], targets[i:i + bs]) for i in range(0, len(seqs), bs)]
+        if not self.shard:
+            return [r for b in batches for r in _halving_on_oom(fn, *b)]
+        rank, n = distributed.rank(), distributed.world_size()
+        mine = [_halving_on_oom(fn, *b) for b in batches[rank::n]]
+        parts = distributed.gather_objects(mine)
+        return [r for i in range(len(batches)) for r in parts[i % n][i // n]]
+
+    @torch.no_grad()
+    def _nll_batch(self, seqs, targets) -> list[torch.Tensor]:
+        ids, mask = _pad(seqs)
+        dev = self.compute.device
+        ids = ids.to(dev)
+        # Equal lengths (every candidate batch of an attack) need no mask: SDPA then takes its fast causal path.
+        mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
+        keep = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+        for r, tgt in enumerate(targets):
+            keep[r, :len(tgt) - 1] = tgt[1:]
+        keep = keep.to(dev)
+        with self.compute.autocast(), parametrize.cached():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            rows, labels = hidden[keep], ids[:, 1:][keep]
+            head = self.model.get_output_embeddings()
+            nll = torch.cat([F.cross_entropy(head(h).float(), y, reduction="none")
+                             for h, y in zip(rows.split(LOGIT_ROWS), labels.split(LOGIT_ROWS))]) \
+                if len(rows) else rows.new_zeros(0, dtype=torch.float32)
+        out = torch.full(keep.shape, float("nan"))
+        out[keep.cpu()] = nll.float().cpu()
+        return [out[r, :len(s) - 1] for r, s in enumerate(seqs)]
+
+    def _grad_batch(self, seqs, targets) -> list[torch.Tensor]:
+        ids, mask = _pad(seqs)
+        labels = torch.full_like(ids, -100)
+        for r, (s, tgt) in enumerate(zip(seqs, targets)):
+            labels[r, :len(s)] = torch.where(tgt, s, torch.full_like(s, -100))
+        dev = self.compute.device
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with self.compute.autocast():
+            logits = self.model(inputs_embeds=emb, attention_mask=mask).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none",
+                              ignore_index=-100)
+        per_seq = nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+        (grad,) = torch.autograd.grad(per_seq.sum(), emb)
+        grad = grad.float().cpu()
+        return [grad[r, :len(s)] for r, s in enumerate(seqs)]
+
+
+def _halving_on_oom(fn, seqs, targets) -> list[torch.Tensor]:
+    """fn over a batch; on CUDA OOM in halves, never dropping a sequence."""
+    try:
+        return fn(seqs, targets)
+    except torch.cuda.OutOfMemoryError:
+        if len(seqs) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(seqs) // 2
+        return _halving_on_oom(fn, seqs[:half], targets[:half]) + _halving_on_oom(fn, seqs[half:], targets[half:])
+
+
+def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """[P, k] tokens with the highest first-order gain at each of P positions (never the current one)."""
+    dev = embeddings.device
+    scores = flip_scores(grad.to(dev), current.to(dev), embeddings, forbidden.to(dev))
+    return scores.topk(min(k, scores.shape[1] - 1), dim=1).indices.cpu()
 
 
 def flip_scores(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor,

@@ -100,6 +100,17 @@ def gather_objects(obj) -> list:
     return out
 
 
+def my_share(n: int) -> range:
+    """This rank's contiguous share of n items (all of them in one process)."""
+    r, w = rank(), world_size()
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def gather_shares(items: list) -> list:
+    """Every rank's list of results for its `my_share`, concatenated in rank order, on every rank."""
+    return [x for part in gather_objects(items) for x in part]
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

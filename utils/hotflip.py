@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attack_core import embedding_grads, exact_nll, flip_scores, masked_mean, target_mask
+from utils.attack_core import Victim, flip_scores, masked_mean, target_mask
 
 COMPOSITION = {
     "attack": "HotFlip (Ebrahimi et al. 2018)",
@@ -40,19 +40,30 @@ def score(adv_nll: torch.Tensor, clean_nll: torch.Tensor, length: int, modified)
             "rel_delta_nll": attacked / clean - 1}
 
 
-def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor, compute) -> dict:
-    embeddings = model.get_input_embeddings().weight.detach()
-    clean_nll = exact_nll(model, [ids], compute, 1)[0]
+def record(victim: Victim, ids: torch.Tensor, adv: torch.Tensor, clean_nll: torch.Tensor, before) -> dict:
+    """The per-text record every attack under this threat model writes (HotFlip, GCG): the final
+    pair rescored with one exact forward pass, and what the search cost."""
+    modified = (adv != ids).nonzero().squeeze(1).tolist()
+    adv_nll = victim.nll([adv], [target_mask(len(adv), modified)])[0]
+    return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": modified,
+            "n_flips": len(modified), **score(adv_nll, clean_nll, len(adv), modified),
+            "cost": victim.cost.since(before)}
+
+
+def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor) -> dict:
+    before = victim.cost.copy()
+    clean_nll = victim.nll([ids])[0]
     beam = [(ids, frozenset(), 0.0)]        # (ids, modified positions, objective)
-    best, evaluations = beam[0], 0
+    best = beam[0]
     for _ in range(a.hotflip_max_flips):
         candidates = []
         for cur, modified, parent_obj in beam:
             free = torch.tensor([p for p in range(1, len(cur)) if p not in modified])
             if len(free) == 0:
                 continue
-            grad = embedding_grads(model, [cur], [target_mask(len(cur), modified)], compute)[0]
-            scores = flip_scores(grad[free], cur[free].to(grad.device), embeddings, forbidden.to(grad.device))
+            grad = victim.grads([cur], [target_mask(len(cur), modified)])[0].to(victim.embeddings.device)
+            scores = flip_scores(grad[free], cur[free].to(grad.device), victim.embeddings,
+                                 forbidden.to(grad.device))
             top = scores.flatten().topk(min(a.hotflip_top_k, scores.numel())).indices.cpu()
             for flat in top:
                 pos, tok = int(free[flat // scores.shape[1]]), int(flat % scores.shape[1])
@@ -61,8 +72,7 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
                 candidates.append((new, modified | {pos}, parent_obj))
         if not candidates:
             break
-        nlls = exact_nll(model, [c[0] for c in candidates], compute, a.batch_size)
-        evaluations += len(candidates)
+        nlls = victim.nll([c[0] for c in candidates], [target_mask(len(c[0]), c[1]) for c in candidates])
         accepted = {}
         for (new, modified, parent_obj), nll in zip(candidates, nlls):
             obj = score(nll, clean_nll, len(new), modified)["abs_delta_nll"]
@@ -73,14 +83,11 @@ def attack_text(model, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tens
         beam = sorted(accepted.values(), key=lambda c: -c[2])[:a.hotflip_beam]
         if beam[0][2] > best[2]:
             best = beam[0]
-    adv, modified, _ = best
-    adv_nll = exact_nll(model, [adv], compute, 1)[0]
-    return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": sorted(modified),
-            "n_flips": len(modified), "exact_evaluations": evaluations, **score(adv_nll, clean_nll, len(adv), modified)}
+    return record(victim, ids, best[0], clean_nll, before)
 
 
-def random_flips(model, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor, gen: torch.Generator,
-                 compute) -> dict:
+def random_flips(victim: Victim, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor,
+                 gen: torch.Generator) -> dict:
     """Control: the same number of flips at random positions to random allowed tokens."""
     allowed = (~forbidden).nonzero().squeeze(1)
     positions = (torch.randperm(len(ids) - 1, generator=gen)[:n_flips] + 1).tolist()
@@ -90,12 +97,12 @@ def random_flips(model, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor
         while tok == adv[p]:
             tok = allowed[torch.randint(len(allowed), (1,), generator=gen)].item()
         adv[p] = tok
-    clean_nll, adv_nll = exact_nll(model, [ids, adv], compute, 2)
     return {"adversarial_ids": adv.tolist(), "modified_positions": sorted(positions),
-            **score(adv_nll, clean_nll, len(adv), positions)}
+            **rescore(victim, ids.tolist(), adv.tolist(), positions)}
 
 
-def rescore(model, original: list[int], adversarial: list[int], modified: list[int], compute) -> dict:
-    """Damage of a stored (original, adversarial) pair on `model` (transfer and recomputation)."""
-    clean_nll, adv_nll = exact_nll(model, [torch.tensor(original), torch.tensor(adversarial)], compute, 2)
+def rescore(victim: Victim, original: list[int], adversarial: list[int], modified: list[int]) -> dict:
+    """Damage of a stored (original, adversarial) pair on the victim (transfer and recomputation)."""
+    mask = target_mask(len(original), modified)
+    clean_nll, adv_nll = victim.nll([torch.tensor(original), torch.tensor(adversarial)], [mask, mask])
     return score(adv_nll, clean_nll, len(original), modified)

@@ -1,9 +1,15 @@
-"""Stages 4-6: perplexity, UAT and HotFlip on every model that exists.
+"""Stages 4-6: perplexity, UAT, HotFlip and GCG on every model that exists.
 
 Arms: pretrained, monotonic_init, baseline, monotonic (whichever have been
 built). Every result file names each model's path, the token file and the
 exact convention, and stores per-example records that a fresh forward pass
 reproduces (tests/test_attacks.py does exactly that).
+
+Under torchrun the work is sharded and rank 0 writes what one process would:
+stage 4 splits the documents (and deals the capability tasks), stage 6 the
+attacked texts, each rank taking a contiguous share (distributed.my_share);
+stage 5 deals the batches of every exact query of the trigger search
+(attack_core.Victim). Every record is computed exactly as in one process.
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ from pathlib import Path
 import torch
 
 from configs.experiment_config import HELDOUT_TASKS, ExperimentConfig
-from utils import hotflip, uat
-from utils.attack_core import forbidden_tokens, select_texts
+from utils import distributed, gcg, hotflip, uat
+from utils.attack_core import Cost, Victim, forbidden_tokens, select_texts
 from utils.corpus import read_corpus
 from utils.compute import Compute
 from utils.modeling import load_model
@@ -99,31 +105,42 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                 "limit": e.task_limit or None, "tasks": tasks,
                 "compute": {"device": str(compute.device), "weights": "float32", "autocast": None},
                 "models": {}}
+    share = distributed.my_share(len(docs))
     for arm, path in available_arms(paths).items():
         t0 = time.time()
         model = _load(path, compute.device)
-        per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute)
+        per_doc = distributed.gather_shares(document_nll(model, docs[share.start:share.stop], tokenizer.eos_token_id,
+                                                         e.max_len, e.stride, e.batch_size, compute))
         agg = aggregate(per_doc)
         out["models"][arm] = {
             "path": paths.rel(path), "label": arm_label(paths, arm), **agg,
             "bits_per_byte": agg["nll_sum"] / math.log(2) / n_bytes, "seconds": time.time() - t0,
             "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
-        print(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
-              f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
-        if tasks:
-            caps["models"][arm] = {"path": paths.rel(path), "tasks": evaluate_capabilities(
-                model, tokenizer, tasks, task_data, e.task_batch_size, e.max_len, e.task_limit, str(compute.device))}
-            print(f"[evaluate] {arm:<15} " + ", ".join(
+        _say(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
+             f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
+        if tasks:      # task i on rank i mod N
+            dealt = tasks[distributed.rank()::distributed.world_size()]
+            mine = evaluate_capabilities(model, tokenizer, dealt, task_data, e.task_batch_size, e.max_len,
+                                         e.task_limit, str(compute.device)) if dealt else {}
+            done = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}
+            caps["models"][arm] = {"path": paths.rel(path), "tasks": {t: done[t] for t in tasks}}
+            _say(f"[evaluate] {arm:<15} " + ", ".join(
                 f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
                 for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
         del model
+    out["processes"] = distributed.world_size()
     path = paths.results / "evaluation.json"
-    write_json(path, out)
-    written = [str(path)]
-    if tasks:
-        write_json(paths.results / "capabilities.json", caps)
-        written.append(str(paths.results / "capabilities.json"))
+    written = [str(path)] + ([str(paths.results / "capabilities.json")] if tasks else [])
+    if distributed.is_main():
+        write_json(path, out)
+        if tasks:
+            write_json(paths.results / "capabilities.json", caps)
     return written
+
+
+def _say(line: str) -> None:
+    if distributed.is_main():
+        print(line)
 
 
 # -- stage 5 -------------------------------------------------------------------
@@ -140,25 +157,27 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     models = {}
     for arm, path in arms.items():
         t0 = time.time()
-        model = _load(path, compute.device)
-        forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
-        found = uat.find_trigger(model, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, compute)
+        victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True)
+        forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
+        found = uat.find_trigger(victim, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token)
         trig = found["trigger"]
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
                        "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
-                       "restart": found["restart"], "sweeps": found["sweeps"],
-                       "exact_evaluations": found["exact_evaluations"], "search_seconds": time.time() - t0}
-        print(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f})")
-        del model
+                       "restart": found["restart"], "iterations": found["iterations"],
+                       "search_cost": found["cost"], "search_seconds": time.time() - t0}
+        _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
+             f"{found['cost']['forward_passes']:,} exact forward passes)")
+        del victim
     # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
     transfer = {src: {} for src in arms}
+    held_ids = [t["ids"] for t in held]
     for arm, path in arms.items():
-        model = _load(path, compute.device)
-        clean, clean_per = uat.mean_loss(model, torch.tensor([], dtype=torch.long), [t["ids"] for t in held],
-                                         compute, a.batch_size)
-        for src in arms:
-            trig = torch.tensor(models[src]["trigger_ids"])
-            attacked, per = uat.mean_loss(model, trig, [t["ids"] for t in held], compute, a.batch_size)
+        victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True)
+        triggers = [torch.tensor([], dtype=torch.long)] + [torch.tensor(models[src]["trigger_ids"]) for src in arms]
+        clean_per, *attacked_per = uat.per_text_losses(victim, triggers, held_ids)
+        clean = sum(clean_per) / len(clean_per)
+        for src, per in zip(arms, attacked_per):
+            attacked = sum(per) / len(per)
             row = {"clean_nll": clean, "triggered_nll": attacked, "abs_delta_nll": attacked - clean,
                    "rel_delta_nll": attacked / clean - 1}
             transfer[src][arm] = row
@@ -167,16 +186,21 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                 models[arm]["examples"] = [
                     {"doc": t["doc"], "text_ids": t["ids"].tolist(), "clean_nll": c, "triggered_nll": p}
                     for t, c, p in zip(held, clean_per, per)]
-        print(f"[uat] {arm:<15} held-out NLL {clean:.3f} -> {models[arm]['eval']['triggered_nll']:.3f} "
-              f"({100 * models[arm]['eval']['rel_delta_nll']:+.1f}%)")
-        del model
+        models[arm]["transfer_cost"] = victim.cost.since(Cost())
+        _say(f"[uat] {arm:<15} held-out NLL {clean:.3f} -> {models[arm]['eval']['triggered_nll']:.3f} "
+             f"({100 * models[arm]['eval']['rel_delta_nll']:+.1f}%)")
+        del victim
     path = paths.results / "uat.json"
-    write_json(path, {"composition": uat.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
-                      "token_file": paths.rel(test.path), "opt_docs": [t["doc"] for t in opt],
-                      "eval_docs": [t["doc"] for t in held],
-                      "loss": "mean over texts of the mean next-token NLL of the text tokens; "
-                              "sequence [EOS] + trigger + text, trigger positions masked",
-                      "models": models, "transfer": transfer})
+    if distributed.is_main():
+        write_json(path, {"composition": uat.composition(a), "config": vars(a), "seed": cfg.seed,
+                          "compute": compute.describe(), "processes": distributed.world_size(),
+                          "token_file": paths.rel(test.path), "opt_docs": [t["doc"] for t in opt],
+                          "eval_docs": [t["doc"] for t in held],
+                          "loss": "mean over texts of the mean next-token NLL of the text tokens; "
+                                  "sequence [EOS] + trigger + text, trigger positions masked",
+                          "cost": "exact sequences (and tokens) run forward, and forward + backward for "
+                                  "embedding gradients; the whole search, whatever the number of processes",
+                          "models": models, "transfer": transfer})
     return [str(path)]
 
 
@@ -185,52 +209,74 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
 def _summary(records: list[dict], threshold: float) -> dict:
     n = len(records)
     deltas = sorted(r["abs_delta_nll"] for r in records)
-    return {"n": n, "success_rate": sum(r["rel_delta_nll"] > threshold for r in records) / n,
-            "mean_abs_delta_nll": sum(deltas) / n, "median_abs_delta_nll": deltas[n // 2],
-            "mean_rel_delta_nll": sum(r["rel_delta_nll"] for r in records) / n,
-            "mean_clean_nll": sum(r["clean_nll"] for r in records) / n}
+    out = {"n": n, "success_rate": sum(r["rel_delta_nll"] > threshold for r in records) / n,
+           "mean_abs_delta_nll": sum(deltas) / n, "median_abs_delta_nll": deltas[n // 2],
+           "mean_rel_delta_nll": sum(r["rel_delta_nll"] for r in records) / n,
+           "mean_clean_nll": sum(r["clean_nll"] for r in records) / n}
+    if all("cost" in r for r in records):
+        out["cost"] = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
+    return out
 
 
-def run_hotflip(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+def _attack(name: str, victim: Victim, text: dict, a, forbidden, seed: int) -> dict:
+    if name == "hotflip":
+        return hotflip.attack_text(victim, text["ids"], a, forbidden)
+    return gcg.attack_text(victim, text["ids"], a, forbidden, torch.Generator().manual_seed(seed * 100_003 + text["doc"]))
+
+
+def run_text_attacks(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    """Stage 6: each search of attack.text_attacks on every model, under HotFlip's threat model."""
+    return [_text_attack(cfg, paths, name) for name in cfg.attack.text_attack_names()]
+
+
+def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     test = TokenFile(paths.shared / "tokens", "test")
-    texts = select_texts(test, tokenizer.eos_token_id, a.hotflip_texts, a.text_len, a.min_text_len, cfg.seed)
+    n_texts = a.hotflip_texts if name == "hotflip" else a.gcg_texts
+    texts = select_texts(test, tokenizer.eos_token_id, n_texts, a.text_len, a.min_text_len, cfg.seed)
+    mine = [texts[i] for i in distributed.my_share(len(texts))]
     arms = available_arms(paths)
     models = {}
     for arm, path in arms.items():
-        model = _load(path, compute.device)
-        forbidden = forbidden_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+        victim = Victim(_load(path, compute.device), compute, a.batch_size)
+        forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
         records, controls, t0 = [], [], time.time()
-        for t in texts:
-            rec = hotflip.attack_text(model, t["ids"], a, forbidden, compute)
-            rec["doc"] = t["doc"]
+        for t in mine:
+            rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
             rec["success"] = rec["rel_delta_nll"] > a.success_threshold
             records.append(rec)
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
-            controls.append({"doc": t["doc"], **hotflip.random_flips(model, t["ids"], rec["n_flips"], forbidden,
-                                                                     gen, compute)})
+            controls.append({"doc": t["doc"], **hotflip.random_flips(victim, t["ids"], rec["n_flips"], forbidden, gen)})
+        records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
                        "summary": _summary(records, a.success_threshold),
                        "random_control": _summary(controls, a.success_threshold),
-                       "seconds_per_example": (time.time() - t0) / len(texts),
+                       "seconds_per_example": (time.time() - t0) / len(mine) if mine else None,
                        "examples": records, "control_examples": controls}
         s, c = models[arm]["summary"], models[arm]["random_control"]
-        print(f"[hotflip] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
-              f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f})")
-        del model
+        _say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
+             f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
+             f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
+        del victim
     transfer = {src: {} for src in arms}
+    share = distributed.my_share(len(texts))
     for arm, path in arms.items():
-        model = _load(path, compute.device)
+        victim = Victim(_load(path, compute.device), compute, a.batch_size)
         for src in arms:
-            rows = [hotflip.rescore(model, r["original_ids"], r["adversarial_ids"], r["modified_positions"], compute)
-                    for r in models[src]["examples"]]
+            rows = distributed.gather_shares([
+                hotflip.rescore(victim, r["original_ids"], r["adversarial_ids"], r["modified_positions"])
+                for r in models[src]["examples"][share.start:share.stop]])
             transfer[src][arm] = _summary(rows, a.success_threshold)
-        del model
-    path = paths.results / "hotflip.json"
-    write_json(path, {"composition": hotflip.COMPOSITION, "config": vars(a), "seed": cfg.seed, "compute": compute.describe(),
-                      "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
-                      "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
-                              "clean and attacked on the same positions",
-                      "models": models, "transfer": transfer})
-    return [str(path)]
+        del victim
+    path = paths.results / f"{name}.json"
+    if distributed.is_main():
+        write_json(path, {"attack": name, "composition": hotflip.COMPOSITION if name == "hotflip" else gcg.composition(a), "config": vars(a),
+                          "seed": cfg.seed, "compute": compute.describe(), "processes": distributed.world_size(),
+                          "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
+                          "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
+                                  "clean and attacked on the same positions",
+                          "cost": "per record: exact sequences (and tokens) run forward, and forward + backward "
+                                  "for embedding gradients, by the search and its final rescoring",
+                          "models": models, "transfer": transfer})
+    return str(path)

@@ -61,8 +61,32 @@ def _sizes(final: dict) -> str:
     """n of every table: documents, texts and seeds."""
     rows = [r for s in final["per_seed"].values() for r in s["arms"].values()]
     n = lambda k: max((r[k] for r in rows if k in r), default=0)  # noqa: E731
+    gcg = f"{n('n_gcg_texts')} GCG texts, " if n("n_gcg_texts") else ""
     return (f"n = {len(final['seeds'])} seed(s); per seed {n('n_documents'):,} test documents (perplexity), "
-            f"{n('n_hotflip_texts')} HotFlip texts, {n('n_uat_texts')} UAT evaluation texts.")
+            f"{n('n_hotflip_texts')} HotFlip texts, {gcg}{n('n_uat_texts')} UAT evaluation texts.")
+
+
+def _has(final: dict, key: str) -> bool:
+    return any(a.get(key, {}).get("mean") is not None for a in final["across_seeds"]["arms"].values())
+
+
+def attack_cost(final: dict) -> list[str]:
+    """Exact forward passes per attacked text, the compute each text search spent (mean over seeds)."""
+    rows = [(arm, name, r[f"{name}_forward_passes_per_text"]) for s in final["per_seed"].values()
+            for arm, r in s["arms"].items() for name in ("hotflip", "gcg") if f"{name}_forward_passes_per_text" in r]
+    if not rows:
+        return []
+    names = [n for n in ("hotflip", "gcg") if any(n == x for _, x, _ in rows)]
+    lines = ["", "## Attack compute (exact forward passes per attacked text, mean over seeds)", "",
+             "| Model | " + " | ".join({"hotflip": "HotFlip", "gcg": "GCG"}[n] for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for arm in _arms(final):
+        cells = []
+        for n in names:
+            v = [c for a, x, c in rows if a == arm and x == n]
+            cells.append(f"{sum(v) / len(v):,.0f}" if v else "n/a")
+        lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def capability_table(final: dict) -> list[str]:
@@ -121,14 +145,17 @@ def markdown(final: dict) -> str:
               "seed) show their perplexity's bootstrap interval over documents. HotFlip success: relative NLL "
               f"increase > {100 * final['success_threshold']:.0f}%; delta-NLL in nats/token (absolute, which does not "
               "favour the model with the higher clean loss).", "",
-              "| Model | Label | Perplexity | HotFlip success | HotFlip dNLL | Random-flip dNLL | UAT dNLL | UAT rel. |",
-              "|---|---|---|---|---|---|---|---|"]
+              "GCG: the same threat model and success criterion as HotFlip (at most as many modified tokens).", "",
+              "| Model | Label | Perplexity | HotFlip success | HotFlip dNLL | GCG success | GCG dNLL | Random-flip dNLL "
+              "| UAT dNLL | UAT rel. |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     acr = final["across_seeds"]["arms"]
     for arm in _arms(final):
         a = acr[arm]
         name = ARM_NAMES[arm] + (" *" if a.get("shared") else "")
         lines.append(f"| {name} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
                      f"{_fmt(a['hotflip_success_rate'], 100, 1, True)} | {_fmt(a['hotflip_mean_abs_delta_nll'], 1, 3)} | "
+                     f"{_fmt(a.get('gcg_success_rate'), 100, 1, True)} | {_fmt(a.get('gcg_mean_abs_delta_nll'), 1, 3)} | "
                      f"{_fmt(a['random_flip_mean_abs_delta_nll'], 1, 3)} | {_fmt(a['uat_abs_delta_nll'], 1, 3)} | "
                      f"{_fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
     tests = final["across_seeds"].get("tests", {})
@@ -141,7 +168,8 @@ def markdown(final: dict) -> str:
             lines.append(f"| {key} | {final['across_seeds']['more_robust'][key]} | {t['test']} | {t['unit']} | "
                          f"{t.get('n', '')} | {p} |")
     lines += ["", "## Per seed (95% intervals over examples: Wilson for success, bootstrap otherwise)", "",
-              "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | UAT dNLL [per-text CI] |", "|---|---|---|---|---|---|"]
+              "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | GCG success | GCG dNLL | UAT dNLL [per-text CI] |",
+              "|---|---|---|---|---|---|---|---|"]
     for seed, s in final["per_seed"].items():
         for arm in ORDER:
             r = s["arms"].get(arm)
@@ -151,6 +179,8 @@ def markdown(final: dict) -> str:
             lines.append(f"| {seed} | {ARM_NAMES[arm]} | {r.get('perplexity', float('nan')):.2f}{ci('perplexity_ci95')} | "
                          f"{100 * r.get('hotflip_success_rate', float('nan')):.1f}%{ci('hotflip_success_ci95', 100, 1)} | "
                          f"{r.get('hotflip_mean_abs_delta_nll', float('nan')):.3f}{ci('hotflip_delta_ci95', 1, 3)} | "
+                         f"{100 * r.get('gcg_success_rate', float('nan')):.1f}%{ci('gcg_success_ci95', 100, 1)} | "
+                         f"{r.get('gcg_mean_abs_delta_nll', float('nan')):.3f}{ci('gcg_delta_ci95', 1, 3)} | "
                          f"{r.get('uat_abs_delta_nll', float('nan')):.3f}{ci('uat_delta_ci95', 1, 3)} |")
     lines += ["", "## Paired tests per seed, baseline vs monotone (unit: the text; the UAT test is conditional on "
               "the triggers that seed's searches found)", "", "| Seed | Measure | Test | p-value | Detail |",
@@ -167,9 +197,11 @@ def markdown(final: dict) -> str:
             frac = "n/a" if t["fraction_V_changed"] is None else f"{100 * t['fraction_V_changed']:.1f}%"
             lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {t['start_val_perplexity']:.1f} -> "
                          f"{t['final_val_perplexity']:.1f} | {frac} |")
+    lines += attack_cost(final)
     lines += capability_table(final)
     lines += weight_change_table(final)
-    lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png, uat_transfer.png", ""]
+    lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png"
+              + (", gcg_delta_nll.png" if _has(final, "gcg_mean_abs_delta_nll") else "") + ", uat_transfer.png", ""]
     return "\n".join(lines)
 
 
@@ -191,7 +223,8 @@ def latex(final: dict, standalone: bool = False) -> str:
     for arm in _arms(final):
         a = acr[arm]
         rows.append(f"{ARM_NAMES[arm]} & {_tex_cell(a['perplexity'])} & {_tex_cell(a['hotflip_success_rate'], 100, 1, True)}"
-                    f" & {_tex_cell(a['hotflip_mean_abs_delta_nll'], 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
+                    f" & {_tex_cell(a['hotflip_mean_abs_delta_nll'], 1, 3)} & {_tex_cell(a.get('gcg_success_rate'), 100, 1, True)}"
+                    f" & {_tex_cell(a.get('gcg_mean_abs_delta_nll'), 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
                     f" & {_tex_cell(a['uat_abs_delta_nll'], 1, 3)} \\\\")
     n = len(final["seeds"])
     note = (f"Mean over {n} seeds $\\pm$ half-width of the 95\\% interval (success: Wilson over all texts; "
@@ -199,8 +232,9 @@ def latex(final: dict, standalone: bool = False) -> str:
     note += " " + _sizes(final).replace("%", "\\%")
     if final["partial"]:
         note += " PARTIAL: some seeds lack some stages."
-    table = [r"\begin{tabular}{lccccc}", r"\toprule",
-             r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & UAT NLL increase & UAT $\Delta$NLL \\",
+    table = [r"\begin{tabular}{lccccccc}", r"\toprule",
+             r"Model & Perplexity & HotFlip success & HotFlip $\Delta$NLL & GCG success & GCG $\Delta$NLL & "
+             r"UAT NLL increase & UAT $\Delta$NLL \\",
              r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", "", rf"\footnotesize {note}", ""]
     table += _latex_capabilities(final)
     if not standalone:
@@ -269,13 +303,17 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
     written.append(_save(perplexity_figure(final), out_dir / "perplexity.png"))
     arms = _arms(final)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    data = [[d for s in seeds.values() for d in s["arms"].get(arm, {}).get("hotflip_abs_deltas", [])] for arm in arms]
-    ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(arms) + 1), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
-    ax.set(ylabel="HotFlip delta NLL (nats/token)",
-           title=f"HotFlip damage per text, seeds {', '.join(map(str, seeds))}" + tag)
-    written.append(_save(fig, out_dir / "hotflip_delta_nll.png"))
+    for name, title in (("hotflip", "HotFlip"), ("gcg", "GCG")):
+        data = [[d for s in seeds.values() for d in s["arms"].get(arm, {}).get(f"{name}_abs_deltas", [])]
+                for arm in arms]
+        if name != "hotflip" and not any(data):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(arms) + 1), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
+        ax.set(ylabel=f"{title} delta NLL (nats/token)",
+               title=f"{title} damage per text, seeds {', '.join(map(str, seeds))}" + tag)
+        written.append(_save(fig, out_dir / f"{name}_delta_nll.png"))
 
     mats = [s["transfer"]["uat_rel_delta_nll"] for s in seeds.values() if "uat_rel_delta_nll" in s["transfer"]]
     if mats:
@@ -307,12 +345,14 @@ def _save(fig, path: Path) -> Path:
 def screen_summary(final: dict, report: Path) -> str:
     acr = final["across_seeds"]["arms"]
     lines = [f"Final results ({len(final['seeds'])} seed(s){', PARTIAL' if final['partial'] else ''}):",
-             f"  {'model':<22}{'perplexity':>12}{'HotFlip succ.':>15}{'HotFlip dNLL':>14}{'UAT rel.':>10}"]
+             f"  {'model':<22}{'perplexity':>12}{'HotFlip succ.':>15}{'HotFlip dNLL':>14}{'GCG succ.':>11}"
+             f"{'GCG dNLL':>10}{'UAT rel.':>10}"]
     for arm in _arms(final):
         a = acr[arm]
-        m = lambda k, sc=1.0: "n/a" if a[k]["mean"] is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
+        m = lambda k, sc=1.0: "n/a" if a.get(k, {}).get("mean") is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
         lines.append(f"  {ARM_NAMES[arm]:<22}{m('perplexity'):>12}{m('hotflip_success_rate', 100) + '%':>15}"
-                     f"{m('hotflip_mean_abs_delta_nll'):>14}{m('uat_rel_delta_nll', 100) + '%':>10}")
+                     f"{m('hotflip_mean_abs_delta_nll'):>14}{m('gcg_success_rate', 100) + '%':>11}"
+                     f"{m('gcg_mean_abs_delta_nll'):>10}{m('uat_rel_delta_nll', 100) + '%':>10}")
     for k, v in final["across_seeds"].get("more_robust", {}).items():
         lines.append(f"  more robust on {k}: {v}")
     lines.append(f"  report: {report}")

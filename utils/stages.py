@@ -168,11 +168,12 @@ def check_split_sizes(cfg: ExperimentConfig, tok: dict[str, TokenFile]) -> None:
     d, a, problems = cfg.data, cfg.attack, []
     lengths = np.diff(np.asarray(tok["test"].offsets)) - 1             # tokens per test document
     eligible = int((lengths >= a.min_text_len).sum())
-    uat, hot = a.uat_opt_texts + a.uat_eval_texts, a.hotflip_texts
+    uat = a.uat_opt_texts + a.uat_eval_texts
+    hot = max(a.hotflip_texts, a.gcg_texts if "gcg" in a.text_attack_names() else 0)
     if eligible < max(uat, hot):
         problems.append(f"the test split has {eligible} documents of >= attack.min_text_len={a.min_text_len} tokens, "
                         f"but UAT needs {uat} (attack.uat_opt_texts {a.uat_opt_texts} + attack.uat_eval_texts "
-                        f"{a.uat_eval_texts}) and HotFlip {hot} (attack.hotflip_texts): add test documents "
+                        f"{a.uat_eval_texts}) and HotFlip/GCG {hot} (attack.hotflip_texts, attack.gcg_texts): add test documents "
                         f"(data.test_docs, data.test_file) or lower those counts")
     for split in ("train", "val"):
         if (tok[split].tokens.size - 1) // d.seq_len < 1:
