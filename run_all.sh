@@ -12,11 +12,13 @@
 #   MONO_SLURM_SIGNAL (USR1) and MONO_SLURM_SIGNAL_LEAD (120 s) for preemption, MONO_SLURM_EXTRA (more sbatch flags).
 #   Training stages 2-3 on several GPUs: MONO_SLURM_GPUS_PER_NODE (processes per node: GPUs, or CPU processes
 #   when device=cpu) and MONO_SLURM_NODES (1); they run as srun + torchrun (FSDP2), CPUs and memory per node.
+#   Measurement stages 4-6 sharded over several processes of one node: MONO_SLURM_MEASURE_PROCS (GPUs, or CPU
+#   processes when device=cpu); each rank takes a share of the documents, texts or candidate batches.
 # If sbatch rejects a job, the jobs of this run already submitted are cancelled (exit 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -113,10 +115,17 @@ TRAIN_NODES="${MONO_SLURM_NODES:-1}"; TRAIN_PROCS="${MONO_SLURM_GPUS_PER_NODE:-}
 [ -z "$TRAIN_PROCS" ] || [[ "$TRAIN_PROCS" =~ ^[1-9][0-9]*$ ]] || {
   echo "error: MONO_SLURM_GPUS_PER_NODE must be a positive integer, got '$TRAIN_PROCS'" >&2; exit 2; }
 [ "$TRAIN_NODES" = 1 ] || TRAIN_PROCS="${TRAIN_PROCS:-1}"
+MEASURE_PROCS="${MONO_SLURM_MEASURE_PROCS:-}"
+[ -z "$MEASURE_PROCS" ] || [[ "$MEASURE_PROCS" =~ ^[1-9][0-9]*$ ]] || {
+  echo "error: MONO_SLURM_MEASURE_PROCS must be a positive integer, got '$MEASURE_PROCS'" >&2; exit 2; }
+gres_for() {  # gres_for N: the GPU gres with N GPUs (gpu[:type]:N), or none
+  [ -n "$GPU_GRES" ] || return 0
+  if [[ "$GPU_GRES" =~ :[0-9]+$ ]]; then echo "${GPU_GRES%:*}:$1"; else echo "$GPU_GRES:$1"; fi
+}
 TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per node
-if [ -n "$TRAIN_PROCS" ] && [ -n "$GPU_GRES" ]; then
-  if [[ "$GPU_GRES" =~ :[0-9]+$ ]]; then TRAIN_GRES="${GPU_GRES%:*}:$TRAIN_PROCS"; else TRAIN_GRES="$GPU_GRES:$TRAIN_PROCS"; fi
-fi
+[ -z "$TRAIN_PROCS" ] || TRAIN_GRES="$(gres_for "$TRAIN_PROCS")"
+MEASURE_GRES="$GPU_GRES"
+[ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
 declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=04:00:00 [7]=00:30:00)
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
           [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
@@ -151,6 +160,10 @@ submit() {
     opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
            --export "ALL,MONO_NPROC_PER_NODE=$TRAIN_PROCS")
     [ -n "$TRAIN_GRES" ] && opts+=(--gres "$TRAIN_GRES")
+  elif [ "$n" -ge 4 ] && [ "$n" -le 6 ] && [ -n "$MEASURE_PROCS" ]; then   # one node, torchrun shards
+    opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes 1 --ntasks-per-node 1
+           --export "ALL,MONO_NPROC_PER_NODE=$MEASURE_PROCS")
+    [ -n "$MEASURE_GRES" ] && opts+=(--gres "$MEASURE_GRES")
   else
     opts+=(--mem "${MONO_SLURM_MEM:-64G}")
     [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")

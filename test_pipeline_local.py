@@ -98,21 +98,25 @@ def check_stage_5(work: Path) -> str:
 
 
 def check_stage_6(work: Path) -> str:
-    hf = _results(work, "hotflip", "stage_6_hotflip_attacks")["models"]
-    assert set(hf) == ALL_ARMS
-    for arm, m in hf.items():
-        assert m["summary"]["mean_abs_delta_nll"] > m["random_control"]["mean_abs_delta_nll"], \
-            f"{arm}: HotFlip did no more damage than random flips"
-    return ", ".join(f"{a} {100 * hf[a]['summary']['success_rate']:.0f}% "
-                     f"(dNLL {hf[a]['summary']['mean_abs_delta_nll']:+.2f} vs random "
-                     f"{hf[a]['random_control']['mean_abs_delta_nll']:+.2f})" for a in sorted(ALL_ARMS))
+    said = []
+    for name in ("hotflip", "gcg"):
+        res = _results(work, name, "stage_6_hotflip_attacks")["models"]
+        assert set(res) == ALL_ARMS
+        for arm, m in res.items():
+            assert m["summary"]["mean_abs_delta_nll"] > m["random_control"]["mean_abs_delta_nll"], \
+                f"{arm}: {name} did no more damage than random flips"
+        said.append(f"{name}: " + ", ".join(f"{a} {100 * res[a]['summary']['success_rate']:.0f}% "
+                                            f"(dNLL {res[a]['summary']['mean_abs_delta_nll']:+.2f} vs random "
+                                            f"{res[a]['random_control']['mean_abs_delta_nll']:+.2f})"
+                                            for a in sorted(ALL_ARMS)))
+    return "; ".join(said)
 
 
 def check_stage_7(work: Path) -> str:
     final = json.loads((work / "final" / "final_results.json").read_text())
     assert final["seeds"] == [42] and not final["partial"]
     assert set(final["across_seeds"]["arms"]) == ALL_ARMS
-    for name in ("results.md", "table.tex", "training_curves.png", "perplexity.png", "hotflip_delta_nll.png",
+    for name in ("results.md", "table.tex", "training_curves.png", "perplexity.png", "hotflip_delta_nll.png", "gcg_delta_nll.png",
                  "uat_transfer.png"):
         assert (work / "final" / name).stat().st_size > 0, name
     return "results.md, table.tex and the plots written"

@@ -23,7 +23,7 @@ mkdir -p "$STATUS_DIR"
 # outcome for `run_all.sh --status`. Exit non-zero unless the stage finished,
 # so that afterok never releases dependents on partial work.
 #
-# Several processes (MONO_NPROC_PER_NODE set by run_all.sh for stages 2-3, or a
+# Several processes (MONO_NPROC_PER_NODE set by run_all.sh for stages 2-6, or a
 # multi-node allocation): one srun task per node starts torchrun, which starts
 # MONO_NPROC_PER_NODE ranks per node and meets the other nodes at a c10d
 # rendezvous on the allocation's first node. srun's tasks cannot be signalled
@@ -35,7 +35,7 @@ run_stage_job() {
   [ "$stage" = stage_0_setup ] && tag="$stage"
   [ "$stage" = stage_7_aggregate ] && tag="$stage"
   nproc="${MONO_NPROC_PER_NODE:-}"; nnodes="${SLURM_JOB_NUM_NODES:-1}"
-  case "$stage" in stage_2_*|stage_3_*) ;; *) nproc=""; nnodes=1 ;; esac    # the others run as one process
+  case "$stage" in stage_[2-6]_*) ;; *) nproc=""; nnodes=1 ;; esac    # stages 0, 1 and 7 run as one process
   echo "[job] $stage preset=$PRESET seed=$SEED work_dir=$WORK_DIR job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0} host=$(hostname -s)"
   echo "running ${SLURM_JOB_ID:-local}" > "$STATUS_DIR/$tag"
   export MONO_STOP_FILE="$STATUS_DIR/$tag.stop"

@@ -179,7 +179,8 @@ def test_trigger_searches_report_a_loss_that_recomputes(search):
 # -- stages 4-6 end to end, and recomputation of what they stored ---------------
 
 SMALL_ATTACKS = ["attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
-                 "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3"]
+                 "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
+                 "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def measured(tiny_run, tmp_path_factory):
         r = run_script(stage, "--work-dir", str(work), *sets)
         assert r.returncode == 0, r.stderr
     results = work / "seed_42" / "results"
-    return work, {name: json.loads((results / f"{name}.json").read_text()) for name in ("evaluation", "uat", "hotflip")}
+    return work, {name: json.loads((results / f"{name}.json").read_text())
+                  for name in ("evaluation", "uat", "hotflip", "gcg")}
 
 
 @pytest.mark.slow
@@ -241,9 +243,11 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
 
 
 @pytest.mark.slow
-def test_hotflip_records_are_recomputable_and_beat_random_flips(measured):
+@pytest.mark.parametrize("attack", ["hotflip", "gcg"])
+def test_text_attack_records_are_recomputable_and_beat_random_flips(measured, attack):
     work, res = measured
-    hf = res["hotflip"]
+    hf = res[attack]
+    assert len(hf["models"]["pretrained"]["examples"]) == {"hotflip": 10, "gcg": 6}[attack]
     for arm, m in hf["models"].items():
         model = load_model(work / m["path"]).eval()
         for rec in m["examples"]:
@@ -253,7 +257,10 @@ def test_hotflip_records_are_recomputable_and_beat_random_flips(measured):
             assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-4)
             assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=1e-4)
             assert rec["success"] == (rec["rel_delta_nll"] > hf["success_threshold"])
+            assert 0 < len(rec["modified_positions"]) <= 3 and 0 not in rec["modified_positions"]
+            assert rec["cost"]["forward_passes"] > 2 and rec["cost"]["gradient_passes"] >= 1
         s, ctl = m["summary"], m["random_control"]
+        assert s["cost"]["forward_passes"] == sum(r["cost"]["forward_passes"] for r in m["examples"])
         assert s["mean_abs_delta_nll"] > ctl["mean_abs_delta_nll"], arm
         assert hf["transfer"][arm][arm]["mean_abs_delta_nll"] == pytest.approx(s["mean_abs_delta_nll"], abs=1e-4)
     assert set(hf["transfer"]) == set(hf["models"]) and "search" in hf["composition"]
@@ -277,6 +284,7 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
         mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
         assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
         assert u["transfer"][arm][arm] == m["eval"]
+        assert m["search_cost"]["forward_passes"] > 0 and m["search_cost"]["gradient_passes"] > 0
 
 
 @pytest.mark.slow
@@ -287,7 +295,8 @@ def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured
     copy = tmp_path / "w"
     shutil.copytree(work, copy)
     sets = fast_sets() + [a for kv in SMALL_ATTACKS for a in ("--set", kv)] + ["--set", "precision=bf16-mixed",
-                                                                              "--set", "attack.hotflip_texts=4"]
+                                                                              "--set", "attack.hotflip_texts=4",
+                                                                              "--set", "attack.text_attacks=hotflip"]
     for stage in ("stage_4_evaluate", "stage_6_hotflip_attacks"):
         r = run_script(stage, "--work-dir", str(copy), *sets)
         assert r.returncode == 0 and "already done" not in r.stdout, r.stderr   # precision is in the fingerprint

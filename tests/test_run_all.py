@@ -59,7 +59,26 @@ def test_multi_process_training_jobs(tmp_path, env_extra, args, train):
             assert "gpu:4" not in line and "gpu:a100:8" not in line
 
 
-@pytest.mark.parametrize("name, value", [("MONO_SLURM_NODES", "0"), ("MONO_SLURM_GPUS_PER_NODE", "two")])
+@pytest.mark.parametrize("env_extra, measure", [
+    ({"MONO_SLURM_MEASURE_PROCS": "4", "MONO_SLURM_GPU": "gpu:a100:1"},
+     "--nodes 1 --ntasks-per-node 1 --export ALL,MONO_NPROC_PER_NODE=4 --gres gpu:a100:4 "),
+    ({"MONO_SLURM_MEASURE_PROCS": "2", "MONO_SLURM_GPUS_PER_NODE": "8"},
+     "--nodes 1 --ntasks-per-node 1 --export ALL,MONO_NPROC_PER_NODE=2 --gres gpu:2 "),
+], ids=["4-typed-gpus", "2-gpus-beside-8-for-training"])
+def test_sharded_measurement_jobs(tmp_path, env_extra, measure):
+    """MONO_SLURM_MEASURE_PROCS makes stages 4-6 torchrun jobs of that many processes on one node."""
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b", env_extra=env_extra)
+    assert r.returncode == 0, r.stderr
+    for line in (l for l in r.stdout.splitlines() if l.startswith("sbatch ")):
+        stage = int(line.split("--job-name mono-")[1][0])
+        if stage in (4, 5, 6):
+            assert measure in line and "--signal" not in line, line
+        elif stage not in (2, 3):
+            assert "--nodes" not in line and "MONO_NPROC_PER_NODE" not in line, line
+
+
+@pytest.mark.parametrize("name, value", [("MONO_SLURM_NODES", "0"), ("MONO_SLURM_GPUS_PER_NODE", "two"),
+                                         ("MONO_SLURM_MEASURE_PROCS", "-1")])
 def test_bad_multi_process_settings_are_one_error_line(tmp_path, name, value):
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), env_extra={name: value})
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

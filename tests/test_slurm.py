@@ -22,7 +22,8 @@ LOCAL_RESOURCES = {"MONO_SLURM_GPU": "", "MONO_SLURM_CPUS": "1", "MONO_SLURM_MEM
                    "MONO_SLURM_CPU_MEM": "3G"}
 SMALL = FAST + [("recovery_baseline.max_tokens", "60000"), ("recovery_monotone.max_tokens", "60000"),
                 ("attack.uat_opt_texts", "6"), ("attack.uat_eval_texts", "8"), ("attack.uat_restarts", "1"),
-                ("attack.uat_max_sweeps", "2"), ("attack.hotflip_texts", "10"), ("attack.hotflip_max_flips", "3")]
+                ("attack.uat_max_sweeps", "2"), ("attack.hotflip_texts", "10"), ("attack.hotflip_max_flips", "3"),
+                ("attack.gcg_texts", "6"), ("attack.gcg_steps", "6"), ("attack.gcg_search_width", "16")]
 
 
 def _sets(pairs):

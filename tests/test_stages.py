@@ -16,7 +16,8 @@ def test_pipeline_local_script_passes(capsys):
     sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16",
             "recovery_baseline.max_tokens=60000", "recovery_monotone.max_tokens=60000",
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
-            "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3"]
+            "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
+            "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
     assert test_pipeline_local.main([a for kv in sets for a in ("--set", kv)]) == 0
     out = capsys.readouterr().out
     removed = re.search(r"temporary work dir (\S+) removed", out)

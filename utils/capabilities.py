@@ -15,6 +15,7 @@ built by stage 0 from the held-out test split whenever eval.tasks names them
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -152,19 +153,26 @@ def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, ba
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise PipelineError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}")
+        # One task per call: lm-eval batches the requests of all tasks of a call together, and a task's
+        # numbers should not depend on which others ran beside it (stage 4 deals tasks to ranks).
+        # Under torchrun simple_evaluate returns results only where LOCAL_RANK is 0 (its tensor-parallel
+        # convention), yet each call here is a single-process one.
+        local_rank, result = os.environ.pop("LOCAL_RANK", None), {}
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit or None,
-                                          log_samples=True, task_manager=manager, bootstrap_iters=1000,
-                                          random_seed=0, verbosity="ERROR")
+            for task in tasks:
+                out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit or None,
+                                              log_samples=True, task_manager=manager, bootstrap_iters=1000,
+                                              random_seed=0, verbosity="ERROR")
+                metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
+                           if k != "alias" and isinstance(v, (int, float))}
+                samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+                result[task] = {"metrics": metrics, "n": len(samples), "version": out["versions"].get(task),
+                                "correct": [float(s["acc"]) for s in samples if "acc" in s]}
         except (OSError, ConnectionError, ValueError) as e:     # a task's dataset neither cached nor reachable
             raise PipelineError(f"lm-eval could not load the tasks {', '.join(tasks)} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]}); run stage 0 where the hub is reachable to "
                                 f"cache them, or choose others with --set eval.tasks=...") from None
-    result = {}
-    for task in tasks:
-        metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
-                   if k != "alias" and isinstance(v, (int, float))}
-        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-        result[task] = {"metrics": metrics, "n": len(samples), "version": out["versions"].get(task),
-                        "correct": [float(s["acc"]) for s in samples if "acc" in s]}
+        finally:
+            if local_rank is not None:
+                os.environ["LOCAL_RANK"] = local_rank
     return result

@@ -1,0 +1,56 @@
+"""Stages 4-6 on two processes (torchrun, gloo on CPU) write exactly what one process writes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, fast_sets
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # the same threads per process in both runs
+SMALL = ["attack.uat_opt_texts=5", "attack.uat_eval_texts=7", "attack.uat_restarts=1", "attack.uat_max_sweeps=1",
+         "attack.uat_screen_texts=2", "attack.uat_screen_keep=3", "attack.batch_size=8",
+         "attack.hotflip_texts=5", "attack.hotflip_max_flips=2", "attack.gcg_texts=3", "attack.gcg_steps=3",
+         "attack.gcg_search_width=12", "eval.task_limit=15"]
+STAGES = ("stage_4_evaluate", "stage_5_uat_attacks", "stage_6_hotflip_attacks")
+RESULTS = ("evaluation", "capabilities", "uat", "hotflip", "gcg")
+WALL_CLOCK = {"seconds", "seconds_per_example", "search_seconds", "processes"}
+
+
+def _without_clock(obj):
+    if isinstance(obj, dict):
+        return {k: _without_clock(v) for k, v in obj.items() if k not in WALL_CLOCK}
+    if isinstance(obj, list):
+        return [_without_clock(v) for v in obj]
+    return obj
+
+
+def _measure(work, nproc: int) -> dict:
+    sets = fast_sets() + [a for kv in SMALL for a in ("--set", kv)]
+    for stage in STAGES:
+        launcher = [sys.executable] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        r = subprocess.run([*launcher, str(ROOT / "scripts" / f"{stage}.py"), "--work-dir", str(work), *sets],
+                           capture_output=True, text=True, env=ENV, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    results = work / "seed_42" / "results"
+    return {n: json.loads((results / f"{n}.json").read_text()) for n in RESULTS}
+
+
+def test_two_processes_write_the_records_of_one_process(stage1_work, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(stage1_work, one)
+    shutil.copytree(stage1_work, two)
+    single, sharded = _measure(one, 1), _measure(two, 2)
+    for name in ("evaluation", "uat", "hotflip", "gcg"):
+        assert single[name]["processes"] == 1 and sharded[name]["processes"] == 2, name
+    # Every record, summary, trigger, cost and transfer entry: identical (paths are relative to the work dir).
+    for name in RESULTS:
+        assert _without_clock(sharded[name]) == _without_clock(single[name]), name
+    assert len(sharded["evaluation"]["models"]["pretrained"]["per_document"]["nll"]) == \
+        sharded["evaluation"]["documents"]
+    assert len(sharded["gcg"]["models"]["monotonic_init"]["examples"]) == 3
