@@ -126,7 +126,7 @@ TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per 
 [ -z "$TRAIN_PROCS" ] || TRAIN_GRES="$(gres_for "$TRAIN_PROCS")"
 MEASURE_GRES="$GPU_GRES"
 [ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
-declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=04:00:00 [7]=00:30:00)
+declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00)
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
           [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
 STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline

@@ -26,6 +26,11 @@ UAT_SEARCHES = ("beam", "gcg")          # Wallace et al.'s left-to-right beam se
 TEXT_ATTACKS = ("hotflip", "gcg")       # stage 6: searches under HotFlip's threat model     # recoveries: every weight, or only the monotone-constrained modules
 
 
+def listed(csv: str) -> list[str]:
+    """The names of a comma-separated config value ("hotflip, gcg" -> ["hotflip", "gcg"])."""
+    return [n.strip() for n in csv.split(",") if n.strip()]
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message is one line meant for the user."""
 
@@ -151,9 +156,6 @@ class AttackConfig:
     gcg_buffer: int = 0             # 0: continue from each step's best swap; B: from the best of the B best seen
     success_threshold: float = 0.15  # relative NLL increase counted as a successful attack
 
-    def text_attack_names(self) -> list[str]:
-        return [n.strip() for n in self.text_attacks.split(",") if n.strip()]
-
 
 @dataclass
 class ExperimentConfig:
@@ -249,8 +251,8 @@ class ExperimentConfig:
         need(a.uat_search in UAT_SEARCHES, f"attack.uat_search must be one of {', '.join(UAT_SEARCHES)}, got {a.uat_search!r}")
         need(a.uat_screen_texts == 0 or (0 < a.uat_screen_texts < a.uat_opt_texts and a.uat_screen_keep > 0),
              "attack.uat_screen_texts must be 0 (off) or below attack.uat_opt_texts, with attack.uat_screen_keep > 0")
-        bad = [n for n in a.text_attack_names() if n not in TEXT_ATTACKS]
-        need(a.text_attack_names() and not bad and len(set(a.text_attack_names())) == len(a.text_attack_names()),
+        bad = [n for n in listed(a.text_attacks) if n not in TEXT_ATTACKS]
+        need(listed(a.text_attacks) and not bad and len(set(listed(a.text_attacks))) == len(listed(a.text_attacks)),
              f"attack.text_attacks must list some of {', '.join(TEXT_ATTACKS)} (comma-separated, each once), "
              f"got {a.text_attacks!r}")
         need(a.success_threshold > 0, "attack.success_threshold must be > 0")

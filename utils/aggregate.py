@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.experiment_config import listed
 from utils.run_files import PipelineError, read_json
 from utils.statistics import (bootstrap_interval, mcnemar_exact, paired_t, perplexity_bootstrap, t_interval,
                               wilcoxon_paired, wilson_interval)
@@ -37,7 +38,7 @@ def find_seeds(work_dir: Path) -> list[int]:
 def expected_inputs(results: Path) -> dict:
     """INPUTS, less the stage 6 searches that seed's configuration left out (attack.text_attacks)."""
     cfg = results / "config_stage_6_hotflip_attacks.json"
-    chosen = read_json(cfg)["attack"].get("text_attacks", "hotflip").split(",") if cfg.exists() else TEXT_ATTACKS
+    chosen = listed(read_json(cfg)["attack"].get("text_attacks", "hotflip")) if cfg.exists() else TEXT_ATTACKS
     return {name: stage for name, stage in INPUTS.items()
             if name.removesuffix(".json") not in TEXT_ATTACKS or name.removesuffix(".json") in chosen}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from configs.experiment_config import HELDOUT_TASKS, ExperimentConfig
+from configs.experiment_config import ExperimentConfig, HELDOUT_TASKS, listed
 from utils import distributed, gcg, hotflip, uat
 from utils.attack_core import Cost, Victim, forbidden_tokens, select_texts
 from utils.corpus import read_corpus
@@ -226,7 +226,7 @@ def _attack(name: str, victim: Victim, text: dict, a, forbidden, seed: int) -> d
 
 def run_text_attacks(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Stage 6: each search of attack.text_attacks on every model, under HotFlip's threat model."""
-    return [_text_attack(cfg, paths, name) for name in cfg.attack.text_attack_names()]
+    return [_text_attack(cfg, paths, name) for name in listed(cfg.attack.text_attacks)]
 
 
 def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.experiment_config import SPLITS, ExperimentConfig
+from configs.experiment_config import ExperimentConfig, SPLITS, listed
 from utils.capabilities import build_heldout_tasks, cache_task_datasets, task_names
 from utils.compute import Compute
 from utils.corpus import documents, read_corpus
@@ -169,7 +169,7 @@ def check_split_sizes(cfg: ExperimentConfig, tok: dict[str, TokenFile]) -> None:
     lengths = np.diff(np.asarray(tok["test"].offsets)) - 1             # tokens per test document
     eligible = int((lengths >= a.min_text_len).sum())
     uat = a.uat_opt_texts + a.uat_eval_texts
-    hot = max(a.hotflip_texts, a.gcg_texts if "gcg" in a.text_attack_names() else 0)
+    hot = max(a.hotflip_texts, a.gcg_texts if "gcg" in listed(a.text_attacks) else 0)
     if eligible < max(uat, hot):
         problems.append(f"the test split has {eligible} documents of >= attack.min_text_len={a.min_text_len} tokens, "
                         f"but UAT needs {uat} (attack.uat_opt_texts {a.uat_opt_texts} + attack.uat_eval_texts "
