@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import utils  # noqa: E402,F401
 from configs.experiment_config import load_config  # noqa: E402
 from utils import hotflip, uat  # noqa: E402
-from utils.attack_core import exact_nll  # noqa: E402
+from utils.attack_core import Victim  # noqa: E402
 from utils.compute import Compute  # noqa: E402
 from utils.modeling import build_tiny_model, load_model  # noqa: E402
 
@@ -31,13 +31,13 @@ def candidates_per_second(model, n: int, length: int, batch_size: int, compute: 
     device = compute.device
     vocab = model.get_input_embeddings().weight.shape[0]
     seqs = [torch.randint(1, vocab, (length,)) for _ in range(n)]
-    exact_nll(model, seqs[:batch_size], compute, batch_size)            # warm-up
+    Victim(model, compute, batch_size).nll(seqs[:batch_size])            # warm-up
     out = {}
     for name, bs, subset in (("batched", batch_size, seqs), ("one_at_a_time", 1, seqs[: max(8, n // 8)])):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        exact_nll(model, subset, compute, bs)
+        Victim(model, compute, bs).nll(subset)
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[name] = len(subset) / (time.perf_counter() - t0)
@@ -53,12 +53,12 @@ def attack_times(model, a, compute: Compute) -> dict:
     texts = [torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,), generator=g)]) for _ in range(4)]
     t0 = time.perf_counter()
     for t in texts:
-        hotflip.attack_text(model, t, a, forbidden, compute)
+        hotflip.attack_text(Victim(model, compute, a.batch_size), t, a, forbidden)
     hot = (time.perf_counter() - t0) / len(texts)
     opt = [torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,), generator=g)])
            for _ in range(a.uat_opt_texts)]
     t0 = time.perf_counter()
-    uat.find_trigger(model, opt, a, forbidden, seed=0, init_token=1, compute=compute)
+    uat.find_trigger(Victim(model, compute, a.batch_size), opt, a, forbidden, seed=0, init_token=1)
     return {"hotflip_seconds_per_text": hot, "uat_seconds_per_search": time.perf_counter() - t0}
 
 
