@@ -85,10 +85,11 @@ def main() -> int:
     if torch.cuda.is_available():
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
         dev = torch.device("cuda")
-        big = GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-            intermediate_size=8192, max_position_embeddings=2048, use_parallel_residual=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})).to(dev)
+        with dev:
+            big = GPTNeoXForCausalLM(GPTNeoXConfig(
+                vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                intermediate_size=8192, max_position_embeddings=2048, use_parallel_residual=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
         big.eval().requires_grad_(False)
         g = res["gpu"] = {"device": torch.cuda.get_device_name(),
                           **candidates_per_second(big, args.candidates, 257, 32, Compute(dev, "bf16-mixed"))}

@@ -92,7 +92,8 @@ def gpu_benchmark(steps: int, micro_batch: int) -> dict:
     for arm in ("baseline", "monotone"):
         for ckpt in (False, True):
             torch.manual_seed(0)
-            model = GPTNeoXForCausalLM(c)
+            with dev:                   # initialise on the GPU: 1.4B random weights on the CPU take minutes
+                model = GPTNeoXForCausalLM(c)
             n_params = sum(p.numel() for p in model.parameters())
             if arm == "monotone":
                 apply_monotonicity(model, "mlp_both", "monotone", 1e-6)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 
 SCOPES = ("mlp_in", "mlp_both", "mlp_in_attn_out")
 ACTIVATION_POLICIES = ("monotone", "keep")
+CONSTRUCTIONS = ("softplus_abs", "signed_units", "projected")   # utils/monotonicity.py describes each
+INITS = ("auto", "abs", "clip")
 MODEL_SOURCES = ("tiny", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 DATA_SOURCES = ("stdlib", "hub", "jsonl", "jsonl.zst", "parquet", "text")
@@ -106,7 +108,9 @@ class TrainConfig:
 class MonotoneConfig:
     scope: str = "mlp_both"         # see SCOPES
     activation: str = "monotone"    # monotone: GELU clamped at its minimum; keep: the paper's GELU
-    init_eps: float = 1e-6          # softplus(V0) = |W_pretrained| + init_eps
+    construction: str = "softplus_abs"   # softplus_abs (the paper's) | signed_units | projected
+    init: str = "auto"              # abs: |W| | clip: max(W, 0) | auto: abs, clip for projected
+    init_eps: float = 1e-6          # softplus(V0) = init(W_pretrained) + init_eps
     cert_trials: int = 64           # random (x, x + delta) pairs per layer and delta scale
     cert_seed: int = 0
 
@@ -233,6 +237,11 @@ class ExperimentConfig:
         need(mo.scope in SCOPES, f"monotone.scope must be one of {SCOPES}, got {mo.scope!r}")
         need(mo.activation in ACTIVATION_POLICIES, f"monotone.activation must be one of {ACTIVATION_POLICIES}, got {mo.activation!r}")
         need(mo.init_eps > 0, "monotone.init_eps must be > 0")
+        need(mo.construction in CONSTRUCTIONS, f"monotone.construction must be one of {CONSTRUCTIONS}, got {mo.construction!r}")
+        need(mo.init in INITS, f"monotone.init must be one of {INITS}, got {mo.init!r}")
+        need(mo.construction != "signed_units" or mo.scope == "mlp_both",
+             f"monotone.construction=signed_units signs whole hidden units (W1 rows with W2 columns): "
+             f"it needs monotone.scope=mlp_both, got {mo.scope!r}")
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
         e, a = self.eval, self.attack
         need(0 < e.stride <= e.max_len, "eval.stride must be > 0 and <= eval.max_len")
@@ -261,78 +270,6 @@ class ExperimentConfig:
         need(self.seed >= 0, "seed must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
-
-
-# -- presets -------------------------------------------------------------------
-
-def _tiny() -> ExperimentConfig:
-    cfg = ExperimentConfig(preset="tiny")
-    # The stdlib corpus holds ~0.24M training tokens: the pretraining below takes
-    # ~2.2 passes over them and each recovery ~1.1 (every training run prints its count).
-    cfg.data.max_epochs = 3.0
-    # Docstrings repeat each other (overloads, subclasses): held-out near-copies of training text are removed.
-    cfg.data.heldout_overlap = "drop"
-    # Sized from REFERENCE.md: ~3k tokens/s for this model on 2 CPU cores.
-    cfg.pretrain = TrainConfig(max_tokens=520_000, micro_batch_size=16, lr=3e-3,
-                               warmup_fraction=0.05, weight_decay=0.1)
-    # Same budget for both recoveries; the monotone copy starts far worse
-    # (|W| init) and gets the paper's 5x larger learning rate and longer warmup.
-    recovery = dict(max_tokens=260_000, micro_batch_size=16, eval_interval=20, eval_windows=64,
-                    checkpoint_every_steps=20, weight_decay=0.01)
-    cfg.recovery_baseline = TrainConfig(lr=6e-4, warmup_fraction=0.1, **recovery)
-    cfg.recovery_monotone = TrainConfig(lr=3e-3, warmup_fraction=0.2, **recovery)
-    return cfg
-
-
-def _pythia(size: str) -> ExperimentConfig:
-    cfg = ExperimentConfig(preset=f"pythia-{size}", device="cuda")
-    # Released weights are fp16; they are loaded as fp32 master weights (precision governs compute).
-    cfg.model = ModelConfig(source="hub", hub_id=f"EleutherAI/pythia-{size}", vocab_size=50304, context_length=2048)
-    # The mirror ships separate val and test files (trap 5: never score train documents).
-    cfg.data = DataConfig(source="hub", hub_id="monology/pile-uncopyrighted",
-                          train_file="train/00.jsonl.zst", val_file="val.jsonl.zst",
-                          test_file="test.jsonl.zst", min_chars=1, seq_len=2048, quick=False,
-                          val_docs=1_000, test_docs=10_000, quick_val_docs=200, quick_test_docs=1_000)
-    # Paper recipe (REFERENCE.md): effective batch 32 x 2048 (8 x 4 accumulation),
-    # AdamW wd 0.01, clip 1.0, gradient checkpointing; baseline lr 1e-5 warmup 10%,
-    # monotone lr 5e-5 warmup 20%. The paper gave the monotone copy 10 epochs and
-    # the baseline 5 of 90k documents truncated and padded to 2048; here both get
-    # the same budget, the paper's 10 x 90k x 2048 = 1.84B token positions, as
-    # packed distinct tokens in one pass (stage 0 reads as many documents as that
-    # takes; README "Budgets"). Set both max_tokens to change it.
-    recovery = dict(max_tokens=10 * 90_000 * 2048, micro_batch_size=8, grad_accum_steps=4,
-                    weight_decay=0.01, grad_clip=1.0, min_lr_fraction=0.0, log_interval=10,
-                    eval_interval=500, eval_windows=256, checkpoint_every_steps=500,
-                    checkpoint_every_minutes=30.0, keep_checkpoints=2, gradient_checkpointing=True)
-    cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery)
-    cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
-    # Full 2048-token windows; stride 1024 gives every token at least 1024 tokens
-    # of context (stride 2048 would be lm-evaluation-harness's windows, half the cost).
-    cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8, task_batch_size=8,
-                          tasks="lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag,sciq")
-    # Paper sizes: HotFlip 200 documents, 10 flips, 15% threshold; UAT trigger
-    # of 10, 3 restarts x 50 sweeps, 80 texts to optimise, 120 to evaluate; UAT
-    # candidates screened on 10 texts, the best 8 checked on all 80 (README "Attack
-    # compute"). GCG: nanoGCG's top-k 256, with 64 steps x 64 swaps (4,096 exact
-    # passes per text, ~10x HotFlip's) on the first 100 of HotFlip's texts.
-    cfg.attack = AttackConfig(text_len=256, min_text_len=64, batch_size=32,
-                              uat_opt_texts=80, uat_eval_texts=120, uat_trigger_len=10, uat_restarts=3,
-                              uat_max_sweeps=50, uat_top_k=100, uat_beam=1, uat_screen_texts=10, uat_screen_keep=8,
-                              hotflip_texts=200, hotflip_max_flips=10, hotflip_top_k=20, hotflip_beam=2,
-                              gcg_texts=100, gcg_steps=64, gcg_search_width=64, gcg_top_k=256,
-                              success_threshold=0.15)
-    return cfg
-
-
-TINY_ARCHITECTURE = ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "context_length")
-
-PRESETS = {
-    "tiny": _tiny,
-    "pythia-410m": lambda: _pythia("410m"),
-    "pythia-1.4b": lambda: _pythia("1.4b"),
-    "pythia-2.8b": lambda: _pythia("2.8b"),
-    "pythia-6.9b": lambda: _pythia("6.9b"),
-}
 
 
 # -- overrides -----------------------------------------------------------------
@@ -408,3 +345,6 @@ def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None
                               f"model.source={cfg.model.source} the model's own config.json decides them")
     return cfg
 
+
+# The named presets live in configs/presets.py, which builds on the dataclasses above.
+from configs.presets import PRESETS, TINY_ARCHITECTURE  # noqa: E402

@@ -28,11 +28,19 @@ def test_override_types_are_coerced():
     ("pretrain.lr", "fast", "expected float"),
     ("data.quick", "maybe", "expected true/false"),
     ("monotone.scope", "everything", "monotone.scope must be one of"),
+    ("monotone.construction", "relu", "monotone.construction must be one of"),
+    ("monotone.init", "zero", "monotone.init must be one of"),
     ("model.n_head", "3", "divisible"),
 ])
 def test_bad_overrides_raise_one_clear_error(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_config("tiny", [(key, value)])
+
+
+def test_signed_units_outside_the_both_matrices_scope_is_a_config_error():
+    with pytest.raises(ConfigError, match="signed_units .* needs monotone.scope=mlp_both"):
+        load_config("tiny", [("monotone.construction", "signed_units"), ("monotone.scope", "mlp_in")])
+    assert load_config("tiny", [("monotone.construction", "signed_units")]).monotone.scope == "mlp_both"
 
 
 def test_all_problems_reported_at_once():

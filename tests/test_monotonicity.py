@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from configs.experiment_config import ModelConfig
 from utils.activations import GELU_ARGMIN, GELU_MIN, MonotoneGELU, is_non_decreasing
 from utils.modeling import build_tiny_model, load_model, save_model
-from utils.monotonicity import apply_monotonicity, certify, constrained_modules
+from utils.monotonicity import apply_monotonicity, certify, constrained_modules, project_constrained_
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=128, context_length=32)
 
@@ -143,3 +143,110 @@ def test_loading_refuses_missing_or_pickle_only_models(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
     with pytest.raises(PipelineError, match="no safetensors"):
         load_model(tmp_path / "pickled")
+
+
+# -- constructions (monotone.construction, monotone.init) ------------------------
+
+CONSTRUCTIONS = ("softplus_abs", "signed_units", "projected")
+
+
+def _unit_signs_expected(w1, w2):
+    """s_k by hand: +1 where the unit's positive pretrained mass is at least its negative mass."""
+    mass = torch.cat([w1, w2.T], dim=1)
+    return torch.where(mass.clamp(min=0).sum(1) >= (-mass).clamp(min=0).sum(1), 1.0, -1.0)
+
+
+@pytest.mark.parametrize("init", ["abs", "clip"])
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_each_construction_starts_where_its_init_says_and_is_monotone(construction, init):
+    model = tiny_model()
+    w0 = [(l.mlp.dense_h_to_4h.weight.detach().clone(), l.mlp.dense_4h_to_h.weight.detach().clone())
+          for l in model.gpt_neox.layers]
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-3, construction, init)
+    eps = 0.0 if construction == "projected" else 1e-3
+    for (a, b), layer in zip(w0, model.gpt_neox.layers):
+        s = _unit_signs_expected(a, b) if construction == "signed_units" else torch.ones(a.shape[0])
+        for w_start, mod, sb in ((a, layer.mlp.dense_h_to_4h, s.view(-1, 1)), (b, layer.mlp.dense_4h_to_h, s.view(1, -1))):
+            magnitude = (w_start * sb).abs() if init == "abs" else (w_start * sb).clamp(min=0)
+            assert torch.allclose(mod.weight, (magnitude + eps) * sb, atol=1e-6)
+            assert parametrize.is_parametrized(mod, "weight") == (construction != "projected")
+        assert _independent_monotonicity_check(layer.mlp) >= -1e-9
+    cert = certify(model, "mlp_both", trials=16, seed=0, input_ids=torch.randint(0, SMALL.vocab_size, (2, 16)))
+    assert cert["monotone"] and cert["construction"] == construction and cert["min_weight"] >= 0
+    concave = sum(l["concave_units"] for l in cert["layers"])
+    assert (concave > 0) == (construction == "signed_units")     # random weights: both signs occur
+
+
+def test_signed_units_make_concave_units_that_the_paper_construction_cannot():
+    """A unit with s_k = -1 computes -a act(-b.h + c): non-decreasing and concave, where every
+    softplus_abs unit is convex. Second differences along a ray show both curvatures."""
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-6, "signed_units", "abs")
+    mlp = copy.deepcopy(model.gpt_neox.layers[0].mlp).double()
+    t = torch.linspace(-6, 6, 241, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        y = mlp(t * torch.ones(1, SMALL.d_model, dtype=torch.float64))
+    second = y[2:] - 2 * y[1:-1] + y[:-2]
+    assert (y[1:] - y[:-1]).min() >= -1e-9                          # monotone along the ray
+    assert second.min() < -1e-6 and second.max() > 1e-6             # neither convex nor concave
+
+
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_each_certificate_fails_on_a_broken_model_of_its_kind(construction):
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-6, construction, "abs")
+    mlp = model.gpt_neox.layers[1].mlp
+    with torch.no_grad():
+        if construction == "signed_units":
+            # W2's unit 0 takes the opposite sign to W1's: each matrix alone is still "signed softplus".
+            mlp.dense_4h_to_h.parametrizations.weight[0].signs[0] *= -1
+        elif construction == "softplus_abs":
+            # The parametrisation removed and one weight negative: a plain matrix slipped through.
+            parametrize.remove_parametrizations(mlp.dense_h_to_4h, "weight")
+            mlp.dense_h_to_4h.weight[0, 0] = -0.5
+        else:
+            mlp.dense_4h_to_h.weight[0, 0] = -0.5                  # a step whose projection was skipped
+    cert = certify(model, "mlp_both", trials=16, seed=0)
+    assert not cert["monotone"] and cert["min_weight"] < 0
+    assert cert["layers"][0]["monotone"] and not cert["layers"][1]["monotone"]
+
+
+def test_projection_after_an_optimizer_step_restores_non_negativity():
+    model = tiny_model().train()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-6, "projected", "clip")
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    ids = torch.randint(0, SMALL.vocab_size, (4, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    mods = constrained_modules(model, "mlp_both").values()
+    assert min(float(m.weight.detach().min()) for m in mods) < 0   # the step alone leaves the set
+    project_constrained_(model)
+    assert min(float(m.weight.detach().min()) for m in mods) == 0.0
+    assert certify(model, "mlp_both", trials=16, seed=0)["monotone"]
+
+
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_save_load_round_trip_for_each_construction(construction, tmp_path):
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-6, construction, "clip")
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.config.monotone == model.config.monotone
+    w1 = back.gpt_neox.layers[0].mlp.dense_h_to_4h
+    if construction == "signed_units":       # the signs come back from the materialised weights
+        assert torch.equal(w1.parametrizations.weight[0].signs,
+                           model.gpt_neox.layers[0].mlp.dense_h_to_4h.parametrizations.weight[0].signs)
+    assert parametrize.is_parametrized(w1, "weight") == (construction != "projected")
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, ref, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+        assert torch.allclose(plain(input_ids=ids).logits, ref, atol=1e-5)
+    assert certify(back, "mlp_both", trials=16, seed=0)["monotone"]
+
+
+def test_signed_units_needs_both_mlp_matrices():
+    with pytest.raises(ValueError, match="mlp_both"):
+        apply_monotonicity(tiny_model(), "mlp_in", "monotone", 1e-6, "signed_units")

@@ -48,9 +48,9 @@ def _clone(stage1_work, tmp_path, name):
     return work
 
 
-def _popen(work):
+def _popen(work, extra=()):
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{STAGE}.py"), "--work-dir", str(work),
-                             *fast_sets(), *SHORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *fast_sets(), *SHORT, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_checkpoint(work, proc, min_step=3, timeout=120):
@@ -65,10 +65,10 @@ def _wait_for_checkpoint(work, proc, min_step=3, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
-def _killed_after_checkpoint(stage1_work, tmp_path, name, min_step):
+def _killed_after_checkpoint(stage1_work, tmp_path, name, min_step, extra=()):
     """A run SIGKILLed once a checkpoint of at least `min_step` exists."""
     work = _clone(stage1_work, tmp_path, name)
-    proc = _popen(work)
+    proc = _popen(work, extra)
     _wait_for_checkpoint(work, proc, min_step=min_step)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -114,6 +114,29 @@ def test_resume_after_sigkill_is_bitwise_identical(stage1_work, uninterrupted, t
     _assert_bitwise_equal(saved, uninterrupted[1])
     history = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())["history"]
     assert [row["step"] for row in history["steps"]] == sorted({row["step"] for row in history["steps"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("construction", ["signed_units", "projected"])
+def test_resume_is_bitwise_identical_for_the_other_constructions(stage1_work, tmp_path, construction):
+    """softplus_abs is the test above; signed_units also carries its unit signs through the checkpoint,
+    projected clamps W after every step. Both certify after training."""
+    sets = ["--set", f"monotone.construction={construction}", "--set", "monotone.init=clip"]
+    base = tmp_path / "base"
+    shutil.copytree(stage1_work / "shared", base / "shared")
+    r = run_script("stage_1_apply_monotonicity", "--work-dir", str(base), *fast_sets(), *sets)
+    assert r.returncode == 0, r.stderr
+    full = _clone(base, tmp_path, "full")
+    r = run_script(STAGE, "--work-dir", str(full), *fast_sets(), *SHORT, *sets)
+    assert r.returncode == 0, r.stderr
+    work = _killed_after_checkpoint(base, tmp_path, "killed", min_step=6, extra=sets)
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, *sets)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    for a, b in zip(_final_tensors(work), _final_tensors(full)):
+        _assert_bitwise_equal(a, b)
+    cert = json.loads((work / "seed_42" / "results" / "monotonicity_certificate_monotonic.json").read_text())
+    assert cert["monotone"] and cert["construction"] == construction
+    assert (sum(l["concave_units"] for l in cert["layers"]) > 0) == (construction == "signed_units")
 
 
 @pytest.mark.slow

@@ -224,8 +224,9 @@ def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     model = load_model(pretrained, "float32", device)
     mo = cfg.monotone
     before = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids)
-    names = apply_monotonicity(model, mo.scope, mo.activation, mo.init_eps)
-    print(f"[monotone] constrained {len(names)} modules (scope {mo.scope}, activation {mo.activation})")
+    names = apply_monotonicity(model, mo.scope, mo.activation, mo.init_eps, mo.construction, mo.init)
+    print(f"[monotone] constrained {len(names)} modules (scope {mo.scope}, activation {mo.activation}, "
+          f"construction {mo.construction}, init {model.config.monotone['init']})")
     cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed, input_ids=probe_ids)
     cert.update({
         "activation_policy": mo.activation, "configured_monotone": cfg.is_monotone_run,

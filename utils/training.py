@@ -29,6 +29,7 @@ from tqdm import tqdm
 from configs.experiment_config import TrainConfig
 from utils import distributed
 from utils.compute import Compute
+from utils.monotonicity import project_constrained_
 from utils.run_files import PipelineError
 
 
@@ -265,6 +266,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)   # global norm, across shards
         opt.step()
+        project_constrained_(model)          # monotone.construction=projected: W <- max(W, 0); else nothing
         opt.zero_grad(set_to_none=True)
         done = step + 1
         tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
