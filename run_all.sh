@@ -4,7 +4,11 @@
 #   bash run_all.sh --preset pythia-1.4b --seeds 42,1337,2024     # submit the job graph to SLURM
 #   bash run_all.sh --dry-run ...            # print the sbatch commands (stdout), submit and create nothing
 #   bash run_all.sh --status --work-dir DIR  # what ran, what failed, where the logs are
+#   bash run_all.sh --local --seeds 42,1337,2024 --grid monotone.construction=softplus_abs,signed_units,projected
+#                                            # an ablation: each variant its own run in WORK/variants/<name>
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
+#   --grid KEY=V1,V2 (repeatable: every combination) runs stage 0 and the baseline arm once, then stages 1 and
+#   3-7 per variant, sharing both (utils/grid.py), then WORK/final/comparison.md (scripts/compare_variants.py).
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
 #   MONO_SLURM_GPU (gres for stages 1-6: default gpu:1 if the config's device is cuda, else none;
 #   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),
@@ -18,8 +22,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
-MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=()
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=(); GRID=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --local) MODE=local ;;
@@ -29,6 +33,7 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS="${2:?--seeds needs a value}"; shift ;;
     --work-dir) WORK_DIR="${2:?--work-dir needs a value}"; shift ;;
     --set) SETS+=(--set "${2:?--set needs KEY=VALUE}"); shift ;;
+    --grid) GRID+=(--grid "${2:?--grid needs KEY=V1,V2,...}"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -56,18 +61,36 @@ python "$ROOT/scripts/stage_0_setup.py" --preset "$PRESET" --seed "${SEED_LIST[0
   "${SETS[@]}" --check >/dev/null 2>"$CHECK_ERR" || {
   if grep -q '^error:' "$CHECK_ERR"; then grep '^error:' "$CHECK_ERR" >&2; rm -f "$CHECK_ERR"; exit 2; fi; }
 rm -f "$CHECK_ERR"
+# An ablation grid: one line per variant, NAME then its overrides, tab-separated (scripts/grid.py).
+VARIANTS=()
+if [ ${#GRID[@]} -gt 0 ]; then
+  PLAN="$(python "$ROOT/scripts/grid.py" plan --preset "$PRESET" "${SETS[@]}" "${GRID[@]}")" || exit 2
+  mapfile -t VARIANTS <<< "$PLAN"
+fi
+MAIN_WORK="$WORK_DIR"; MAIN_SETS=("${SETS[@]+"${SETS[@]}"}"); VTAG=""
+enter_variant() {  # enter_variant I: WORK_DIR, SETS and VTAG become variant I's (its run dir and overrides)
+  local parts kv
+  IFS=$'\t' read -ra parts <<< "${VARIANTS[$1]}"
+  WORK_DIR="$MAIN_WORK/variants/${parts[0]}"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG="-v$1"
+  for kv in "${parts[@]:1}"; do SETS+=(--set "$kv"); done
+}
+leave_variant() { WORK_DIR="$MAIN_WORK"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG=""; }
 
 # -- local: the same graph, in this shell -------------------------------------
 # Each stage's output also goes to WORK_DIR/local/logs/<stage>[_seed<S>].log, and
 # WORK_DIR/local/{jobs.tsv,status/} record the run as SLURM runs are recorded, so
 # `run_all.sh --status` reports local runs too.
 if [ "$MODE" = local ]; then
-  LOCAL_DIR="$WORK_DIR/local"
-  mkdir -p "$LOCAL_DIR/logs" "$LOCAL_DIR/status"
-  printf 'job_id\tstage\tseed\tlog\n' > "$LOCAL_DIR/jobs.tsv"
+  local_record() {  # the run record of the current work dir (a variant has its own)
+    LOCAL_DIR="$WORK_DIR/local"
+    mkdir -p "$LOCAL_DIR/logs" "$LOCAL_DIR/status"
+    printf 'job_id\tstage\tseed\tlog\n' > "$LOCAL_DIR/jobs.tsv"
+  }
+  local_record
   run() {  # run STAGE SEED [extra args]
     local stage="$1" seed="$2" tag log rc=0; shift 2
-    tag="${stage}_seed$seed"; [ "$stage" = stage_0_setup ] || [ "$stage" = stage_7_aggregate ] && tag="$stage"
+    tag="${stage}_seed$seed"
+    case "$stage" in stage_0_setup|stage_7_aggregate|compare_variants) tag="$stage" ;; esac
     log="$LOCAL_DIR/logs/$tag.log"
     printf 'local\t%s\t%s\t%s\n' "$stage" "$seed" "$log" >> "$LOCAL_DIR/jobs.tsv"
     echo "running local" > "$LOCAL_DIR/status/$tag"
@@ -85,11 +108,30 @@ if [ "$MODE" = local ]; then
     exit 1
   }
   run stage_0_setup "${SEED_LIST[0]}"
-  for seed in "${SEED_LIST[@]}"; do
-    for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
+  if [ ${#VARIANTS[@]} -eq 0 ]; then
+    for seed in "${SEED_LIST[@]}"; do
+      for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
+    done
+    run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
+    echo "=== all stages done; outputs in $WORK_DIR (logs: $LOCAL_DIR/logs) ==="
+    exit 0
+  fi
+  for seed in "${SEED_LIST[@]}"; do run stage_2_train_baseline "$seed"; done
+  for i in "${!VARIANTS[@]}"; do
+    enter_variant "$i"
+    python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" "$(basename "$WORK_DIR")" || exit 1
+    local_record
+    for seed in "${SEED_LIST[@]}"; do
+      for stage in "${PER_SEED_STAGES[@]}"; do
+        [ "$stage" = stage_2_train_baseline ] || run "$stage" "$seed"
+      done
+    done
+    run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
   done
-  run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
-  echo "=== all stages done; outputs in $WORK_DIR (logs: $LOCAL_DIR/logs) ==="
+  leave_variant
+  LOCAL_DIR="$WORK_DIR/local"
+  run compare_variants "${SEED_LIST[0]}"
+  echo "=== all stages of ${#VARIANTS[@]} variant(s) done; comparison in $WORK_DIR/final/comparison.md ==="
   exit 0
 fi
 
@@ -126,12 +168,13 @@ TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per 
 [ -z "$TRAIN_PROCS" ] || TRAIN_GRES="$(gres_for "$TRAIN_PROCS")"
 MEASURE_GRES="$GPU_GRES"
 [ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
-declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00)
+declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00
+                 [8]=00:30:00)
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
-          [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate)
+          [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate [8]=job_8_compare)
 STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline
             [3]=stage_3_train_monotonic [4]=stage_4_evaluate [5]=stage_5_uat_attacks
-            [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate)
+            [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate [8]=compare_variants)   # 8: after a --grid
 
 is_done() {  # is_done N SEED: the stage's completion flag matches this config
   local flag="$WORK_DIR/seed_$2/flags/${STAGE_NAME[$1]}.done"
@@ -146,15 +189,15 @@ is_done() {  # is_done N SEED: the stage's completion flag matches this config
 # returns 1; the caller then runs abort_submission in the main shell.
 submit() {
   local n="$1" seed="$2" deps="$3" tag log time_var opts=()
-  tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" = 7 ] && tag="${STAGE_NAME[$n]}"
-  if [ -z "$deps" ] && [ "$n" != 7 ] && is_done "$n" "$seed"; then
+  tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" -ge 7 ] && tag="${STAGE_NAME[$n]}"
+  if [ -z "$deps" ] && [ "$n" -lt 7 ] && is_done "$n" "$seed"; then
     echo "skip: $tag already done" >&2; return 0
   fi
   log="$LOG_DIR/${tag}_%j.log"
   time_var="MONO_SLURM_TIME_$n"
-  opts+=(--parsable --job-name "mono-$n-s$seed" --output "$log" --time "${!time_var:-${TIME[$n]}}"
+  opts+=(--parsable --job-name "mono-$n-s$seed$VTAG" --output "$log" --time "${!time_var:-${TIME[$n]}}"
          --kill-on-invalid-dep=yes --cpus-per-task "${MONO_SLURM_CPUS:-8}")
-  if [ "$n" = 0 ] || [ "$n" = 7 ]; then
+  if [ "$n" = 0 ] || [ "$n" -ge 7 ]; then
     opts+=(--mem "${MONO_SLURM_CPU_MEM:-16G}")
   elif { [ "$n" = 2 ] || [ "$n" = 3 ]; } && [ -n "$TRAIN_PROCS" ]; then     # srun + torchrun, see jobs/common.sh
     opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
@@ -181,7 +224,7 @@ submit() {
   [ "$n" = 7 ] && args+=(--seeds "$SEEDS")
   if [ "$MODE" = dry ]; then
     echo "sbatch ${opts[*]} $ROOT/jobs/${JOB_FILE[$n]}.sh ${args[*]}" >&3
-    echo "<job_${n}_s${seed}>"
+    echo "<job_${n}_s${seed}${VTAG}>"
     return 0
   fi
   local id rc=0
@@ -210,7 +253,7 @@ abort_submission() {
   else
     echo "error: submitting the job graph failed (see the messages above)" >&2
   fi
-  mapfile -t ids < <(tail -n +2 "$JOBS_TSV" | cut -f1)
+  mapfile -t ids < <(for tsv in "${JOB_TSVS[@]}"; do tail -n +2 "$tsv" | cut -f1; done)
   if [ ${#ids[@]} -gt 0 ]; then
     if scancel "${ids[@]}"; then
       echo "cancelled the ${#ids[@]} job(s) of this run already submitted: ${ids[*]}" >&2
@@ -227,7 +270,42 @@ abort_submission() {
 join() { local IFS=:; echo "$*"; }
 ids() { local out=(); for x in "$@"; do [ -n "$x" ] && out+=("$x"); done; join "${out[@]+"${out[@]}"}"; }
 
+JOB_TSVS=("$JOBS_TSV")            # every jobs.tsv this submission writes (a grid variant has its own)
 J0=$(submit 0 "${SEED_LIST[0]}" "") || abort_submission
+if [ ${#VARIANTS[@]} -gt 0 ]; then
+  declare -A J2
+  for seed in "${SEED_LIST[@]}"; do J2[$seed]=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; done
+  AGGREGATES=()
+  for i in "${!VARIANTS[@]}"; do
+    enter_variant "$i"
+    LOG_DIR="$WORK_DIR/slurm/logs"; JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
+    if [ "$MODE" != dry ]; then            # links to stage 0 and the baselines (dangling until they exist)
+      python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" "$(basename "$WORK_DIR")" \
+        || abort_submission
+      mkdir -p "$LOG_DIR"; printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"; JOB_TSVS+=("$JOBS_TSV")
+    fi
+    ALL=()
+    for seed in "${SEED_LIST[@]}"; do
+      J1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
+      J3=$(submit 3 "$seed" "$(ids "$J1")") || abort_submission
+      DEPS=$(ids "${J2[$seed]}" "$J3")
+      J4=$(submit 4 "$seed" "$DEPS") || abort_submission
+      J5=$(submit 5 "$seed" "$DEPS") || abort_submission
+      J6=$(submit 6 "$seed" "$DEPS") || abort_submission
+      ALL+=("$J4" "$J5" "$J6")
+    done
+    J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")") || abort_submission
+    AGGREGATES+=("$J7")
+  done
+  leave_variant
+  LOG_DIR="$WORK_DIR/slurm/logs"; JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
+  J8=$(submit 8 "${SEED_LIST[0]}" "$(ids "${AGGREGATES[@]}")") || abort_submission
+  rm -f "$SBATCH_ERR"
+  if [ "$MODE" = dry ]; then echo "(dry run: nothing submitted; job ids above are placeholders)" >&2; exit 0; fi
+  echo "all jobs of ${#VARIANTS[@]} variant(s) submitted (comparison: job $J8). Watch them:"
+  echo "  bash run_all.sh --status --work-dir $WORK_DIR   # the shared stages, then each variant"
+  exit 0
+fi
 ALL=()
 for seed in "${SEED_LIST[@]}"; do
   J1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission

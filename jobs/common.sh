@@ -32,8 +32,7 @@ mkdir -p "$STATUS_DIR"
 run_stage_job() {
   local stage="$1" rc child tag nproc nnodes launcher=python
   tag="${stage}_seed${SEED}"
-  [ "$stage" = stage_0_setup ] && tag="$stage"
-  [ "$stage" = stage_7_aggregate ] && tag="$stage"
+  case "$stage" in stage_0_setup|stage_7_aggregate|compare_variants) tag="$stage" ;; esac
   nproc="${MONO_NPROC_PER_NODE:-}"; nnodes="${SLURM_JOB_NUM_NODES:-1}"
   case "$stage" in stage_[2-6]_*) ;; *) nproc=""; nnodes=1 ;; esac    # stages 0, 1 and 7 run as one process
   echo "[job] $stage preset=$PRESET seed=$SEED work_dir=$WORK_DIR job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0} host=$(hostname -s)"

@@ -34,7 +34,7 @@ def main(work_dir: str) -> int:
     bad = []
     print(f"{'job':>8}  {'stage':<28}{'seed':>6}  state")
     for job_id, stage, seed, log in rows:
-        tag = stage if stage in ("stage_0_setup", "stage_7_aggregate") else f"{stage}_seed{seed}"
+        tag = stage if stage in ("stage_0_setup", "stage_7_aggregate", "compare_variants") else f"{stage}_seed{seed}"
         status_file = tsv.parent / "status" / tag
         recorded = status_file.read_text().split() if status_file.exists() else []
         queued = queue_state(job_id) if job_id != "local" else None
@@ -63,8 +63,17 @@ def main(work_dir: str) -> int:
     return 1 if bad else 0
 
 
+def main_with_variants(work_dir: str) -> int:
+    """The work dir's own run, then each ablation variant's (run_all.sh --grid) under variants/."""
+    rc = main(work_dir)
+    for variant in sorted(p for p in (Path(work_dir) / "variants").glob("*") if p.is_dir()):
+        print(f"\nvariant {variant.name}:")
+        rc = max(rc, main(str(variant)))
+    return rc
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
         raise SystemExit(2)
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main_with_variants(sys.argv[1]))

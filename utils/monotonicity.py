@@ -276,7 +276,7 @@ def certify(model: nn.Module, scope: str, *, trials: int, seed: int,
         })
     spec = getattr(model.config, "monotone", None) or {}
     return {
-        "scope": scope, "claim": SCOPE_CLAIMS[scope], "construction": spec.get("construction"),
+        "scope": scope, "claim": SCOPE_CLAIMS[scope], "construction": spec.get("construction"), "init": spec.get("init"),
         "min_weight": min(w["min_weight"] for l in layers for w in l["weights"]),
         "total_violations": sum(l["violations"] for l in layers),
         "monotone": all(l["monotone"] for l in layers),

@@ -54,15 +54,21 @@ class RunPaths:
 
     # What a run records about its own files is relative to the work dir, so a copied or
     # moved work dir uses its own files; things outside it (a local model, the HF cache) stay absolute.
+    # Lexically first: a grid variant's links to shared files (utils/grid.py) stay inside it.
     def rel(self, path: Path) -> str:
-        path = Path(path).resolve()
-        try:
-            return str(path.relative_to(self.work_dir.resolve()))
-        except ValueError:
-            return str(path)
+        for p, work in ((_lexical(path), _lexical(self.work_dir)), (Path(path).resolve(), self.work_dir.resolve())):
+            try:
+                return str(p.relative_to(work))
+            except ValueError:
+                pass
+        return str(Path(path).resolve())
 
     def resolve(self, recorded: str) -> Path:
         return self.work_dir / recorded          # an absolute `recorded` stays as it is
+
+
+def _lexical(path) -> Path:
+    return Path(os.path.normpath(os.path.abspath(path)))
 
 
 def _umask() -> int:
