@@ -217,3 +217,24 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(stage
     assert r.returncode != 0
     assert "8 sequences per optimizer step (micro_batch_size x grad_accum_steps) do not split evenly over 3" \
         in r.stderr
+
+
+@pytest.mark.parametrize("construction", ["signed_units", "projected"])
+def test_two_processes_train_what_one_process_trains_for_the_other_constructions(stage1_work, tmp_path, construction):
+    """signed_units' unit signs (a buffer beside the sharded V) and projected's clamp of sharded W."""
+    sets = ["--set", f"monotone.construction={construction}"]
+    base = tmp_path / "base"
+    shutil.copytree(stage1_work / "shared", base / "shared")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "stage_1_apply_monotonicity.py"), "--work-dir",
+                        str(base), *fast_sets(), *sets], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one, two = _clone(base, tmp_path, "one"), _clone(base, tmp_path, "two")
+    r1 = subprocess.run([sys.executable, SCRIPT, "--work-dir", str(one), *fast_sets(), *_short(6), *sets],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+    r2 = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", SCRIPT, "--work-dir", str(two), *fast_sets(), *_short(6),
+                         *sets], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    whole, per = _relative_differences(_model(one), _model(two))
+    assert whole <= WHOLE and per <= PER_TENSOR, (whole, per)
+    cert = json.loads((two / "seed_42" / "results" / "monotonicity_certificate_monotonic.json").read_text())
+    assert cert["monotone"] and cert["construction"] == construction

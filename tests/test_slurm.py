@@ -78,22 +78,29 @@ def _status(work):
                           capture_output=True, text=True)
 
 
-def test_two_seed_pipeline_completes_through_the_dependency_chain(tmp_path):
+def test_two_seed_grid_completes_through_the_dependency_chain(tmp_path):
+    """Two seeds of a one-variant ablation grid: stage 0 and each seed's baseline in the work dir, the
+    variant's stages 1 and 3-7 in variants/<name>/ waiting on them, the comparison last."""
     work = tmp_path / "work"
-    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL))
+    grid = ("--grid", "monotone.construction=projected")
+    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL), *grid)
     assert r.returncode == 0, r.stderr + r.stdout
-    ids = _job_ids(work)
-    assert len(ids) == 1 + 2 * 6 + 1
+    variant = work / "variants" / "construction=projected"
+    ids = _job_ids(work) + _job_ids(variant)
+    assert len(_job_ids(work)) == 1 + 2 + 1 and len(_job_ids(variant)) == 2 * 5 + 1
     _wait_until_no_jobs(ids, timeout=1500)
     st = _status(work)
     assert st.returncode == 0, st.stdout + st.stderr
-    assert st.stdout.count(" done") == len(ids)
-    final = __import__("json").loads((work / "final" / "final_results.json").read_text())
+    assert st.stdout.count(" done") == len(ids) and "variant construction=projected:" in st.stdout
+    final = __import__("json").loads((variant / "final" / "final_results.json").read_text())
     assert final["seeds"] == [42, 7] and not final["partial"]
     assert set(final["per_seed"]) == {"42", "7"}
-    # A rerun resumes a finished pipeline: every stage is skipped but the aggregate.
-    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL))
-    assert r.returncode == 0 and r.stderr.count("skip: ") == 13, r.stderr
+    assert all(s["certificates"]["monotonic"]["monotone"] for s in final["per_seed"].values())
+    comparison = __import__("json").loads((work / "final" / "comparison.json").read_text())
+    assert [v["name"] for v in comparison["variants"]] == ["construction=projected"]
+    # A rerun resumes a finished grid: every stage is skipped but the aggregate and the comparison.
+    r = _run_all(work, "--seeds", "42,7", *_sets(SMALL), *grid)
+    assert r.returncode == 0 and r.stderr.count("skip: ") == 1 + 2 + 2 * 5, r.stderr
 
 
 def test_failed_stage_leaves_dependents_unrun_and_is_reported(tmp_path):
