@@ -31,9 +31,9 @@ def _settings(vdir: Path, seed: int) -> dict:
 
 def variant_row(name: str, final: dict, settings: dict) -> dict:
     per_seed, arms = final["per_seed"], final["across_seeds"]["arms"]
-    if not {"monotonic_init", "monotonic", "baseline"} <= set(arms):
+    if not {"pretrained", "monotonic_init", "monotonic", "baseline"} <= set(arms):
         raise PipelineError(f"variant {name}: stage 7 found arms {sorted(arms)}; the comparison needs "
-                            "monotonic_init, baseline and monotonic")
+                            "pretrained, monotonic_init, baseline and monotonic")
     ratios = [s["arms"]["monotonic"]["perplexity"] / s["arms"]["baseline"]["perplexity"]
               for s in per_seed.values() if "perplexity" in s["arms"].get("monotonic", {})]
     certified = {arm: [s["certificates"][arm]["monotone"] for s in per_seed.values() if arm in s["certificates"]]
@@ -45,6 +45,8 @@ def variant_row(name: str, final: dict, settings: dict) -> dict:
             "recovered_perplexity": arms["monotonic"]["perplexity"],
             "ratio_to_baseline": t_interval(ratios),
             "damage": {k: arms["monotonic"].get(k) for k, _ in DAMAGE},
+            "pretrained": {"perplexity": arms["pretrained"]["perplexity"],
+                           "damage": {k: arms["pretrained"].get(k) for k, _ in DAMAGE}},
             "baseline": {"perplexity": arms["baseline"]["perplexity"],
                          "per_seed_perplexity": {s: v["arms"]["baseline"]["perplexity"] for s, v in per_seed.items()},
                          "damage": {k: arms["baseline"].get(k) for k, _ in DAMAGE}}}
@@ -68,7 +70,7 @@ def compare(work_dir: Path) -> dict:
         raise PipelineError("the variants report different baseline perplexities for the same seed, so they did "
                             f"not share one baseline arm: {baselines}")
     return {"work_dir": str(work_dir), "preset": read_json(variants[0] / "final" / "final_results.json")["preset"],
-            "baseline": rows[0]["baseline"], "variants": rows}
+            "pretrained": rows[0]["pretrained"], "baseline": rows[0]["baseline"], "variants": rows}
 
 
 def _cell(stat: dict | None, digits: int = 2, percent: bool = False) -> str:
@@ -89,9 +91,11 @@ def markdown(comp: dict) -> str:
              "| Variant | Certified (init, trained) | Post-constraint ppl | Recovered ppl | Ratio to baseline | "
              + " | ".join(titles) + " |",
              "|" + "---|" * (5 + len(titles))]
-    b = comp["baseline"]
-    lines.append("| baseline (shared) | unconstrained | - | " + _cell(b["perplexity"]) + " | 1 | "
-                 + " | ".join(_cell(b["damage"][k], 3, "success" in k) for k, _ in DAMAGE) + " |")
+    for arm in ("pretrained", "baseline"):
+        b = comp[arm]
+        lines.append(f"| {arm} (shared) | unconstrained | - | " + _cell(b["perplexity"])
+                     + (" | 1 | " if arm == "baseline" else " | - | ")
+                     + " | ".join(_cell(b["damage"][k], 3, "success" in k) for k, _ in DAMAGE) + " |")
     for r in comp["variants"]:
         lines.append(f"| {r['name']}{' (partial)' if r['partial'] else ''} | "
                      f"{r['certified']['monotonic_init']}, {r['certified']['monotonic']} | "
