@@ -110,7 +110,7 @@ def test_local_grid_shares_stage_0_and_the_baseline_and_compares_certified_varia
         hot = json.loads((vdir / "seed_42" / "results" / "hotflip.json").read_text())["models"]["monotonic"]
         assert row["damage"]["hotflip_success_rate"]["n_texts"] == len(hot["examples"])
     md = (work / "final" / "comparison.md").read_text()
-    assert all(f"| {n} |" in md for n in [*names, "baseline (shared)", "pretrained (shared)"])
+    assert all(f"| {n} (seeds 1) |" in md for n in names) and "| baseline (shared) |" in md and "| pretrained (shared) |" in md
     status = _run_all("--status", "--work-dir", str(work))
     assert status.returncode == 0 and status.stdout.count("variant construction=") == 3, status.stdout
     # (A rerun that skips every finished stage: tests/test_slurm.py's grid test.)

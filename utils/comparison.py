@@ -65,12 +65,16 @@ def compare(work_dir: Path) -> dict:
         final = read_json(v / "final" / "final_results.json")
         rows.append(variant_row(v.name, final, _settings(v, final["seeds"][0])))
     baselines = {r["name"]: r["baseline"]["per_seed_perplexity"] for r in rows}
-    shared = len({tuple(sorted(b.items())) for b in baselines.values()}) == 1
-    if not shared:
+    by_seed = {}                                   # seed -> the baseline perplexities variants report for it
+    for b in baselines.values():
+        for seed, ppl in b.items():
+            by_seed.setdefault(seed, set()).add(ppl)
+    if any(len(values) > 1 for values in by_seed.values()):
         raise PipelineError("the variants report different baseline perplexities for the same seed, so they did "
                             f"not share one baseline arm: {baselines}")
+    widest = max(rows, key=lambda r: len(r["seeds"]))          # the shared arms over the most seeds
     return {"work_dir": str(work_dir), "preset": read_json(variants[0] / "final" / "final_results.json")["preset"],
-            "pretrained": rows[0]["pretrained"], "baseline": rows[0]["baseline"], "variants": rows}
+            "pretrained": widest["pretrained"], "baseline": widest["baseline"], "variants": rows}
 
 
 def _cell(stat: dict | None, digits: int = 2, percent: bool = False) -> str:
@@ -97,7 +101,7 @@ def markdown(comp: dict) -> str:
                      + (" | 1 | " if arm == "baseline" else " | - | ")
                      + " | ".join(_cell(b["damage"][k], 3, "success" in k) for k, _ in DAMAGE) + " |")
     for r in comp["variants"]:
-        lines.append(f"| {r['name']}{' (partial)' if r['partial'] else ''} | "
+        lines.append(f"| {r['name']}{' (partial)' if r['partial'] else ''} (seeds {len(r['seeds'])}) | "
                      f"{r['certified']['monotonic_init']}, {r['certified']['monotonic']} | "
                      f"{_cell(r['post_constraint_perplexity'], 1)} | {_cell(r['recovered_perplexity'])} | "
                      f"{_cell(r['ratio_to_baseline'], 3)} | "
