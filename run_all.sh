@@ -270,10 +270,25 @@ abort_submission() {
 join() { local IFS=:; echo "$*"; }
 ids() { local out=(); for x in "$@"; do [ -n "$x" ] && out+=("$x"); done; join "${out[@]+"${out[@]}"}"; }
 
+# submit_seed_chains: stages 1-6 of every seed, then stage 7 over them (J7). Stage 2 is taken from J2
+# when a grid submitted it once for all variants, else submitted here.
+declare -A J2
+submit_seed_chains() {
+  local seed n j j1 j2 j3 deps all=()
+  for seed in "${SEED_LIST[@]}"; do
+    j1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
+    if [ -n "${J2[$seed]+set}" ]; then j2="${J2[$seed]}"
+    else j2=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; fi
+    j3=$(submit 3 "$seed" "$(ids "$j1")") || abort_submission
+    deps=$(ids "$j2" "$j3")
+    for n in 4 5 6; do j=$(submit "$n" "$seed" "$deps") || abort_submission; all+=("$j"); done
+  done
+  J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${all[@]}")") || abort_submission
+}
+
 JOB_TSVS=("$JOBS_TSV")            # every jobs.tsv this submission writes (a grid variant has its own)
 J0=$(submit 0 "${SEED_LIST[0]}" "") || abort_submission
 if [ ${#VARIANTS[@]} -gt 0 ]; then
-  declare -A J2
   for seed in "${SEED_LIST[@]}"; do J2[$seed]=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; done
   AGGREGATES=()
   for i in "${!VARIANTS[@]}"; do
@@ -284,17 +299,7 @@ if [ ${#VARIANTS[@]} -gt 0 ]; then
         || abort_submission
       mkdir -p "$LOG_DIR"; printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"; JOB_TSVS+=("$JOBS_TSV")
     fi
-    ALL=()
-    for seed in "${SEED_LIST[@]}"; do
-      J1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
-      J3=$(submit 3 "$seed" "$(ids "$J1")") || abort_submission
-      DEPS=$(ids "${J2[$seed]}" "$J3")
-      J4=$(submit 4 "$seed" "$DEPS") || abort_submission
-      J5=$(submit 5 "$seed" "$DEPS") || abort_submission
-      J6=$(submit 6 "$seed" "$DEPS") || abort_submission
-      ALL+=("$J4" "$J5" "$J6")
-    done
-    J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")") || abort_submission
+    submit_seed_chains
     AGGREGATES+=("$J7")
   done
   leave_variant
@@ -306,18 +311,7 @@ if [ ${#VARIANTS[@]} -gt 0 ]; then
   echo "  bash run_all.sh --status --work-dir $WORK_DIR   # the shared stages, then each variant"
   exit 0
 fi
-ALL=()
-for seed in "${SEED_LIST[@]}"; do
-  J1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
-  J2=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission
-  J3=$(submit 3 "$seed" "$(ids "$J1")") || abort_submission
-  DEPS=$(ids "$J2" "$J3")
-  J4=$(submit 4 "$seed" "$DEPS") || abort_submission
-  J5=$(submit 5 "$seed" "$DEPS") || abort_submission
-  J6=$(submit 6 "$seed" "$DEPS") || abort_submission
-  ALL+=("$J4" "$J5" "$J6")
-done
-J7=$(submit 7 "${SEED_LIST[0]}" "$(ids "${ALL[@]}")") || abort_submission
+submit_seed_chains
 rm -f "$SBATCH_ERR"
 if [ "$MODE" = dry ]; then
   echo "(dry run: nothing submitted; job ids above are placeholders)" >&2

@@ -23,13 +23,13 @@ def tiny_config(work_dir: Path, extra=()):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """(cfg, paths) of a work dir where stage 0 has run on the tiny preset."""
-    from utils.stages import setup
+    """(cfg, paths) of a work dir where stage 0 has run on the tiny preset, with its completion flag
+    (a copy of its shared/ is a finished stage 0 for any run with the FAST settings)."""
     work = tmp_path_factory.mktemp("tiny_run")
+    r = run_script("stage_0_setup", "--work-dir", str(work), *fast_sets())
+    assert r.returncode == 0, r.stderr
     cfg = tiny_config(work)
-    paths = RunPaths(work, cfg.seed)
-    setup(cfg, paths)
-    return cfg, paths
+    return cfg, RunPaths(work, cfg.seed)
 
 
 def run_script(name: str, *args: str, env=None, timeout=600) -> subprocess.CompletedProcess:

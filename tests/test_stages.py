@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_pipeline_local_script_passes(capsys):
     import test_pipeline_local
-    sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16",
+    sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16", "eval.task_limit=40",
             "recovery_baseline.max_tokens=60000", "recovery_monotone.max_tokens=60000",
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
             "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
