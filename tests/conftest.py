@@ -13,8 +13,10 @@ import utils  # noqa: E402,F401  (registers monotone_gelu)
 from configs.experiment_config import load_config  # noqa: E402
 from utils.run_files import RunPaths  # noqa: E402
 
-# Small budgets: the behaviour under test does not depend on a well-trained model.
-FAST = [("pretrain.max_tokens", "120000"), ("monotone.cert_trials", "16"), ("eval.task_limit", "40")]
+# Small budgets: the behaviour under test does not depend on a well-trained model. Stage 0 reads one
+# pass of the largest training budget, so every run whose budgets stay within these shares its stage 0.
+FAST = [("pretrain.max_tokens", "120000"), ("recovery_baseline.max_tokens", "60000"),
+        ("recovery_monotone.max_tokens", "60000"), ("monotone.cert_trials", "16"), ("eval.task_limit", "40")]
 
 
 def tiny_config(work_dir: Path, extra=()):
