@@ -13,7 +13,7 @@ from conftest import FAST, ROOT
 from utils.grid import BASELINE_OUTPUTS, parse_grid, variants
 
 CONSTRUCTIONS = "monotone.construction=softplus_abs,signed_units,projected"
-# Budgets that keep three variants' pipelines to minutes on 2 CPU cores: what is under test is the
+# Budgets that keep each variant's pipeline to minutes on 2 CPU cores: what is under test is the
 # grid's plumbing and each construction's certificate (GCG and lm-eval tasks run in test_stages).
 SMALL = FAST + [("recovery_baseline.max_tokens", "30000"), ("recovery_monotone.max_tokens", "30000"),
                 ("eval.tasks", ""), ("attack.text_attacks", "hotflip"),
