@@ -8,7 +8,7 @@
 #                                            # an ablation: each variant its own run in WORK/variants/<name>
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
 #   --grid KEY=V1,V2 (repeatable: every combination) runs stage 0 and the baseline arm once, then stages 1 and
-#   3-7 per variant, sharing both (utils/grid.py), then WORK/final/comparison.md (scripts/compare_variants.py).
+#   3-7 per variant, sharing both (utils/run/grid.py), then WORK/final/comparison.md (scripts/compare_variants.py).
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
 #   MONO_SLURM_GPU (gres for stages 1-6: default gpu:1 if the config's device is cuda, else none;
 #   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),

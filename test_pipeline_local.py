@@ -25,8 +25,8 @@ def run(stage: str, work: Path, sets: list[str]) -> str:
 
 
 def check_stage_0(work: Path) -> str:
-    from utils.modeling import load_model
-    from utils.tokenization import TokenFile
+    from utils.data.tokenization import TokenFile
+    from utils.model.modeling import load_model
     shared = work / "shared"
     m = json.loads((shared / "manifest.json").read_text())
     assert (shared / "flags" / "stage_0_setup.done").exists(), "no stage 0 flag"
@@ -41,7 +41,7 @@ def check_stage_0(work: Path) -> str:
 def check_stage_1(work: Path) -> str:
     from torch.nn.utils import parametrize
 
-    from utils.modeling import load_model
+    from utils.model.modeling import load_model
     seed = work / "seed_42"
     cert = json.loads((seed / "results" / "monotonicity_certificate.json").read_text())
     assert cert["monotone"] and cert["total_violations"] == 0 and cert["min_weight"] > 0, cert["label"]

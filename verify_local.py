@@ -19,12 +19,13 @@ SMALL = dict(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=64, context_le
 
 def _small_model(seed=0):
     from configs.experiment_config import ModelConfig
-    from utils.modeling import build_tiny_model
+    from utils.model.modeling import build_tiny_model
     return build_tiny_model(ModelConfig(**SMALL), seed)
 
 
 def check_config():
-    from configs.experiment_config import PRESETS, ConfigError, load_config
+    from configs.experiment_config import ConfigError
+    from configs.presets import PRESETS, load_config
     for name in PRESETS:
         load_config(name)
     try:
@@ -47,10 +48,10 @@ def check_determinism():
     import numpy as np
     import torch
     from configs.experiment_config import TrainConfig
-    from utils.corpus import stdlib_documents
-    from utils.tokenization import train_bpe
-    from utils.compute import CPU
-    from utils.training import train
+    from utils.data.corpus import stdlib_documents
+    from utils.data.tokenization import train_bpe
+    from utils.run.compute import CPU
+    from utils.train.training import train
     docs = [d["text"] for d in stdlib_documents(200)[:200]]
     assert train_bpe(docs, 300).backend_tokenizer.to_str() == train_bpe(docs, 300).backend_tokenizer.to_str()
     tokens = np.random.default_rng(0).integers(1, SMALL["vocab_size"], 5000).astype(np.uint16)
@@ -66,9 +67,9 @@ def check_determinism():
 
 def check_file_ops():
     import torch
-    from utils.modeling import load_model, save_model
-    from utils.monotonicity import apply_monotonicity
-    from utils.run_files import read_json, write_json
+    from utils.model.modeling import load_model, save_model
+    from utils.model.monotonicity import apply_monotonicity
+    from utils.run.run_files import read_json, write_json
     with tempfile.TemporaryDirectory() as tmp:
         write_json(Path(tmp) / "a.json", {"x": 1})
         assert read_json(Path(tmp) / "a.json") == {"x": 1}
@@ -84,7 +85,7 @@ def check_file_ops():
 
 
 def check_monotonicity():
-    from utils.monotonicity import apply_monotonicity, certify
+    from utils.model.monotonicity import apply_monotonicity, certify
     m = _small_model()
     apply_monotonicity(m, "mlp_both", "monotone", 1e-6)
     good = certify(m, "mlp_both", trials=16, seed=0)
@@ -98,8 +99,8 @@ def check_monotonicity():
 def check_perplexity():
     import numpy as np
     import torch
-    from utils.compute import CPU
-    from utils.perplexity import aggregate, document_nll
+    from utils.measure.perplexity import aggregate, document_nll
+    from utils.run.compute import CPU
     m = _small_model().eval()
     with torch.no_grad():
         m.get_output_embeddings().weight.zero_()
@@ -113,9 +114,9 @@ def check_training():
     import numpy as np
     import torch
     from configs.experiment_config import TrainConfig
-    from utils.monotonicity import apply_monotonicity
-    from utils.compute import CPU
-    from utils.training import train, validation_loss
+    from utils.model.monotonicity import apply_monotonicity
+    from utils.run.compute import CPU
+    from utils.train.training import train, validation_loss
     tokens = np.tile(np.arange(1, 17, dtype=np.uint16), 400)      # a learnable pattern
     m = _small_model()
     apply_monotonicity(m, "mlp_both", "monotone", 1e-6)

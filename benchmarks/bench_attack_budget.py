@@ -21,13 +21,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import utils  # noqa: E402,F401
-from configs.experiment_config import AttackConfig, load_config  # noqa: E402
-from utils import gcg, hotflip, uat  # noqa: E402
-from utils.attack_core import Victim, forbidden_tokens, select_texts  # noqa: E402
-from utils.compute import CPU  # noqa: E402
-from utils.modeling import load_model  # noqa: E402
-from utils.run_files import RunPaths  # noqa: E402
-from utils.tokenization import TokenFile, load_tokenizer  # noqa: E402
+from configs.experiment_config import AttackConfig  # noqa: E402
+from configs.presets import load_config  # noqa: E402
+from utils.attacks import gcg, hotflip, uat  # noqa: E402
+from utils.attacks.core import Victim, forbidden_tokens, select_texts  # noqa: E402
+from utils.data.tokenization import TokenFile, load_tokenizer  # noqa: E402
+from utils.model.modeling import load_model  # noqa: E402
+from utils.run.compute import CPU  # noqa: E402
+from utils.run.run_files import RunPaths  # noqa: E402
 
 # Paper-like UAT search on the tiny model (the issue asks top_k >= 64 and a trigger >= 6 tokens).
 UAT = dict(uat_trigger_len=6, uat_top_k=64, uat_beam=1, uat_restarts=1, uat_max_sweeps=3, uat_opt_texts=24,

@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import utils  # noqa: E402,F401
-from configs.experiment_config import load_config  # noqa: E402
-from utils import hotflip, uat  # noqa: E402
-from utils.attack_core import Victim  # noqa: E402
-from utils.compute import Compute  # noqa: E402
-from utils.modeling import build_tiny_model, load_model  # noqa: E402
+from configs.presets import load_config  # noqa: E402
+from utils.attacks import hotflip, uat  # noqa: E402
+from utils.attacks.core import Victim  # noqa: E402
+from utils.model.modeling import build_tiny_model, load_model  # noqa: E402
+from utils.run.compute import Compute  # noqa: E402
 
 
 def candidates_per_second(model, n: int, length: int, batch_size: int, compute: Compute) -> dict:

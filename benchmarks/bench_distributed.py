@@ -4,7 +4,7 @@
     python benchmarks/bench_distributed.py [--nprocs 1,2] [--steps 12] [--json out.json]
 
 Each world size is one `torchrun --standalone` launch of this file running the
-real training loop (utils.training.train: FSDP2 per layer, each rank a slice of
+real training loop (utils.train.training.train: FSDP2 per layer, each rank a slice of
 every optimizer step) on a synthetic token stream, timed over all steps.
 CPU (no CUDA): the tiny preset's model with gloo, OMP_NUM_THREADS=1 per rank;
 on a 2-core machine this measures the mechanics (collectives, sharding), not
@@ -34,12 +34,13 @@ def worker(args) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     import utils  # noqa: F401  (registers monotone_gelu)
-    from configs.experiment_config import TrainConfig, load_config
-    from utils import distributed
-    from utils.compute import Compute
-    from utils.modeling import build_tiny_model
-    from utils.monotonicity import apply_monotonicity
-    from utils.training import lm_loss, make_optimizer, train
+    from configs.experiment_config import TrainConfig
+    from configs.presets import load_config
+    from utils.model.modeling import build_tiny_model
+    from utils.model.monotonicity import apply_monotonicity
+    from utils.run import distributed
+    from utils.run.compute import Compute
+    from utils.train.training import lm_loss, make_optimizer, train
 
     cuda = torch.cuda.is_available()
     distributed.init("cuda" if cuda else "cpu")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 0's tokenisation at scale: tokens/s and peak memory of utils.tokenization.write_split
+"""Stage 0's tokenisation at scale: tokens/s and peak memory of utils.data.tokenization.write_split
 reading a Pile-layout .jsonl.zst file, at two data sizes (memory must not grow with the data).
 
     python benchmarks/bench_tokenize.py [--megabytes 40] [--json FILE]
@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 def make_inputs(tmp: Path, megabytes: float) -> tuple[Path, Path]:
     import zstandard
 
-    from utils.corpus import stdlib_documents
-    from utils.tokenization import train_bpe
+    from utils.data.corpus import stdlib_documents
+    from utils.data.tokenization import train_bpe
     docs = [d["text"] for d in stdlib_documents(200)]
     tok_dir = tmp / "tokenizer"
     if not tok_dir.exists():
@@ -44,8 +44,8 @@ def make_inputs(tmp: Path, megabytes: float) -> tuple[Path, Path]:
 
 def measure(data: Path, tok_dir: Path, out: Path) -> dict:
     """One run of write_split (called in a child process)."""
-    from utils.corpus import local_documents
-    from utils.tokenization import load_tokenizer, write_split
+    from utils.data.corpus import local_documents
+    from utils.data.tokenization import load_tokenizer, write_split
     tok = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
     stats = write_split(local_documents("jsonl.zst", str(data), "text"), tok, out / "train.jsonl", out, "train")

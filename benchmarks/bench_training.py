@@ -25,12 +25,12 @@ import torch  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 import utils  # noqa: E402,F401
-from configs.experiment_config import load_config  # noqa: E402
-from utils.modeling import build_tiny_model  # noqa: E402
+from configs.presets import load_config  # noqa: E402
+from utils.model.modeling import build_tiny_model  # noqa: E402
 from configs.experiment_config import CONSTRUCTIONS  # noqa: E402
-from utils.monotonicity import apply_monotonicity, project_constrained_  # noqa: E402
-from utils.compute import Compute  # noqa: E402
-from utils.training import lm_loss, make_optimizer  # noqa: E402
+from utils.model.monotonicity import apply_monotonicity, project_constrained_  # noqa: E402
+from utils.run.compute import Compute  # noqa: E402
+from utils.train.training import lm_loss, make_optimizer  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name (datasheet values, no sparsity).
 ARMS = ("baseline", *CONSTRUCTIONS)   # the unconstrained model, then the monotone one per construction

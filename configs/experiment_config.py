@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 SCOPES = ("mlp_in", "mlp_both", "mlp_in_attn_out")
 ACTIVATION_POLICIES = ("monotone", "keep")
-CONSTRUCTIONS = ("softplus_abs", "signed_units", "projected")   # utils/monotonicity.py describes each
+CONSTRUCTIONS = ("softplus_abs", "signed_units", "projected")   # utils/model/monotonicity.py describes each
 INITS = ("auto", "abs", "clip")
 MODEL_SOURCES = ("tiny", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -65,7 +65,7 @@ class DataConfig:
     stdlib_val_fraction: float = 0.1   # stdlib corpus: split by a hash of the document id
     stdlib_test_fraction: float = 0.1
     # Held-out documents sharing more than this fraction of their 12-token n-grams with the training
-    # split are near-duplicates (utils/overlap.py): always counted in the manifest; "drop" removes them.
+    # split are near-duplicates (utils/data/overlap.py): always counted in the manifest; "drop" removes them.
     near_duplicate_threshold: float = 0.5
     heldout_overlap: str = "report"  # report | drop
     seq_len: int = 128              # tokens per training / evaluation window
@@ -117,8 +117,8 @@ class MonotoneConfig:
 
 @dataclass
 class EvalConfig:
-    """Rolling-window perplexity on the test split (utils/perplexity.py states the convention),
-    and zero-shot capability tasks through lm-evaluation-harness (utils/capabilities.py)."""
+    """Rolling-window perplexity on the test split (utils/measure/perplexity.py states the convention),
+    and zero-shot capability tasks through lm-evaluation-harness (utils/measure/capabilities.py)."""
     max_len: int = 128              # tokens the model reads per window (at most its context)
     stride: int = 64                # targets per window after the first; = max_len: lm-eval's windows
     batch_size: int = 16            # windows per forward pass (halved on CUDA OOM, never dropped)
@@ -328,23 +328,3 @@ def parse_sets(items: list[str]) -> list[tuple[str, str]]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         pairs.append(tuple(item.split("=", 1)))
     return pairs
-
-
-def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None) -> ExperimentConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]()
-    for key, raw in [*env_overrides(environ), *overrides]:
-        apply_override(cfg, key, raw)
-    cfg.validate()
-    if cfg.model.source != "tiny":      # a hub or local model brings its own architecture (config.json)
-        own = PRESETS[preset]().model
-        changed = [f"model.{n}" for n in TINY_ARCHITECTURE if getattr(cfg.model, n) != getattr(own, n)]
-        if changed:
-            raise ConfigError(f"{', '.join(changed)} describe the tiny model built here; with "
-                              f"model.source={cfg.model.source} the model's own config.json decides them")
-    return cfg
-
-
-# The named presets live in configs/presets.py, which builds on the dataclasses above.
-from configs.presets import PRESETS, TINY_ARCHITECTURE  # noqa: E402

@@ -1,8 +1,9 @@
-"""Named presets: the tiny CPU preset and the Pythia family (paper recipe)."""
+"""Named presets (the tiny CPU preset and the Pythia family, paper recipe) and `load_config`:
+a preset by name with `--set`/`MONO__` overrides applied, validated."""
 from __future__ import annotations
 
-from configs.experiment_config import (AttackConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig,
-                                       TrainConfig)
+from configs.experiment_config import (AttackConfig, ConfigError, DataConfig, EvalConfig, ExperimentConfig, ModelConfig,
+                                       TrainConfig, apply_override, env_overrides)
 
 
 # -- presets -------------------------------------------------------------------
@@ -75,3 +76,19 @@ PRESETS = {
     "pythia-2.8b": lambda: _pythia("2.8b"),
     "pythia-6.9b": lambda: _pythia("6.9b"),
 }
+
+
+def load_config(preset: str, overrides: list[tuple[str, str]] = (), environ=None) -> ExperimentConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for key, raw in [*env_overrides(environ), *overrides]:
+        apply_override(cfg, key, raw)
+    cfg.validate()
+    if cfg.model.source != "tiny":      # a hub or local model brings its own architecture (config.json)
+        own = PRESETS[preset]().model
+        changed = [f"model.{n}" for n in TINY_ARCHITECTURE if getattr(cfg.model, n) != getattr(own, n)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} describe the tiny model built here; with "
+                              f"model.source={cfg.model.source} the model's own config.json decides them")
+    return cfg

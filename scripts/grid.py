@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ablation grids for run_all.sh --grid (utils/grid.py describes the work dir layout).
+"""Ablation grids for run_all.sh --grid (utils/run/grid.py describes the work dir layout).
 
     python scripts/grid.py plan --preset tiny [--set K=V ...] --grid monotone.construction=a,b [--grid ...]
         one line per variant: NAME, then its overrides K=V, tab-separated (exit 2 on a bad grid)
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from configs.experiment_config import PRESETS, ConfigError, parse_sets
-from utils.grid import link_variant, variants
-from utils.run_files import PipelineError
+from configs.experiment_config import ConfigError, parse_sets
+from configs.presets import PRESETS
+from utils.run.grid import link_variant, variants
+from utils.run.run_files import PipelineError
 
 
 def main() -> int:

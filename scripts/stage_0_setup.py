@@ -9,7 +9,7 @@ The tiny preset builds everything from the local Python standard library's docst
 """
 import _bootstrap  # noqa: F401
 
-from utils.cli import run_stage
+from utils.run.cli import run_stage
 from utils.stages import setup, setup_inputs
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Writes results/monotonicity_certificate.json; a run configured monotone
 """
 import _bootstrap  # noqa: F401
 
-from utils.cli import run_stage
+from utils.run.cli import run_stage
 from utils.stages import apply_monotone
 
 if __name__ == "__main__":

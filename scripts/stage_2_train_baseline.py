@@ -10,8 +10,8 @@ Several processes (GPUs, or CPU processes with gloo) train one FSDP2-sharded mod
 """
 import _bootstrap  # noqa: F401
 
-from utils.cli import run_stage
 from utils.recovery import SECTIONS, recover
+from utils.run.cli import run_stage
 
 if __name__ == "__main__":
     raise SystemExit(run_stage("stage_2_train_baseline", __doc__, lambda cfg, paths: recover(cfg, paths, "baseline"),

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from configs.experiment_config import ConfigError
-from utils.aggregate import run_aggregate
-from utils.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, stage_parser
-from utils.run_files import PipelineError, RunPaths, write_flag
+from utils.results.aggregate import run_aggregate
+from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, stage_parser
+from utils.run.run_files import PipelineError, RunPaths, write_flag
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402,F401  (registers monotone_gelu)
-from configs.experiment_config import load_config  # noqa: E402
-from utils.run_files import RunPaths  # noqa: E402
+from configs.presets import load_config  # noqa: E402
+from utils.run.run_files import RunPaths  # noqa: E402
 
 # Small budgets: the behaviour under test does not depend on a well-trained model. Stage 0 reads one
 # pass of the largest training budget, so every run whose budgets stay within these shares its stage 0.

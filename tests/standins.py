@@ -27,10 +27,10 @@ from tokenizers import AddedToken
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from configs.experiment_config import TrainConfig
-from utils.compute import CPU
-from utils.corpus import stdlib_documents, stdlib_split
-from utils.tokenization import train_bpe
-from utils.training import train
+from utils.data.corpus import stdlib_documents, stdlib_split
+from utils.data.tokenization import train_bpe
+from utils.run.compute import CPU
+from utils.train.training import train
 
 PILE_SETS = ("Pile-CC", "Github", "StackExchange", "Wikipedia (en)", "ArXiv")
 

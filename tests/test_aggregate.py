@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from utils.aggregate import run_aggregate
-from utils.run_files import PipelineError
-from utils.statistics import bootstrap_interval, mcnemar_exact, t_interval, wilcoxon_paired
+from utils.results.aggregate import run_aggregate
+from utils.results.statistics import bootstrap_interval, mcnemar_exact, t_interval, wilcoxon_paired
+from utils.run.run_files import PipelineError
 
 
 def test_t_interval_by_hand():
@@ -190,7 +190,7 @@ def test_plots_show_points_for_perplexity_and_both_losses_by_arm(tmp_path):
     from matplotlib.container import ErrorbarContainer
     from matplotlib.patches import Rectangle
 
-    from utils.report import perplexity_figure, training_figure
+    from utils.results.report import perplexity_figure, training_figure
     run_aggregate(_work(tmp_path), None, False, "tiny")
     final = json.loads((tmp_path / "final" / "final_results.json").read_text())
     for seed in final["per_seed"].values():               # the hand-made records have no train loss: add some

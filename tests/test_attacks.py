@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from configs.experiment_config import AttackConfig, ModelConfig
 from conftest import fast_sets, run_script
-from utils import gcg, hotflip, uat
-from utils.attack_core import Victim, flip_scores, masked_mean, target_mask
-from utils.compute import CPU
-from utils.modeling import build_tiny_model, load_model
-from utils.corpus import read_corpus
-from utils.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer
+from utils.attacks import gcg, hotflip, uat
+from utils.attacks.core import Victim, flip_scores, masked_mean, target_mask
+from utils.data.corpus import read_corpus
+from utils.data.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer
+from utils.model.modeling import build_tiny_model, load_model
+from utils.run.compute import CPU
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=50, context_length=64)
 
@@ -319,8 +319,8 @@ def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured
 def test_forbidden_tokens_cover_added_special_tokens_without_a_role(tmp_path):
     """GPT-NeoX-20B's layout: <|endoftext|> = 0 (eos), <|padding|> = 1 marked special but with no
     named role, so transformers 5's all_special_ids omits it; attacks must still never insert it."""
-    from utils.attack_core import forbidden_tokens
-    from utils.tokenization import train_bpe
+    from utils.attacks.core import forbidden_tokens
+    from utils.data.tokenization import train_bpe
     texts = ["the quick brown fox jumps over the lazy dog " * 3] * 40
     train_bpe(texts, 300, special_tokens=("<|endoftext|>", "<|padding|>")).save_pretrained(str(tmp_path))
     tok = load_tokenizer(tmp_path)

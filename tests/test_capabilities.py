@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.capabilities import evaluate_capabilities
-from utils.corpus import read_corpus
-from utils.modeling import load_model
-from utils.tokenization import load_tokenizer
+from utils.data.corpus import read_corpus
+from utils.data.tokenization import load_tokenizer
+from utils.measure.capabilities import evaluate_capabilities
+from utils.model.modeling import load_model
 
 TASKS = ["heldout_lastword", "heldout_cloze"]
 
@@ -48,7 +48,7 @@ def test_lm_eval_log_likelihoods_equal_our_forward_pass(tiny_run, pretrained_sco
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from utils.capabilities import write_task_configs
+    from utils.measure.capabilities import write_task_configs
     _, paths = tiny_run
     model, tokenizer, _ = pretrained_scores
     configs = paths.work_dir / "task_configs"

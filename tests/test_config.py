@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.experiment_config import PRESETS, ConfigError, ExperimentConfig, load_config
+from configs.experiment_config import ConfigError, ExperimentConfig
+from configs.presets import PRESETS, load_config
 from conftest import ROOT, run_script
 
 
@@ -110,7 +111,7 @@ def _attribute_names_read(paths) -> set[str]:
 
 
 def test_every_config_field_is_read_by_the_pipeline():
-    code = [*ROOT.glob("utils/*.py"), *ROOT.glob("scripts/*.py")]
+    code = [*ROOT.glob("utils/**/*.py"), *ROOT.glob("scripts/*.py")]
     read = _attribute_names_read(code) | DYNAMIC_FIELDS
     unread = []
     cfg = ExperimentConfig()

@@ -9,10 +9,10 @@ import pytest
 import zstandard
 
 from configs.experiment_config import DataConfig
-from utils.corpus import documents, local_documents, read_corpus, stdlib_documents
-from utils.run_files import PipelineError
-from utils.tokenization import TokenFile, encoded_utf8_bytes, normaliser_name, train_bpe, write_split
-from utils.training import PackedBatches
+from utils.data.corpus import documents, local_documents, read_corpus, stdlib_documents
+from utils.data.tokenization import TokenFile, encoded_utf8_bytes, normaliser_name, train_bpe, write_split
+from utils.run.run_files import PipelineError
+from utils.train.training import PackedBatches
 
 
 def _write_splits(d, tok, out, max_tokens=0):
@@ -71,8 +71,8 @@ def test_tokenizer_round_trip_and_determinism():
 
 def test_token_files_match_the_corpus(tiny_run):
     cfg, paths = tiny_run
-    from utils.corpus import read_corpus
-    from utils.tokenization import load_tokenizer
+    from utils.data.corpus import read_corpus
+    from utils.data.tokenization import load_tokenizer
     tok = load_tokenizer(paths.shared / "tokenizer")
     tf = TokenFile(paths.shared / "tokens", "test")
     docs = read_corpus(paths.shared / "corpus" / "test.jsonl")
@@ -179,7 +179,7 @@ def _containment(doc, train_docs, n=12):
 
 
 def test_near_duplicates_of_training_text_are_found_on_constructed_documents(tmp_path):
-    from utils.overlap import heldout_overlap, sampling_rate
+    from utils.data.overlap import heldout_overlap, sampling_rate
     rng = np.random.default_rng(0)
     train = [rng.integers(1, 5000, 300) for _ in range(20)]
     copy = train[3].copy()
@@ -201,7 +201,7 @@ def test_near_duplicates_of_training_text_are_found_on_constructed_documents(tmp
 
 def test_stage_0_removes_held_out_near_duplicates_of_the_tiny_corpus(tiny_run):
     """The tiny preset drops them (docstrings repeat each other); what remains is below the threshold."""
-    from utils.overlap import heldout_overlap
+    from utils.data.overlap import heldout_overlap
     cfg, paths = tiny_run
     manifest = json.loads((paths.shared / "manifest.json").read_text())
     for split in ("val", "test"):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, fast_sets
-from utils.checkpoint import read_checkpoint
+from utils.train.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """Ablation grids: run_all.sh --grid runs each monotone variant as its own run, sharing stage 0 and the
-baseline arm, and compares them (utils/grid.py, utils/comparison.py)."""
+baseline arm, and compares them (utils/run/grid.py, utils/results/comparison.py)."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from configs.experiment_config import ConfigError
 from conftest import FAST, ROOT
-from utils.grid import BASELINE_OUTPUTS, parse_grid, variants
+from utils.run.grid import BASELINE_OUTPUTS, parse_grid, variants
 
 CONSTRUCTIONS = "monotone.construction=softplus_abs,signed_units,projected"
 # Budgets that keep each variant's pipeline to minutes on 2 CPU cores: what is under test is the

@@ -8,9 +8,9 @@ from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
 from configs.experiment_config import ModelConfig
-from utils.activations import GELU_ARGMIN, GELU_MIN, MonotoneGELU, is_non_decreasing
-from utils.modeling import build_tiny_model, load_model, save_model
-from utils.monotonicity import apply_monotonicity, certify, constrained_modules, project_constrained_
+from utils.model.activations import GELU_ARGMIN, GELU_MIN, MonotoneGELU, is_non_decreasing
+from utils.model.modeling import build_tiny_model, load_model, save_model
+from utils.model.monotonicity import apply_monotonicity, certify, constrained_modules, project_constrained_
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=128, context_length=32)
 
@@ -134,7 +134,7 @@ def test_save_load_round_trip_keeps_parametrisation_and_outputs(tmp_path):
 
 
 def test_loading_refuses_missing_or_pickle_only_models(tmp_path):
-    from utils.run_files import PipelineError
+    from utils.run.run_files import PipelineError
     with pytest.raises(PipelineError, match="no saved model"):
         load_model(tmp_path / "absent")
     model = tiny_model()

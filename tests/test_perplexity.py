@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from configs.experiment_config import ModelConfig
-from utils.compute import CPU
-from utils.modeling import build_tiny_model
-from utils.perplexity import aggregate, document_nll, rolling_windows
+from utils.measure.perplexity import aggregate, document_nll, rolling_windows
+from utils.model.modeling import build_tiny_model
+from utils.run.compute import CPU
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=97, context_length=16)
 
@@ -84,9 +84,9 @@ def test_stride_equal_to_max_len_reproduces_lm_evaluation_harness_perplexity(tin
     """lm-eval's HFLM.loglikelihood_rolling on the tiny pretrained model: the same log-likelihoods."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from utils.corpus import read_corpus
-    from utils.modeling import load_model
-    from utils.tokenization import load_tokenizer
+    from utils.data.corpus import read_corpus
+    from utils.data.tokenization import load_tokenizer
+    from utils.model.modeling import load_model
     _, paths = tiny_run
     model = load_model(paths.shared / "models" / "pretrained").eval()
     tokenizer = load_tokenizer(paths.shared / "tokenizer")

@@ -7,8 +7,8 @@ import sys
 import torch
 
 from configs.experiment_config import ModelConfig
-from utils.modeling import build_tiny_model, load_model, save_model
-from utils.monotonicity import apply_monotonicity
+from utils.model.modeling import build_tiny_model, load_model, save_model
+from utils.model.monotonicity import apply_monotonicity
 
 FRESH = """
 import importlib.util, sys, torch

@@ -17,9 +17,9 @@ from huggingface_hub import scan_cache_dir
 
 from conftest import ROOT, run_script
 from standins import hf_cache, pile_layout, pythia_format_dir
-from utils.attack_core import forbidden_tokens
-from utils.hub import file_sha256
-from utils.tokenization import TokenFile, load_tokenizer
+from utils.attacks.core import forbidden_tokens
+from utils.data.hub import file_sha256
+from utils.data.tokenization import TokenFile, load_tokenizer
 
 PRESET = "pythia-410m"
 # Only sizes and budgets shrink: the preset's eval windows (2048 / 1024), attack text length (256),
@@ -303,11 +303,11 @@ def test_disk_full_is_one_error_line_and_leaves_nothing_that_looks_complete(stan
 @pytest.mark.slow
 def test_bf16_mixed_recovery_keeps_fp32_master_weights_and_moves_v(tiny_run):
     from configs.experiment_config import TrainConfig
-    from utils.compute import Compute
-    from utils.modeling import load_model
-    from utils.monotonicity import apply_monotonicity
+    from utils.model.modeling import load_model
+    from utils.model.monotonicity import apply_monotonicity
     from utils.recovery import movement_report
-    from utils.training import train
+    from utils.run.compute import Compute
+    from utils.train.training import train
     _, paths = tiny_run
     start = load_model(paths.shared / "models" / "pretrained")
     apply_monotonicity(start, "mlp_both", "monotone", 1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT, run_script
-from utils.checkpoint import read_checkpoint
+from utils.train.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

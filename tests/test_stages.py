@@ -116,7 +116,7 @@ def test_common_bad_inputs_are_one_error_line_for_every_stage(stage, tmp_path):
 
 def test_own_data_too_small_for_the_attacks_fails_in_stage_0_before_training(tmp_path):
     """30 test documents cannot feed UAT (12 + 24 texts) and HotFlip (24): say so before any training."""
-    from utils.corpus import stdlib_documents
+    from utils.data.corpus import stdlib_documents
     docs = [d["text"] for d in stdlib_documents(200)]
     files = {}
     for split, chunk in (("train", docs[:400]), ("val", docs[400:440]), ("test", docs[440:470])):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from configs.experiment_config import TrainConfig
 from conftest import ROOT, fast_sets, run_script
-from utils.checkpoint import read_checkpoint
-from utils.training import lr_at, make_optimizer
+from utils.train.checkpoint import read_checkpoint
+from utils.train.training import lr_at, make_optimizer
 
 STAGE = "stage_3_train_monotonic"
 # 24 optimizer steps of 8 x 128 tokens, a checkpoint every 3 steps.
@@ -32,7 +32,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_softplus_pre_parameters_get_no_weight_decay():
     from test_monotonicity import tiny_model
-    from utils.monotonicity import apply_monotonicity
+    from utils.model.monotonicity import apply_monotonicity
     model = tiny_model()
     apply_monotonicity(model, "mlp_both", "monotone", 1e-6)
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -222,7 +222,7 @@ def test_the_frozen_ablation_trains_only_the_constrained_modules(stage1_work, tm
 def test_weight_change_is_reported_per_module_group():
     import copy
     from configs.experiment_config import ModelConfig
-    from utils.modeling import build_tiny_model
+    from utils.model.modeling import build_tiny_model
     from utils.recovery import module_group, weight_change_by_group
     start = build_tiny_model(ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=97), 0)
     out = start.get_output_embeddings()

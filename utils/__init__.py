@@ -5,6 +5,6 @@ saved monotone model loads through plain `AutoModelForCausalLM.from_pretrained`.
 """
 from transformers.utils import logging as _hf_logging
 
-from utils import activations as _activations  # noqa: F401  (registration side effect)
+from utils.model import activations as _activations  # noqa: F401  (registration side effect)
 
 _hf_logging.disable_progress_bar()   # keep job logs readable

@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 
 from configs.experiment_config import ExperimentConfig, HELDOUT_TASKS, listed
-from utils import distributed, gcg, hotflip, uat
-from utils.attack_core import Cost, Victim, forbidden_tokens, select_texts
-from utils.corpus import read_corpus
-from utils.compute import Compute
-from utils.modeling import load_model
-from utils.perplexity import aggregate, document_nll
-from utils.run_files import PipelineError, RunPaths, read_json, write_json
+from utils.attacks import gcg, hotflip, uat
+from utils.attacks.core import Cost, Victim, forbidden_tokens, select_texts
+from utils.data.corpus import read_corpus
+from utils.data.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer, normaliser_name
+from utils.measure.capabilities import evaluate_capabilities, task_names
+from utils.measure.perplexity import aggregate, document_nll
+from utils.model.modeling import load_model
+from utils.run import distributed
+from utils.run.compute import Compute
+from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.stages import pretrained_model
-from utils.capabilities import evaluate_capabilities, task_names
-from utils.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer, normaliser_name
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
 CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",

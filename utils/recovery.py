@@ -1,6 +1,6 @@
 """Stages 2 and 3: recovery training of the baseline and the monotone copy.
 
-Both arms go through utils.training.train with the same data, data order
+Both arms go through utils.train.training.train with the same data, data order
 (the experiment seed) and, in the presets, the same token budget; only the
 starting model and the recipe differ. Under torchrun every rank trains its
 shard; rank 0 gathers the whole model and writes everything else.
@@ -13,15 +13,16 @@ import torch
 from torch.nn.utils import parametrize
 
 from configs.experiment_config import ExperimentConfig
-from utils import distributed
-from utils.checkpoint import Checkpointer
-from utils.compute import Compute
-from utils.modeling import load_model, save_model
-from utils.monotonicity import certify, constrained_modules
-from utils.run_files import PipelineError, RunPaths, write_json
+from utils.data.tokenization import TokenFile, load_tokenizer
+from utils.model.modeling import load_model, save_model
+from utils.model.monotonicity import certify, constrained_modules
+from utils.run import distributed
+from utils.run.compute import Compute
+from utils.run.run_files import PipelineError, RunPaths, write_json
+from utils.run.signals import StopOnSignal
 from utils.stages import certificate_probe, pretrained_model, read_manifest
-from utils.tokenization import TokenFile, load_tokenizer
-from utils.training import StopOnSignal, train
+from utils.train.checkpoint import Checkpointer
+from utils.train.training import train
 
 # Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
 SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline", "precision"),

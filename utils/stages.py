@@ -1,6 +1,6 @@
 """What each stage does, as one function (cfg, paths) -> list of output paths.
 
-Stage scripts only parse flags and call these through utils.cli.run_stage,
+Stage scripts only parse flags and call these through utils.run.cli.run_stage,
 which handles completion flags, the resolved config and error exits.
 """
 from __future__ import annotations
@@ -13,17 +13,17 @@ import numpy as np
 import torch
 
 from configs.experiment_config import ExperimentConfig, SPLITS, listed
-from utils.capabilities import build_heldout_tasks, cache_task_datasets, task_names
-from utils.compute import Compute
-from utils.corpus import documents, read_corpus
-from utils.hub import fetch_dataset, fetch_model, file_sha256
-from utils.modeling import build_tiny_model, load_model, save_model
-from utils.monotonicity import apply_monotonicity, certify
-from utils.overlap import heldout_overlap
-from utils.perplexity import aggregate, document_nll
-from utils.run_files import PipelineError, RunPaths, code_revision, read_json, share_modes, write_json
-from utils.tokenization import TokenFile, load_tokenizer, train_bpe, write_split
-from utils.training import budget_tokens, passes, train
+from utils.data.corpus import documents, read_corpus
+from utils.data.hub import fetch_dataset, fetch_model, file_sha256
+from utils.data.overlap import heldout_overlap
+from utils.data.tokenization import TokenFile, load_tokenizer, train_bpe, write_split
+from utils.measure.capabilities import build_heldout_tasks, cache_task_datasets, task_names
+from utils.measure.perplexity import aggregate, document_nll
+from utils.model.modeling import build_tiny_model, load_model, save_model
+from utils.model.monotonicity import apply_monotonicity, certify
+from utils.run.compute import Compute
+from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, share_modes, write_json
+from utils.train.training import budget_tokens, passes, train
 
 TINY_PRETRAIN_SEED = 1234   # the tiny "foundation model" is shared by every experiment seed
 

@@ -1,0 +1,1 @@
+"""Attacks: one counted core (Victim) and the searches on it: UAT, HotFlip, GCG."""

@@ -1,0 +1,219 @@
+"""The core shared by every token-level attack (UAT, HotFlip, GCG).
+
+One loss convention for all attacks: the mean next-token NLL over the target
+positions, where a target is a token the attacker did not insert or modify
+(labels -100 elsewhere). Sequences are [EOS] + text, so every text token,
+including the first, is predicted from something.
+
+`Victim` is the attacked model behind the two queries every search makes, each
+counted (TextAttack's query budget): the exact NLL of candidate sequences and
+the gradient of their loss w.r.t. the input embeddings. `flip_scores` turns a
+gradient into first-order estimates (e_b - e_a) . grad of every token swap.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from utils.run import distributed
+from utils.run.compute import Compute
+from utils.run.run_files import PipelineError
+
+# Target positions per vocabulary projection: bounds the float32 logits of a chunk to
+# LOGIT_ROWS x vocab (~200 MB for Pythia's 50,304 tokens) whatever the batch and length.
+LOGIT_ROWS = 1024
+
+
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+def target_mask(length: int, excluded=()) -> torch.Tensor:
+    """Targets of a sequence [EOS] + ...: every token but EOS and the `excluded` positions."""
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[0] = False
+    mask[list(excluded)] = False
+    return mask
+
+
+def masked_mean(nll: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean of per-position NLL (position t-1 holds token t) over the boolean target mask of tokens."""
+    return float(nll[targets[1:]].mean())
+
+
+@dataclass
+class Cost:
+    """Exact work an attack asked of the model: sequences and tokens per kind of pass."""
+    forward_passes: int = 0          # sequences scored exactly (no gradient)
+    forward_tokens: int = 0
+    gradient_passes: int = 0         # sequences run forward and backward for an embedding gradient
+    gradient_tokens: int = 0
+
+    def copy(self) -> "Cost":
+        return replace(self)
+
+    def since(self, start: "Cost") -> dict:
+        return {k: v - getattr(start, k) for k, v in asdict(self).items()}
+
+
+class Victim:
+    """The attacked model, queried in batches of `batch_size`, with every query counted.
+
+    nll(seqs, targets)   exact next-token NLL at the target positions ([len-1] per sequence,
+                         NaN elsewhere); the vocabulary projection runs only on target rows,
+                         LOGIT_ROWS at a time, so no [batch, length, vocab] tensor exists
+    grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d]
+
+    With `shard` under torch.distributed, batch b of every query runs on rank b mod N and
+    the answers are gathered in order: each batch is the same computation as in one process,
+    so every rank receives the 1-process answer (the cost counts the whole query, not a share).
+    """
+
+    def __init__(self, model, compute: Compute, batch_size: int, shard: bool = False):
+        self.model, self.compute, self.batch_size = model, compute, batch_size
+        self.shard = shard and distributed.world_size() > 1
+        self.cost = Cost()
+        self.embeddings = model.get_input_embeddings().weight.detach()
+
+    def nll(self, seqs: list[torch.Tensor], targets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        targets = targets or [target_mask(len(s)) for s in seqs]
+        self.cost.forward_passes += len(seqs)
+        self.cost.forward_tokens += sum(len(s) for s in seqs)
+        return self._batched(self._nll_batch, seqs, targets)
+
+    def grads(self, seqs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.cost.gradient_passes += len(seqs)
+        self.cost.gradient_tokens += sum(len(s) for s in seqs)
+        return self._batched(self._grad_batch, seqs, targets)
+
+    def _batched(self, fn, seqs, targets) -> list[torch.Tensor]:
+        bs = self.batch_size
+        batches = [(seqs[i:i + bs], targets[i:i + bs]) for i in range(0, len(seqs), bs)]
+        if not self.shard:
+            return [r for b in batches for r in _halving_on_oom(fn, *b)]
+        rank, n = distributed.rank(), distributed.world_size()
+        mine = [_halving_on_oom(fn, *b) for b in batches[rank::n]]
+        parts = distributed.gather_objects(mine)
+        return [r for i in range(len(batches)) for r in parts[i % n][i // n]]
+
+    @torch.no_grad()
+    def _nll_batch(self, seqs, targets) -> list[torch.Tensor]:
+        ids, mask = _pad(seqs)
+        dev = self.compute.device
+        ids = ids.to(dev)
+        # Equal lengths (every candidate batch of an attack) need no mask: SDPA then takes its fast causal path.
+        mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
+        keep = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+        for r, tgt in enumerate(targets):
+            keep[r, :len(tgt) - 1] = tgt[1:]
+        keep = keep.to(dev)
+        with self.compute.autocast(), parametrize.cached():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            rows, labels = hidden[keep], ids[:, 1:][keep]
+            head = self.model.get_output_embeddings()
+            nll = torch.cat([F.cross_entropy(head(h).float(), y, reduction="none")
+                             for h, y in zip(rows.split(LOGIT_ROWS), labels.split(LOGIT_ROWS))]) \
+                if len(rows) else rows.new_zeros(0, dtype=torch.float32)
+        out = torch.full(keep.shape, float("nan"))
+        out[keep.cpu()] = nll.float().cpu()
+        return [out[r, :len(s) - 1] for r, s in enumerate(seqs)]
+
+    def _grad_batch(self, seqs, targets) -> list[torch.Tensor]:
+        ids, mask = _pad(seqs)
+        labels = torch.full_like(ids, -100)
+        for r, (s, tgt) in enumerate(zip(seqs, targets)):
+            labels[r, :len(s)] = torch.where(tgt, s, torch.full_like(s, -100))
+        dev = self.compute.device
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with self.compute.autocast():
+            logits = self.model(inputs_embeds=emb, attention_mask=mask).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none",
+                              ignore_index=-100)
+        per_seq = nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+        (grad,) = torch.autograd.grad(per_seq.sum(), emb)
+        grad = grad.float().cpu()
+        return [grad[r, :len(s)] for r, s in enumerate(seqs)]
+
+
+def _halving_on_oom(fn, seqs, targets) -> list[torch.Tensor]:
+    """fn over a batch; on CUDA OOM in halves, never dropping a sequence."""
+    try:
+        return fn(seqs, targets)
+    except torch.cuda.OutOfMemoryError:
+        if len(seqs) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(seqs) // 2
+        return _halving_on_oom(fn, seqs[:half], targets[:half]) + _halving_on_oom(fn, seqs[half:], targets[half:])
+
+
+def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """[P, k] tokens with the highest first-order gain at each of P positions (never the current one)."""
+    dev = embeddings.device
+    scores = flip_scores(grad.to(dev), current.to(dev), embeddings, forbidden.to(dev))
+    return scores.topk(min(k, scores.shape[1] - 1), dim=1).indices.cpu()
+
+
+def flip_scores(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor,
+                forbidden: torch.Tensor) -> torch.Tensor:
+    """First-order loss change of replacing `current[i]` by token b at each position i.
+
+    grad: [P, d] gradients at P positions, current: [P] token ids there,
+    embeddings: [V, d], forbidden: [V] bool (special tokens). Returns [P, V];
+    the current token and forbidden tokens score -inf.
+    """
+    e = embeddings.float()
+    scores = grad @ e.T - (grad * e[current]).sum(-1, keepdim=True)
+    scores[:, forbidden] = float("-inf")
+    scores[torch.arange(len(current)), current] = float("-inf")
+    return scores
+
+
+def forbidden_tokens(tokenizer, vocab_rows: int) -> torch.Tensor:
+    """Special tokens, and embedding rows past the tokenizer's vocabulary (Pythia pads 50,277 to 50,304).
+
+    Special means a named role (all_special_ids) or an added token marked special: Pythia's
+    `<|padding|>` (id 1) has no role, and transformers 5's all_special_ids omits it."""
+    mask = torch.zeros(vocab_rows, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    mask[[i for i in special if i < vocab_rows]] = True
+    mask[len(tokenizer):] = True
+    return mask
+
+
+def select_texts(token_file, eos_id: int, n: int, text_len: int, min_len: int, seed: int,
+                 skip: int = 0) -> list[dict]:
+    """`n` test documents of >= min_len tokens, in a seed-dependent order, truncated to text_len.
+
+    Each record holds the document index and the sequence [EOS] + text.
+    `skip` leaves out the first `skip` eligible documents of that order (disjoint sets).
+    """
+    order, reserved = np.random.default_rng([seed, 7]).permutation(len(token_file)), skip
+    picked = []
+    for i in order:
+        doc = token_file.document(int(i))
+        if len(doc) < min_len:
+            continue
+        if skip:
+            skip -= 1
+            continue
+        picked.append({"doc": int(i), "ids": torch.tensor([eos_id, *doc[:text_len].tolist()])})
+        if len(picked) == n:
+            break
+    if len(picked) < n:      # stage 0 checks the sizes: this is a split changed since
+        raise PipelineError(f"{len(picked)} test documents of >= {min_len} tokens are left after the first {reserved} "
+                            f"(reserved for another purpose); {n} requested: rerun stage 0 or lower the counts")
+    return picked

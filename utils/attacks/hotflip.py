@@ -1,0 +1,108 @@
+"""HotFlip (Ebrahimi et al. 2018) for language modelling, and its random-flip control.
+
+Composition:
+  goal            raise the mean next-token NLL over the tokens the attacker did
+                  not modify, relative to the clean text on the same positions;
+                  success = relative increase above a threshold (default 15%),
+                  the absolute increase is reported beside it (trap 9)
+  transformation  replace one text token by any non-special token
+  constraints     at most K flips per text, each position flipped at most once,
+                  EOS (position 0) never flipped
+  search          beam search over flips: first-order scores (e_b - e_a) . grad
+                  propose the top-k (position, token) pairs per beam item, each
+                  checked with an exact forward pass; a flip is kept only if the
+                  exact objective rises; re-linearised after every accepted flip
+"""
+from __future__ import annotations
+
+import torch
+
+from configs.experiment_config import AttackConfig
+from utils.attacks.core import Victim, flip_scores, masked_mean, target_mask
+
+COMPOSITION = {
+    "attack": "HotFlip (Ebrahimi et al. 2018)",
+    "goal": "maximise NLL(adversarial) - NLL(clean) over unmodified target tokens; "
+            "success = relative increase > threshold",
+    "transformation": "swap one text token for any non-special vocabulary token",
+    "constraints": "at most max_flips flips, each position once, EOS never flipped; "
+                   "flipped tokens are never scored as targets",
+    "search": "beam search; first-order top-k (position, token) proposals; exact batched re-check; "
+              "a flip is kept only if the exact objective rises; gradient recomputed after each flip",
+}
+
+
+def score(adv_nll: torch.Tensor, clean_nll: torch.Tensor, length: int, modified) -> dict:
+    """Clean and attacked mean NLL over the same targets, and the damage."""
+    mask = target_mask(length, modified)
+    clean, attacked = masked_mean(clean_nll, mask), masked_mean(adv_nll, mask)
+    return {"clean_nll": clean, "attacked_nll": attacked, "abs_delta_nll": attacked - clean,
+            "rel_delta_nll": attacked / clean - 1}
+
+
+def record(victim: Victim, ids: torch.Tensor, adv: torch.Tensor, clean_nll: torch.Tensor, before) -> dict:
+    """The per-text record every attack under this threat model writes (HotFlip, GCG): the final
+    pair rescored with one exact forward pass, and what the search cost."""
+    modified = (adv != ids).nonzero().squeeze(1).tolist()
+    adv_nll = victim.nll([adv], [target_mask(len(adv), modified)])[0]
+    return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": modified,
+            "n_flips": len(modified), **score(adv_nll, clean_nll, len(adv), modified),
+            "cost": victim.cost.since(before)}
+
+
+def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor) -> dict:
+    before = victim.cost.copy()
+    clean_nll = victim.nll([ids])[0]
+    beam = [(ids, frozenset(), 0.0)]        # (ids, modified positions, objective)
+    best = beam[0]
+    for _ in range(a.hotflip_max_flips):
+        candidates = []
+        for cur, modified, parent_obj in beam:
+            free = torch.tensor([p for p in range(1, len(cur)) if p not in modified])
+            if len(free) == 0:
+                continue
+            grad = victim.grads([cur], [target_mask(len(cur), modified)])[0].to(victim.embeddings.device)
+            scores = flip_scores(grad[free], cur[free].to(grad.device), victim.embeddings,
+                                 forbidden.to(grad.device))
+            top = scores.flatten().topk(min(a.hotflip_top_k, scores.numel())).indices.cpu()
+            for flat in top:
+                pos, tok = int(free[flat // scores.shape[1]]), int(flat % scores.shape[1])
+                new = cur.clone()
+                new[pos] = tok
+                candidates.append((new, modified | {pos}, parent_obj))
+        if not candidates:
+            break
+        nlls = victim.nll([c[0] for c in candidates], [target_mask(len(c[0]), c[1]) for c in candidates])
+        accepted = {}
+        for (new, modified, parent_obj), nll in zip(candidates, nlls):
+            obj = score(nll, clean_nll, len(new), modified)["abs_delta_nll"]
+            if obj > parent_obj:                      # keep a flip only if the exact loss rises
+                accepted.setdefault(tuple(new.tolist()), (new, modified, obj))
+        if not accepted:
+            break
+        beam = sorted(accepted.values(), key=lambda c: -c[2])[:a.hotflip_beam]
+        if beam[0][2] > best[2]:
+            best = beam[0]
+    return record(victim, ids, best[0], clean_nll, before)
+
+
+def random_flips(victim: Victim, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor,
+                 gen: torch.Generator) -> dict:
+    """Control: the same number of flips at random positions to random allowed tokens."""
+    allowed = (~forbidden).nonzero().squeeze(1)
+    positions = (torch.randperm(len(ids) - 1, generator=gen)[:n_flips] + 1).tolist()
+    adv = ids.clone()
+    for p in positions:
+        tok = adv[p]
+        while tok == adv[p]:
+            tok = allowed[torch.randint(len(allowed), (1,), generator=gen)].item()
+        adv[p] = tok
+    return {"adversarial_ids": adv.tolist(), "modified_positions": sorted(positions),
+            **rescore(victim, ids.tolist(), adv.tolist(), positions)}
+
+
+def rescore(victim: Victim, original: list[int], adversarial: list[int], modified: list[int]) -> dict:
+    """Damage of a stored (original, adversarial) pair on the victim (transfer and recomputation)."""
+    mask = target_mask(len(original), modified)
+    clean_nll, adv_nll = victim.nll([torch.tensor(original), torch.tensor(adversarial)], [mask, mask])
+    return score(adv_nll, clean_nll, len(original), modified)

@@ -1,0 +1,1 @@
+"""Data: documents of each split (corpus), tokenizers and token files, hub fetching, train/held-out overlap."""

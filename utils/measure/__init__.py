@@ -1,0 +1,1 @@
+"""Measurement: rolling-window perplexity and lm-eval capabilities."""

@@ -1,0 +1,178 @@
+"""What the models can still do: zero-shot tasks through lm-evaluation-harness.
+
+Every arm is evaluated with lm-eval's own HFLM wrapper around the loaded model
+(the harness's tokenisation, batching and metrics, with standard errors); the
+per-example correctness is kept so stage 7 can pair baseline and monotone on
+the same examples. The pythia presets use the harness's standard tasks (their
+datasets cached by stage 0 where the hub is reachable). Two offline tasks are
+built by stage 0 from the held-out test split whenever eval.tasks names them
+(the tiny preset's default), as lm-eval task configs over local JSON files:
+  heldout_lastword  LAMBADA-style: a passage without its last word; the word must
+                    be the greedy continuation (acc) and is scored (perplexity)
+  heldout_cloze     the same passages, the true last word among 4 choices (3 words
+                    of similar length from other passages): acc, chance 0.25
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from configs.experiment_config import HELDOUT_TASKS
+from utils.run.run_files import PipelineError
+_WORD = re.compile(r"[A-Za-z]{3,}")
+
+_LASTWORD_YAML = """task: heldout_lastword
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{' ' + target}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_CLOZE_YAML = """task: heldout_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+PASSAGE_WORDS = (24, 40, 64)      # each test document gives up to three passages, cut after these words
+MIN_EXAMPLES = 20
+
+
+def task_names(tasks: str) -> list[str]:
+    """eval.tasks as a list (comma-separated names; empty: none)."""
+    return [t.strip() for t in tasks.split(",") if t.strip()]
+
+
+def _passage(text: str, max_words: int) -> tuple[str, str] | None:
+    """(context, last word) of the first `max_words` words of a text, if it has that many and the
+    last is a plain word."""
+    words = text.split()
+    if len(words) < max_words or not _WORD.fullmatch(words[max_words - 1].rstrip(".,;:")):
+        return None
+    return " ".join(words[:max_words - 1]), words[max_words - 1].rstrip(".,;:")
+
+
+def build_heldout_tasks(test_texts: list[str], out_dir: Path, seed: int = 0) -> dict:
+    """Write the held-out tasks' data (jsonl) and lm-eval configs (yaml) from test documents."""
+    rng = np.random.default_rng(seed)
+    passages = [p for t in test_texts for n in PASSAGE_WORDS if (p := _passage(t, n))]
+    if len(passages) < MIN_EXAMPLES:
+        print(f"[setup] held-out tasks not built: the test split gives {len(passages)} passages "
+              f"(< {MIN_EXAMPLES})")
+        return {"tasks": [], "examples": len(passages)}
+    pool = sorted({w for _, w in passages})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lastword, cloze = [], []
+    for context, word in passages:
+        lastword.append({"context": context, "target": word})
+        others = [w for w in pool if w != word and abs(len(w) - len(word)) <= 2]
+        if len(others) < 3:
+            others = [w for w in pool if w != word]
+        distractors = list(rng.choice(others, size=3, replace=False))
+        label = int(rng.integers(0, 4))
+        choices = distractors[:label] + [word] + distractors[label:]
+        cloze.append({"context": context, "choices": choices, "label": label})   # lm-eval adds the " " before a choice
+    for name, rows in (("heldout_lastword", lastword), ("heldout_cloze", cloze)):
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"tasks": list(HELDOUT_TASKS), "examples": len(passages)}
+
+
+def cache_task_datasets(tasks: list[str]) -> dict:
+    """Download the datasets of lm-eval's standard tasks into the Hugging Face cache (stage 0 of a run
+    that uses the hub, unless HF_HUB_OFFLINE=1), so compute nodes evaluate offline."""
+    import os
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+    hub_tasks = [t for t in tasks if t not in HELDOUT_TASKS]
+    if not hub_tasks:
+        return {"cached": []}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        print(f"[setup] offline: lm-eval task datasets ({', '.join(hub_tasks)}) must already be in the cache")
+        return {"cached": [], "offline": hub_tasks}
+    try:
+        get_task_dict(hub_tasks, TaskManager())
+    except Exception as e:   # the harness raises whatever its dataset loader raises
+        raise PipelineError(f"cannot fetch the lm-eval task datasets {', '.join(hub_tasks)} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+    return {"cached": hub_tasks}
+
+
+def write_task_configs(data_dir: Path, config_dir: Path) -> None:
+    """lm-eval task configs for the held-out tasks whose data stage 0 wrote (absolute paths, written
+    where they are used, so a work dir can move)."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name, template in (("heldout_lastword", _LASTWORD_YAML), ("heldout_cloze", _CLOZE_YAML)):
+        data = Path(data_dir) / f"{name}.jsonl"
+        if data.exists():
+            (config_dir / f"{name}.yaml").write_text(template.format(data=data.resolve()))
+
+
+def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, batch_size: int,
+                          max_length: int, limit: int, device: str) -> dict:
+    """lm-eval on one loaded model: metrics with standard errors and per-example correctness."""
+    import tempfile
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
+    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as configs:
+        write_task_configs(data_dir, Path(configs))
+        manager = TaskManager(include_path=configs)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise PipelineError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}")
+        # One task per call: lm-eval batches the requests of all tasks of a call together, and a task's
+        # numbers should not depend on which others ran beside it (stage 4 deals tasks to ranks).
+        # Under torchrun simple_evaluate returns results only where LOCAL_RANK is 0 (its tensor-parallel
+        # convention), yet each call here is a single-process one.
+        local_rank, result = os.environ.pop("LOCAL_RANK", None), {}
+        try:
+            for task in tasks:
+                out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit or None,
+                                              log_samples=True, task_manager=manager, bootstrap_iters=1000,
+                                              random_seed=0, verbosity="ERROR")
+                metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
+                           if k != "alias" and isinstance(v, (int, float))}
+                samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+                result[task] = {"metrics": metrics, "n": len(samples), "version": out["versions"].get(task),
+                                "correct": [float(s["acc"]) for s in samples if "acc" in s]}
+        except (OSError, ConnectionError, ValueError) as e:     # a task's dataset neither cached nor reachable
+            raise PipelineError(f"lm-eval could not load the tasks {', '.join(tasks)} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); run stage 0 where the hub is reachable to "
+                                f"cache them, or choose others with --set eval.tasks=...") from None
+        finally:
+            if local_rank is not None:
+                os.environ["LOCAL_RANK"] = local_rank
+    return result

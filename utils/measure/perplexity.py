@@ -1,0 +1,99 @@
+"""Rolling-window perplexity: every token scored exactly once, per document.
+
+Convention (stated in every result that uses it): each document d is scored as
+the sequence [EOS] + d, so its first token is predicted from EOS (Pythia's
+bos = eos = 0) and exactly len(d) tokens are scored. The targets are cut into
+consecutive chunks: the first ends at token max_len, each next one `stride`
+tokens later. Each window feeds the model the (at most) `max_len` tokens just
+before its last target and scores only its chunk (the rest is context, label
+-100), so every target sees at least max_len - stride earlier tokens (all of
+them in the first window) and the last window as many as fit. With
+stride = max_len these are exactly lm-evaluation-harness's
+loglikelihood_rolling windows (tested against lm_eval.utils); a smaller
+stride gives more context at max_len / stride times the cost (HF "perplexity
+of fixed-length models"). Aggregation is exp(sum NLL / sum tokens), never a
+mean of per-document values.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from utils.run.compute import Compute
+
+
+def rolling_windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, n_targets) over a sequence of n tokens whose first is context only.
+
+    The model reads seq[begin:end-1] (at most max_len tokens) and the window scores the last
+    n_targets tokens of seq[begin+1:end]. Example: n=7, max_len=3, stride=2 ->
+    [(0, 4, 3), (2, 6, 2), (3, 7, 1)]: tokens 1-3, then 4-5 (read: 2-4), then 6 (read: 3-5);
+    every target 1..6 exactly once.
+    """
+    if not 0 < stride <= max_len:
+        raise ValueError(f"need 0 < stride <= max_len, got stride={stride}, max_len={max_len}")
+    windows, scored_to, end = [], 1, min(n, max_len + 1)
+    while end > scored_to:
+        windows.append((max(0, end - 1 - max_len), end, end - scored_to))
+        scored_to, end = end, min(n, end + stride)
+    return windows
+
+
+@torch.no_grad()
+def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float]:
+    """Sum of target NLLs per (window tokens, n_targets) row: the model reads all but the last
+    token of each window, rows right-padded into one batch."""
+    width = max(len(s) for s, _ in seqs) - 1
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, (s, n_targets) in enumerate(seqs):
+        n = len(s) - 1
+        ids[r, :n] = torch.from_numpy(s[:-1])
+        labels[r, n - n_targets:n] = torch.from_numpy(s[len(s) - n_targets:])
+        mask[r, :n] = 1
+    ids, labels, mask = ids.to(compute.device), labels.to(compute.device), mask.to(compute.device)
+    with compute.autocast(), parametrize.cached():     # softplus(V) once per forward
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return nll.sum(dim=1).tolist()
+
+
+def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, stride: int,
+                 batch_size: int, compute: Compute) -> list[tuple[float, int]]:
+    """(sum NLL, tokens scored) for each document, windows batched across documents.
+
+    On CUDA out-of-memory the same windows are retried in smaller batches, never dropped.
+    """
+    rows = []   # (doc index, window tokens, n_targets)
+    for i, d in enumerate(docs):
+        seq = np.concatenate([[eos_id], np.asarray(d, dtype=np.int64)])
+        for begin, end, n_targets in rolling_windows(len(seq), max_len, stride):
+            rows.append((i, seq[begin:end], n_targets))
+    totals = [[0.0, 0] for _ in docs]
+    start, bs = 0, batch_size
+    while start < len(rows):
+        chunk = rows[start:start + bs]
+        try:
+            sums = score_windows(model, [(s, n) for _, s, n in chunk], compute)
+        except torch.cuda.OutOfMemoryError:
+            if bs == 1:
+                raise
+            torch.cuda.empty_cache()
+            bs = max(1, bs // 2)
+            continue
+        for (i, _, n), s in zip(chunk, sums):
+            totals[i][0] += s
+            totals[i][1] += n
+        start += len(chunk)
+    return [(nll, n) for nll, n in totals]
+
+
+def aggregate(per_doc: list[tuple[float, int]]) -> dict:
+    nll = sum(x for x, _ in per_doc)
+    n = sum(k for _, k in per_doc)
+    return {"nll_sum": nll, "tokens": n, "mean_nll": nll / n, "perplexity": math.exp(nll / n)}

@@ -1,0 +1,145 @@
+"""Shared command line of the stage scripts: flags -> config -> stage function.
+
+Every stage takes --preset, --seed, --work-dir and repeatable --set key=value.
+Exit codes: 0 done (or already done with the same config), 1 the stage could
+not finish, 2 invalid flags or config, 75 stopped by SIGUSR1/SIGTERM after
+saving a checkpoint (rerun to resume), 130 interrupted by Ctrl-C (SIGINT; a
+training stage checkpoints first, as for SIGTERM). Only exit 0 writes the
+completion flag.
+
+Stages that train (2 and 3) also run under torchrun: every rank runs the stage
+function; rank 0 alone takes the lock, decides whether the stage is already
+done, and writes the config and the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from configs.experiment_config import ConfigError, parse_sets
+from configs.presets import PRESETS, load_config
+from utils.run import distributed
+from utils.run.run_files import ROOT, PipelineError, RunPaths, flag_matches, stage_lock, write_flag, write_json
+from utils.run.signals import Preempted
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                epilog="Config keys: see configs/experiment_config.py; "
+                                       "environment overrides: MONO__SECTION__FIELD=value.")
+    p.add_argument("--preset", default="tiny", help=f"named preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--seed", type=int, default=None, help="experiment seed (default: the preset's, 42)")
+    p.add_argument("--work-dir", default=None, help=f"run directory (default: {ROOT / 'work'})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.seq_len=64 (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun even if the completion flag matches")
+    p.add_argument("--check", action="store_true",
+                   help="run nothing; exit 0 if the completion flag matches this config, 1 if not")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = parse_sets(args.overrides)
+    if args.seed is not None:
+        overrides.append(("seed", str(args.seed)))
+    overrides.append(("work_dir", str(Path(args.work_dir or ROOT / "work").resolve())))
+    return load_config(args.preset, overrides)
+
+
+def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False,
+              inputs=None, multiprocess: bool = False) -> int:
+    """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag.
+
+    `inputs(cfg, paths) -> str`, if given, adds what the stage reads besides the
+    config (e.g. which models exist) to the completion fingerprint. With
+    `multiprocess`, the stage may be started by torchrun.
+    """
+    args = stage_parser(description).parse_args()
+    if distributed.launched() and not multiprocess:
+        print(f"error: [{name}] runs as one process; start it with python, not torchrun", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if distributed.launched() and not args.check:
+        try:
+            distributed.init(cfg.device)
+        except PipelineError as e:
+            print(f"error: [{name}] {e}", file=sys.stderr)
+            return EXIT_FAILED
+    try:
+        return _run(name, args, cfg, fn, sections, shared, inputs)
+    finally:
+        distributed.destroy()
+
+
+def _run(name, args, cfg, fn, sections, shared, inputs) -> int:
+    main = distributed.is_main()
+    paths = RunPaths(Path(cfg.work_dir), cfg.seed)
+    if paths.work_dir.exists() and not paths.work_dir.is_dir():
+        print(f"error: [{name}] work dir {paths.work_dir} is a file, not a directory", file=sys.stderr)
+        return EXIT_CONFIG
+    flag = paths.flag(name, shared)
+    try:
+        fingerprint = cfg.fingerprint(sections, inputs(cfg, paths) if inputs else "")
+    except PipelineError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.check:
+        done = flag_matches(flag, fingerprint)
+        print(f"[{name}] {'done' if done else 'not done'} for this config")
+        return 0 if done else EXIT_FAILED
+    RUN, SKIP, FAILED = 0, 1, 2
+    try:
+        with ExitStack() as held:
+            verdict = RUN
+            if main:     # rank 0 decides for all ranks (and is the only one without torchrun)
+                try:
+                    held.enter_context(stage_lock(flag.with_suffix(".lock"),
+                                                  f"{name} (seed {cfg.seed})" if not shared else name))
+                    if flag_matches(flag, fingerprint) and not args.force:
+                        verdict = SKIP
+                except PipelineError as e:
+                    print(f"error: [{name}] {e}", file=sys.stderr)
+                    verdict = FAILED
+            verdict = distributed.from_main(verdict)
+            if verdict == FAILED:
+                return EXIT_FAILED
+            if verdict == SKIP:
+                if main:
+                    print(f"[{name}] already done with this config ({flag}); skipping (use --force to rerun)")
+                return 0
+            out_dir = paths.shared if shared else paths.results
+            if main:
+                write_json(out_dir / f"config_{name}.json", cfg.to_dict())
+            outputs = fn(cfg, paths)
+            if main:
+                write_flag(flag, fingerprint, outputs, paths)
+    except PipelineError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except Preempted as e:
+        if main:
+            print(f"[{name}] {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print(f"\n[{name}] interrupted (Ctrl-C); not marked done, rerun the same command to run it again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:          # the file system, not the code: one line (a full disk says how to go on)
+        hint = (" free space or choose another --work-dir (downloads go to the Hugging Face cache: HF_HOME / "
+                "HF_HUB_CACHE), then rerun" if e.errno == errno.ENOSPC else "")
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        print(f"error: [{name}] {what} ({e.filename or 'its files'}):{hint or ' ' + str(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    if main:
+        print(f"[{name}] done")
+    return 0

@@ -1,0 +1,53 @@
+"""Where models compute and in which precision: one object every model-running routine takes.
+
+Precision `fp32` computes in float32. `bf16-mixed` keeps float32 weights (the
+master copy the optimizer updates: pure bf16 weights freeze small updates,
+REFERENCE trap 2) and runs forwards under torch.autocast in bfloat16, on CUDA
+and on CPU alike, so the GPU recipe's numerics can be tested on any machine.
+`auto` (the config default) is bf16-mixed on CUDA and fp32 on CPU.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from utils.run.run_files import PipelineError
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda requested but no CUDA device is available (use --set device=cpu)")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: torch.device
+    precision: str = "fp32"          # fp32 | bf16-mixed (resolved, never auto)
+
+    @classmethod
+    def from_config(cls, device: str, precision: str) -> "Compute":
+        dev = resolve_device(device)
+        if precision == "auto":
+            precision = "bf16-mixed" if dev.type == "cuda" else "fp32"
+        return cls(dev, precision)
+
+    def autocast(self):
+        """Context for forward passes (and the loss); backward runs outside it."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def describe(self) -> dict:
+        """What result files record about how their numbers were computed."""
+        return {"device": str(self.device), "precision": self.precision,
+                "weights": "float32", "autocast": "bfloat16" if self.precision == "bf16-mixed" else None}
+
+
+CPU = Compute(torch.device("cpu"), "fp32")

@@ -1,0 +1,191 @@
+"""Training checkpoints: sharded, resumable at any world size, atomic, rotated, free of pickle.
+
+A checkpoint is a directory `step_<N>/` holding
+  shard-<r>-model-00001-of-00001.safetensors
+                 one file per rank that held tensors (torch.distributed.checkpoint
+                 with its safetensors storage): model parameters and buffers
+                 (softplus pre-parameters V included, so a resume is bitwise
+                 exact) and optimizer state, keyed by parameter name; each
+                 shard records its offsets, so any number of ranks (one
+                 process without torchrun included) reads its own slices
+  state.json     step, world size, optimizer hyper-parameters, every rank's RNG
+                 state, history, best validation loss and the config fingerprint
+Loading parses safetensors headers and JSON only; nothing is unpickled. All
+ranks write into `.step_<N>.partial/`; rank 0 renames it into place once every
+file is on disk, so a kill at any moment leaves either the previous
+checkpoints or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from utils.run import distributed
+from utils.run.run_files import PipelineError
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    state["numpy"] = [state["numpy"][0], state["numpy"][1].tolist(), *state["numpy"][2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """Model and optimizer state as one flat {name: tensor} dict (DTensor shards when sharded).
+
+    Optimizer state is keyed by parameter name, not index, so it survives resharding.
+    """
+    model_state, optim_state = get_state_dict(model, optimizer)
+    flat = {f"model.{k}": v for k, v in model_state.items()}
+    for param, state in optim_state["state"].items():
+        for name, value in state.items():
+            flat[f"optim.{param}.{name}"] = value
+    return flat
+
+
+@contextmanager
+def _single_process_quiet():
+    """Without torchrun DCP warns that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+class Checkpointer:
+    """Every method is collective: all ranks call it (one process: just call it)."""
+
+    def __init__(self, directory: Path, fingerprint: str, keep: int):
+        self.dir, self.fingerprint, self.keep = Path(directory), fingerprint, keep
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    def save(self, step: int, model, optimizer, extra: dict) -> Path:
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".step_{step:08d}.partial"
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)          # left by a killed run
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        try:
+            with _single_process_quiet():
+                dcp.save(_tensors(model, optimizer),
+                         storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+            rng = distributed.gather_objects(_rng_state())
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            distributed.barrier()
+            if distributed.is_main():
+                state = {"step": step, "fingerprint": self.fingerprint, "world_size": distributed.world_size(),
+                         "param_groups": groups, "rng": rng, **extra}
+                (tmp / "state.json").write_text(json.dumps(state))
+                _fsync_tree(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                for old in self.checkpoints()[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        distributed.barrier()
+        return final
+
+    def load_latest(self, model, optimizer) -> dict | None:
+        """Restore the newest checkpoint into model and optimizer; None if there is none."""
+        ckpts = self.checkpoints()
+        if not ckpts:
+            return None
+        path = ckpts[-1]
+        if (path / "model.safetensors").exists() and not list(path.glob("shard-*.safetensors")):
+            raise PipelineError(f"checkpoint {path} is in the pre-sharding format of an older version of this "
+                                f"code; remove {self.dir} to start this training stage over")
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise self._corrupt(path, e) from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise PipelineError(f"checkpoint {path} was written with a different config; "
+                                f"use a new work dir or remove {self.dir} to start over")
+        shards = sorted(path.glob("shard-*.safetensors"))
+        try:                                        # headers first: DCP reports a bad file with a traceback
+            if len(shards) != state["world_size"]:
+                raise FileNotFoundError(f"{len(shards)} shard files for {state['world_size']} processes")
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    f.keys()
+        except (OSError, SafetensorError) as e:
+            raise self._corrupt(path, e) from None
+        tensors = _tensors(model, optimizer)       # the slices this rank holds, to be filled in place
+        try:
+            with _single_process_quiet():
+                dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+        except Exception as e:                     # truncated or missing shard: say so in one line
+            raise self._corrupt(path, e) from None
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        optim_state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                param, name = key[len("optim."):].rsplit(".", 1)
+                optim_state.setdefault(param, {})[name] = value
+        _, current = get_state_dict(model, optimizer)
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict={"state": optim_state, "param_groups": current["param_groups"]})
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+        if state["world_size"] == distributed.world_size():
+            _set_rng_state(state["rng"][distributed.rank()])
+        elif distributed.is_main():   # data order is (seed, step) alone; the models here use no dropout
+            print(f"[checkpoint] written by {state['world_size']} process(es), resumed by "
+                  f"{distributed.world_size()}: random number generators are not restored")
+        if distributed.is_main():
+            print(f"[checkpoint] resumed from {path} (step {state['step']})")
+        return state
+
+    @staticmethod
+    def _corrupt(path: Path, e: Exception) -> PipelineError:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return PipelineError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {first}); "
+                             f"move it aside to resume from an older one")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, in this process (`model.<name>`, `optim.<param>.<state>`),
+    whatever number of processes wrote it: for inspection and tests."""
+    reader = HuggingFaceStorageReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    with _single_process_quiet():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    return tensors
