@@ -55,12 +55,25 @@ if [ "$MODE" = status ]; then
 fi
 
 source "$ROOT/scripts/ensure_env.sh"
-# Fail early, before anything runs or is submitted, on a bad preset or override.
-CHECK_ERR="$(mktemp)"
-python "$ROOT/scripts/stage_0_setup.py" --preset "$PRESET" --seed "${SEED_LIST[0]}" --work-dir "$WORK_DIR" \
-  "${SETS[@]}" --check >/dev/null 2>"$CHECK_ERR" || {
-  if grep -q '^error:' "$CHECK_ERR"; then grep '^error:' "$CHECK_ERR" >&2; rm -f "$CHECK_ERR"; exit 2; fi; }
-rm -f "$CHECK_ERR"
+# DONE: the stages 0-6 already done for the current work dir and config, as " N:SEED " words, read in
+# one process (scripts/stages_done.py). The first call also fails early, before anything runs or
+# is submitted, on a bad preset or override.
+read_done() {
+  local out err rc=0
+  DONE=" "
+  [ "${1:-}" = --validate ] || compgen -G "$WORK_DIR/seed_*/flags/*.done" >/dev/null || return 0
+  err="$(mktemp)"
+  out="$(python "$ROOT/scripts/stages_done.py" --preset "$PRESET" --work-dir "$WORK_DIR" "${SETS[@]}" \
+    --seeds "$SEEDS" 2>"$err")" || rc=$?
+  if [ "$rc" != 0 ]; then
+    grep '^error:' "$err" >&2 || cat "$err" >&2
+    rm -f "$err"; return 1
+  fi
+  rm -f "$err"
+  DONE=" $(tr ' \n' ': ' <<< "$out")"
+}
+read_done --validate || exit 2
+is_done() { [[ "$DONE" == *" $1:$2 "* ]]; }   # is_done N SEED
 # An ablation grid: one line per variant, NAME then its overrides, tab-separated (scripts/grid.py).
 VARIANTS=()
 if [ ${#GRID[@]} -gt 0 ]; then
@@ -87,12 +100,19 @@ if [ "$MODE" = local ]; then
     printf 'job_id\tstage\tseed\tlog\n' > "$LOCAL_DIR/jobs.tsv"
   }
   local_record
+  RAN=0        # once a stage has run, later ones may depend on its new outputs: their scripts decide
   run() {  # run STAGE SEED [extra args]
-    local stage="$1" seed="$2" tag log rc=0; shift 2
+    local stage="$1" seed="$2" tag log rc=0 n; shift 2
     tag="${stage}_seed$seed"
     case "$stage" in stage_0_setup|stage_7_aggregate|compare_variants) tag="$stage" ;; esac
     log="$LOCAL_DIR/logs/$tag.log"
     printf 'local\t%s\t%s\t%s\n' "$stage" "$seed" "$log" >> "$LOCAL_DIR/jobs.tsv"
+    n="${stage#stage_}"; n="${n%%_*}"
+    if [ "$RAN" = 0 ] && [[ "$n" =~ ^[0-6]$ ]] && is_done "$n" "$seed"; then
+      echo "skip: $tag already done" | tee -a "$log" >&2
+      echo "done local" > "$LOCAL_DIR/status/$tag"; return 0
+    fi
+    RAN=1
     echo "running local" > "$LOCAL_DIR/status/$tag"
     echo "=== $stage (preset $PRESET, seed $seed) ===" | tee -a "$log"
     python "$ROOT/scripts/$stage.py" --preset "$PRESET" --seed "$seed" --work-dir "$WORK_DIR" "${SETS[@]}" "$@" \
@@ -121,6 +141,7 @@ if [ "$MODE" = local ]; then
     enter_variant "$i"
     python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" "$(basename "$WORK_DIR")" || exit 1
     local_record
+    read_done || exit 1
     for seed in "${SEED_LIST[@]}"; do
       for stage in "${PER_SEED_STAGES[@]}"; do
         [ "$stage" = stage_2_train_baseline ] || run "$stage" "$seed"
@@ -175,14 +196,6 @@ JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_mo
 STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline
             [3]=stage_3_train_monotonic [4]=stage_4_evaluate [5]=stage_5_uat_attacks
             [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate [8]=compare_variants)   # 8: after a --grid
-
-is_done() {  # is_done N SEED: the stage's completion flag matches this config
-  local flag="$WORK_DIR/seed_$2/flags/${STAGE_NAME[$1]}.done"
-  [ "$1" = 0 ] && flag="$WORK_DIR/shared/flags/${STAGE_NAME[0]}.done"
-  [ -f "$flag" ] || return 1            # no flag: not done (and no Python to start)
-  python "$ROOT/scripts/${STAGE_NAME[$1]}.py" --preset "$PRESET" --seed "$2" --work-dir "$WORK_DIR" \
-    "${SETS[@]}" --check >/dev/null 2>&1
-}
 
 # submit N SEED DEPS -> prints the job id ("" if skipped: done, and nothing it depends on was submitted).
 # Runs in a $(...) subshell: if sbatch rejects the job it writes $SUBMIT_ERROR and
@@ -299,6 +312,7 @@ if [ ${#VARIANTS[@]} -gt 0 ]; then
         || abort_submission
       mkdir -p "$LOG_DIR"; printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"; JOB_TSVS+=("$JOBS_TSV")
     fi
+    read_done || abort_submission
     submit_seed_chains
     AGGREGATES+=("$J7")
   done

@@ -9,9 +9,8 @@ The tiny preset builds everything from the local Python standard library's docst
 """
 import _bootstrap  # noqa: F401
 
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
-from utils.stages import setup, setup_inputs
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_0_setup", __doc__, setup, ("model", "data", "pretrain"), shared=True,
-                               inputs=setup_inputs))
+    raise SystemExit(run_stage(STAGE["stage_0_setup"], __doc__))

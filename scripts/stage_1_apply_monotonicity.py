@@ -6,9 +6,8 @@ Writes results/monotonicity_certificate.json; a run configured monotone
 """
 import _bootstrap  # noqa: F401
 
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
-from utils.stages import apply_monotone
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_1_apply_monotonicity", __doc__, apply_monotone,
-                               ("model", "data", "pretrain", "monotone")))
+    raise SystemExit(run_stage(STAGE["stage_1_apply_monotonicity"], __doc__))

@@ -10,9 +10,8 @@ Several processes (GPUs, or CPU processes with gloo) train one FSDP2-sharded mod
 """
 import _bootstrap  # noqa: F401
 
-from utils.recovery import SECTIONS, recover
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_2_train_baseline", __doc__, lambda cfg, paths: recover(cfg, paths, "baseline"),
-                               SECTIONS["baseline"], multiprocess=True))
+    raise SystemExit(run_stage(STAGE["stage_2_train_baseline"], __doc__))

@@ -9,9 +9,8 @@ Under torchrun each rank scores a share of the documents (and of the tasks).
 """
 import _bootstrap  # noqa: F401
 
-from utils.measurement import EVAL_SECTIONS, arms_fingerprint, evaluate
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_4_evaluate", __doc__, evaluate, EVAL_SECTIONS, inputs=arms_fingerprint,
-                               multiprocess=True))
+    raise SystemExit(run_stage(STAGE["stage_4_evaluate"], __doc__))

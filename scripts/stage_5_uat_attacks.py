@@ -8,8 +8,8 @@ and the exact cost of each search. Under torchrun the ranks share every query's 
 """
 import _bootstrap  # noqa: F401
 
-from utils.measurement import ATTACK_SECTIONS, arms_fingerprint, run_uat
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_5_uat_attacks", __doc__, run_uat, ATTACK_SECTIONS, inputs=arms_fingerprint, multiprocess=True))
+    raise SystemExit(run_stage(STAGE["stage_5_uat_attacks"], __doc__))

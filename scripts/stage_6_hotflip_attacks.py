@@ -10,9 +10,8 @@ Under torchrun each rank attacks a share of the texts.
 """
 import _bootstrap  # noqa: F401
 
-from utils.measurement import ATTACK_SECTIONS, arms_fingerprint, run_text_attacks
+from utils.pipeline import STAGE
 from utils.run.cli import run_stage
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("stage_6_hotflip_attacks", __doc__, run_text_attacks, ATTACK_SECTIONS,
-                               inputs=arms_fingerprint, multiprocess=True))
+    raise SystemExit(run_stage(STAGE["stage_6_hotflip_attacks"], __doc__))

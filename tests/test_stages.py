@@ -52,6 +52,14 @@ def test_stage_1_reruns_when_config_changes_and_skips_when_not(tiny_run, tmp_pat
     assert r.returncode == 0 and "already done" not in r.stdout
     cert = json.loads((work / "seed_42" / "results" / "monotonicity_certificate.json").read_text())
     assert cert["scope"] == "mlp_in"
+    # run_all.sh reads every stage's flag in one process: the same verdicts as each stage's --check.
+    done = run_script("stages_done", *args, "--set", "monotone.scope=mlp_in", "--seeds", "42,7")
+    assert done.returncode == 0 and done.stdout.splitlines() == ["0 42", "1 42", "0 7"], done.stderr
+    assert run_script("stage_1_apply_monotonicity", *args, "--set", "monotone.scope=mlp_in", "--check").returncode == 0
+    assert run_script("stages_done", *args, "--seeds", "42").stdout.splitlines() == ["0 42"]
+    assert run_script("stage_1_apply_monotonicity", *args, "--check").returncode == 1
+    bad = run_script("stages_done", *args, "--set", "monotone.scope=nowhere", "--seeds", "42")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.splitlines()) == 1
 
 
 def test_stage_1_without_stage_0_fails_cleanly(tmp_path):

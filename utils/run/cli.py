@@ -18,7 +18,9 @@ import errno
 import signal
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from configs.experiment_config import ConfigError, parse_sets
 from configs.presets import PRESETS, load_config
@@ -27,6 +29,32 @@ from utils.run.run_files import ROOT, PipelineError, RunPaths, flag_matches, sta
 from utils.run.signals import Preempted
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the CLI runs it; utils/pipeline.py lists stages 0-6.
+
+    `run(cfg, paths)` returns the output paths. The completion fingerprint covers the config
+    `sections` and, if given, `inputs(cfg, paths)`: what the stage reads besides the config
+    (e.g. which models exist). `shared` stages write WORK/shared (once for every seed);
+    `multiprocess` ones may be started by torchrun."""
+    name: str
+    run: Callable
+    sections: tuple[str, ...]
+    shared: bool = False
+    inputs: Callable | None = None
+    multiprocess: bool = False
+
+    def fingerprint(self, cfg, paths: RunPaths) -> str:
+        return cfg.fingerprint(self.sections, self.inputs(cfg, paths) if self.inputs else "")
+
+    def done(self, cfg, paths: RunPaths) -> bool:
+        """The completion flag matches this config (a stage whose inputs cannot be read is not done)."""
+        try:
+            return flag_matches(paths.flag(self.name, self.shared), self.fingerprint(cfg, paths))
+        except PipelineError:
+            return False
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -44,24 +72,20 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, seed: int | None = None):
     overrides = parse_sets(args.overrides)
-    if args.seed is not None:
-        overrides.append(("seed", str(args.seed)))
+    seed = args.seed if seed is None else seed
+    if seed is not None:
+        overrides.append(("seed", str(seed)))
     overrides.append(("work_dir", str(Path(args.work_dir or ROOT / "work").resolve())))
     return load_config(args.preset, overrides)
 
 
-def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared: bool = False,
-              inputs=None, multiprocess: bool = False) -> int:
-    """Parse flags, skip if done, run `fn(cfg, paths)`, write config and completion flag.
-
-    `inputs(cfg, paths) -> str`, if given, adds what the stage reads besides the
-    config (e.g. which models exist) to the completion fingerprint. With
-    `multiprocess`, the stage may be started by torchrun.
-    """
+def run_stage(stage: Stage, description: str) -> int:
+    """Parse flags, skip if done, run the stage, write its config and completion flag."""
     args = stage_parser(description).parse_args()
-    if distributed.launched() and not multiprocess:
+    name = stage.name
+    if distributed.launched() and not stage.multiprocess:
         print(f"error: [{name}] runs as one process; start it with python, not torchrun", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -76,20 +100,40 @@ def run_stage(name: str, description: str, fn, sections: tuple[str, ...], shared
             print(f"error: [{name}] {e}", file=sys.stderr)
             return EXIT_FAILED
     try:
-        return _run(name, args, cfg, fn, sections, shared, inputs)
+        return _run(stage, args, cfg)
     finally:
         distributed.destroy()
 
 
-def _run(name, args, cfg, fn, sections, shared, inputs) -> int:
-    main = distributed.is_main()
+def done_stages(stages: list[Stage], argv=None) -> int:
+    """`--seeds S1,S2 ...`: print `INDEX SEED` for every stage (its index in `stages`) done for that
+    seed's config, in one process; run_all.sh skips those without starting Python per stage."""
+    p = stage_parser("Which stages are done for this config (one 'INDEX SEED' line each).")
+    p.add_argument("--seeds", required=True, help="comma-separated seeds")
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        configs = {seed: config_from_args(args, seed) for seed in seeds}
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    for seed, cfg in configs.items():
+        paths = RunPaths(Path(cfg.work_dir), cfg.seed)
+        for i, stage in enumerate(stages):
+            if stage.done(cfg, paths):
+                print(i, seed)
+    return 0
+
+
+def _run(stage: Stage, args, cfg) -> int:
+    name, shared, main = stage.name, stage.shared, distributed.is_main()
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
     if paths.work_dir.exists() and not paths.work_dir.is_dir():
         print(f"error: [{name}] work dir {paths.work_dir} is a file, not a directory", file=sys.stderr)
         return EXIT_CONFIG
     flag = paths.flag(name, shared)
     try:
-        fingerprint = cfg.fingerprint(sections, inputs(cfg, paths) if inputs else "")
+        fingerprint = stage.fingerprint(cfg, paths)
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -120,7 +164,7 @@ def _run(name, args, cfg, fn, sections, shared, inputs) -> int:
             out_dir = paths.shared if shared else paths.results
             if main:
                 write_json(out_dir / f"config_{name}.json", cfg.to_dict())
-            outputs = fn(cfg, paths)
+            outputs = stage.run(cfg, paths)
             if main:
                 write_flag(flag, fingerprint, outputs, paths)
     except PipelineError as e:
