@@ -1,16 +1,24 @@
 #!/usr/bin/env python
-"""Attack throughput: exact candidate re-evaluation batched vs one at a time,
-and wall time per attacked example (HotFlip per text, UAT per trigger search).
+"""Attack cost: throughput of the shared core, and damage against compute.
 
-    python benchmarks/bench_attacks.py [--model PATH] [--candidates 256] [--json out.json]
+    python benchmarks/bench_attacks.py [--only throughput|budget] [--model PATH] [--work-dir DIR]
+                                       [--candidates 256] [--json out.json]
 
-Uses the tiny preset's model shape with random weights (or a saved model with
---model) and the tiny preset's attack sizes, on the CPU; with CUDA, the same
-candidate benchmark runs for a Pythia-1.4B-shaped model at text length 256.
+throughput  exact candidate re-evaluation batched vs one at a time, and wall time per attacked
+            example (HotFlip per text, UAT per trigger search), on the tiny preset's model shape
+            with random weights (or a saved model with --model), at the tiny preset's attack
+            sizes; with CUDA, the candidate benchmark also runs for a Pythia-1.4B-shaped model
+            at text length 256.
+budget      exact evaluations of a UAT search with and without screening (and the held-out
+            damage of each), damage against budget for HotFlip and GCG on the same texts, and
+            the A100-hours of the pythia-1.4b preset's UAT per model from those counts. DIR: a
+            tiny-preset work dir where stage 0 ran (its pretrained model and test split are
+            attacked); without it stage 0 runs in a temporary directory first (about a minute).
 """
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,12 +28,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import utils  # noqa: E402,F401
+from configs.experiment_config import AttackConfig  # noqa: E402
 from configs.presets import load_config  # noqa: E402
-from utils.attacks import hotflip, uat  # noqa: E402
-from utils.attacks.core import Victim  # noqa: E402
+from utils.attacks import gcg, hotflip, uat  # noqa: E402
+from utils.attacks.core import Victim, forbidden_tokens, select_texts  # noqa: E402
+from utils.data.tokenization import TokenFile, load_tokenizer  # noqa: E402
 from utils.model.modeling import build_tiny_model, load_model  # noqa: E402
-from utils.run.compute import Compute  # noqa: E402
+from utils.run.compute import CPU, Compute  # noqa: E402
+from utils.run.run_files import RunPaths  # noqa: E402
 
+
+# -- throughput ------------------------------------------------------------------
 
 def candidates_per_second(model, n: int, length: int, batch_size: int, compute: Compute) -> dict:
     device = compute.device
@@ -62,18 +75,13 @@ def attack_times(model, a, compute: Compute) -> dict:
     return {"hotflip_seconds_per_text": hot, "uat_seconds_per_search": time.perf_counter() - t0}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a saved model directory (default: random tiny-preset weights)")
-    p.add_argument("--candidates", type=int, default=256)
-    p.add_argument("--json")
-    args = p.parse_args()
+def throughput(model_path, candidates: int) -> dict:
     cfg = load_config("tiny")
-    a, cpu = cfg.attack, Compute(torch.device("cpu"), "fp32")
-    model = load_model(Path(args.model)) if args.model else build_tiny_model(cfg.model, 0)
+    a, cpu = cfg.attack, CPU
+    model = load_model(Path(model_path)) if model_path else build_tiny_model(cfg.model, 0)
     model.eval().requires_grad_(False)
     res = {"cpu": {"threads": torch.get_num_threads(), "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
-                   **candidates_per_second(model, args.candidates, a.text_len + 1, a.batch_size, cpu),
+                   **candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, cpu),
                    **attack_times(model, a, cpu)}}
     c = res["cpu"]
     print(f"CPU ({c['threads']} threads), tiny preset model, candidates of {c['sequence_tokens']} tokens:")
@@ -92,9 +100,140 @@ def main() -> int:
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
         big.eval().requires_grad_(False)
         g = res["gpu"] = {"device": torch.cuda.get_device_name(),
-                          **candidates_per_second(big, args.candidates, 257, 32, Compute(dev, "bf16-mixed"))}
+                          **candidates_per_second(big, candidates, 257, 32, Compute(dev, "bf16-mixed"))}
         print(f"GPU {g['device']}, Pythia-1.4B shape, 257 tokens: batched (x32) {g['batched']:,.0f}/s, "
               f"one at a time {g['one_at_a_time']:,.0f}/s, speedup {g['speedup']:.1f}x")
+    return res
+
+
+# -- budget ----------------------------------------------------------------------
+
+# Paper-like UAT search on the tiny model (the issue asks top_k >= 64 and a trigger >= 6 tokens).
+UAT = dict(uat_trigger_len=6, uat_top_k=64, uat_beam=1, uat_restarts=1, uat_max_sweeps=3, uat_opt_texts=24,
+           uat_eval_texts=24, batch_size=64)
+SCREEN = dict(uat_screen_texts=4, uat_screen_keep=8)
+GCG_BUDGETS = ((4, 32), (8, 32), (16, 32), (16, 64))        # (steps, search width)
+# Assumed A100 throughput for Pythia-1.4B forwards in bf16: 50% of 312 TFLOP/s at ~3.2 GFLOP per token
+# (2N + attention; REFERENCE.md's 9.7 GFLOP/token is forward + backward) = ~48,600 tokens/s.
+# A gradient pass (forward + backward to the inputs) is counted as 3 forwards.
+A100_TOKENS_PER_S = 0.5 * 312e12 / 3.2e9
+
+
+def _model_dir(work: Path | None) -> Path:
+    if work is not None:
+        return work
+    from utils.stages import setup
+    work = Path(tempfile.mkdtemp(prefix="bench_attack_budget_"))
+    cfg = load_config("tiny", [("pretrain.max_tokens", "260000"), ("work_dir", str(work))])
+    setup(cfg, RunPaths(work, cfg.seed))
+    return work
+
+
+def uat_screening(victim, tok, forbidden, opt, held, init_token) -> dict:
+    out = {}
+    clean = uat.mean_loss(victim, torch.tensor([], dtype=torch.long), held)[0]
+    for name, extra in (("every_candidate_on_every_text", {}), ("screened", SCREEN)):
+        a = AttackConfig(**UAT, **extra)
+        t0 = time.perf_counter()
+        found = uat.find_trigger(victim, opt, a, forbidden, seed=0, init_token=init_token)
+        seconds = time.perf_counter() - t0
+        attacked = uat.mean_loss(victim, found["trigger"], held)[0]
+        out[name] = {"settings": extra, "forward_passes": found["cost"]["forward_passes"],
+                     "gradient_passes": found["cost"]["gradient_passes"], "sweeps": found["iterations"],
+                     "seconds": seconds, "trigger": tok.decode(found["trigger"].tolist()),
+                     "opt_loss": found["loss"], "heldout_abs_delta_nll": attacked - clean}
+    full, scr = out["every_candidate_on_every_text"], out["screened"]
+    out["fewer_exact_evaluations"] = full["forward_passes"] / scr["forward_passes"]
+    out["heldout_damage_ratio"] = scr["heldout_abs_delta_nll"] / full["heldout_abs_delta_nll"]
+    return out
+
+
+def damage_vs_budget(victim, forbidden, texts) -> list[dict]:
+    rows = []
+    base = AttackConfig()
+    runs = [("hotflip", dict(hotflip_max_flips=base.hotflip_max_flips))] + \
+           [("gcg", dict(gcg_steps=s, gcg_search_width=w)) for s, w in GCG_BUDGETS]
+    for name, extra in runs:
+        a = AttackConfig(**extra)
+        recs = [hotflip.attack_text(victim, t, a, forbidden) if name == "hotflip" else
+                gcg.attack_text(victim, t, a, forbidden, torch.Generator().manual_seed(i)) for i, t in enumerate(texts)]
+        n = len(recs)
+        rows.append({"attack": name, "settings": extra,
+                     "forward_passes_per_text": sum(r["cost"]["forward_passes"] for r in recs) / n,
+                     "gradient_passes_per_text": sum(r["cost"]["gradient_passes"] for r in recs) / n,
+                     "mean_abs_delta_nll": sum(r["abs_delta_nll"] for r in recs) / n,
+                     "success_rate": sum(r["rel_delta_nll"] > a.success_threshold for r in recs) / n})
+    return rows
+
+
+def pythia_uat_hours(sweeps: float) -> dict:
+    """A100-hours per model of the pythia-1.4b preset's UAT, from exact-evaluation counts."""
+    a = load_config("pythia-1.4b").attack
+    seq = a.text_len + a.uat_trigger_len + 1
+    grads = a.uat_trigger_len * a.uat_opt_texts * a.uat_beam              # one gradient per position and beam item
+    full = a.uat_trigger_len * a.uat_beam * a.uat_top_k * a.uat_opt_texts  # per sweep
+    screened = a.uat_trigger_len * a.uat_beam * (a.uat_top_k * a.uat_screen_texts
+                                                + a.uat_screen_keep * (a.uat_opt_texts - a.uat_screen_texts))
+    hours = lambda fwd: a.uat_restarts * sweeps * (fwd + 3 * grads) * seq / A100_TOKENS_PER_S / 3600  # noqa: E731
+    return {"sequence_tokens": seq, "sweeps_per_restart_assumed": sweeps, "restarts": a.uat_restarts,
+            "forward_passes_per_sweep": {"unscreened": full, "screened": screened},
+            "assumed_a100_tokens_per_s": A100_TOKENS_PER_S,
+            "a100_hours_per_model": {"unscreened": hours(full), "screened": hours(screened)}}
+
+
+def budget(work_dir) -> dict:
+    work = _model_dir(work_dir)
+    tok = load_tokenizer(work / "shared" / "tokenizer")
+    model = load_model(work / "shared" / "models" / "pretrained").eval().requires_grad_(False)
+    victim = Victim(model, CPU, 64)
+    forbidden = forbidden_tokens(tok, victim.embeddings.shape[0])
+    test = TokenFile(work / "shared" / "tokens", "test")
+    a = AttackConfig(**UAT)
+    opt = [t["ids"] for t in select_texts(test, tok.eos_token_id, a.uat_opt_texts, a.text_len, a.min_text_len, 0)]
+    held = [t["ids"] for t in select_texts(test, tok.eos_token_id, a.uat_eval_texts, a.text_len, a.min_text_len, 0,
+                                           skip=a.uat_opt_texts)]
+    init_token = tok(" the", add_special_tokens=False)["input_ids"][0]
+
+    res = {"threads": torch.get_num_threads(), "uat_settings": UAT}
+    res["uat_screening"] = s = uat_screening(victim, tok, forbidden, opt, held, init_token)
+    print(f"UAT on the tiny model (trigger {UAT['uat_trigger_len']}, top-k {UAT['uat_top_k']}, "
+          f"{UAT['uat_opt_texts']} optimisation texts, {UAT['uat_max_sweeps']} sweeps at most):")
+    for name in ("every_candidate_on_every_text", "screened"):
+        r = s[name]
+        print(f"  {name:<30} {r['forward_passes']:>7,} exact forward passes, {r['sweeps']} sweeps, "
+              f"{r['seconds']:.0f} s; held-out dNLL {r['heldout_abs_delta_nll']:+.3f}")
+    print(f"  screening: {s['fewer_exact_evaluations']:.1f}x fewer exact evaluations (goal >= 3x), held-out damage "
+          f"{100 * s['heldout_damage_ratio']:.0f}% of unscreened (goal >= 95%)")
+
+    res["damage_vs_budget"] = rows = damage_vs_budget(victim, forbidden, opt[:8])
+    print("HotFlip vs GCG on the same 8 texts (at most 5 modified tokens):")
+    for r in rows:
+        print(f"  {r['attack']:<8} {json.dumps(r['settings']):<42} {r['forward_passes_per_text']:>6,.0f} forward + "
+              f"{r['gradient_passes_per_text']:>3,.0f} gradient passes/text: dNLL {r['mean_abs_delta_nll']:+.3f}, "
+              f"success {100 * r['success_rate']:.0f}%")
+
+    sweeps = max(s["every_candidate_on_every_text"]["sweeps"], s["screened"]["sweeps"])
+    res["pythia_1.4b_uat"] = h = {str(n): pythia_uat_hours(n) for n in (sweeps, 10)}
+    for n, r in h.items():
+        print(f"pythia-1.4b UAT per model at {n} sweeps x {r['restarts']} restarts (assumed A100 "
+              f"{r['assumed_a100_tokens_per_s']:,.0f} tokens/s): unscreened {r['a100_hours_per_model']['unscreened']:.2f} "
+              f"A100-hours, screened {r['a100_hours_per_model']['screened']:.2f} (goal <= 1)")
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("throughput", "budget"), help="one part (default: both)")
+    p.add_argument("--model", help="throughput: a saved model directory (default: random tiny-preset weights)")
+    p.add_argument("--work-dir", type=Path, help="budget: a tiny-preset work dir where stage 0 ran")
+    p.add_argument("--candidates", type=int, default=256)
+    p.add_argument("--json")
+    args = p.parse_args()
+    res = {}
+    if args.only != "budget":
+        res["throughput"] = throughput(args.model, args.candidates)
+    if args.only != "throughput":
+        res["budget"] = budget(args.work_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0

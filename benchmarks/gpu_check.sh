@@ -36,7 +36,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 
 part bench_training "${LIMIT_TRAINING:-100}" python benchmarks/bench_training.py --steps 6 \
   --json "$OUT/bench_training_gpu.json"
-part bench_attacks "${LIMIT_ATTACKS:-60}" python benchmarks/bench_attacks.py --json "$OUT/bench_attacks_gpu.json"
+part bench_attacks "${LIMIT_ATTACKS:-60}" python benchmarks/bench_attacks.py --only throughput --json "$OUT/bench_attacks_gpu.json"
 part pipeline "${LIMIT_PIPELINE:-150}" python test_pipeline_local.py --work-dir /tmp/gpu_pipeline --keep \
   --set pretrain.max_tokens=120000 --set eval.task_limit=40
 cp /tmp/gpu_pipeline/results/results.md "$OUT/pipeline_results.md" 2>/dev/null

@@ -166,7 +166,9 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     model = unsharded(model)
     if not main:
         return []
-    model.to(compute.device)
+    # The model stays where training left it: on compute.device, or gathered on the CPU from shards
+    # (no second full copy on rank 0's GPU just to certify and save it).
+    device = next(model.parameters()).device
 
     start = load_model(start_path, "float32", "cpu")
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
@@ -179,7 +181,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     if arm == "monotonic":
         mo = cfg.monotone
         cert = certify(model, mo.scope, trials=mo.cert_trials, seed=mo.cert_seed,
-                       input_ids=certificate_probe(cfg, paths).to(compute.device))
+                       input_ids=certificate_probe(cfg, paths).to(device))
         cert["configured_monotone"] = cfg.is_monotone_run
         cert_path = paths.results / "monotonicity_certificate_monotonic.json"
         write_json(cert_path, cert)

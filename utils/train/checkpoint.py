@@ -55,8 +55,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    """Model and optimizer state as one flat {name: tensor} dict (DTensor shards when sharded).
+def _tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Model and optimizer state as one flat {name: tensor} dict (DTensor shards when sharded),
+    and the optimizer's param_groups as get_state_dict keys them.
 
     Optimizer state is keyed by parameter name, not index, so it survives resharding.
     """
@@ -65,7 +66,7 @@ def _tensors(model, optimizer) -> dict[str, torch.Tensor]:
     for param, state in optim_state["state"].items():
         for name, value in state.items():
             flat[f"optim.{param}.{name}"] = value
-    return flat
+    return flat, optim_state["param_groups"]
 
 
 @contextmanager
@@ -100,7 +101,7 @@ class Checkpointer:
         distributed.barrier()
         try:
             with _single_process_quiet():
-                dcp.save(_tensors(model, optimizer),
+                dcp.save(_tensors(model, optimizer)[0],
                          storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
             rng = distributed.gather_objects(_rng_state())
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -147,7 +148,7 @@ class Checkpointer:
                     f.keys()
         except (OSError, SafetensorError) as e:
             raise self._corrupt(path, e) from None
-        tensors = _tensors(model, optimizer)       # the slices this rank holds, to be filled in place
+        tensors, param_groups = _tensors(model, optimizer)   # the slices this rank holds, filled in place
         try:
             with _single_process_quiet():
                 dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
@@ -159,9 +160,8 @@ class Checkpointer:
             if key.startswith("optim."):
                 param, name = key[len("optim."):].rsplit(".", 1)
                 optim_state.setdefault(param, {})[name] = value
-        _, current = get_state_dict(model, optimizer)
         set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict={"state": optim_state, "param_groups": current["param_groups"]})
+                       optim_state_dict={"state": optim_state, "param_groups": param_groups})
         for group, saved in zip(optimizer.param_groups, state["param_groups"]):
             group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
         if state["world_size"] == distributed.world_size():

@@ -176,7 +176,9 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     sharded = distributed.active()
     if sharded:                  # moves each rank's shard to the device
         distributed.shard(model, device, bf16_compute=compute.precision == "bf16-mixed")
-    model.to(device).train()
+    else:                        # the recoveries load the model there already; the tiny pretraining builds it on the CPU
+        model.to(device)
+    model.train()
     opt = make_optimizer(model, t, device)
     state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0}
     if checkpointer is not None:
