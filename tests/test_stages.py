@@ -6,20 +6,29 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fast_sets, run_script
+from conftest import FAST, fast_sets, run_script
 
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_local_script_passes(capsys):
+def test_pipeline_local_script_passes(tiny_run, tmp_path, capsys):
+    """Every stage and its checks, on a copy of the session's stage 0 (the same FAST settings, so
+    stage 0 is checked and skipped rather than pretrained again)."""
     import test_pipeline_local
-    sets = ["pretrain.max_tokens=120000", "monotone.cert_trials=16", "eval.task_limit=40",
-            "recovery_baseline.max_tokens=60000", "recovery_monotone.max_tokens=60000",
-            "attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
-            "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
+    work = _copy_stage0(tiny_run, tmp_path)
+    sets = [*(f"{k}={v}" for k, v in FAST), "attack.uat_opt_texts=6", "attack.uat_eval_texts=8",
+            "attack.uat_restarts=1", "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
             "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
-    assert test_pipeline_local.main([a for kv in sets for a in ("--set", kv)]) == 0
+    assert test_pipeline_local.main(["--work-dir", str(work), *(a for kv in sets for a in ("--set", kv))]) == 0
     out = capsys.readouterr().out
+    assert out.count("PASS") == 9 and "FAIL" not in out, out
+
+
+def test_pipeline_local_script_removes_its_temporary_work_dir_and_fails_on_a_bad_stage(capsys):
+    import test_pipeline_local
+    assert test_pipeline_local.main(["--set", "data.seq_len=-1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  stage_0_setup" in out
     removed = re.search(r"temporary work dir (\S+) removed", out)
     assert removed and not Path(removed.group(1)).exists()
     assert removed.group(1) not in out.replace(removed.group(0), "")     # no path printed into a deleted dir
