@@ -39,9 +39,10 @@ def _clone(stage1_work, tmp_path, name):
     return tmp_path / name
 
 
-def _torchrun(work, nproc, steps, timeout=300):
+def _torchrun(work, nproc, steps, *extra, timeout=300):
     return subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), SCRIPT, "--work-dir", str(work),
-                           *fast_sets(), *_short(steps)], capture_output=True, text=True, env=ENV, timeout=timeout)
+                           *fast_sets(), *_short(steps), *extra], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
 
 
 def _single(work, steps, timeout=300):
@@ -201,6 +202,18 @@ def test_a_single_process_checkpoint_resumes_on_two(stage1_work, one_process, tm
     assert history == sorted(set(history)) and history[-1] == 12
     whole, per = _relative_differences(one_process, _model(work))
     assert whole <= WHOLE and per <= PER_TENSOR, (whole, per)
+    # The record says which processes trained which steps.
+    assert report["processes"] == [1, 2] and report["history"]["segments"] == [
+        {"first_step": 0, "last_step": stopped_at, "processes": 1},
+        {"first_step": stopped_at, "last_step": 12, "processes": 2}]
+    # --force under torchrun retrains the whole arm on 2 processes rather than resuming the finished one.
+    r = _torchrun(work, 2, 12, "--force")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" not in r.stdout and "--force: starting afresh" in r.stdout
+    report = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())
+    assert report["processes"] == [2] and report["history"]["segments"] == [
+        {"first_step": 0, "last_step": 12, "processes": 2}]
+    assert len(list((work / "seed_42" / "checkpoints").glob("monotonic.set-aside-*"))) == 1
 
 
 def test_stages_that_run_as_one_process_refuse_torchrun(stage1_work, tmp_path):

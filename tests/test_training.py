@@ -112,8 +112,20 @@ def test_resume_after_sigkill_is_bitwise_identical(stage1_work, uninterrupted, t
     raw, saved = _final_tensors(work)
     _assert_bitwise_equal(raw, uninterrupted[0])      # includes the softplus pre-parameters V
     _assert_bitwise_equal(saved, uninterrupted[1])
-    history = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())["history"]
+    report = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())
+    history = report["history"]
     assert [row["step"] for row in history["steps"]] == sorted({row["step"] for row in history["steps"]})
+    assert report["processes"] == [1] and history["segments"] == [{"first_step": 0, "last_step": 24, "processes": 1}]
+    # --force on the finished stage trains afresh (no resume), keeps the old checkpoints aside, and
+    # gives the uninterrupted run's bits again.
+    r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" not in r.stdout and "--force: starting afresh" in r.stdout, r.stdout
+    aside = list((work / "seed_42" / "checkpoints").glob("monotonic.set-aside-*"))
+    assert len(aside) == 1 and (aside[0] / "step_00000024").is_dir()
+    raw, saved = _final_tensors(work)
+    _assert_bitwise_equal(raw, uninterrupted[0])
+    _assert_bitwise_equal(saved, uninterrupted[1])
 
 
 @pytest.mark.slow

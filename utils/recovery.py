@@ -8,6 +8,7 @@ shard; rank 0 gathers the whole model and writes everything else.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
@@ -113,6 +114,10 @@ def movement_report(start, trained, scope: str) -> dict:
     return out
 
 
+def checkpoint_dir(paths: RunPaths, arm: str) -> Path:
+    return paths.seed_dir / "checkpoints" / arm
+
+
 def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     recipe = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
     other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
@@ -150,7 +155,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
         if main:
             save_model(m, best_dir, tokenizer, extra={"step": step, "val_loss": val_loss})
 
-    checkpointer = Checkpointer(paths.seed_dir / "checkpoints" / arm, cfg.fingerprint(SECTIONS[arm]),
+    checkpointer = Checkpointer(checkpoint_dir(paths, arm), cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
     if recipe.trainable == "constrained":
         n = freeze_all_but_constrained(model, cfg.monotone.scope)
@@ -172,7 +177,8 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
 
     start = load_model(start_path, "float32", "cpu")
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
-              "processes": distributed.world_size(), "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
+              # the world sizes that trained the steps of this result (history["segments"] says which)
+              "processes": sorted({s["processes"] for s in history["segments"]}), "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
               "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row
               "final_val_perplexity": math.exp(history["val_loss"]),
               "best": {"step": history["best_step"], "val_loss": history["best_val_loss"], "path": paths.rel(best_dir)}}

@@ -25,7 +25,8 @@ from typing import Callable
 from configs.experiment_config import ConfigError, parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run import distributed
-from utils.run.run_files import ROOT, PipelineError, RunPaths, flag_matches, stage_lock, write_flag, write_json
+from utils.run.run_files import (ROOT, PipelineError, RunPaths, flag_matches, set_aside, stage_lock, write_flag,
+                                 write_json)
 from utils.run.signals import Preempted
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
@@ -38,13 +39,15 @@ class Stage:
     `run(cfg, paths)` returns the output paths. The completion fingerprint covers the config
     `sections` and, if given, `inputs(cfg, paths)`: what the stage reads besides the config
     (e.g. which models exist). `shared` stages write WORK/shared (once for every seed);
-    `multiprocess` ones may be started by torchrun."""
+    `multiprocess` ones may be started by torchrun. `checkpoints(cfg, paths)` is a training stage's
+    checkpoint directory: --force sets it aside, so the stage starts afresh instead of resuming."""
     name: str
     run: Callable
     sections: tuple[str, ...]
     shared: bool = False
     inputs: Callable | None = None
     multiprocess: bool = False
+    checkpoints: Callable | None = None
 
     def fingerprint(self, cfg, paths: RunPaths) -> str:
         return cfg.fingerprint(self.sections, self.inputs(cfg, paths) if self.inputs else "")
@@ -151,6 +154,10 @@ def _run(stage: Stage, args, cfg) -> int:
                                                   f"{name} (seed {cfg.seed})" if not shared else name))
                     if flag_matches(flag, fingerprint) and not args.force:
                         verdict = SKIP
+                    elif args.force and stage.checkpoints is not None:
+                        aside = set_aside(stage.checkpoints(cfg, paths))
+                        if aside is not None:
+                            print(f"[{name}] --force: starting afresh; its checkpoints are set aside in {aside}")
                 except PipelineError as e:
                     print(f"error: [{name}] {e}", file=sys.stderr)
                     verdict = FAILED

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,19 @@ def code_revision() -> str:
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename `path` to `<path>.set-aside-<UTC time>` (nothing is deleted); None if it does not exist."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target, n = path.with_name(f"{path.name}.set-aside-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.set-aside-{stamp}-{n}")
+    path.rename(target)
+    return target
 
 
 def flag_matches(path: Path, fingerprint: str) -> bool:

@@ -143,6 +143,16 @@ def tensorboard_writer(log_dir: Path, start_step: int):
     return SummaryWriter(str(log_dir), purge_step=start_step or None)
 
 
+def add_segment(segments: list[dict], first: int, last: int, processes: int) -> None:
+    """Record that steps [first, last) were trained by `processes` processes (merged when contiguous)."""
+    if last <= first:
+        return
+    if segments and segments[-1]["last_step"] == first and segments[-1]["processes"] == processes:
+        segments[-1]["last_step"] = last
+    else:
+        segments.append({"first_step": first, "last_step": last, "processes": processes})
+
+
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
           seed: int, compute: Compute, desc: str = "train", checkpointer=None, stop=None,
           on_best=None, max_epochs: float | None = None, history_file: Path | None = None) -> dict:
@@ -180,11 +190,13 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         model.to(device)
     model.train()
     opt = make_optimizer(model, t, device)
-    state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0}
+    # segments: which steps were trained by how many processes (a run resumed on another world size
+    # has several); a checkpoint of an older version has none for the steps before it.
+    state = {"step": 0, "history": [], "best_val_loss": None, "best_step": None, "train_seconds": 0.0, "segments": []}
     if checkpointer is not None:
         restored = checkpointer.load_latest(model, opt)
         if restored:
-            state = {k: restored[k] for k in state}
+            state = {k: restored.get(k, state[k]) for k in state}
     start_step, t0, last_ckpt = state["step"], time.time(), time.time()
     board = None
     if history_file is not None and main:
@@ -254,6 +266,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
             if done % t.checkpoint_every_steps == 0 or done == total_steps or stopping or overdue:
                 state["step"] = done
                 state["train_seconds"] += time.time() - t0
+                add_segment(state["segments"], start_step, done, world)
                 t0, start_step = time.time(), done
                 checkpointer.save(done, model, opt, {k: v for k, v in state.items() if k != "step"})
                 last_ckpt = time.time()
@@ -264,6 +277,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                                 f"{done}/{total_steps}; checkpoint saved, rerun the same command to resume",
                                 stop.signum if own else signal.SIGUSR1)
     bar.close()
+    add_segment(state["segments"], start_step, total_steps, world)
     if board is not None:
         board.close()
     if t.gradient_checkpointing:
@@ -273,5 +287,5 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "tokens": total_steps * tokens_per_step,
             "precision": compute.precision, **data,
             "steps": state["history"], "val_loss": final_val, "best_val_loss": state["best_val_loss"],
-            "best_step": state["best_step"],
+            "best_step": state["best_step"], "segments": state["segments"],
             "train_seconds": state["train_seconds"] + time.time() - t0}
