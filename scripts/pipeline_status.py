@@ -8,9 +8,40 @@ Reads WORK_DIR/slurm/jobs.tsv (written at submission) or WORK_DIR/local/jobs.tsv
 squeue about SLURM jobs still queued. Exit 1 if any stage failed or never ran
 because a stage it depends on failed. Standard library only.
 """
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_files():
+    """utils/run/run_files.py (standard library only), loaded without the `utils` package, whose
+    import pulls in transformers: the status stays quick."""
+    spec = importlib.util.spec_from_file_location("run_files", ROOT / "utils" / "run" / "run_files.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def broken_output(work: Path, stage: str, seed: str) -> str | None:
+    """The first output a finished stage's completion flag lists that is no longer whole, or None."""
+    flag = (work / "shared" if stage == "stage_0_setup" else work / f"seed_{seed}") / "flags" / f"{stage}.done"
+    if stage in ("stage_7_aggregate", "compare_variants") or not flag.exists():
+        return None
+    try:
+        outputs = json.loads(flag.read_text()).get("outputs", [])
+    except json.JSONDecodeError:
+        return f"its completion flag {flag} is corrupt"
+    check = _run_files().output_problem
+    for recorded in outputs:
+        problem = check(work / recorded)
+        if problem:
+            return f"{recorded} is not whole ({problem})"
+    return None
 
 
 def queue_state(job_id: str) -> str | None:
@@ -52,6 +83,10 @@ def main(work_dir: str) -> int:
             state = recorded[0] + (" " + " ".join(recorded[2:]) if len(recorded) > 2 else "")
             if recorded[0] in ("failed", "interrupted"):
                 bad.append((stage, seed, log, state))
+            broken = broken_output(tsv.parent.parent, stage, seed) if recorded[0] == "done" else None
+            if broken:
+                state = f"done, but {broken}: rerun the same command to redo it"
+                bad.append((stage, seed, "", state))
         else:
             state = "did not run (cancelled: a dependency failed)"
             bad.append((stage, seed, "", state))

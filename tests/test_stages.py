@@ -146,3 +146,30 @@ def test_own_data_too_small_for_the_attacks_fails_in_stage_0_before_training(tmp
     assert line.count("\n") == 0 and "UAT needs 36" in line and "HotFlip/GCG 24" in line, line
     assert "pretraining" not in r.stdout                              # failed before any training
     assert not (tmp_path / "w" / "shared" / "manifest.json").exists()
+
+
+def test_a_stage_counts_as_done_only_while_its_outputs_are_whole(stage1_work, tmp_path):
+    """Stage 1's model loses its weights after the stage finished: it is no longer done anywhere."""
+    work = tmp_path / "w"
+    shutil.copytree(stage1_work, work)
+    args = ("--work-dir", str(work), *fast_sets())
+    (work / "seed_42" / "models" / "monotonic_init" / "model.safetensors").unlink()
+    assert run_script("stages_done", *args, "--seeds", "42").stdout.splitlines() == ["0 42"]
+    assert run_script("stage_1_apply_monotonicity", *args, "--check").returncode == 1
+    # A later stage started by hand names the file and the stage that writes it, in one line.
+    r = run_script("stage_4_evaluate", *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "seed_42/models/monotonic_init has no *.safetensors weights: rerun stage_1_apply_monotonicity" in r.stderr
+    # --status, on the record a local run leaves, shows it as not done.
+    (work / "local" / "status").mkdir(parents=True)
+    (work / "local" / "jobs.tsv").write_text("job_id\tstage\tseed\tlog\nlocal\tstage_1_apply_monotonicity\t42\tx.log\n")
+    (work / "local" / "status" / "stage_1_apply_monotonicity_seed42").write_text("done local\n")
+    st = run_script("pipeline_status", str(work))
+    assert st.returncode == 1 and "done, but seed_42/models/monotonic_init is not whole (no *.safetensors weights)" \
+        in st.stdout, st.stdout
+    # A corrupt JSON output counts the same; the rerun says why it runs and makes the stage whole again.
+    (work / "seed_42" / "results" / "monotonicity_certificate.json").write_text("{")
+    r = run_script("stage_1_apply_monotonicity", *args)
+    assert r.returncode == 0 and "was done, but its output" in r.stdout and "running it again" in r.stdout, r.stdout
+    assert run_script("stages_done", *args, "--seeds", "42").stdout.splitlines() == ["0 42", "1 42"]
+    assert run_script("pipeline_status", str(work)).returncode == 0

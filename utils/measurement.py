@@ -34,6 +34,8 @@ from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.stages import pretrained_model
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
+WRITER = {"pretrained": "stage_0_setup", "monotonic_init": "stage_1_apply_monotonicity",
+          "baseline": "stage_2_train_baseline", "monotonic": "stage_3_train_monotonic"}
 CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
                 "monotonic": "monotonicity_certificate_monotonic.json"}
 MODEL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "precision")
@@ -50,8 +52,12 @@ def available_arms(paths: RunPaths) -> dict[str, Path]:
 
 def arms_fingerprint(cfg: ExperimentConfig, paths: RunPaths) -> str:
     """Which models exist and when they were written: a retrained model reruns stages 4-6."""
-    stamps = {arm: max(p.stat().st_mtime_ns for p in path.glob("*.safetensors"))
-              for arm, path in available_arms(paths).items()}
+    stamps = {}
+    for arm, path in available_arms(paths).items():
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            raise PipelineError(f"{paths.rel(path)} has no *.safetensors weights: rerun {WRITER[arm]}, which writes it")
+        stamps[arm] = max(p.stat().st_mtime_ns for p in weights)
     return json.dumps(stamps, sort_keys=True)
 
 

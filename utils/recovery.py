@@ -206,4 +206,4 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
           + (f"; {mv['fraction_V_changed']:.1%} of V changed" if mv["fraction_V_changed"] is not None else ""))
     print(f"[{arm}] relative |dW| by group: " + ", ".join(
         f"{g} {v['relative_delta']:.1%}" for g, v in mv["groups"].items() if v["relative_delta"] is not None))
-    return outputs + [str(result_path), str(paths.models / arm / "config.json")]
+    return outputs + [str(result_path), str(paths.models / arm), str(best_dir)]

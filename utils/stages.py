@@ -139,7 +139,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         save_model(model, pretrained, tokenizer)
     manifest["pretrained_path"] = paths.rel(pretrained)
     write_json(shared / "manifest.json", manifest)
-    return [str(shared / "manifest.json"), str(pretrained / "config.json")] + \
+    return [str(shared / "manifest.json"), str(pretrained)] + \
            [str(t.path) for t in tok.values()]
 
 
@@ -244,4 +244,4 @@ def apply_monotone(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         raise PipelineError(f"run is configured monotone but the certificate failed: see {cert_path}")
     out = paths.models / "monotonic_init"
     save_model(model.cpu(), out, tokenizer, extra={"certificate": paths.rel(cert_path), "label": cert["label"]})
-    return [str(cert_path), str(out / "config.json")]
+    return [str(cert_path), str(out)]

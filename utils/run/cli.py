@@ -25,8 +25,8 @@ from typing import Callable
 from configs.experiment_config import ConfigError, parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run import distributed
-from utils.run.run_files import (ROOT, PipelineError, RunPaths, flag_matches, set_aside, stage_lock, write_flag,
-                                 write_json)
+from utils.run.run_files import (ROOT, PipelineError, RunPaths, flag_matches, flag_problem, set_aside, stage_lock,
+                                 write_flag, write_json)
 from utils.run.signals import Preempted
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
@@ -55,7 +55,7 @@ class Stage:
     def done(self, cfg, paths: RunPaths) -> bool:
         """The completion flag matches this config (a stage whose inputs cannot be read is not done)."""
         try:
-            return flag_matches(paths.flag(self.name, self.shared), self.fingerprint(cfg, paths))
+            return flag_matches(paths.flag(self.name, self.shared), self.fingerprint(cfg, paths), paths)
         except PipelineError:
             return False
 
@@ -141,7 +141,7 @@ def _run(stage: Stage, args, cfg) -> int:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.check:
-        done = flag_matches(flag, fingerprint)
+        done = flag_matches(flag, fingerprint, paths)
         print(f"[{name}] {'done' if done else 'not done'} for this config")
         return 0 if done else EXIT_FAILED
     RUN, SKIP, FAILED = 0, 1, 2
@@ -152,9 +152,12 @@ def _run(stage: Stage, args, cfg) -> int:
                 try:
                     held.enter_context(stage_lock(flag.with_suffix(".lock"),
                                                   f"{name} (seed {cfg.seed})" if not shared else name))
-                    if flag_matches(flag, fingerprint) and not args.force:
+                    problem = flag_problem(flag, fingerprint, paths)
+                    if problem is None and not args.force:
                         verdict = SKIP
-                    elif args.force and stage.checkpoints is not None:
+                    if problem is not None and problem.startswith("its output"):
+                        print(f"[{name}] was done, but {problem}: running it again")
+                    if args.force and stage.checkpoints is not None:
                         aside = set_aside(stage.checkpoints(cfg, paths))
                         if aside is not None:
                             print(f"[{name}] --force: starting afresh; its checkpoints are set aside in {aside}")

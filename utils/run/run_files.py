@@ -186,13 +186,49 @@ def set_aside(path: Path) -> Path | None:
     return target
 
 
-def flag_matches(path: Path, fingerprint: str) -> bool:
+def output_problem(path: Path) -> str | None:
+    """Why a recorded output is not whole, or None: missing, JSON that does not parse, safetensors
+    whose header does not, a model directory without config.json or weights."""
     if not path.exists():
-        return False
+        return "missing"
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            return None
+        weights = sorted(path.glob("*.safetensors"))
+        problems = [output_problem(f) for f in [path / "config.json", *weights]]
+        return next((f"{f.name}: {p}" for f, p in zip([path / "config.json", *weights], problems) if p),
+                    None if weights else "no *.safetensors weights")
     try:
-        return json.loads(path.read_text()).get("fingerprint") == fingerprint
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":      # 8-byte little-endian header length, then a JSON header
+            with path.open("rb") as f:
+                json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError, MemoryError):
+        return "does not parse"
+    return None
+
+
+def flag_problem(path: Path, fingerprint: str, paths: RunPaths) -> str | None:
+    """Why the completion flag at `path` does not say "done" for this config, or None if it does:
+    the flag must exist, match the fingerprint, and every output it lists must still be whole."""
+    if not path.exists():
+        return "not run"
+    try:
+        flag = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return False
+        return "corrupt completion flag"
+    if flag.get("fingerprint") != fingerprint:
+        return "run with another config"
+    for recorded in flag.get("outputs", []):
+        problem = output_problem(paths.resolve(recorded))
+        if problem:
+            return f"its output {recorded} is not whole ({problem})"
+    return None
+
+
+def flag_matches(path: Path, fingerprint: str, paths: RunPaths) -> bool:
+    return flag_problem(path, fingerprint, paths) is None
 
 
 def write_flag(path: Path, fingerprint: str, outputs: list[str], paths: RunPaths) -> None:
