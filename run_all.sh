@@ -44,7 +44,11 @@ IFS=, read -ra SEED_LIST <<< "$SEEDS"
 DUPLICATE=$(printf '%s\n' "${SEED_LIST[@]}" | sort | uniq -d | head -n1)
 [ -z "$DUPLICATE" ] || { echo "error: --seeds lists seed $DUPLICATE more than once ('$SEEDS'): its stages would run twice on the same files" >&2; exit 2; }
 WORK_DIR="$(realpath -m "$WORK_DIR")"
-[ "$MODE" = dry ] || [ "$MODE" = status ] || mkdir -p "$WORK_DIR"     # a dry run creates nothing
+# A dry run creates nothing and --status only reads; anything else writes the work dir.
+if [ "$MODE" != dry ] && [ "$MODE" != status ] && ! { mkdir -p "$WORK_DIR" 2>/dev/null && [ -w "$WORK_DIR" ]; }; then
+  echo "error: cannot write to work dir $WORK_DIR (a read-only file system or no permission): copy it somewhere writable (cp -a) to rerun it; --status reads it as it is" >&2
+  exit 1
+fi
 exec 3>&1                                                              # stdout, also inside $(submit ...)
 
 PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from configs.experiment_config import ConfigError
 from utils.results.aggregate import run_aggregate
-from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, stage_parser
+from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, os_error_line, stage_parser
 from utils.run.run_files import PipelineError, RunPaths, write_flag
 
 
@@ -36,6 +36,9 @@ def main() -> int:
         write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs, RunPaths(work, cfg.seed))
     except PipelineError as e:
         print(f"error: [stage_7_aggregate] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(os_error_line("stage_7_aggregate", e), file=sys.stderr)
         return EXIT_FAILED
     return 0
 

@@ -204,3 +204,40 @@ def test_plots_show_points_for_perplexity_and_both_losses_by_arm(tmp_path):
     colour = {l.get_label(): l.get_color() for l in lines if not l.get_label().startswith("_")}
     assert set(colour) == {"baseline, train", "baseline, validation", "monotonic, train", "monotonic, validation"}
     assert colour["baseline, train"] == colour["baseline, validation"] != colour["monotonic, validation"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A finished run's work dir (records of two seeds, aggregated once), mounted read-only at a second path."""
+    import os
+    import subprocess
+    work = _work(tmp_path / "w")
+    run_aggregate(work, [1, 2], False, "tiny")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(work), str(mnt)], capture_output=True).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("cannot bind-mount (CI runs as root)")
+        pytest.skip("needs root to mount a read-only work dir")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_read_only_work_dir_is_one_error_line_and_keeps_every_output(read_only):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    before = {p: p.read_bytes() for p in (read_only / "final").rglob("*") if p.is_file()}
+    for cmd in ([sys.executable, str(ROOT / "scripts" / "stage_7_aggregate.py"), "--work-dir", str(read_only),
+                 "--seeds", "1,2"],
+                ["bash", str(ROOT / "run_all.sh"), "--local", "--work-dir", str(read_only), "--seeds", "1,2"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [r.stderr.strip().splitlines()[-1]]
+        assert "read-only" in r.stderr.lower() and "copy it somewhere writable" in r.stderr, lines
+    assert {p: p.read_bytes() for p in (read_only / "final").rglob("*") if p.is_file()} == before

@@ -84,6 +84,15 @@ def config_from_args(args: argparse.Namespace, seed: int | None = None):
     return load_config(args.preset, overrides)
 
 
+def os_error_line(name: str, e: OSError) -> str:
+    """The file system, not the code: one line (a full disk or a read-only work dir says how to go on)."""
+    hints = {errno.ENOSPC: " free space or choose another --work-dir (downloads go to the Hugging Face cache: "
+                           "HF_HOME / HF_HUB_CACHE), then rerun",
+             errno.EROFS: " the work dir is read-only: copy it somewhere writable (cp -a) to rerun or re-aggregate"}
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    return f"error: [{name}] {what} ({e.filename or 'its files'}):{hints.get(e.errno) or ' ' + str(e)}"
+
+
 def run_stage(stage: Stage, description: str) -> int:
     """Parse flags, skip if done, run the stage, write its config and completion flag."""
     args = stage_parser(description).parse_args()
@@ -188,11 +197,8 @@ def _run(stage: Stage, args, cfg) -> int:
         print(f"\n[{name}] interrupted (Ctrl-C); not marked done, rerun the same command to run it again",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:          # the file system, not the code: one line (a full disk says how to go on)
-        hint = (" free space or choose another --work-dir (downloads go to the Hugging Face cache: HF_HOME / "
-                "HF_HUB_CACHE), then rerun" if e.errno == errno.ENOSPC else "")
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-        print(f"error: [{name}] {what} ({e.filename or 'its files'}):{hint or ' ' + str(e)}", file=sys.stderr)
+    except OSError as e:
+        print(os_error_line(name, e), file=sys.stderr)
         return EXIT_FAILED
     if main:
         print(f"[{name}] done")
