@@ -166,6 +166,15 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
         assert all(r in t for r in (r"\toprule", r"\midrule", r"\bottomrule"))
     rows = [l for l in body.splitlines() if l.endswith(r"\\")]
     assert len(rows) == 4 and all(len(re.findall(r"(?<!\\)&", r)) == 7 for r in rows)
+    # Intervals as [lo, hi] (Wilson and bootstrap ones are not symmetric), each column's kind in the caption.
+    assert r"\pm" not in tex
+    for row in rows:
+        cells = [c.strip() for c in re.split(r"(?<!\\)&", row.rstrip("\\ "))]
+        for i in (2, 4):                                                   # HotFlip and GCG success
+            lo, hi = map(float, re.fullmatch(r"[\d.]+\\% \[([\d.]+), ([\d.]+)\]", cells[i]).groups())
+            assert 0 <= lo <= float(cells[i].split("\\%")[0]) <= hi <= 100
+    assert "Wilson interval over the attacked texts" in tex and "bootstrap over documents" in tex \
+        and "t interval over the 2 seeds" in tex
     for png in [p for p in outputs if p.endswith(".png")]:
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

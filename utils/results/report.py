@@ -210,9 +210,9 @@ def _tex_cell(stat: dict, scale=1.0, digits=2, pct=False) -> str:
         return "--"
     unit = r"\%" if pct else ""
     cell = f"{stat['mean'] * scale:.{digits}f}{unit}"
-    if stat.get("ci95"):
-        half = (stat["ci95"][1] - stat["ci95"][0]) / 2 * scale
-        cell += rf" $\pm$ {half:.{digits}f}"
+    if stat.get("ci95"):      # the interval as it is: Wilson and bootstrap intervals are not symmetric
+        lo, hi = stat["ci95"]
+        cell += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
     return cell
 
 
@@ -227,8 +227,11 @@ def latex(final: dict, standalone: bool = False) -> str:
                     f" & {_tex_cell(a.get('gcg_mean_abs_delta_nll'), 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
                     f" & {_tex_cell(a['uat_abs_delta_nll'], 1, 3)} \\\\")
     n = len(final["seeds"])
-    note = (f"Mean over {n} seeds $\\pm$ half-width of the 95\\% interval (success: Wilson over all texts; "
-            f"others: t over seeds)." if n > 1 else "One seed: no interval across seeds.")
+    note = (f"Mean over {n} seed(s), 95\\% interval in brackets. Success rates: Wilson interval over the "
+            f"attacked texts of every seed. Perplexity of the arms shared by every seed (pretrained, monotone "
+            f"init): bootstrap over documents. "
+            + (f"Every other cell: t interval over the {n} seeds." if n > 1 else
+               "Every other cell: none (one seed has no interval across seeds)."))
     note += " " + _sizes(final).replace("%", "\\%")
     if final["partial"]:
         note += " PARTIAL: some seeds lack some stages."
@@ -253,7 +256,8 @@ def _latex_capabilities(final: dict) -> list[str]:
         _tex_cell(row["arms"].get(a), 100, 1) for a in arms) + r" \\" for task, row in caps.items()]
     return [r"\begin{tabular}{l" + "c" * len(arms) + "}", r"\toprule",
             "Task & " + " & ".join(ARM_NAMES[a] for a in arms) + r" \\", r"\midrule", *rows, r"\bottomrule",
-            r"\end{tabular}", "", r"\footnotesize Zero-shot accuracy (\%), lm-evaluation-harness.", ""]
+            r"\end{tabular}", "", r"\footnotesize Zero-shot accuracy (\%), lm-evaluation-harness; in brackets "
+            r"the 95\% t interval over seeds.", ""]
 
 
 def training_figure(final: dict):
