@@ -199,20 +199,44 @@ def test_plots_show_points_for_perplexity_and_both_losses_by_arm(tmp_path):
     from matplotlib.container import ErrorbarContainer
     from matplotlib.patches import Rectangle
 
-    from utils.results.report import perplexity_figure, training_figure
+    from utils.results.plots import damage_figure, perplexity_figure, training_figure, uat_figure
     run_aggregate(_work(tmp_path), None, False, "tiny")
     final = json.loads((tmp_path / "final" / "final_results.json").read_text())
     for seed in final["per_seed"].values():               # the hand-made records have no train loss: add some
         for arm in ("baseline", "monotonic"):
             seed["training"][arm]["train_curve"] = [[100, 6.5], [1000, 5.2]]
-    ax = perplexity_figure(final).axes[0]
-    assert ax.get_yscale() == "log"
-    assert not [p for p in ax.patches if isinstance(p, Rectangle)]                   # no bars
-    assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == 4          # one point + interval per arm
+    every, zoomed = perplexity_figure(final).axes
+    assert every.get_yscale() == "log" and zoomed.get_yscale() == "linear"
+    for ax in (every, zoomed):
+        assert not [p for p in ax.patches if isinstance(p, Rectangle)]               # no bars
+    # One point + interval per model, labelled with its own interval's kind; the linear panel leaves out
+    # the monotone init, so the other models' differences are not flattened.
+    kinds = {c.get_label() for c in every.containers if isinstance(c, ErrorbarContainer)}
+    assert [t.get_text() for t in zoomed.get_xticklabels()] == ["Pretrained", "Baseline (recovered)",
+                                                                 "Monotone (recovered)"]
+    assert sum(isinstance(c, ErrorbarContainer) for c in every.containers) == 4
+    assert kinds == {"mean; 95% interval: bootstrap over documents (the same model for every seed)",
+                     "mean; 95% interval: t interval over 2 seeds"}
+    assert kinds <= {t.get_text() for t in every.get_legend().get_texts()}
     lines = training_figure(final).axes[0].get_lines()
     colour = {l.get_label(): l.get_color() for l in lines if not l.get_label().startswith("_")}
     assert set(colour) == {"baseline, train", "baseline, validation", "monotonic, train", "monotonic, validation"}
     assert colour["baseline, train"] == colour["baseline, validation"] != colour["monotonic, validation"]
+    # Box plots name their markers and give n per model.
+    box = damage_figure(final, "hotflip", "HotFlip").axes[0]
+    assert [t.get_text() for t in box.get_legend().get_texts()] == ["median", "mean"]
+    n = {arm: sum(len(s["arms"][arm]["hotflip_abs_deltas"]) for s in final["per_seed"].values())
+         for arm in ("pretrained", "baseline")}
+    labels = [t.get_text() for t in box.get_xticklabels()]
+    assert f"Pretrained\nn = {n['pretrained']}" in labels and f"Baseline (recovered)\nn = {n['baseline']}" in labels
+    # The UAT colour scale spans the cells without the monotone init, whose damage is far larger.
+    arms = ["pretrained", "monotonic_init", "baseline", "monotonic"]
+    for seed in final["per_seed"].values():
+        seed["transfer"]["uat_rel_delta_nll"] = {
+            src: {dst: 0.4 if "monotonic_init" in (src, dst) else 0.01 * (i + j + 1) for j, dst in enumerate(arms)}
+            for i, src in enumerate(arms)}
+    image = uat_figure(final).axes[0].images[0]
+    assert image.norm.vmax == pytest.approx(7.0) and image.get_array()[1][1] == pytest.approx(40.0)
 
 
 @pytest.fixture

@@ -281,7 +281,8 @@ def provenance(work_dir: Path, preset: str) -> dict:
 
 
 def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str) -> list[str]:
-    from utils.results.report import latex, markdown, plots, screen_summary
+    from utils.results.plots import plots
+    from utils.results.report import latex, markdown, screen_summary
     from utils.run.run_files import atomic_write_text, write_json
     seeds = seeds or find_seeds(work_dir)
     raw, missing = collect(work_dir, seeds, allow_partial)

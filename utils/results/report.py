@@ -1,19 +1,15 @@
-"""Stage 7's outputs for people: results.md, table.tex (booktabs) and PNG plots."""
+"""Stage 7's outputs for people: results.md, table.tex (booktabs) and the console summary
+(the PNG plots: utils/results/plots.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 ARM_NAMES = {"pretrained": "Pretrained", "monotonic_init": "Monotone (init)", "baseline": "Baseline (recovered)",
              "monotonic": "Monotone (recovered)"}
 ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic")
 
 
-def _arms(final: dict) -> list[str]:
+def arms_present(final: dict) -> list[str]:
     present = final["across_seeds"]["arms"]
     return [a for a in ORDER if a in present]
 
@@ -80,7 +76,7 @@ def attack_cost(final: dict) -> list[str]:
     lines = ["", "## Attack compute (exact forward passes per attacked text, mean over seeds)", "",
              "| Model | " + " | ".join({"hotflip": "HotFlip", "gcg": "GCG"}[n] for n in names) + " |",
              "|---|" + "---|" * len(names)]
-    for arm in _arms(final):
+    for arm in arms_present(final):
         cells = []
         for n in names:
             v = [c for a, x, c in rows if a == arm and x == n]
@@ -150,7 +146,7 @@ def markdown(final: dict) -> str:
               "| UAT dNLL | UAT rel. |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     acr = final["across_seeds"]["arms"]
-    for arm in _arms(final):
+    for arm in arms_present(final):
         a = acr[arm]
         name = ARM_NAMES[arm] + (" *" if a.get("shared") else "")
         lines.append(f"| {name} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
@@ -220,7 +216,7 @@ def latex(final: dict, standalone: bool = False) -> str:
     """A booktabs table to \\input into a paper (needs \\usepackage{booktabs}); standalone: a document around it."""
     acr = final["across_seeds"]["arms"]
     rows = []
-    for arm in _arms(final):
+    for arm in arms_present(final):
         a = acr[arm]
         rows.append(f"{ARM_NAMES[arm]} & {_tex_cell(a['perplexity'])} & {_tex_cell(a['hotflip_success_rate'], 100, 1, True)}"
                     f" & {_tex_cell(a['hotflip_mean_abs_delta_nll'], 1, 3)} & {_tex_cell(a.get('gcg_success_rate'), 100, 1, True)}"
@@ -260,98 +256,12 @@ def _latex_capabilities(final: dict) -> list[str]:
             r"the 95\% t interval over seeds.", ""]
 
 
-def training_figure(final: dict):
-    """Train (dotted) and validation (solid) loss, one colour per arm, every seed."""
-    seeds, tag = final["per_seed"], " (PARTIAL)" if final["partial"] else ""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"baseline": "tab:blue", "monotonic": "tab:red"}
-    for seed, s in seeds.items():
-        for arm, colour in colours.items():
-            if arm in s["training"]:
-                first = seed == next(iter(seeds))
-                if s["training"][arm].get("train_curve"):
-                    ax.plot(*zip(*s["training"][arm]["train_curve"]), ":", color=colour, alpha=0.6,
-                            label=f"{arm}, train" if first else None)
-                ax.plot(*zip(*s["training"][arm]["curve"]), "-", color=colour, marker=".",
-                        label=f"{arm}, validation" if first else None)
-    ax.set(xlabel="training tokens", ylabel="loss (nats/token)",
-           title=f"Recovery training, seeds {', '.join(map(str, seeds))}" + tag)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def perplexity_figure(final: dict):
-    """Mean and 95% interval per model as points (no bars: a log axis gives bar length no meaning)."""
-    seeds, tag = final["per_seed"], " (PARTIAL)" if final["partial"] else ""
-    arms, acr = _arms(final), final["across_seeds"]["arms"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, arm in enumerate(arms):
-        vals = [s["arms"][arm]["perplexity"] for s in seeds.values() if "perplexity" in s["arms"].get(arm, {})]
-        ax.scatter([i + 0.12] * len(vals), vals, color="grey", zorder=3, s=12, label="seeds" if i == 0 else None)
-        stat = acr[arm]["perplexity"]
-        if stat["mean"] is not None:
-            lo, hi = stat["ci95"] or (stat["mean"], stat["mean"])
-            ax.errorbar(i, stat["mean"], yerr=[[stat["mean"] - lo], [hi - stat["mean"]]], fmt="o", color="k",
-                        capsize=4, label="mean, 95% interval" if i == 0 else None)
-    ax.set_xticks(range(len(arms)), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
-    ax.set(yscale="log", ylabel="test perplexity (log scale)",
-           title=f"Perplexity per model; seeds {', '.join(map(str, seeds))}" + tag)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def plots(final: dict, out_dir: Path) -> list[Path]:
-    seeds, written = final["per_seed"], []
-    tag = " (PARTIAL)" if final["partial"] else ""
-    written.append(_save(training_figure(final), out_dir / "training_curves.png"))
-    written.append(_save(perplexity_figure(final), out_dir / "perplexity.png"))
-    arms = _arms(final)
-
-    for name, title in (("hotflip", "HotFlip"), ("gcg", "GCG")):
-        data = [[d for s in seeds.values() for d in s["arms"].get(arm, {}).get(f"{name}_abs_deltas", [])]
-                for arm in arms]
-        if name != "hotflip" and not any(data):
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(arms) + 1), [ARM_NAMES[a] for a in arms], rotation=15, ha="right")
-        ax.set(ylabel=f"{title} delta NLL (nats/token)",
-               title=f"{title} damage per text, seeds {', '.join(map(str, seeds))}" + tag)
-        written.append(_save(fig, out_dir / f"{name}_delta_nll.png"))
-
-    mats = [s["transfer"]["uat_rel_delta_nll"] for s in seeds.values() if "uat_rel_delta_nll" in s["transfer"]]
-    if mats:
-        names = [a for a in arms if a in mats[0]]
-        grid = [[100 * sum(m[src][dst] for m in mats) / len(mats) for dst in names] for src in names]
-        fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        im = ax.imshow(grid, cmap="Reds")
-        top = max(max(r) for r in grid)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, f"{grid[i][j]:+.1f}%", ha="center", va="center", fontsize=9,
-                        color="white" if grid[i][j] > 0.6 * top else "black")
-        ax.set_xticks(range(len(names)), [ARM_NAMES[a] for a in names], rotation=20, ha="right")
-        ax.set_yticks(range(len(names)), [ARM_NAMES[a] for a in names])
-        ax.set(xlabel="evaluated on", ylabel="trigger found on",
-               title=f"UAT relative NLL increase, mean of {len(mats)} seed(s)" + tag)
-        fig.colorbar(im, ax=ax, label="% NLL increase")
-        written.append(_save(fig, out_dir / "uat_transfer.png"))
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def screen_summary(final: dict, report: Path) -> str:
     acr = final["across_seeds"]["arms"]
     lines = [f"Final results ({len(final['seeds'])} seed(s){', PARTIAL' if final['partial'] else ''}):",
              f"  {'model':<22}{'perplexity':>12}{'HotFlip succ.':>15}{'HotFlip dNLL':>14}{'GCG succ.':>11}"
              f"{'GCG dNLL':>10}{'UAT rel.':>10}"]
-    for arm in _arms(final):
+    for arm in arms_present(final):
         a = acr[arm]
         m = lambda k, sc=1.0: "n/a" if a.get(k, {}).get("mean") is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
         lines.append(f"  {ARM_NAMES[arm]:<22}{m('perplexity'):>12}{m('hotflip_success_rate', 100) + '%':>15}"
