@@ -50,6 +50,15 @@ if [ "$MODE" != dry ] && [ "$MODE" != status ] && ! { mkdir -p "$WORK_DIR" 2>/de
   exit 1
 fi
 exec 3>&1                                                              # stdout, also inside $(submit ...)
+# record_job TSV ID STAGE SEED LOG: a job of this invocation (TSV: its jobs.tsv, which a failed
+# submission cancels) and of the work dir's history.tsv beside it (every invocation's; --status).
+record_job() {
+  local tsv="$1" history; shift
+  history="$(dirname "$tsv")/history.tsv"
+  [ -f "$history" ] || printf 'job_id\tstage\tseed\tlog\tunix_time\n' > "$history"
+  printf '%s\t%s\t%s\t%s\n' "$@" >> "$tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" "$(date +%s.%N)" >> "$history"
+}
 
 PER_SEED_STAGES=(stage_1_apply_monotonicity stage_2_train_baseline stage_3_train_monotonic
                  stage_4_evaluate stage_5_uat_attacks stage_6_hotflip_attacks)
@@ -110,7 +119,7 @@ if [ "$MODE" = local ]; then
     tag="${stage}_seed$seed"
     case "$stage" in stage_0_setup|stage_7_aggregate|compare_variants) tag="$stage" ;; esac
     log="$LOCAL_DIR/logs/$tag.log"
-    printf 'local\t%s\t%s\t%s\n' "$stage" "$seed" "$log" >> "$LOCAL_DIR/jobs.tsv"
+    record_job "$LOCAL_DIR/jobs.tsv" local "$stage" "$seed" "$log"
     n="${stage#stage_}"; n="${n%%_*}"
     if [ "$RAN" = 0 ] && [[ "$n" =~ ^[0-6]$ ]] && is_done "$n" "$seed"; then
       echo "skip: $tag already done" | tee -a "$log" >&2
@@ -255,7 +264,7 @@ submit() {
     return 1
   fi
   cat "$SBATCH_ERR" >&2        # sbatch's warnings, if any
-  printf '%s\t%s\t%s\t%s\n' "$id" "${STAGE_NAME[$n]}" "$seed" "${log//%j/$id}" >> "$JOBS_TSV"
+  record_job "$JOBS_TSV" "$id" "${STAGE_NAME[$n]}" "$seed" "${log//%j/$id}"
   echo "submitted $tag as job $id" >&2
   echo "$id"
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Status of the latest run_all.sh run of a work dir (SLURM or --local): one line per stage, failures with logs.
+"""Status of a work dir: every stage and seed that run_all.sh ever ran or submitted there (SLURM or
+--local), the latest run of each, one line each, failures with logs.
 
     python scripts/pipeline_status.py WORK_DIR      (or: bash run_all.sh --status --work-dir WORK_DIR)
 
-Reads WORK_DIR/slurm/jobs.tsv (written at submission) or WORK_DIR/local/jobs.tsv
-(a local run), whichever is newer, and the status files the stages write; asks
-squeue about SLURM jobs still queued. Exit 1 if any stage failed or never ran
-because a stage it depends on failed. Standard library only.
+Reads WORK_DIR/{slurm,local}/history.tsv (every invocation appends its jobs; a work dir of an older
+version has only jobs.tsv, its latest invocation) and the status files the stages write; asks squeue
+about SLURM jobs still queued. A finished stage whose outputs are no longer whole is reported.
+Exit 1 if any stage failed or never ran because a stage it depends on failed. Standard library only.
 """
 import importlib.util
 import json
@@ -53,20 +54,43 @@ def queue_state(job_id: str) -> str | None:
     return out or None
 
 
+SHARED = ("stage_0_setup", "stage_7_aggregate", "compare_variants")     # once per work dir, not per seed
+
+
+def recorded_jobs(work: Path) -> list[tuple[Path, list[str]]]:
+    """The latest (record dir, [job_id, stage, seed, log]) of every stage and seed, in stage order."""
+    latest = {}
+    for record in (work / "slurm", work / "local"):
+        tsv = record / "history.tsv" if (record / "history.tsv").exists() else record / "jobs.tsv"
+        if not tsv.exists():
+            continue
+        for line in tsv.read_text().splitlines()[1:]:
+            cols = line.split("\t")
+            if len(cols) < 4:
+                continue
+            when = float(cols[4]) if len(cols) > 4 else tsv.stat().st_mtime
+            key = (cols[1], "-" if cols[1] in SHARED else cols[2])
+            if key not in latest or when >= latest[key][0]:
+                latest[key] = (when, record, cols[:4])
+    def order(key):   # stage 0 to 7 (each stage's seeds in order), the comparison last
+        stage, seed = key
+        return stage == "compare_variants", stage, -1 if seed == "-" else int(seed)
+    return [latest[k][1:] for k in sorted(latest, key=order)]
+
+
 def main(work_dir: str) -> int:
     work = Path(work_dir)
-    runs = [p for p in (work / "slurm" / "jobs.tsv", work / "local" / "jobs.tsv") if p.exists()]
-    if not runs:
-        print(f"error: no run recorded in {work} (neither slurm/jobs.tsv nor local/jobs.tsv)", file=sys.stderr)
+    rows = recorded_jobs(work)
+    if not rows:
+        print(f"error: no run recorded in {work} (neither slurm/ nor local/ holds a jobs record)", file=sys.stderr)
         return 2
-    tsv = max(runs, key=lambda p: p.stat().st_mtime)
-    print(f"{'local run' if tsv.parent.name == 'local' else 'SLURM submission'} recorded in {tsv}")
-    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+    print(f"every stage and seed recorded in {work} (the latest run of each)")
     bad = []
     print(f"{'job':>8}  {'stage':<28}{'seed':>6}  state")
-    for job_id, stage, seed, log in rows:
-        tag = stage if stage in ("stage_0_setup", "stage_7_aggregate", "compare_variants") else f"{stage}_seed{seed}"
-        status_file = tsv.parent / "status" / tag
+    for record, (job_id, stage, seed, log) in rows:
+        seed = "-" if stage in SHARED else seed
+        tag = stage if stage in SHARED else f"{stage}_seed{seed}"
+        status_file = record / "status" / tag
         recorded = status_file.read_text().split() if status_file.exists() else []
         queued = queue_state(job_id) if job_id != "local" else None
         if recorded and recorded[1] != job_id:
@@ -83,7 +107,7 @@ def main(work_dir: str) -> int:
             state = recorded[0] + (" " + " ".join(recorded[2:]) if len(recorded) > 2 else "")
             if recorded[0] in ("failed", "interrupted"):
                 bad.append((stage, seed, log, state))
-            broken = broken_output(tsv.parent.parent, stage, seed) if recorded[0] == "done" else None
+            broken = broken_output(work, stage, seed) if recorded[0] == "done" else None
             if broken:
                 state = f"done, but {broken}: rerun the same command to redo it"
                 bad.append((stage, seed, "", state))

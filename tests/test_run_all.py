@@ -135,8 +135,39 @@ def test_a_failed_local_run_leaves_its_log_and_status(tmp_path):
     assert "data file not found" in log.read_text()
     status = _run_all("--status", "--work-dir", str(work))
     assert status.returncode == 1, status.stdout + status.stderr
-    assert "local run recorded in" in status.stdout
-    assert f"FAILED: stage_0_setup (seed 42); log: {log}" in status.stdout
+    assert "every stage and seed recorded in" in status.stdout
+    assert f"FAILED: stage_0_setup (seed -); log: {log}" in status.stdout
+    history = (work / "local" / "history.tsv").read_text().splitlines()
+    assert history[0] == "job_id\tstage\tseed\tlog\tunix_time" and history[1].startswith("local\tstage_0_setup\t42\t")
+
+
+def test_status_shows_every_stage_and_seed_the_work_dir_ever_ran(tmp_path):
+    """Three invocations, as run_all.sh records them: seed 42 locally, then seed 7 locally, then a
+    grid's baseline on SLURM. Each (stage, seed) shows its latest run; shared stages carry no seed."""
+    import sys
+    work = tmp_path / "w"
+    local, slurm = work / "local", work / "slurm"
+    for d in (local / "status", slurm / "status"):
+        d.mkdir(parents=True)
+    head = "job_id\tstage\tseed\tlog\tunix_time\n"
+    rows = [(local, "local", stage, seed, when) for when, seed in ((100, 42), (200, 7))
+            for stage in ("stage_0_setup", "stage_1_apply_monotonicity", "stage_7_aggregate")]
+    rows.append((slurm, "123", "stage_2_train_baseline", 42, 300))
+    for record in (local, slurm):
+        (record / "history.tsv").write_text(head + "".join(f"{j}\t{s}\t{seed}\t{record}/{s}.log\t{w}\n"
+                                                          for r, j, s, seed, w in rows if r == record))
+    for record, job, stage, seed, _ in rows:
+        tag = stage if stage in ("stage_0_setup", "stage_7_aggregate") else f"{stage}_seed{seed}"
+        (record / "status" / tag).write_text(f"done {job}\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pipeline_status.py"), str(work)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [(cols[1], cols[2], cols[3]) for cols in table] == [
+        ("stage_0_setup", "-", "done"), ("stage_1_apply_monotonicity", "7", "done"),
+        ("stage_1_apply_monotonicity", "42", "done"), ("stage_2_train_baseline", "42", "done"),
+        ("stage_7_aggregate", "-", "done")]
+    assert table[3][0] == "123"
 
 
 def test_help_of_both_entry_points_is_their_usage():
