@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from utils.results.aggregate import run_aggregate
-from utils.results.statistics import bootstrap_interval, mcnemar_exact, t_interval, wilcoxon_paired
+from utils.results.statistics import bootstrap_interval, holm, mcnemar_exact, t_interval, wilcoxon_paired
 from utils.run.run_files import PipelineError
 
 
@@ -127,6 +127,11 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert pooled["p_value"] == pytest.approx(2 / 2**9) and pooled["unit"].startswith("attacked text")
     assert acr["more_robust"]["hotflip_success_rate"].startswith("monotonic (McNemar exact")
     assert acr["more_robust"]["hotflip_mean_abs_delta_nll"].startswith("monotonic (Wilcoxon")
+    # Holm over the report's 5 tests: the smallest p (Wilcoxon's, on 19 or 20 pairs) times 5, then non-decreasing.
+    p = {k: t["p_value"] for k, t in acr["tests"].items()}
+    smallest = min(p, key=p.get)
+    assert acr["tests"][smallest]["p_holm"] == pytest.approx(5 * p[smallest])
+    assert f"Holm-adjusted over 5 tests p = {5 * p[smallest]:.3g}" in acr["more_robust"][smallest]
     # GCG: its own rates (HotFlip's successes plus doc 9) and its own paired tests on the same texts.
     assert acr["arms"]["baseline"]["gcg_success_rate"]["mean"] == pytest.approx(0.8)       # 7/10 and 9/10
     assert acr["arms"]["monotonic"]["gcg_success_rate"]["mean"] == pytest.approx(0.35)     # 3/10 and 4/10
@@ -134,7 +139,7 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert final["per_seed"]["1"]["arms"]["baseline"]["gcg_forward_passes_per_text"] == 500
     # UAT's unit is the trigger search: equal damage in both seeds is no difference.
     assert acr["tests"]["uat_abs_delta_nll"]["unit"].startswith("trigger search")
-    assert acr["more_robust"]["uat_abs_delta_nll"].startswith("no significant difference (paired t-test")
+    assert acr["more_robust"]["uat_abs_delta_nll"].startswith("no significant difference at 0.05 (paired t-test")
     # Shared arms: one model for every seed; their interval comes from the documents, not zero width.
     shared = acr["arms"]["pretrained"]["perplexity"]
     assert acr["arms"]["pretrained"]["shared"] and shared["ci95"][0] < shared["mean"] < shared["ci95"][1]
@@ -274,3 +279,22 @@ def test_a_read_only_work_dir_is_one_error_line_and_keeps_every_output(read_only
         assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [r.stderr.strip().splitlines()[-1]]
         assert "read-only" in r.stderr.lower() and "copy it somewhere writable" in r.stderr, lines
     assert {p: p.read_bytes() for p in (read_only / "final").rglob("*") if p.is_file()} == before
+
+
+def test_holm_adjusts_by_hand_computed_values():
+    # Sorted: a .01 x 3 = .03; c .03 x 2 = .06; b .04 x 1 = .04, kept non-decreasing: .06.
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    # a .6 x 2 = 1.2, capped at 1; d .7 x 1, kept non-decreasing: 1.
+    assert holm({"a": 0.6, "d": 0.7}) == pytest.approx({"a": 1.0, "d": 1.0})
+    assert holm({}) == {}
+
+
+def test_the_console_summary_gives_intervals_n_and_each_verdict_once_with_its_caveats(tmp_path, capsys):
+    run_aggregate(_work(tmp_path), [1], False, "tiny")                # one seed
+    out = capsys.readouterr().out
+    verdicts = [l for l in out.splitlines() if l.strip().startswith(("hotflip_", "gcg_", "uat_"))]
+    tested = [l for l in verdicts if "no test possible" not in l]
+    assert len(verdicts) == 5 and len(tested) == 4, out          # UAT's unit is the seed: no test on one
+    assert all("Holm-adjusted over 4 tests" in l and "ONE SEED" in l and "n = 10" in l for l in tested), out
+    assert all(l.count("McNemar") + l.count("Wilcoxon") + l.count("t-test") <= 1 for l in verdicts)
+    assert "HotFlip success 60.0% [" in out and "of 10 texts" in out

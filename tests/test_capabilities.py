@@ -14,11 +14,22 @@ TASKS = ["heldout_lastword", "heldout_cloze"]
 
 
 @pytest.fixture(scope="module")
-def pretrained_scores(tiny_run):
+def pretrained_scores(tiny_run, tmp_path_factory):
     _, paths = tiny_run
     model = load_model(paths.shared / "models" / "pretrained").eval()
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    return model, tokenizer, evaluate_capabilities(model, tokenizer, TASKS, paths.shared / "tasks", 16, 128, 0, "cpu")
+    log = tmp_path_factory.mktemp("lm_eval") / "lm_eval.log"
+    return model, tokenizer, evaluate_capabilities(model, tokenizer, TASKS, paths.shared / "tasks", 16, 128, 0, "cpu",
+                                                   log)
+
+
+def test_lm_eval_messages_go_to_its_log_not_the_console(pretrained_scores, tiny_run, tmp_path, capfd):
+    model, tokenizer, _ = pretrained_scores
+    log = tmp_path / "lm_eval.log"
+    evaluate_capabilities(model, tokenizer, ["heldout_cloze"], tiny_run[1].shared / "tasks", 16, 128, 5, "cpu", log)
+    err = capfd.readouterr().err
+    assert "`pretrained` model kwarg is not of type `str`" in log.read_text()
+    assert "model kwarg" not in err and "WARNING" not in err and "INFO" not in err, err[-2000:]
 
 
 def test_stage_0_builds_the_held_out_tasks_from_the_test_split(tiny_run):

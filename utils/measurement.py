@@ -127,8 +127,9 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
              f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
         if tasks:      # task i on rank i mod N
             dealt = tasks[distributed.rank()::distributed.world_size()]
+            log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
             mine = evaluate_capabilities(model, tokenizer, dealt, task_data, e.task_batch_size, e.max_len,
-                                         e.task_limit, str(compute.device)) if dealt else {}
+                                         e.task_limit, str(compute.device), log) if dealt else {}
             done = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}
             caps["models"][arm] = {"path": paths.rel(path), "tasks": {t: done[t] for t in tasks}}
             _say(f"[evaluate] {arm:<15} " + ", ".join(

@@ -15,8 +15,10 @@ built by stage 0 from the held-out test split whenever eval.tasks names them
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +139,34 @@ def write_task_configs(data_dir: Path, config_dir: Path) -> None:
             (config_dir / f"{name}.yaml").write_text(template.format(data=data.resolve()))
 
 
+@contextmanager
+def lm_eval_logging_to(log_file: Path):
+    """lm-eval's own messages ("Truncating ...", its notes on a model passed as an object) go to
+    `log_file`, appended, not to the console."""
+    from lm_eval.utils import setup_logging
+    setup_logging("INFO")                    # lm-eval adds its console handler once, here, not later
+    logger = logging.getLogger("lm_eval")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        handler.close()
+        logger.handlers, logger.level, logger.propagate = saved
+
+
 def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, batch_size: int,
-                          max_length: int, limit: int, device: str) -> dict:
-    """lm-eval on one loaded model: metrics with standard errors and per-example correctness."""
+                          max_length: int, limit: int, device: str, log_file: Path) -> dict:
+    """lm-eval on one loaded model: metrics with standard errors and per-example correctness
+    (lm-eval's messages go to `log_file`)."""
+    with lm_eval_logging_to(log_file):
+        return _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, device)
+
+
+def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, device) -> dict:
     import tempfile
 
     import lm_eval
@@ -162,7 +189,7 @@ def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, ba
             for task in tasks:
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit or None,
                                               log_samples=True, task_manager=manager, bootstrap_iters=1000,
-                                              random_seed=0, verbosity="ERROR")
+                                              random_seed=0, verbosity="INFO")
                 metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
                            if k != "alias" and isinstance(v, (int, float))}
                 samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])

@@ -12,8 +12,8 @@ import numpy as np
 
 from configs.experiment_config import listed
 from utils.run.run_files import PipelineError, read_json
-from utils.results.statistics import (bootstrap_interval, mcnemar_exact, paired_t, perplexity_bootstrap, t_interval,
-                              wilcoxon_paired, wilson_interval)
+from utils.results.statistics import (bootstrap_interval, holm, mcnemar_exact, paired_t, perplexity_bootstrap,
+                                      t_interval, wilcoxon_paired, wilson_interval)
 
 INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
@@ -215,18 +215,24 @@ def capability_summary(per_seed: dict, raw: dict) -> dict:
     return out
 
 
-def verdicts(tests: dict, across: dict) -> dict:
-    """Which arm is more robust (less damage) per measure, named only where its test says so at LEVEL."""
+def verdicts(tests: dict, across: dict, n_seeds: int) -> dict:
+    """Which arm is more robust (less damage) per measure, named only where its test rejects equality at
+    LEVEL after Holm's adjustment over every test of this report (each test gains `p_holm`)."""
+    adjusted = holm({k: t["p_value"] for k, t in tests.items() if t.get("p_value") is not None})
+    caveat = "; ONE SEED: says nothing about seed-to-seed variation" if n_seeds == 1 else ""
     out = {}
     for key, t in tests.items():
         b, m = across["baseline"][key]["mean"], across["monotonic"][key]["mean"]
-        p = t.get("p_value")
-        if p is None:
+        if t.get("p_value") is None:
             out[key] = f"no test possible ({t['test']} over seeds needs at least 2 seeds)"
-        elif p < LEVEL and m != b:
-            out[key] = f"{'monotonic' if m < b else 'baseline'} ({t['test']}, p = {p:.3g} < {LEVEL})"
+            continue
+        t["p_holm"] = adjusted[key]
+        said = (f"{t['test']}, n = {t.get('n', n_seeds)} ({t['unit']}), p = {t['p_value']:.3g}, "
+                f"Holm-adjusted over {len(adjusted)} tests p = {t['p_holm']:.3g}{caveat}")
+        if t["p_holm"] < LEVEL and m != b:
+            out[key] = f"{'monotonic' if m < b else 'baseline'} ({said})"
         else:
-            out[key] = f"no significant difference ({t['test']}, p = {p:.3g}, level {LEVEL})"
+            out[key] = f"no significant difference at {LEVEL} ({said})"
     return out
 
 
@@ -258,7 +264,7 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
         out["capabilities"] = capability_summary(per_seed, raw)
     if {"baseline", "monotonic"} <= set(arms):
         out["tests"] = pooled_tests(raw)
-        out["more_robust"] = verdicts(out["tests"], out["arms"])
+        out["more_robust"] = verdicts(out["tests"], out["arms"], len(per_seed))
     return out
 
 

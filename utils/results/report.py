@@ -157,12 +157,13 @@ def markdown(final: dict) -> str:
     tests = final["across_seeds"].get("tests", {})
     if tests:
         lines += ["", "## Which arm is more robust (baseline vs monotone, every seed)", "",
-                  "An arm is named only where its paired test rejects equality at the 0.05 level.", "",
-                  "| Measure | Verdict | Test | Unit | n | p-value |", "|---|---|---|---|---|---|"]
+                  "An arm is named only where its paired test rejects equality at the 0.05 level after Holm's "
+                  f"adjustment over the {len(tests)} tests of this table.", "",
+                  "| Measure | Verdict | Test | Unit | n | p-value | Holm-adjusted p |", "|---|---|---|---|---|---|---|"]
         for key, t in tests.items():
-            p = "n/a" if t.get("p_value") is None else f"{t['p_value']:.3g}"
-            lines.append(f"| {key} | {final['across_seeds']['more_robust'][key]} | {t['test']} | {t['unit']} | "
-                         f"{t.get('n', '')} | {p} |")
+            p, ph = ("n/a" if t.get(k) is None else f"{t[k]:.3g}" for k in ("p_value", "p_holm"))
+            verdict = final["across_seeds"]["more_robust"][key].split(" (")[0]
+            lines.append(f"| {key} | {verdict} | {t['test']} | {t['unit']} | {t.get('n', '')} | {p} | {ph} |")
     lines += ["", "## Per seed (95% intervals over examples: Wilson for success, bootstrap otherwise)", "",
               "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | GCG success | GCG dNLL | UAT dNLL [per-text CI] |",
               "|---|---|---|---|---|---|---|---|"]
@@ -257,17 +258,20 @@ def _latex_capabilities(final: dict) -> list[str]:
 
 
 def screen_summary(final: dict, report: Path) -> str:
-    acr = final["across_seeds"]["arms"]
-    lines = [f"Final results ({len(final['seeds'])} seed(s){', PARTIAL' if final['partial'] else ''}):",
-             f"  {'model':<22}{'perplexity':>12}{'HotFlip succ.':>15}{'HotFlip dNLL':>14}{'GCG succ.':>11}"
-             f"{'GCG dNLL':>10}{'UAT rel.':>10}"]
+    """The console's summary: every arm's numbers with 95% intervals and n, then each verdict once."""
+    acr, n_seeds = final["across_seeds"]["arms"], len(final["seeds"])
+    lines = [f"Final results ({n_seeds} seed(s){', PARTIAL' if final['partial'] else ''}; 95% intervals in "
+             f"brackets, success rates over the attacked texts of every seed):"]
     for arm in arms_present(final):
         a = acr[arm]
-        m = lambda k, sc=1.0: "n/a" if a.get(k, {}).get("mean") is None else f"{a[k]['mean'] * sc:.2f}"  # noqa: E731
-        lines.append(f"  {ARM_NAMES[arm]:<22}{m('perplexity'):>12}{m('hotflip_success_rate', 100) + '%':>15}"
-                     f"{m('hotflip_mean_abs_delta_nll'):>14}{m('gcg_success_rate', 100) + '%':>11}"
-                     f"{m('gcg_mean_abs_delta_nll'):>10}{m('uat_rel_delta_nll', 100) + '%':>10}")
-    for k, v in final["across_seeds"].get("more_robust", {}).items():
-        lines.append(f"  more robust on {k}: {v}")
+        cells = [f"perplexity {_fmt(a['perplexity'])}"]
+        for name, title in (("hotflip", "HotFlip"), ("gcg", "GCG")):
+            if a.get(f"{name}_success_rate", {}).get("mean") is not None:
+                cells.append(f"{title} success {_fmt(a[f'{name}_success_rate'], 100, 1, True)} of "
+                             f"{a[f'{name}_success_rate']['n_texts']} texts, dNLL {_fmt(a[f'{name}_mean_abs_delta_nll'], 1, 3)}")
+        cells.append(f"UAT dNLL {_fmt(a['uat_abs_delta_nll'], 1, 3)}")
+        lines.append(f"  {ARM_NAMES[arm]:<22}" + "; ".join(cells))
+    for key, verdict in final["across_seeds"].get("more_robust", {}).items():
+        lines.append(f"  {key}: {verdict}")
     lines.append(f"  report: {report}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Across seeds: mean, sample std and a t-based 95% interval. Within a seed:
 percentile bootstrap intervals over examples. Proportions: Wilson score
 intervals (inside [0, 1]). Paired comparisons on the same examples: McNemar's
 exact test for success/failure, Wilcoxon's signed-rank test for delta-NLL; on
-few units (seeds): a paired t-test (scipy's implementations).
+few units (seeds): a paired t-test (scipy's implementations). Several tests in one report:
+Holm's step-down adjustment (hand-written: scipy has none, statsmodels would be a new dependency).
 """
 from __future__ import annotations
 
@@ -82,3 +83,14 @@ def paired_t(a: list[float], b: list[float]) -> dict:
         return {"test": "paired t-test", "n": len(d), "p_value": p, "mean_difference": float(d.mean())}
     res = stats.ttest_rel(a, b)
     return {"test": "paired t-test", "n": len(d), "p_value": float(res.pvalue), "mean_difference": float(d.mean())}
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values over one family of tests: the i-th smallest of m is multiplied
+    by (m - i), kept non-decreasing in that order, capped at 1. Rejecting where adjusted p < alpha
+    holds the family-wise error rate at alpha."""
+    adjusted, running, m = {}, 0.0, len(p_values)
+    for i, key in enumerate(sorted(p_values, key=p_values.get)):
+        running = max(running, min(1.0, (m - i) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
