@@ -78,3 +78,34 @@ def test_lm_eval_log_likelihoods_equal_our_forward_pass(tiny_run, pretrained_sco
                 logp = F.log_softmax(model(input_ids=ids[None, :-1]).logits[0].double(), -1)
             ours = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
             assert resp[0][0] == pytest.approx(ours, abs=1e-4)
+
+
+def test_the_offline_lm_eval_recipe_runs_the_held_out_tasks_with_no_hub(pretrained_scores, tiny_run, tmp_path):
+    """docs/results.md's offline recipe: scripts/lm_eval_tasks.py, then the lm_eval command line, with the hub
+    off and an empty cache; it scores what the pipeline's own lm-eval call scores."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT
+    _, paths = tiny_run
+    model, tokenizer, _ = pretrained_scores
+    configs = tmp_path / "tasks"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_tasks.py"), "--work-dir", str(paths.work_dir),
+                        "--out", str(configs)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cli = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+                          f"pretrained={paths.shared / 'models' / 'pretrained'},dtype=float32",
+                          "--include_path", str(configs), "--tasks", "heldout_cloze", "--batch_size", "8",
+                          "--limit", "8", "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["heldout_cloze"]
+    ours = evaluate_capabilities(model, tokenizer, ["heldout_cloze"], paths.shared / "tasks", 8, 128, 8, "cpu",
+                                 tmp_path / "lm_eval.log")["heldout_cloze"]["metrics"]
+    assert result["acc,none"] == pytest.approx(ours["acc"])
+    empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_tasks.py"), "--work-dir",
+                            str(tmp_path / "none"), "--out", str(configs)], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1 and empty.stderr.startswith("error: no held-out task data")

@@ -129,14 +129,17 @@ def cache_task_datasets(tasks: list[str]) -> dict:
     return {"cached": hub_tasks}
 
 
-def write_task_configs(data_dir: Path, config_dir: Path) -> None:
+def write_task_configs(data_dir: Path, config_dir: Path) -> list[Path]:
     """lm-eval task configs for the held-out tasks whose data stage 0 wrote (absolute paths, written
-    where they are used, so a work dir can move)."""
+    where they are used, so a work dir can move); returns the files written."""
     config_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for name, template in (("heldout_lastword", _LASTWORD_YAML), ("heldout_cloze", _CLOZE_YAML)):
         data = Path(data_dir) / f"{name}.jsonl"
         if data.exists():
-            (config_dir / f"{name}.yaml").write_text(template.format(data=data.resolve()))
+            written.append(config_dir / f"{name}.yaml")
+            written[-1].write_text(template.format(data=data.resolve()))
+    return written
 
 
 @contextmanager
