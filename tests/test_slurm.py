@@ -81,6 +81,9 @@ def _start_requeued_job_now(job, timeout=300):
     while time.time() < deadline:
         state = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
         if "Restarts=0" not in state and "JobState=PENDING" in state:
+            # slurmd revoked the first run's credential when it killed it, and refuses a credential made in
+            # the same second ("Job credential revoked"): start the job again only once a second has passed.
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
             return
         if "Restarts=0" not in state and "JobState=REQUEUED" not in state:

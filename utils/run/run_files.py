@@ -203,7 +203,10 @@ def output_problem(path: Path) -> str | None:
             json.loads(path.read_text())
         elif path.suffix == ".safetensors":      # 8-byte little-endian header length, then a JSON header
             with path.open("rb") as f:
-                json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                length = int.from_bytes(f.read(8), "little")
+                if length > 100_000_000:           # the format's own limit: a corrupt length, not a header
+                    return "does not parse"
+                json.loads(f.read(length))
     except (OSError, ValueError, MemoryError):
         return "does not parse"
     return None
