@@ -76,7 +76,15 @@ def check_stage_3(work: Path) -> str:
     return f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
 
 
-ALL_ARMS = {"pretrained", "monotonic_init", "baseline", "monotonic"}
+TRAINED_ARMS = {"pretrained", "monotonic_init", "baseline", "monotonic"}
+
+
+def all_arms(work: Path) -> set[str]:
+    """The four arms, stage 0's controls (its manifest lists them) and, when stage 3 trained it,
+    the unconstrained_from_init control: every one of them measured by stages 4-6."""
+    controls = json.loads((work / "shared" / "manifest.json").read_text()).get("controls", {})
+    extra = {"unconstrained_from_init"} if (work / "seed_42" / "models" / "unconstrained_from_init").exists() else set()
+    return TRAINED_ARMS | set(controls) | extra
 
 
 def _results(work: Path, name: str, stage: str) -> dict:
@@ -86,6 +94,7 @@ def _results(work: Path, name: str, stage: str) -> dict:
 
 
 def check_stage_4(work: Path) -> str:
+    ALL_ARMS = all_arms(work)
     ev = _results(work, "evaluation", "stage_4_evaluate")["models"]
     assert set(ev) == ALL_ARMS, f"evaluated arms {sorted(ev)}"
     assert ev["monotonic"]["perplexity"] < 0.5 * ev["monotonic_init"]["perplexity"]
@@ -93,13 +102,14 @@ def check_stage_4(work: Path) -> str:
 
 
 def check_stage_5(work: Path) -> str:
+    ALL_ARMS = all_arms(work)
     u = _results(work, "uat", "stage_5_uat_attacks")
     assert set(u["models"]) == ALL_ARMS and set(u["transfer"]) == ALL_ARMS
     return ", ".join(f"{a} {100 * u['models'][a]['eval']['rel_delta_nll']:+.1f}%" for a in sorted(ALL_ARMS))
 
 
 def check_stage_6(work: Path) -> str:
-    said = []
+    said, ALL_ARMS = [], all_arms(work)
     for name in ("hotflip", "gcg"):
         res = _results(work, name, "stage_6_hotflip_attacks")["models"]
         assert set(res) == ALL_ARMS
@@ -116,11 +126,18 @@ def check_stage_6(work: Path) -> str:
 def check_stage_7(work: Path) -> str:
     final = json.loads((work / "final" / "final_results.json").read_text())
     assert final["seeds"] == [42] and not final["partial"]
-    assert set(final["across_seeds"]["arms"]) == ALL_ARMS
-    for name in ("results.md", "table.tex", "training_curves.png", "perplexity.png", "hotflip_delta_nll.png", "gcg_delta_nll.png",
-                 "uat_transfer.png"):
+    assert set(final["across_seeds"]["arms"]) == all_arms(work)
+    for name in ("results.md", "table.tex", "matched_control.json", "training_curves.png", "perplexity.png",
+                 "hotflip_delta_nll.png", "gcg_delta_nll.png", "uat_transfer.png", "robustness_vs_clean_loss.png",
+                 "success_vs_threshold.png"):
         assert (work / "final" / name).stat().st_size > 0, name
-    return "results.md, table.tex and the plots written"
+    fr = final["across_seeds"]["frontier"]
+    md = (work / "final" / "results.md").read_text()
+    assert md.index("## Matched-control verdict") < md.index("## Every arm") < md.index("## Every pair of arms")
+    said = [f"{m}: {arm} residual {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            for m, f in fr.items() for arm, r in f["residuals"].items() if arm == "monotonic"]
+    assert said, "no frontier residual for the monotone arm"
+    return "results.md, matched_control.json and the plots written; " + "; ".join(said[:2])
 
 
 STAGES = [("stage_0_setup", check_stage_0), ("stage_1_apply_monotonicity", check_stage_1),

@@ -33,6 +33,14 @@ def listed(csv: str) -> list[str]:
     return [n.strip() for n in csv.split(",") if n.strip()]
 
 
+def numbers(csv: str) -> list[float] | None:
+    """Numbers of a comma-separated config value ("" -> []); None if one is not a number."""
+    try:
+        return [float(v) for v in listed(csv)]
+    except ValueError:
+        return None
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message is one line meant for the user."""
 
@@ -102,6 +110,10 @@ class TrainConfig:
     keep_checkpoints: int = 2       # newest K kept
     gradient_checkpointing: bool = False
     trainable: str = "all"          # recoveries: all | constrained (ablation: only the scope's modules train)
+    # Recipe search (recoveries): train sweep_tokens at every learning rate of lr_grid from the same start on
+    # the same tokens, keep the lowest validation loss, then run the full budget at it ("" = lr as given).
+    lr_grid: str = ""               # comma-separated learning rates, e.g. "3e-4,1e-3,3e-3"
+    sweep_tokens: int = 0
 
 
 @dataclass
@@ -113,6 +125,20 @@ class MonotoneConfig:
     init_eps: float = 1e-6          # softplus(V0) = init(W_pretrained) + init_eps
     cert_trials: int = 64           # random (x, x + delta) pairs per layer and delta scale
     cert_seed: int = 0
+
+
+@dataclass
+class ControlsConfig:
+    """Unconstrained models of known clean loss, measured by stages 4-6 like every arm: the frontier
+    of damage against clean loss that stage 7 reads each constrained arm's residual from."""
+    # Tiny preset: snapshots of its pretraining after these many training tokens (comma-separated),
+    # each a Hugging Face directory shared/models/control_<tokens>.
+    pretrain_snapshots: str = ""
+    # Hub presets: released training checkpoints of model.hub_id (its stepN revisions), comma-separated;
+    # fetched and recorded like the main model (the hub, an offline cache, or model.source=local's path).
+    revisions: str = ""
+    # Per seed: the monotone arm's damaged start and recipe, trained without the weight constraint.
+    unconstrained_from_init: bool = False
 
 
 @dataclass
@@ -159,6 +185,7 @@ class AttackConfig:
     gcg_top_k: int = 32             # tokens per position from the one-hot gradient
     gcg_buffer: int = 0             # 0: continue from each step's best swap; B: from the best of the B best seen
     success_threshold: float = 0.15  # relative NLL increase counted as a successful attack
+    success_abs_nats: float = 0.5   # also reported: success as an absolute increase of the mean NLL (nats/token)
 
 
 @dataclass
@@ -172,6 +199,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)      # tiny preset only
     monotone: MonotoneConfig = field(default_factory=MonotoneConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
     # Recovery recipes: same data and data order (both use `seed`); budgets
     # should be equal for a fair comparison (the stages warn when they differ).
     recovery_baseline: TrainConfig = field(default_factory=TrainConfig)
@@ -230,6 +258,12 @@ class ExperimentConfig:
             need(t.lr > 0, f"{name}.lr must be > 0")
             need(0 <= t.min_lr_fraction <= 1, f"{name}.min_lr_fraction must be in [0, 1]")
             need(0 <= t.warmup_fraction < 1, f"{name}.warmup_fraction must be in [0, 1)")
+            grid = numbers(t.lr_grid)
+            need(grid is not None and all(v > 0 for v in grid or []),
+                 f"{name}.lr_grid must be comma-separated positive numbers, got {t.lr_grid!r}")
+            need(not grid or name != "pretrain", "pretrain.lr_grid: the recipe search is for the recoveries")
+            need(not grid or 0 < t.sweep_tokens <= t.max_tokens,
+                 f"{name}.sweep_tokens must be in (0, max_tokens] when {name}.lr_grid is set")
             need(t.weight_decay >= 0 and t.grad_clip > 0, f"{name}.weight_decay must be >= 0 and grad_clip > 0")
             need(min(t.log_interval, t.eval_interval, t.eval_windows, t.checkpoint_every_steps,
                      t.keep_checkpoints) > 0 and t.checkpoint_every_minutes > 0,
@@ -243,6 +277,18 @@ class ExperimentConfig:
              f"monotone.construction=signed_units signs whole hidden units (W1 rows with W2 columns): "
              f"it needs monotone.scope=mlp_both, got {mo.scope!r}")
         need(mo.cert_trials > 0, "monotone.cert_trials must be > 0")
+        c = self.controls
+        snaps = numbers(c.pretrain_snapshots)
+        need(snaps is not None and all(v > 0 and v == int(v) for v in snaps or []),
+             f"controls.pretrain_snapshots must be comma-separated token counts, got {c.pretrain_snapshots!r}")
+        need(not snaps or m.source == "tiny", "controls.pretrain_snapshots: only the tiny model is pretrained here; "
+                                              f"with model.source={m.source} set controls.pretrain_snapshots= (empty) "
+                                              "and list control models in controls.revisions")
+        need(not snaps or max(snaps) < self.pretrain.max_tokens,
+             "controls.pretrain_snapshots must be below pretrain.max_tokens (the pretrained model is the last point)")
+        need(not listed(c.revisions) or m.source != "tiny", "controls.revisions are hub revisions of model.hub_id; "
+                                                             "the tiny preset's controls are controls.pretrain_snapshots")
+        need(len(set(listed(c.revisions))) == len(listed(c.revisions)), "controls.revisions: each revision once")
         e, a = self.eval, self.attack
         need(0 < e.stride <= e.max_len, "eval.stride must be > 0 and <= eval.max_len")
         need(e.task_limit >= 0 and e.task_batch_size > 0, "eval.task_limit must be >= 0, eval.task_batch_size > 0")
@@ -264,7 +310,7 @@ class ExperimentConfig:
         need(listed(a.text_attacks) and not bad and len(set(listed(a.text_attacks))) == len(listed(a.text_attacks)),
              f"attack.text_attacks must list some of {', '.join(TEXT_ATTACKS)} (comma-separated, each once), "
              f"got {a.text_attacks!r}")
-        need(a.success_threshold > 0, "attack.success_threshold must be > 0")
+        need(a.success_threshold > 0 and a.success_abs_nats > 0, "attack.success_threshold and success_abs_nats must be > 0")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.seed >= 0, "seed must be >= 0")

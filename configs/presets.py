@@ -22,8 +22,16 @@ def _tiny() -> ExperimentConfig:
     # (|W| init) and gets the paper's 5x larger learning rate and longer warmup.
     recovery = dict(max_tokens=260_000, micro_batch_size=16, eval_interval=20, eval_windows=64,
                     checkpoint_every_steps=20, weight_decay=0.01)
-    cfg.recovery_baseline = TrainConfig(lr=6e-4, warmup_fraction=0.1, **recovery)
-    cfg.recovery_monotone = TrainConfig(lr=3e-3, warmup_fraction=0.2, **recovery)
+    # The recipe search brackets both arms' former learning rates (6e-4 and 3e-3); every arm runs it by
+    # the same rule, each short run on the same first 40k tokens.
+    search = dict(lr_grid="3e-4,1e-3,4e-3", sweep_tokens=40_000)
+    cfg.recovery_baseline = TrainConfig(lr=6e-4, warmup_fraction=0.1, **recovery, **search)
+    cfg.recovery_monotone = TrainConfig(lr=3e-3, warmup_fraction=0.2, **recovery, **search)
+    # Controls: three snapshots of the pretraining (higher clean loss than the pretrained model), and the
+    # monotone arm's start trained without its constraint; with the pretrained model and the baseline
+    # they trace the unconstrained frontier of damage against clean loss.
+    cfg.controls.pretrain_snapshots = "40000,100000,220000"
+    cfg.controls.unconstrained_from_init = True
     return cfg
 
 

@@ -106,7 +106,8 @@ def pythia_format_dir(out: Path, *, d_model: int = 64, n_layer: int = 2, n_head:
 
 def hf_cache(cache: Path, repo_id: str, repo_type: str, files: dict[str, Path], revision: str = "main") -> str:
     """Put `files` ({path in repo: local file}) into a hub cache at a commit; returns the commit sha."""
-    sha = hashlib.sha1(repr(sorted((k, Path(v).stat().st_size) for k, v in files.items())).encode()).hexdigest()
+    sha = hashlib.sha1(repr(sorted((k, hashlib.sha256(Path(v).read_bytes()).hexdigest())
+                                   for k, v in files.items())).encode()).hexdigest()
     repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     for rel, src in files.items():
         data = Path(src).read_bytes()

@@ -107,39 +107,44 @@ def _work(tmp_path, skip=()):
 
 
 def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
-    from scipy.stats import binomtest
     outputs = run_aggregate(_work(tmp_path), None, False, "tiny")
     final = json.loads((tmp_path / "final" / "final_results.json").read_text())
     acr = final["across_seeds"]
     base = acr["arms"]["baseline"]["hotflip_success_rate"]
     assert base["mean"] == pytest.approx(0.7) and base["n"] == 2 and base["n_texts"] == 20   # 6/10 and 8/10
-    ci = binomtest(14, 20).proportion_ci(method="wilson")
-    assert base["ci95"] == pytest.approx([ci.low, ci.high])            # a rate's interval stays inside [0, 1]
+    assert base["interval"].startswith("hierarchical bootstrap") and 0.3 < base["ci95"][0] < 0.7 < base["ci95"][1] <= 1
     mono_init = acr["arms"]["monotonic_init"]["hotflip_success_rate"]      # 9/10 and 8/10: t over seeds would
-    assert 0 < mono_init["ci95"][0] < mono_init["ci95"][1] <= 1            # run past 1; Wilson does not
+    assert 0 < mono_init["ci95"][0] < mono_init["ci95"][1] <= 1            # run past 1; a resampled mean does not
     assert acr["arms"]["monotonic"]["hotflip_success_rate"]["mean"] == pytest.approx(0.25)
     diff = acr["monotonic_minus_baseline"]["hotflip_success_rate"]
     assert diff["mean"] == pytest.approx(-0.45)
     t = final["per_seed"]["1"]["tests"]["hotflip_success"]
     assert (t["only_first"], t["only_second"]) == (4, 0) and t["p_value"] == pytest.approx(2 / 16)
-    # Pooled over seeds: 9 texts where only the baseline fell, none the other way.
-    pooled = acr["tests"]["hotflip_success_rate"]
-    assert pooled["p_value"] == pytest.approx(2 / 2**9) and pooled["unit"].startswith("attacked text")
-    assert acr["more_robust"]["hotflip_success_rate"].startswith("monotonic (McNemar exact")
-    assert acr["more_robust"]["hotflip_mean_abs_delta_nll"].startswith("monotonic (Wilcoxon")
-    # Holm over the report's 5 tests: the smallest p (Wilcoxon's, on 19 or 20 pairs) times 5, then non-decreasing.
-    p = {k: t["p_value"] for k, t in acr["tests"].items()}
+    # Every pair of the 4 arms on 5 measures, paired text by text within each seed.
+    tests = acr["tests"]
+    assert len(tests) == 30 and "hotflip_success: pretrained vs monotonic" in tests
+    pair = tests["hotflip_success: baseline vs monotonic"]
+    assert pair["mean"] == pytest.approx(0.45) and pair["n"] == 2 and pair["n_texts"] == 20   # (0.4 + 0.5) / 2
+    assert pair["ci95"][0] >= 0 and pair["p_value"] < 0.05          # no text where only the monotone arm fell
+    # Holm over the report's 30 tests: the smallest p times 30 (capped at 1), then non-decreasing.
+    p = {k: t["p_value"] for k, t in tests.items()}
     smallest = min(p, key=p.get)
-    assert acr["tests"][smallest]["p_holm"] == pytest.approx(5 * p[smallest])
-    assert f"Holm-adjusted over 5 tests p = {5 * p[smallest]:.3g}" in acr["more_robust"][smallest]
+    assert tests[smallest]["p_holm"] == pytest.approx(min(1, 30 * p[smallest]))
+    assert f"Holm-adjusted over 30 tests p = {tests[smallest]['p_holm']:.3g}" in acr["more_robust"][smallest]
+    quiet = [v for v in acr["more_robust"].values() if v.startswith("no significant difference")]
+    assert quiet and all("detectable at 80% power: " in v for v in quiet)
     # GCG: its own rates (HotFlip's successes plus doc 9) and its own paired tests on the same texts.
     assert acr["arms"]["baseline"]["gcg_success_rate"]["mean"] == pytest.approx(0.8)       # 7/10 and 9/10
     assert acr["arms"]["monotonic"]["gcg_success_rate"]["mean"] == pytest.approx(0.35)     # 3/10 and 4/10
-    assert acr["tests"]["gcg_success_rate"]["p_value"] == pytest.approx(2 / 2**9)
+    assert tests["gcg_success: baseline vs monotonic"]["mean"] == pytest.approx(0.45)
     assert final["per_seed"]["1"]["arms"]["baseline"]["gcg_forward_passes_per_text"] == 500
-    # UAT's unit is the trigger search: equal damage in both seeds is no difference.
-    assert acr["tests"]["uat_abs_delta_nll"]["unit"].startswith("trigger search")
-    assert acr["more_robust"]["uat_abs_delta_nll"].startswith("no significant difference at 0.05 (paired t-test")
+    # UAT: equal damage in both seeds is no difference, by the bootstrap and by the seed-level t-test.
+    uat = tests["uat_abs_delta_nll: baseline vs monotonic"]
+    assert uat["mean"] == pytest.approx(0.0) and uat["seed_level"]["p_value"] == 1.0
+    assert acr["more_robust"]["uat_abs_delta_nll: baseline vs monotonic"].startswith("no significant difference at 0.05")
+    # No unconstrained arm of another clean loss: the frontier needs two unconstrained arms, here pretrained and
+    # baseline, whose clean NLLs are equal (2.5): one point of clean loss, the monotone residual still defined.
+    assert set(acr["frontier"]["hotflip_abs_delta_nll"]["residuals"]) == {"monotonic_init", "monotonic"}
     # Shared arms: one model for every seed; their interval comes from the documents, not zero width.
     shared = acr["arms"]["pretrained"]["perplexity"]
     assert acr["arms"]["pretrained"]["shared"] and shared["ci95"][0] < shared["mean"] < shared["ci95"][1]
@@ -178,12 +183,13 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
         for i in (2, 4):                                                   # HotFlip and GCG success
             lo, hi = map(float, re.fullmatch(r"[\d.]+\\% \[([\d.]+), ([\d.]+)\]", cells[i]).groups())
             assert 0 <= lo <= float(cells[i].split("\\%")[0]) <= hi <= 100
-    assert "Wilson interval over the attacked texts" in tex and "bootstrap over documents" in tex \
+    assert "hierarchical bootstrap interval (seeds, then texts" in tex and "bootstrap over documents" in tex \
         and "t interval over the 2 seeds" in tex
     for png in [p for p in outputs if p.endswith(".png")]:
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert len([p for p in outputs if p.endswith(".png")]) == 5           # with gcg_delta_nll.png
+    # with gcg_delta_nll.png, robustness_vs_clean_loss.png and success_vs_threshold.png
+    assert len([p for p in outputs if p.endswith(".png")]) == 7
     assert "report:" in capsys.readouterr().out
 
 
@@ -293,8 +299,6 @@ def test_the_console_summary_gives_intervals_n_and_each_verdict_once_with_its_ca
     run_aggregate(_work(tmp_path), [1], False, "tiny")                # one seed
     out = capsys.readouterr().out
     verdicts = [l for l in out.splitlines() if l.strip().startswith(("hotflip_", "gcg_", "uat_"))]
-    tested = [l for l in verdicts if "no test possible" not in l]
-    assert len(verdicts) == 5 and len(tested) == 4, out          # UAT's unit is the seed: no test on one
-    assert all("Holm-adjusted over 4 tests" in l and "ONE SEED" in l and "n = 10" in l for l in tested), out
-    assert all(l.count("McNemar") + l.count("Wilcoxon") + l.count("t-test") <= 1 for l in verdicts)
+    assert len(verdicts) == 30, out                                # 6 pairs of 4 arms, 5 measures
+    assert all("Holm-adjusted over 30 tests" in l and "ONE SEED" in l and "10 texts" in l for l in verdicts), out
     assert "HotFlip success 60.0% [" in out and "of 10 texts" in out

@@ -54,7 +54,10 @@ def test_tiny_architecture_overrides_on_a_hub_or_local_model_are_an_error():
     with pytest.raises(ConfigError, match=r"model.n_layer describe the tiny model built here; with model.source=hub"):
         load_config("pythia-410m", [("model.n_layer", "2")])
     with pytest.raises(ConfigError, match=r"model.d_model describe .* model.source=local"):
-        load_config("tiny", [("model.source", "local"), ("model.path", "/m"), ("model.d_model", "64")])
+        load_config("tiny", [("model.source", "local"), ("model.path", "/m"), ("model.d_model", "64"),
+                             ("controls.pretrain_snapshots", "")])
+    with pytest.raises(ConfigError, match=r"with model.source=local set controls.pretrain_snapshots= \(empty\)"):
+        load_config("tiny", [("model.source", "local"), ("model.path", "/m")])
     assert load_config("tiny", [("model.n_layer", "2")]).model.n_layer == 2      # the tiny model: fine
 
 

@@ -181,21 +181,41 @@ def offline_cache(standins, tmp_path_factory):
     data_sha = hf_cache(cache, "monology/pile-uncopyrighted", "dataset",
                         {"train/00.jsonl.zst": files["train"], "val.jsonl.zst": files["val"],
                          "test.jsonl.zst": files["test"]})
-    return cache, model_sha, data_sha
+    # Two released training checkpoints (the hub's stepN branches) for controls.revisions: other weights.
+    from safetensors.torch import load_file, save_file
+    revisions = {}
+    for step in (1000, 2000):
+        files = {p.name: p for p in model.iterdir()}
+        weights = tmp_path_factory.mktemp(f"step{step}") / "model.safetensors"
+        state = {k: v * (1 + step / 1e4) for k, v in load_file(model / "model.safetensors").items()}
+        save_file(state, weights, metadata={"format": "pt"})
+        revisions[f"step{step}"] = hf_cache(cache, f"EleutherAI/{PRESET}", "model", {**files, "model.safetensors": weights},
+                                            revision=f"step{step}")
+    return cache, model_sha, data_sha, revisions
 
 
 @pytest.mark.slow
 def test_offline_stage_0_of_a_hub_preset_needs_no_gpu_and_records_the_cached_revisions(offline_cache, tmp_path):
-    cache, model_sha, data_sha = offline_cache
+    cache, model_sha, data_sha, revisions = offline_cache
     scan = scan_cache_dir(cache)             # huggingface_hub reads the stand-in cache as its own
     assert not scan.warnings and {r.repo_id for r in scan.repos} == {f"EleutherAI/{PRESET}",
                                                                      "monology/pile-uncopyrighted"}
     assert not torch.cuda.is_available()      # the preset says device=cuda: stage 0 must not care
     work = tmp_path / "w"
-    r = _stage0(work, *_sets(SHRINK), env=_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache)))
+    offline = _env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    # A control revision the cache lacks: one line naming it, before anything is written.
+    line = _error_line(_stage0(tmp_path / "x", *_sets({**SHRINK, "controls.revisions": "step1000,step3000"}), env=offline))
+    assert f"EleutherAI/{PRESET}@step3000" in line and "not in the local Hugging Face cache" in line, line
+    assert not (tmp_path / "x" / "shared" / "manifest.json").exists()
+    r = _stage0(work, *_sets({**SHRINK, "controls.revisions": "step1000,step2000"}), env=offline)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((work / "shared" / "manifest.json").read_text())
     assert (m["model"]["source"], m["model"]["sha"], m["model"]["offline"]) == ("hub", model_sha, True)
+    # Each control as the main model is recorded: its revision, the sha the cache resolved it to, its files.
+    assert {n: (c["revision"], c["sha"]) for n, c in m["controls"].items()} == {
+        f"control_step{s}": (f"step{s}", revisions[f"step{s}"]) for s in (1000, 2000)}
+    assert len({model_sha, *revisions.values()}) == 3 and all(
+        Path(c["path"]).name == c["sha"] and c["files"]["model.safetensors"] for c in m["controls"].values())
     assert m["dataset"]["sha"] == data_sha and m["dataset"]["offline"] is True
     assert Path(m["pretrained_path"]).name == model_sha          # read from the cache, not copied
     assert len(TokenFile(work / "shared" / "tokens", "test")) == m["corpus"]["test"]["documents"] > 0

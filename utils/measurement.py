@@ -1,7 +1,8 @@
 """Stages 4-6: perplexity, UAT, HotFlip and GCG on every model that exists.
 
-Arms: pretrained, monotonic_init, baseline, monotonic (whichever have been
-built). Every result file names each model's path, the token file and the
+Arms: pretrained, stage 0's controls (control_*: unconstrained models of other
+clean loss), monotonic_init, baseline, monotonic and unconstrained_from_init
+(whichever have been built). Every result file names each model's path, the token file and the
 exact convention, and stores per-example records that a fresh forward pass
 reproduces (tests/test_attacks.py does exactly that).
 
@@ -31,19 +32,29 @@ from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
-from utils.stages import pretrained_model
+from utils.stages import pretrained_model, read_manifest
 
-ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic")
+ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")
 WRITER = {"pretrained": "stage_0_setup", "monotonic_init": "stage_1_apply_monotonicity",
-          "baseline": "stage_2_train_baseline", "monotonic": "stage_3_train_monotonic"}
+          "baseline": "stage_2_train_baseline", "monotonic": "stage_3_train_monotonic",
+          "unconstrained_from_init": "stage_3_train_monotonic"}
 CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
                 "monotonic": "monotonicity_certificate_monotonic.json"}
 MODEL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "precision")
 EVAL_SECTIONS, ATTACK_SECTIONS = (*MODEL_SECTIONS, "eval"), (*MODEL_SECTIONS, "attack")
 
 
+def writer(arm: str) -> str:
+    """The stage that writes an arm's model (stage 0 the controls)."""
+    return WRITER.get(arm, "stage_0_setup")
+
+
 def available_arms(paths: RunPaths) -> dict[str, Path]:
     arms = {"pretrained": pretrained_model(paths)}
+    for name, control in read_manifest(paths).get("controls", {}).items():
+        arms[name] = paths.resolve(control["path"])
+        if not (arms[name] / "config.json").is_file():
+            raise PipelineError(f"control model {name} recorded by stage 0 is not at {arms[name]}; rerun stage 0 with --force")
     for arm in ARMS[1:]:
         if (paths.models / arm / "config.json").exists():
             arms[arm] = paths.models / arm
@@ -56,7 +67,7 @@ def arms_fingerprint(cfg: ExperimentConfig, paths: RunPaths) -> str:
     for arm, path in available_arms(paths).items():
         weights = list(path.glob("*.safetensors"))
         if not weights:
-            raise PipelineError(f"{paths.rel(path)} has no *.safetensors weights: rerun {WRITER[arm]}, which writes it")
+            raise PipelineError(f"{paths.rel(path)} has no *.safetensors weights: rerun {writer(arm)}, which writes it")
         stamps[arm] = max(p.stat().st_mtime_ns for p in weights)
     return json.dumps(stamps, sort_keys=True)
 
@@ -253,6 +264,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
         for t in mine:
             rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
             rec["success"] = rec["rel_delta_nll"] > a.success_threshold
+            rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
             records.append(rec)
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
             controls.append({"doc": t["doc"], **hotflip.random_flips(victim, t["ids"], rec["n_flips"], forbidden, gen)})
@@ -282,6 +294,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
         write_json(path, {"attack": name, "composition": hotflip.COMPOSITION if name == "hotflip" else gcg.composition(a), "config": vars(a),
                           "seed": cfg.seed, "compute": compute.describe(), "processes": distributed.world_size(),
                           "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
+                          "success_abs_nats": a.success_abs_nats,
                           "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
                                   "clean and attacked on the same positions",
                           "cost": "per record: exact sequences (and tokens) run forward, and forward + backward "

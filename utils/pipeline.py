@@ -5,7 +5,7 @@ scripts/stages_done.py, which reads the whole table in one process, which of the
 a resubmission can skip.
 """
 from utils.measurement import ATTACK_SECTIONS, EVAL_SECTIONS, arms_fingerprint, evaluate, run_text_attacks, run_uat
-from utils.recovery import SECTIONS, checkpoint_dir, recover
+from utils.recovery import SECTIONS, STAGE_3_SECTIONS, checkpoint_dir, recover, train_monotonic
 from utils.run.cli import Stage
 from utils.stages import apply_monotone, setup, setup_inputs
 
@@ -13,9 +13,9 @@ STAGES = [
     Stage("stage_0_setup", setup, ("model", "data", "pretrain"), shared=True, inputs=setup_inputs),
     Stage("stage_1_apply_monotonicity", apply_monotone, ("model", "data", "pretrain", "monotone")),
     Stage("stage_2_train_baseline", lambda cfg, paths: recover(cfg, paths, "baseline"), SECTIONS["baseline"],
-          multiprocess=True, checkpoints=lambda cfg, paths: checkpoint_dir(paths, "baseline")),
-    Stage("stage_3_train_monotonic", lambda cfg, paths: recover(cfg, paths, "monotonic"), SECTIONS["monotonic"],
-          multiprocess=True, checkpoints=lambda cfg, paths: checkpoint_dir(paths, "monotonic")),
+          multiprocess=True, checkpoints=lambda cfg, paths: [checkpoint_dir(paths, "baseline")]),
+    Stage("stage_3_train_monotonic", train_monotonic, STAGE_3_SECTIONS, multiprocess=True,
+          checkpoints=lambda cfg, paths: [checkpoint_dir(paths, a) for a in ("monotonic", "unconstrained_from_init")]),
     Stage("stage_4_evaluate", evaluate, EVAL_SECTIONS, inputs=arms_fingerprint, multiprocess=True),
     Stage("stage_5_uat_attacks", run_uat, ATTACK_SECTIONS, inputs=arms_fingerprint, multiprocess=True),
     Stage("stage_6_hotflip_attacks", run_text_attacks, ATTACK_SECTIONS, inputs=arms_fingerprint, multiprocess=True),

@@ -1,25 +1,29 @@
-"""Stages 2 and 3: recovery training of the baseline and the monotone copy.
+"""Stages 2 and 3: recovery training of the baseline and the monotone copy (and, with
+controls.unconstrained_from_init, of the monotone copy's start without its constraint).
 
-Both arms go through utils.train.training.train with the same data, data order
+Every arm goes through utils.train.training.train with the same data, data order
 (the experiment seed) and, in the presets, the same token budget; only the
-starting model and the recipe differ. Under torchrun every rank trains its
-shard; rank 0 gathers the whole model and writes everything else.
+starting model and the recipe differ. A recipe with an lr_grid first trains
+sweep_tokens at each learning rate and keeps the lowest validation loss, by the
+same rule for every arm. Under torchrun every rank trains its shard; rank 0
+gathers the whole model and writes everything else.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
 
-from configs.experiment_config import ExperimentConfig
+from configs.experiment_config import ExperimentConfig, TrainConfig, numbers
 from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.model.modeling import load_model, save_model
-from utils.model.monotonicity import certify, constrained_modules
+from utils.model.monotonicity import certify, constrained_modules, release_constraint
 from utils.run import distributed
 from utils.run.compute import Compute
-from utils.run.run_files import PipelineError, RunPaths, write_json
+from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.run.signals import StopOnSignal
 from utils.stages import certificate_probe, pretrained_model, read_manifest
 from utils.train.checkpoint import Checkpointer
@@ -28,6 +32,13 @@ from utils.train.training import train
 # Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
 SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline", "precision"),
             "monotonic": ("model", "data", "pretrain", "monotone", "recovery_monotone", "precision")}
+SECTIONS["unconstrained_from_init"] = SECTIONS["monotonic"]
+STAGE_3_SECTIONS = (*SECTIONS["monotonic"], "controls")      # the flag also covers whether the control trains
+
+
+def arm_recipe(cfg: ExperimentConfig, arm: str) -> TrainConfig:
+    """The baseline's recipe, or the monotone one (which its unconstrained control shares)."""
+    return cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
 
 
 MLP_IN = ("dense_h_to_4h", "up_proj", "gate_proj", "c_fc", "fc1")     # GPT-NeoX, Llama, GPT-2, OPT names
@@ -118,8 +129,41 @@ def checkpoint_dir(paths: RunPaths, arm: str) -> Path:
     return paths.seed_dir / "checkpoints" / arm
 
 
+def train_monotonic(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    """Stage 3: the monotone arm, then (controls.unconstrained_from_init) its unconstrained control."""
+    out = recover(cfg, paths, "monotonic")
+    if cfg.controls.unconstrained_from_init:
+        out += recover(cfg, paths, "unconstrained_from_init")
+    return out
+
+
+def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train_tok, val_tok, compute) -> dict:
+    """The recipe search: sweep_tokens of training at each lr of lr_grid, from the same start on the same
+    tokens in the same order; the lowest final validation loss wins. Each finished value is kept in the
+    arm's checkpoint dir, so a requeued job resumes the sweep where it stopped."""
+    recipe = arm_recipe(cfg, arm)
+    record = checkpoint_dir(paths, arm) / "lr_sweep.json"
+    fingerprint = cfg.fingerprint(SECTIONS[arm])
+    kept = read_json(record) if record.exists() else {}
+    rows = kept.get("rows", []) if kept.get("fingerprint") == fingerprint else []
+    for lr in numbers(recipe.lr_grid)[len(rows):]:
+        short = dataclasses.replace(recipe, lr=lr, max_tokens=recipe.sweep_tokens, lr_grid="")
+        h = train(load_start(), train_tok.tokens, val_tok.tokens, short, cfg.data.seq_len, cfg.seed, compute,
+                  desc=f"{arm} lr {lr:g}", max_epochs=cfg.data.max_epochs)
+        rows.append({"lr": lr, "tokens": h["tokens"], "val_loss": h["val_loss"]})
+        if distributed.is_main():
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json(record, {"fingerprint": fingerprint, "rows": rows})
+    best = min(rows, key=lambda r: r["val_loss"])
+    if distributed.is_main():
+        print(f"[{arm}] lr sweep ({recipe.sweep_tokens:,} tokens each): " + ", ".join(
+            f"{r['lr']:g} -> {r['val_loss']:.4f}" for r in rows) + f"; training at lr {best['lr']:g}")
+    return {"rule": "lowest final validation loss after sweep_tokens", "sweep_tokens": recipe.sweep_tokens,
+            "rows": rows, "chosen_lr": best["lr"]}
+
+
 def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
-    recipe = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
+    recipe = arm_recipe(cfg, arm)
     other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
     if recipe.max_tokens != other.max_tokens and distributed.is_main():
         print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
@@ -132,8 +176,20 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     train_tok = TokenFile(paths.shared / "tokens", "train")
     val_tok = TokenFile(paths.shared / "tokens", "val")
-    # fp32 master weights; under torchrun loaded on the CPU and moved to the GPU shard by shard
-    model = load_model(start_path, "float32", "cpu" if distributed.active() else compute.device)
+
+    def load_start(device=None):
+        """fp32 master weights; under torchrun loaded on the CPU and moved to the GPU shard by shard."""
+        m = load_model(start_path, "float32", device or ("cpu" if distributed.active() else compute.device))
+        if arm == "unconstrained_from_init":
+            release_constraint(m)
+        if recipe.trainable == "constrained":
+            freeze_all_but_constrained(m, cfg.monotone.scope)
+        return m
+
+    sweep = lr_sweep(cfg, paths, arm, load_start, train_tok, val_tok, compute) if recipe.lr_grid else None
+    if sweep:
+        recipe = dataclasses.replace(recipe, lr=sweep["chosen_lr"])
+    model = load_start()
     main = distributed.is_main()
     plain = None
 
@@ -145,7 +201,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
         state = distributed.full_state_dict(m)
         if not main:
             return None
-        plain = plain or load_model(start_path, "float32", "cpu")
+        plain = plain or load_start("cpu")
         plain.load_state_dict(state)
         return plain
 
@@ -157,10 +213,9 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
 
     checkpointer = Checkpointer(checkpoint_dir(paths, arm), cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
-    if recipe.trainable == "constrained":
-        n = freeze_all_but_constrained(model, cfg.monotone.scope)
-        if main:
-            print(f"[{arm}] ablation: only the modules of scope {cfg.monotone.scope} train ({n:,} parameters)")
+    if recipe.trainable == "constrained" and main:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[{arm}] ablation: only the modules of scope {cfg.monotone.scope} train ({n:,} parameters)")
     if main:
         print(f"[{arm}] recovery training from {start_path}: {recipe.max_tokens:,} tokens, lr {recipe.lr}, "
               f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}, "
@@ -175,8 +230,10 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     # (no second full copy on rank 0's GPU just to certify and save it).
     device = next(model.parameters()).device
 
-    start = load_model(start_path, "float32", "cpu")
+    start = load_start("cpu")
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
+              "lr_sweep": sweep, "constraint": "released (unconstrained control)" if arm == "unconstrained_from_init"
+              else None,
               # the world sizes that trained the steps of this result (history["segments"] says which)
               "processes": sorted({s["processes"] for s in history["segments"]}), "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
               "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row

@@ -5,6 +5,7 @@ which handles completion flags, the resolved config and error exits.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -47,6 +48,37 @@ def heldout_perplexity(model, tokens: TokenFile, eos_id: int, cfg: ExperimentCon
     return {**aggregate(per_doc), "documents": len(tokens), "max_len": e.max_len, "stride": e.stride}
 
 
+def fetch_controls(cfg: ExperimentConfig) -> dict:
+    """controls.revisions: released checkpoints of the hub model (its stepN revisions), or with
+    model.source=local other model directories; each fetched and recorded like the main model."""
+    out = {}
+    for rev in listed(cfg.controls.revisions):
+        if cfg.model.source == "local":
+            out[f"control_{Path(rev).name}"] = fetch_model(dataclasses.replace(cfg.model, path=rev))
+        else:
+            print(f"[setup] control {cfg.model.hub_id}@{rev}")
+            out[f"control_{rev}"] = fetch_model(dataclasses.replace(cfg.model, revision=rev))
+    return out
+
+
+class PretrainSnapshots:
+    """`on_step` of the tiny pretraining: the model after each of controls.pretrain_snapshots tokens (the first
+    optimizer step that reaches the count), saved as shared/models/control_<tokens>. Unconstrained models of
+    higher clean loss than the pretrained one, for stage 7's frontier; saving does not change the training."""
+
+    def __init__(self, cfg: ExperimentConfig, models_dir: Path, tokenizer):
+        self.pending = sorted(int(float(v)) for v in listed(cfg.controls.pretrain_snapshots))
+        self.models_dir, self.tokenizer, self.saved = models_dir, tokenizer, {}
+
+    def __call__(self, model, step: int, tokens: int) -> None:
+        while self.pending and tokens >= self.pending[0]:
+            name = f"control_{self.pending.pop(0)}"
+            save_model(model, self.models_dir / name, self.tokenizer, extra={"step": step, "tokens": tokens})
+            self.saved[name] = {"source": "tiny pretraining snapshot", "step": step, "tokens": tokens,
+                                "path": str(self.models_dir / name)}
+            print(f"[setup] control snapshot {name} after {tokens:,} tokens (step {step})")
+
+
 def training_runs(cfg: ExperimentConfig) -> list[str]:
     """Config sections of every training run that reads the training tokens."""
     return ["recovery_baseline", "recovery_monotone"] + (["pretrain"] if cfg.model.source == "tiny" else [])
@@ -61,8 +93,10 @@ def train_tokens_needed(cfg: ExperimentConfig) -> int:
 
 def setup_inputs(cfg: ExperimentConfig, paths: RunPaths) -> str:
     """What stage 0's outputs depend on besides its sections: how many training tokens it reads,
-    and for the tiny preset the precision its model is pretrained in."""
-    return f"train_tokens={train_tokens_needed(cfg)}" + (f",precision={cfg.precision}" if cfg.model.source == "tiny" else "")
+    for the tiny preset the precision its model is pretrained in, and which control models it keeps."""
+    c = cfg.controls
+    return (f"train_tokens={train_tokens_needed(cfg)}" + (f",precision={cfg.precision}" if cfg.model.source == "tiny" else "")
+            + (f",controls={c.pretrain_snapshots}|{c.revisions}" if c.pretrain_snapshots or c.revisions else ""))
 
 
 def check_context(cfg: ExperimentConfig, model_dir: Path) -> None:
@@ -95,6 +129,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     else:
         print(f"[setup] model from {cfg.model.path if cfg.model.source == 'local' else cfg.model.hub_id}")
         manifest["model"] = fetch_model(cfg.model)
+        manifest["controls"] = fetch_controls(cfg)
         pretrained = Path(manifest["model"]["path"])
         check_context(cfg, pretrained)
         tokenizer = load_tokenizer(pretrained)
@@ -129,14 +164,20 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         model = build_tiny_model(cfg.model, TINY_PRETRAIN_SEED)
         print(f"[setup] pretraining the tiny GPT-NeoX ({sum(p.numel() for p in model.parameters()):,} "
               f"parameters) for {cfg.pretrain.max_tokens:,} tokens on {compute.device} ({compute.precision})")
+        snapshots = PretrainSnapshots(cfg, shared / "models", tokenizer)
         manifest["pretrain"] = train(model, tok["train"].tokens, tok["val"].tokens, cfg.pretrain, d.seq_len,
-                                     TINY_PRETRAIN_SEED, compute, desc="pretrain", max_epochs=d.max_epochs)
+                                     TINY_PRETRAIN_SEED, compute, desc="pretrain", max_epochs=d.max_epochs,
+                                     on_step=snapshots)
         ppl = heldout_perplexity(model, tok["test"], tokenizer.eos_token_id, cfg, compute)
         manifest["pretrained_test"] = ppl
         manifest["unigram_test_perplexity"] = unigram_perplexity(tok["train"], tok["test"], cfg.model.vocab_size)
         print(f"[setup] tiny pretrained test perplexity {ppl['perplexity']:.1f} "
               f"(add-one unigram model: {manifest['unigram_test_perplexity']:.1f})")
         save_model(model, pretrained, tokenizer)
+        if snapshots.pending:
+            raise PipelineError(f"controls.pretrain_snapshots {snapshots.pending} were never reached: the "
+                                f"pretraining ended after {manifest['pretrain']['tokens']:,} tokens")
+        manifest["controls"] = {name: {**c, "path": paths.rel(Path(c["path"]))} for name, c in snapshots.saved.items()}
     manifest["pretrained_path"] = paths.rel(pretrained)
     write_json(shared / "manifest.json", manifest)
     return [str(shared / "manifest.json"), str(pretrained)] + \

@@ -164,6 +164,19 @@ def reparametrize_loaded(model: nn.Module) -> nn.Module:
     return model
 
 
+def release_constraint(model: nn.Module) -> nn.Module:
+    """The same function without its weight constraint: W is materialised into plain weights that
+    training may move anywhere, and the model is no longer re-parametrised on loading. The activation
+    stays (the starting function is unchanged). The unconstrained_from_init control starts from this."""
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    if getattr(model.config, "monotone", None):
+        model.config.released_constraint = model.config.monotone
+        model.config.monotone = None
+    return model
+
+
 def project_constrained_(model: nn.Module) -> None:
     """The projected construction's half of each optimizer step: W <- max(W, 0). A no-op otherwise."""
     spec = getattr(getattr(model, "config", None), "monotone", None)

@@ -11,20 +11,30 @@ from pathlib import Path
 import numpy as np
 
 from configs.experiment_config import listed
+from configs.experiment_config import AttackConfig
 from utils.run.run_files import PipelineError, read_json
-from utils.results.statistics import (bootstrap_interval, holm, mcnemar_exact, paired_t, perplexity_bootstrap,
-                                      t_interval, wilcoxon_paired, wilson_interval)
+from utils.results.frontier import MEASURES, frontier, measure_texts
+from utils.results.statistics import (bootstrap_interval, bootstrap_summary, hierarchical_bootstrap, holm, mean_of_seeds,
+                                      mcnemar_exact, paired_t, paired_t_mde, perplexity_bootstrap, t_interval, wilcoxon_paired,
+                                      wilson_interval)
 
 INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
     "training_monotonic.json": "stage 3", "monotonicity_certificate_monotonic.json": "stage 3",
     "evaluation.json": "stage 4", "uat.json": "stage 5",
     "hotflip.json": "stage 6", "gcg.json": "stage 6"}
-OPTIONAL_INPUTS = ("capabilities.json",)      # stage 4 writes it only when eval.tasks names tasks
+OPTIONAL_INPUTS = ("capabilities.json",         # stage 4 writes it only when eval.tasks names tasks
+                   "training_unconstrained_from_init.json")   # stage 3, with controls.unconstrained_from_init
 TEXT_ATTACKS = ("hotflip", "gcg")             # stage 6's searches: the same threat model and record fields
 METRICS = ("perplexity", *(f"{n}_{m}" for n in TEXT_ATTACKS for m in ("success_rate", "mean_abs_delta_nll")),
            "random_flip_mean_abs_delta_nll", "uat_abs_delta_nll", "uat_rel_delta_nll")
 SHARED_ARMS = ("pretrained", "monotonic_init")   # the same model for every seed: no seed changes them
+ARM_ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")   # controls: control_*
+
+
+def is_shared(arm: str) -> bool:
+    """Stage 0's controls are shared too: one model for every seed."""
+    return arm in SHARED_ARMS or arm.startswith("control_")
 LEVEL = 0.05                                     # significance level of every verdict
 
 
@@ -114,12 +124,12 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     for name, res in text.items():
         out["transfer"][f"{name}_success_rate"] = {s: {t: v["success_rate"] for t, v in row.items()}
                                                    for s, row in res["transfer"].items()}
-    for arm in ("baseline", "monotonic"):
+    for arm in ("baseline", "monotonic", "unconstrained_from_init"):
         tr = raw.get(f"training_{arm}.json")
         if tr:
             h = tr["history"]
             out["training"][arm] = {
-                "tokens": h["tokens"], "final_val_loss": h["val_loss"], "best_val_loss": h["best_val_loss"],
+                "tokens": h["tokens"], "lr": tr.get("recipe", {}).get("lr"), "lr_sweep": tr.get("lr_sweep"), "final_val_loss": h["val_loss"], "best_val_loss": h["best_val_loss"],
                 "start_val_perplexity": tr["start_val_perplexity"], "final_val_perplexity": tr["final_val_perplexity"],
                 "fraction_V_changed": tr["movement"]["fraction_V_changed"],
                 "trainable": tr.get("recipe", {}).get("trainable", "all"),
@@ -159,36 +169,102 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     return out
 
 
-def pooled_tests(raw: dict) -> dict:
-    """Baseline vs monotone over every seed, each test on its proper unit.
+PAIR_MEASURES = ("hotflip_success", "hotflip_abs_delta_nll", "gcg_success", "gcg_abs_delta_nll", "uat_abs_delta_nll")
 
-    HotFlip and GCG: the attacked text (pairs: the same text attacked on both arms), pooled over seeds.
-    UAT: the trigger search, i.e. the seed (one damage per arm and seed): a paired t-test."""
-    pairs = {(n, k): ([], []) for n in TEXT_ATTACKS for k in ("success", "abs_delta_nll")}
-    uat = ([], [])
-    for files in raw.values():
-        ua = files.get("uat.json")
-        for name in TEXT_ATTACKS:
-            res = files.get(f"{name}.json")
-            if res and {"baseline", "monotonic"} <= set(res["models"]):
-                b, m = (res["models"][a]["examples"] for a in ("baseline", "monotonic"))
-                for field in ("success", "abs_delta_nll"):
-                    x, y = _paired(_by_doc(b, lambda r, f=field: r[f]), _by_doc(m, lambda r, f=field: r[f]))
-                    pairs[name, field][0].extend(x)
-                    pairs[name, field][1].extend(y)
-        if ua and {"baseline", "monotonic"} <= set(ua["models"]):
-            uat[0].append(ua["models"]["baseline"]["eval"]["abs_delta_nll"])
-            uat[1].append(ua["models"]["monotonic"]["eval"]["abs_delta_nll"])
+
+def abs_threshold(raw: dict) -> float:
+    """attack.success_abs_nats of the runs (stage 6 records it; older runs: the default)."""
+    found = {r[f"{n}.json"].get("success_abs_nats", AttackConfig.success_abs_nats)
+             for r in raw.values() for n in TEXT_ATTACKS if f"{n}.json" in r}
+    if len(found) > 1:
+        raise PipelineError(f"the seeds were attacked with different attack.success_abs_nats {sorted(found)}")
+    return found.pop() if found else AttackConfig.success_abs_nats
+
+
+def pair_tests(raw: dict, arms: list[str], n_boot: int = 2000) -> dict:
+    """Every pair of `arms` on every measure of PAIR_MEASURES: the mean per-text difference first minus
+    second (the same texts attacked on both), its hierarchical-bootstrap interval and test, and the
+    smallest difference that test would detect at 80% power."""
+    out, nats = {}, abs_threshold(raw)
+    for measure in PAIR_MEASURES:
+        per_seed = measure_texts(raw, measure, nats)
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                seeds = [{"d": np.subtract(s[a]["value"], s[b]["value"])} for s in per_seed if a in s and b in s]
+                if not seeds:
+                    continue
+                est, draws = hierarchical_bootstrap(seeds, mean_of_seeds("d"), n_boot=n_boot)
+                out[f"{measure}: {a} vs {b}"] = {
+                    **bootstrap_summary(float(est), draws), "measure": measure, "arms": [a, b],
+                    "test": "hierarchical bootstrap of the mean paired difference (first - second)",
+                    "unit": "attacked text within seed (seeds, then texts resampled)", "n": len(seeds),
+                    "n_texts": sum(len(s["d"]) for s in seeds)}
+                if measure.startswith("uat"):     # a trigger search per seed and arm: the seed as the only unit too
+                    means = [float(np.mean(s["d"])) for s in seeds]
+                    t = paired_t(means, [0.0] * len(means))
+                    out[f"{measure}: {a} vs {b}"]["seed_level"] = {
+                        **t, "mde80": paired_t_mde(len(means), float(np.std(means, ddof=1)) if len(means) > 1 else 0.0)}
+    return out
+
+
+def verdicts(tests: dict, n_seeds: int) -> dict:
+    """Which arm of each pair is more robust (less damage), named only where its test rejects equality at
+    LEVEL after Holm's adjustment over every test of this report (each test gains `p_holm`); beside each
+    "no significant difference", the difference the test would have detected at 80% power."""
+    adjusted = holm({k: t["p_value"] for k, t in tests.items() if t.get("p_value") is not None})
+    caveat = "; ONE SEED: texts only, says nothing about seed-to-seed variation" if n_seeds == 1 else ""
     out = {}
-    for name in TEXT_ATTACKS:
-        succ, delta = pairs[name, "success"], pairs[name, "abs_delta_nll"]
-        if succ[0]:
-            out[f"{name}_success_rate"] = {**mcnemar_exact(*succ), "unit": "attacked text, pooled over seeds",
-                                           "n": len(succ[0])}
-            out[f"{name}_mean_abs_delta_nll"] = {**wilcoxon_paired(*delta), "unit": "attacked text, pooled over seeds",
-                                                 "n": len(delta[0])}
-    if uat[0]:
-        out["uat_abs_delta_nll"] = {**paired_t(*uat), "unit": "trigger search (one per seed and arm)"}
+    for key, t in tests.items():
+        t["p_holm"] = adjusted[key]
+        said = (f"mean difference {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], n = {t['n']} seed(s), "
+                f"{t['n_texts']} texts, p = {t['p_value']:.3g}, Holm-adjusted over {len(adjusted)} tests "
+                f"p = {t['p_holm']:.3g}{caveat}")
+        first, second = t["arms"]
+        if t["p_holm"] < LEVEL and t["mean"] != 0:
+            out[key] = f"{first if t['mean'] < 0 else second} ({said})"
+        else:
+            out[key] = f"no significant difference at {LEVEL} (detectable at 80% power: {t['mde80']:.3g}; {said})"
+    return out
+
+
+def arm_attack_stats(raw: dict, arm: str, nats: float, n_boot: int = 2000) -> dict:
+    """An arm's attack measures across seeds: the mean of the seed means, hierarchical-bootstrap interval."""
+    out = {}
+    for measure, key in (("hotflip_success", "hotflip_success_rate"), ("hotflip_success_abs", "hotflip_success_abs_rate"),
+                         ("hotflip_abs_delta_nll", "hotflip_mean_abs_delta_nll"), ("gcg_success", "gcg_success_rate"),
+                         ("gcg_success_abs", "gcg_success_abs_rate"), ("gcg_abs_delta_nll", "gcg_mean_abs_delta_nll"),
+                         ("uat_abs_delta_nll", "uat_abs_delta_nll")):
+        seeds = [{"v": s[arm]["value"]} for s in measure_texts(raw, measure, nats) if arm in s]
+        if seeds:
+            est, draws = hierarchical_bootstrap(seeds, mean_of_seeds("v"), n_boot=n_boot)
+            summary = bootstrap_summary(float(est), draws)
+            out[key] = {"n": len(seeds), "n_texts": sum(len(s["v"]) for s in seeds), "mean": summary["mean"],
+                        "ci95": summary["ci95"], "interval": summary["interval"]}
+    # UAT relative damage: a ratio of means, resampled the same way.
+    seeds = [{"c": [e["clean_nll"] for e in f["uat.json"]["models"][arm]["examples"]],
+              "t": [e["triggered_nll"] for e in f["uat.json"]["models"][arm]["examples"]]}
+             for f in raw.values() if arm in f.get("uat.json", {}).get("models", {})]
+    if seeds:
+        est, draws = hierarchical_bootstrap(seeds, lambda x: np.mean([s["t"] / s["c"] - 1 for s in x], axis=0),
+                                            n_boot=n_boot)
+        summary = bootstrap_summary(float(est), draws)
+        out["uat_rel_delta_nll"] = {"n": len(seeds), "mean": summary["mean"], "ci95": summary["ci95"],
+                                    "interval": summary["interval"]}
+    return out
+
+
+def success_curves(raw: dict, arms: list[str], thresholds=None) -> dict:
+    """Per attack and arm, the fraction of attacked texts whose mean NLL rose by more than each absolute
+    threshold (nats/token): success at every threshold at once, for final/success_vs_threshold.png."""
+    thresholds = np.linspace(0, 3, 61) if thresholds is None else np.asarray(thresholds, float)
+    out = {"thresholds": thresholds.tolist(), "attacks": {}}
+    for attack in ("hotflip", "gcg", "uat"):
+        per_seed = measure_texts(raw, f"{attack}_abs_delta_nll", 0.0)
+        if not per_seed:
+            continue
+        out["attacks"][attack] = {
+            arm: [float(np.mean([np.mean(np.asarray(s[arm]["value"]) > t) for s in per_seed if arm in s])) for t in thresholds]
+            for arm in arms if any(arm in s for s in per_seed)}
     return out
 
 
@@ -215,27 +291,6 @@ def capability_summary(per_seed: dict, raw: dict) -> dict:
     return out
 
 
-def verdicts(tests: dict, across: dict, n_seeds: int) -> dict:
-    """Which arm is more robust (less damage) per measure, named only where its test rejects equality at
-    LEVEL after Holm's adjustment over every test of this report (each test gains `p_holm`)."""
-    adjusted = holm({k: t["p_value"] for k, t in tests.items() if t.get("p_value") is not None})
-    caveat = "; ONE SEED: says nothing about seed-to-seed variation" if n_seeds == 1 else ""
-    out = {}
-    for key, t in tests.items():
-        b, m = across["baseline"][key]["mean"], across["monotonic"][key]["mean"]
-        if t.get("p_value") is None:
-            out[key] = f"no test possible ({t['test']} over seeds needs at least 2 seeds)"
-            continue
-        t["p_holm"] = adjusted[key]
-        said = (f"{t['test']}, n = {t.get('n', n_seeds)} ({t['unit']}), p = {t['p_value']:.3g}, "
-                f"Holm-adjusted over {len(adjusted)} tests p = {t['p_holm']:.3g}{caveat}")
-        if t["p_holm"] < LEVEL and m != b:
-            out[key] = f"{'monotonic' if m < b else 'baseline'} ({said})"
-        else:
-            out[key] = f"no significant difference at {LEVEL} ({said})"
-    return out
-
-
 def across_seeds(per_seed: dict, raw: dict) -> dict:
     """Every arm and measure across seeds: t intervals over seeds, except success rates (Wilson
     over every attacked text, inside [0, 1]) and the shared arms' perplexity (one model and one
@@ -245,16 +300,11 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     for arm in arms:
         rows = [s["arms"][arm] for s in per_seed.values() if arm in s["arms"]]
         stats = {k: t_interval([r[k] for r in rows if k in r]) for k in METRICS}
-        for name in TEXT_ATTACKS:
-            hits = [(r[f"{name}_successes"], r[f"n_{name}_texts"]) for r in rows if f"{name}_successes" in r]
-            if hits:
-                k, n = sum(h for h, _ in hits), sum(n for _, n in hits)
-                stats[f"{name}_success_rate"] = {"n": len(hits), "n_texts": n, "mean": k / n, "ci95": wilson_interval(k, n),
-                                                 "interval": "Wilson, texts pooled over seeds"}
-        if arm in SHARED_ARMS and rows and "perplexity" in rows[0]:
+        stats.update(arm_attack_stats(raw, arm, abs_threshold(raw)))
+        if is_shared(arm) and rows and "perplexity" in rows[0]:
             stats["perplexity"] = {"n": len(rows), "mean": rows[0]["perplexity"], "ci95": rows[0]["perplexity_ci95"],
                                    "interval": "bootstrap over documents (the same model for every seed)"}
-        stats["shared"] = arm in SHARED_ARMS
+        stats["shared"] = is_shared(arm)
         out["arms"][arm] = stats
     for k in METRICS:
         diffs = [s["arms"]["monotonic"][k] - s["arms"]["baseline"][k] for s in per_seed.values()
@@ -262,9 +312,13 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
         out["monotonic_minus_baseline"][k] = t_interval(diffs)
     if any("capabilities" in s for s in per_seed.values()):
         out["capabilities"] = capability_summary(per_seed, raw)
-    if {"baseline", "monotonic"} <= set(arms):
-        out["tests"] = pooled_tests(raw)
-        out["more_robust"] = verdicts(out["tests"], out["arms"], len(per_seed))
+    tested = [a for a in ARM_ORDER if a in arms]         # every arm but the controls, which the frontier uses
+    out["tests"] = pair_tests(raw, tested)
+    out["more_robust"] = verdicts(out["tests"], len(per_seed))
+    nats = abs_threshold(raw)
+    out["success_abs_nats"] = nats
+    out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
+    out["success_curves"] = success_curves(raw, arms)
     return out
 
 
@@ -301,10 +355,13 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     out = work_dir / "final"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "final_results.json", final)
+    write_json(out / "matched_control.json", {"seeds": seeds, "partial": bool(missing),
+                                              "success_abs_nats": final["across_seeds"]["success_abs_nats"],
+                                              "frontier": final["across_seeds"]["frontier"]})
     atomic_write_text(out / "results.md", markdown(final))
     atomic_write_text(out / "table.tex", latex(final))                  # \\input into a paper
     atomic_write_text(out / "table_standalone.tex", latex(final, standalone=True))
     written = plots(final, out)
     print(screen_summary(final, out / "results.md"))
-    return [str(out / n) for n in ("final_results.json", "results.md", "table.tex", "table_standalone.tex")] + \
+    return [str(out / n) for n in ("final_results.json", "matched_control.json", "results.md", "table.tex", "table_standalone.tex")] + \
            [str(p) for p in written]

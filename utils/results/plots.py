@@ -1,4 +1,5 @@
-"""Stage 7's PNG plots: training curves, perplexity per model, attack damage per text, UAT transfer.
+"""Stage 7's PNG plots: robustness against clean loss (the frontier), success against the threshold,
+training curves, perplexity per model, attack damage per text, UAT transfer.
 
 Each figure function returns the matplotlib figure (tests read its data); `plots` saves them.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,7 +20,7 @@ def training_figure(final: dict):
     """Train (dotted) and validation (solid) loss, one colour per arm, every seed."""
     seeds, tag = final["per_seed"], " (PARTIAL)" if final["partial"] else ""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"baseline": "tab:blue", "monotonic": "tab:red"}
+    colours = {"baseline": "tab:blue", "monotonic": "tab:red", "unconstrained_from_init": "tab:green"}
     for seed, s in seeds.items():
         for arm, colour in colours.items():
             if arm in s["training"]:
@@ -121,6 +123,51 @@ def uat_figure(final: dict):
     return fig
 
 
+def frontier_figure(final: dict):
+    """One panel per measure: every arm's point per seed (clean NLL on the attacked texts, damage), the
+    isotonic frontier of the unconstrained arms, and each constrained arm's residual with its interval."""
+    fr = final["across_seeds"].get("frontier", {})
+    if not fr:
+        return None
+    cols = min(3, len(fr))
+    rows = -(-len(fr) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, f in zip(axes.flat, fr.values()):
+        ax.plot(f["curve"]["clean_nll"], f["curve"]["damage"], "-", color="grey", label="frontier (unconstrained)")
+        for arm, pts in f["points"].items():
+            constrained = arm in f["residuals"]
+            ax.scatter(*zip(*pts), marker="^" if constrained else "o", s=30 if constrained else 18,
+                       label=ARM_NAMES[arm] if constrained or not arm.startswith("control_") else "controls",
+                       color=None if constrained or not arm.startswith("control_") else "grey")
+        for arm, r in f["residuals"].items():
+            ax.annotate(f"{ARM_NAMES[arm]}: {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
+                        (r["clean_nll"], r["mean"] + float(np.interp(r["clean_nll"], f["curve"]["clean_nll"], f["curve"]["damage"]))),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set(xlabel="clean NLL on the attacked texts (nats/token)", ylabel=f["title"], title=f["title"])
+        _deduplicated_legend(ax, fontsize=6)
+    for ax in list(axes.flat)[len(fr):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Damage against clean loss; residuals from the frontier [95% hierarchical bootstrap], seeds "
+                 f"{', '.join(map(str, final['per_seed']))}" + (" (PARTIAL)" if final["partial"] else ""))
+    return fig
+
+
+def success_threshold_figure(final: dict):
+    """Per attack, each arm's fraction of texts with dNLL above an absolute threshold, at every threshold."""
+    curves = final["across_seeds"].get("success_curves", {})
+    if not curves.get("attacks"):
+        return None
+    fig, axes = plt.subplots(1, len(curves["attacks"]), figsize=(5 * len(curves["attacks"]), 4), squeeze=False)
+    for ax, (attack, arms) in zip(axes.flat, curves["attacks"].items()):
+        for arm in [a for a in arms_present(final) if a in arms]:
+            ax.plot(curves["thresholds"], arms[arm], ":" if arm.startswith("control_") else "-", label=ARM_NAMES[arm])
+        ax.axvline(final["across_seeds"]["success_abs_nats"], color="k", lw=0.5)
+        ax.set(xlabel="threshold on dNLL (nats/token)", ylabel="success rate (mean of seeds)", title=attack)
+        ax.legend(fontsize=6)
+    fig.suptitle("Success against the absolute threshold (vertical line: attack.success_abs_nats)")
+    return fig
+
+
 def plots(final: dict, out_dir: Path) -> list[Path]:
     written = [_save(training_figure(final), out_dir / "training_curves.png"),
                _save(perplexity_figure(final), out_dir / "perplexity.png")]
@@ -128,9 +175,10 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
         fig = damage_figure(final, name, title)
         if fig is not None:
             written.append(_save(fig, out_dir / f"{name}_delta_nll.png"))
-    fig = uat_figure(final)
-    if fig is not None:
-        written.append(_save(fig, out_dir / "uat_transfer.png"))
+    for fig, name in ((uat_figure(final), "uat_transfer.png"), (frontier_figure(final), "robustness_vs_clean_loss.png"),
+                      (success_threshold_figure(final), "success_vs_threshold.png")):
+        if fig is not None:
+            written.append(_save(fig, out_dir / name))
     return written
 
 

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARM_NAMES = {"pretrained": "Pretrained", "monotonic_init": "Monotone (init)", "baseline": "Baseline (recovered)",
-             "monotonic": "Monotone (recovered)"}
-ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic")
+class _Names(dict):
+    def __missing__(self, arm: str) -> str:      # stage 0's controls: control_<tokens or revision>
+        return f"Control {arm.removeprefix('control_')}"
+
+
+ARM_NAMES = _Names({"pretrained": "Pretrained", "monotonic_init": "Monotone (init)", "baseline": "Baseline (recovered)",
+                    "monotonic": "Monotone (recovered)", "unconstrained_from_init": "Unconstrained from init"})
+ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")
+
+
+def _control_key(arm: str):
+    tail = arm.removeprefix("control_").removeprefix("step")
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, tail)
 
 
 def arms_present(final: dict) -> list[str]:
+    """The arms in report order: pretrained, the controls (by tokens or step), then the trained arms."""
     present = final["across_seeds"]["arms"]
-    return [a for a in ORDER if a in present]
+    controls = sorted((a for a in present if a.startswith("control_")), key=_control_key)
+    return [a for a in ORDER[:1] if a in present] + controls + [a for a in ORDER[1:] if a in present]
 
 
 def _fmt(stat: dict, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
@@ -128,6 +140,51 @@ def weight_change_table(final: dict) -> list[str]:
     return lines
 
 
+def matched_control(final: dict) -> list[str]:
+    """The verdict the report leads with: each constrained arm against the frontier of unconstrained arms."""
+    fr = final["across_seeds"].get("frontier", {})
+    if not fr:
+        return ["## Matched-control verdict", "", "No frontier: it needs at least two unconstrained arms (pretrained, "
+                "controls, baseline, unconstrained_from_init) and a constrained one, attacked on the same texts.", ""]
+    some = next(iter(fr.values()))
+    lines = ["## Matched-control verdict: robustness at equal clean loss", "",
+             f"Per measure, an {some['fit']} of each seed's damage against its clean NLL on the attacked texts, over "
+             f"the unconstrained arms ({', '.join(ARM_NAMES[a] for a in some['unconstrained_arms'])}). Residual: a "
+             "constrained arm's damage minus the frontier at its own clean NLL (negative: less damage than an "
+             "unconstrained model of the same clean loss). 95% interval: hierarchical bootstrap (seeds, then texts), "
+             "the frontier refitted in each draw. An arm is named only where the interval excludes 0 and its clean NLL "
+             f"lies inside the unconstrained range. Absolute success: dNLL > {final['across_seeds']['success_abs_nats']:g} "
+             "nats/token. Nearest control: in each seed the unconstrained arm of closest clean NLL, paired on the same texts.", "",
+             "| Measure | Arm | Clean NLL | Residual [95% CI] | MDE (80%) | Verdict | Nearest control (clean gap) | "
+             "Difference [95% CI], p |", "|---|---|---|---|---|---|---|---|"]
+    for f in fr.values():
+        for arm, r in f["residuals"].items():
+            nc = r["nearest_control"]
+            d = nc["difference"]
+            names = ", ".join(sorted({ARM_NAMES[c] for c in nc["controls"]}))
+            lines.append(f"| {f['title']} | {ARM_NAMES[arm]} | {r['clean_nll']:.3f} | {r['mean']:+.3f} "
+                         f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['mde80']:.3f} | {r['verdict']} | {names} "
+                         f"({nc['clean_nll_gap']:+.3f}) | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                         f"p = {d['p_value']:.3g} |")
+    if len(final["seeds"]) < 5:
+        lines += ["", f"Only {len(final['seeds'])} seed(s): the seed-level part of these intervals rests on few draws."]
+    return lines + [""]
+
+
+def recipe_table(final: dict) -> list[str]:
+    """The recipe search: validation loss after sweep_tokens at each learning rate, per arm and seed."""
+    rows = [(seed, arm, t["lr_sweep"]) for seed, s in final["per_seed"].items() for arm, t in s["training"].items()
+            if t.get("lr_sweep")]
+    if not rows:
+        return []
+    lines = ["", "## Recipe search (the same grid and rule for every arm: the lowest validation loss after the "
+                 "sweep's tokens)", "", "| Seed | Arm | Sweep tokens | Validation loss per lr | Chosen lr |", "|---|---|---|---|---|"]
+    for seed, arm, sw in rows:
+        lines.append(f"| {seed} | {arm} | {sw['sweep_tokens']:,} | " + ", ".join(
+            f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sw["rows"]) + f" | {sw['chosen_lr']:g} |")
+    return lines
+
+
 def markdown(final: dict) -> str:
     seeds = final["seeds"]
     lines = [f"# Results: monotone MLPs vs. adversarial attacks ({final['preset']}, seeds {', '.join(map(str, seeds))})", ""]
@@ -135,12 +192,14 @@ def markdown(final: dict) -> str:
     if final["partial"]:
         lines += ["**PARTIAL RESULTS**: missing inputs: " +
                   "; ".join(f"seed {s}: {', '.join(m)}" for s, m in final["missing"].items()), ""]
-    lines += [_sizes(final), "",
-              "Across seeds: mean [t-based 95% interval over seeds] (none with one seed); HotFlip success: rate over "
-              "every attacked text of every seed [Wilson 95% interval]. Shared models (*: the same model for every "
-              "seed) show their perplexity's bootstrap interval over documents. HotFlip success: relative NLL "
-              f"increase > {100 * final['success_threshold']:.0f}%; delta-NLL in nats/token (absolute, which does not "
-              "favour the model with the higher clean loss).", "",
+    lines += matched_control(final)
+    lines += ["## Every arm", "", _sizes(final), "",
+              "Across seeds: perplexity mean [t-based 95% interval over seeds]; every attack measure the mean of the "
+              "seed means [hierarchical bootstrap 95% interval: seeds, then texts within each seed]. Shared models "
+              "(*: the same model for every seed) show their perplexity's bootstrap interval over documents. Success: "
+              f"relative NLL increase > {100 * final['success_threshold']:.0f}%; delta-NLL in nats/token. Absolute "
+              "damage still grows with clean quality (a better model has more to lose): compare arms at equal "
+              "clean loss, as the frontier above does, not across this table.", "",
               "GCG: the same threat model and success criterion as HotFlip (at most as many modified tokens).", "",
               "| Model | Label | Perplexity | HotFlip success | HotFlip dNLL | GCG success | GCG dNLL | Random-flip dNLL "
               "| UAT dNLL | UAT rel. |",
@@ -156,19 +215,24 @@ def markdown(final: dict) -> str:
                      f"{_fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
     tests = final["across_seeds"].get("tests", {})
     if tests:
-        lines += ["", "## Which arm is more robust (baseline vs monotone, every seed)", "",
-                  "An arm is named only where its paired test rejects equality at the 0.05 level after Holm's "
-                  f"adjustment over the {len(tests)} tests of this table.", "",
-                  "| Measure | Verdict | Test | Unit | n | p-value | Holm-adjusted p |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Every pair of arms (paired on the same texts, every seed)", "",
+                  "Mean difference first - second (negative: the first takes less damage). An arm is named only "
+                  f"where the test rejects equality at the 0.05 level after Holm's adjustment over the {len(tests)} "
+                  "tests of this table; MDE: the difference it detects with 80% power. Test: the hierarchical "
+                  "bootstrap (seeds, then texts), inverted; each seed attacks its own draw of texts (the seed orders "
+                  "the test split), shared by every arm of that seed.", "",
+                  "| Measure | Arms | Difference [95% CI] | Verdict | n seeds (texts) | p | Holm p | MDE (80%) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key, t in tests.items():
-            p, ph = ("n/a" if t.get(k) is None else f"{t[k]:.3g}" for k in ("p_value", "p_holm"))
             verdict = final["across_seeds"]["more_robust"][key].split(" (")[0]
-            lines.append(f"| {key} | {verdict} | {t['test']} | {t['unit']} | {t.get('n', '')} | {p} | {ph} |")
+            lines.append(f"| {t['measure']} | {ARM_NAMES[t['arms'][0]]} vs {ARM_NAMES[t['arms'][1]]} | "
+                         f"{t['mean']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] | {verdict} | "
+                         f"{t['n']} ({t['n_texts']}) | {t['p_value']:.3g} | {t['p_holm']:.3g} | {t['mde80']:.3f} |")
     lines += ["", "## Per seed (95% intervals over examples: Wilson for success, bootstrap otherwise)", "",
               "| Seed | Model | Perplexity | HotFlip success | HotFlip dNLL | GCG success | GCG dNLL | UAT dNLL [per-text CI] |",
               "|---|---|---|---|---|---|---|---|"]
     for seed, s in final["per_seed"].items():
-        for arm in ORDER:
+        for arm in arms_present(final):
             r = s["arms"].get(arm)
             if not r:
                 continue
@@ -187,18 +251,20 @@ def markdown(final: dict) -> str:
             detail = (f"baseline-only successes {t['only_first']}, monotone-only {t['only_second']}" if "only_first" in t
                       else f"mean difference (baseline - monotone) {t['mean_difference']:+.3f}")
             lines.append(f"| {seed} | {name} | {t['test']} | {t['p_value']:.3g} | {detail} |")
-    lines += ["", "## Recovery training", "", "| Seed | Arm | Tokens | Val ppl start -> end | Fraction of V changed |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Recovery training", "", "| Seed | Arm | Tokens | lr | Val ppl start -> end | Fraction of V changed |",
+              "|---|---|---|---|---|---|"]
     for seed, s in final["per_seed"].items():
         for arm, t in s["training"].items():
             frac = "n/a" if t["fraction_V_changed"] is None else f"{100 * t['fraction_V_changed']:.1f}%"
-            lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {t['start_val_perplexity']:.1f} -> "
+            lines.append(f"| {seed} | {arm} | {t['tokens']:,} | {'n/a' if t['lr'] is None else format(t['lr'], 'g')} | {t['start_val_perplexity']:.1f} -> "
                          f"{t['final_val_perplexity']:.1f} | {frac} |")
+    lines += recipe_table(final)
     lines += attack_cost(final)
     lines += capability_table(final)
     lines += weight_change_table(final)
-    lines += ["", "Plots: training_curves.png, perplexity.png, hotflip_delta_nll.png"
-              + (", gcg_delta_nll.png" if _has(final, "gcg_mean_abs_delta_nll") else "") + ", uat_transfer.png", ""]
+    lines += ["", "Plots: robustness_vs_clean_loss.png, success_vs_threshold.png, training_curves.png, perplexity.png, "
+              "hotflip_delta_nll.png" + (", gcg_delta_nll.png" if _has(final, "gcg_mean_abs_delta_nll") else "")
+              + ", uat_transfer.png", ""]
     return "\n".join(lines)
 
 
@@ -224,11 +290,10 @@ def latex(final: dict, standalone: bool = False) -> str:
                     f" & {_tex_cell(a.get('gcg_mean_abs_delta_nll'), 1, 3)} & {_tex_cell(a['uat_rel_delta_nll'], 100, 1, True)}"
                     f" & {_tex_cell(a['uat_abs_delta_nll'], 1, 3)} \\\\")
     n = len(final["seeds"])
-    note = (f"Mean over {n} seed(s), 95\\% interval in brackets. Success rates: Wilson interval over the "
-            f"attacked texts of every seed. Perplexity of the arms shared by every seed (pretrained, monotone "
-            f"init): bootstrap over documents. "
-            + (f"Every other cell: t interval over the {n} seeds." if n > 1 else
-               "Every other cell: none (one seed has no interval across seeds)."))
+    note = (f"Mean over {n} seed(s), 95\\% interval in brackets. Attack measures: the mean of the seed means, "
+            f"hierarchical bootstrap interval (seeds, then texts within each seed). Perplexity of the arms shared "
+            f"by every seed (pretrained, controls, monotone init): bootstrap over documents; of the trained arms: "
+            + (f"t interval over the {n} seeds." if n > 1 else "none (one seed has no interval across seeds)."))
     note += " " + _sizes(final).replace("%", "\\%")
     if final["partial"]:
         note += " PARTIAL: some seeds lack some stages."
@@ -261,7 +326,7 @@ def screen_summary(final: dict, report: Path) -> str:
     """The console's summary: every arm's numbers with 95% intervals and n, then each verdict once."""
     acr, n_seeds = final["across_seeds"]["arms"], len(final["seeds"])
     lines = [f"Final results ({n_seeds} seed(s){', PARTIAL' if final['partial'] else ''}; 95% intervals in "
-             f"brackets, success rates over the attacked texts of every seed):"]
+             f"brackets; attack measures: hierarchical bootstrap over seeds, then texts):"]
     for arm in arms_present(final):
         a = acr[arm]
         cells = [f"perplexity {_fmt(a['perplexity'])}"]

@@ -6,6 +6,13 @@ intervals (inside [0, 1]). Paired comparisons on the same examples: McNemar's
 exact test for success/failure, Wilcoxon's signed-rank test for delta-NLL; on
 few units (seeds): a paired t-test (scipy's implementations). Several tests in one report:
 Holm's step-down adjustment (hand-written: scipy has none, statsmodels would be a new dependency).
+
+Attack measures across seeds: a hierarchical bootstrap, seeds drawn with replacement and then the
+texts of each drawn seed (one draw of texts for every arm of that seed, so arms stay paired). It
+treats the seed (a training run, a trigger search, a draw of texts) as the unit and never pools
+the texts of different seeds as independent; with few seeds it understates the seed-to-seed part
+of the variance by about (S - 1) / S. Its tests invert the percentile interval (p = twice the
+smaller tail), and the minimum detectable effect at 80% power is (z_0.975 + z_0.80) x its SE.
 """
 from __future__ import annotations
 
@@ -94,3 +101,64 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
         running = max(running, min(1.0, (m - i) * p_values[key]))
         adjusted[key] = running
     return adjusted
+
+
+def hierarchical_bootstrap(per_seed: list[dict[str, np.ndarray]], statistic, n_boot: int = 2000,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`statistic` on the data and on `n_boot` seed-then-text resamples of it.
+
+    per_seed: for each seed, {name: values over that seed's texts}, every name on the same texts in the
+    same order. Each draw picks len(per_seed) seeds with replacement and, for each pick, its texts with
+    replacement (one draw of texts for every name: paired). statistic(slots) gets one entry per picked
+    seed, {name: array of the means over the drawn texts, one per draw}, and returns an array over the
+    draws (or draws x k). Returns (estimate, draws)."""
+    rng = np.random.default_rng(seed)
+    data = [{k: np.asarray(v, float) for k, v in s.items()} for s in per_seed]
+    n_seeds, names = len(data), list(data[0])
+    estimate = np.asarray(statistic([{k: v.mean(keepdims=True) for k, v in s.items()} for s in data]), float)[0]
+    picked = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    slots = []
+    for j in range(n_seeds):
+        # every seed resampled for this slot, then the slot takes the seed its draw picked
+        per = []
+        for s in data:
+            n = len(s[names[0]])
+            idx = rng.integers(0, n, size=(n_boot, n))
+            per.append({k: s[k][idx].mean(axis=1) for k in names})
+        slots.append({k: np.stack([p[k] for p in per])[picked[:, j], np.arange(n_boot)] for k in names})
+    return estimate, np.asarray(statistic(slots), float)
+
+
+def mean_of_seeds(name: str):
+    """The statistic of most measures: the mean over the picked seeds of their mean over the drawn texts."""
+    return lambda slots: np.mean([s[name] for s in slots], axis=0)
+
+
+Z_POWER = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.80))    # two-sided 5% test, 80% power: 2.80
+
+
+def bootstrap_summary(estimate: float, draws: np.ndarray, level: float = 0.95) -> dict:
+    """Percentile interval, the test of 0 that inverts it (p at least 1 / draws: no draw beyond 0 says only
+    that), and the minimum detectable effect at 80% power."""
+    draws = draws[np.isfinite(draws)]
+    tail = min(float((draws <= 0).mean()), float((draws >= 0).mean()))
+    se = float(draws.std(ddof=1)) if len(draws) > 1 else float("nan")
+    return {"mean": float(estimate), "ci95": [float(np.quantile(draws, (1 - level) / 2)),
+                                              float(np.quantile(draws, (1 + level) / 2))],
+            "se": se, "p_value": min(1.0, max(2 * tail, 1 / len(draws))), "mde80": Z_POWER * se,
+            "interval": "hierarchical bootstrap (seeds, then texts within each seed)"}
+
+
+def paired_t_mde(n: int, sd: float, level: float = 0.05, power: float = 0.80) -> float | None:
+    """Smallest mean difference a two-sided paired t-test on n units of this sd detects with `power`:
+    the exact non-central t solution (scipy), not the normal approximation."""
+    if n < 2 or not sd:
+        return None
+    crit = stats.t.ppf(1 - level / 2, n - 1)
+    from scipy.optimize import brentq
+
+    def power_at(d):
+        nc = d * math.sqrt(n) / sd
+        p = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
+        return 1.0 if not math.isfinite(p) else p
+    return float(brentq(lambda d: power_at(d) - power, 1e-9 * sd, 40 * sd))

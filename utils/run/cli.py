@@ -39,8 +39,8 @@ class Stage:
     `run(cfg, paths)` returns the output paths. The completion fingerprint covers the config
     `sections` and, if given, `inputs(cfg, paths)`: what the stage reads besides the config
     (e.g. which models exist). `shared` stages write WORK/shared (once for every seed);
-    `multiprocess` ones may be started by torchrun. `checkpoints(cfg, paths)` is a training stage's
-    checkpoint directory: --force sets it aside, so the stage starts afresh instead of resuming."""
+    `multiprocess` ones may be started by torchrun. `checkpoints(cfg, paths)` lists a training stage's
+    checkpoint directories: --force sets them aside, so the stage starts afresh instead of resuming."""
     name: str
     run: Callable
     sections: tuple[str, ...]
@@ -166,8 +166,8 @@ def _run(stage: Stage, args, cfg) -> int:
                         verdict = SKIP
                     if problem is not None and problem.startswith("its output"):
                         print(f"[{name}] was done, but {problem}: running it again")
-                    if args.force and stage.checkpoints is not None:
-                        aside = set_aside(stage.checkpoints(cfg, paths))
+                    for kept in (stage.checkpoints(cfg, paths) if args.force and stage.checkpoints else []):
+                        aside = set_aside(kept)
                         if aside is not None:
                             print(f"[{name}] --force: starting afresh; its checkpoints are set aside in {aside}")
                 except PipelineError as e:

@@ -155,13 +155,14 @@ def add_segment(segments: list[dict], first: int, last: int, processes: int) -> 
 
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
           seed: int, compute: Compute, desc: str = "train", checkpointer=None, stop=None,
-          on_best=None, max_epochs: float | None = None, history_file: Path | None = None) -> dict:
+          on_best=None, max_epochs: float | None = None, history_file: Path | None = None, on_step=None) -> dict:
     """Train `model` in place for t.max_tokens tokens; returns the history.
 
     With a `checkpointer`, resumes from its newest checkpoint and saves every
     t.checkpoint_every_steps steps / t.checkpoint_every_minutes minutes and at
     the end. With `stop`, a signal makes it checkpoint and raise Preempted.
-    `on_best(model, step, val_loss)` is called when the validation loss improves.
+    `on_best(model, step, val_loss)` is called when the validation loss improves, and
+    `on_step(model, step, tokens)` after every optimizer step (the tiny pretraining's snapshots).
     A budget needing more than `max_epochs` passes over the training tokens is refused.
     `history_file` gets every history row as a JSON line as soon as it exists (watch or plot a
     running job); after a resume it is rewritten from the checkpoint's history first. With
@@ -251,6 +252,8 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         project_constrained_(model)          # monotone.construction=projected: W <- max(W, 0); else nothing
         opt.zero_grad(set_to_none=True)
         done = step + 1
+        if on_step is not None:
+            on_step(model, done, done * tokens_per_step)
         tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == total_steps:

@@ -1,0 +1,121 @@
+"""The matched-control statistics: the seed-then-text bootstrap, the isotonic frontier, the residual
+verdict, every-pair tests with their power, on records built so the right answer is known."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from utils.results.aggregate import pair_tests, success_curves, verdicts
+from utils.results.frontier import fit_direction, frontier, isotonic_fit, residual_verdict
+from utils.results.statistics import Z_POWER, bootstrap_summary, hierarchical_bootstrap, paired_t_mde
+
+
+def test_hierarchical_bootstrap_draws_seeds_then_texts_with_the_probabilities_worked_out_by_hand():
+    mean_of_seeds = lambda slots: np.mean([s["v"] for s in slots], axis=0)  # noqa: E731
+    # Two seeds whose texts are all alike: only the seed draw varies, {1, 1}, {1, 3}/{3, 1}, {3, 3}.
+    est, draws = hierarchical_bootstrap([{"v": [1, 1, 1]}, {"v": [3, 3]}], mean_of_seeds, n_boot=4000)
+    assert est == 2.0 and set(np.unique(draws)) == {1.0, 2.0, 3.0}
+    assert [np.mean(draws == v) for v in (1, 2, 3)] == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    # One seed of texts 0 and 1: only the texts vary; means 0, 0.5, 1 with 1/4, 1/2, 1/4.
+    est, draws = hierarchical_bootstrap([{"v": [0, 1]}], mean_of_seeds, n_boot=4000)
+    assert est == 0.5 and [np.mean(draws == v) for v in (0, 0.5, 1)] == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    # Arms of one seed share the drawn texts: a difference of equal records is 0 in every draw, where
+    # drawing each arm's texts on its own would not give 0.
+    same = [{"a": [0.0, 5.0, 1.0], "b": [0.0, 5.0, 1.0]}]
+    _, d = hierarchical_bootstrap(same, lambda slots: slots[0]["a"] - slots[0]["b"], n_boot=200)
+    assert not d.any()
+
+
+def test_bootstrap_summary_inverts_the_interval_and_states_the_detectable_effect():
+    draws = np.random.default_rng(0).normal(1.0, 0.5, 20000)
+    s = bootstrap_summary(1.0, draws)
+    assert s["ci95"] == pytest.approx([1 - 1.96 * 0.5, 1 + 1.96 * 0.5], abs=0.02)
+    assert s["p_value"] == pytest.approx(2 * stats.norm.cdf(-2.0), abs=0.005)       # 0 lies 2 SE away
+    assert s["mde80"] == pytest.approx(2.8016 * 0.5, abs=0.01) and Z_POWER == pytest.approx(2.8016, abs=1e-4)
+
+
+def test_paired_t_mde_has_80_percent_power_by_simulation():
+    assert paired_t_mde(3, 1.0) == pytest.approx(3.26, abs=0.01)     # the issue's "about 3.3 seed-sds at 3 seeds"
+    rng = np.random.default_rng(1)
+    n, d = 5, paired_t_mde(5, 1.0)
+    x = rng.normal(d, 1.0, size=(20000, n))
+    rejected = stats.ttest_1samp(x, 0.0, axis=1).pvalue < 0.05
+    assert rejected.mean() == pytest.approx(0.80, abs=0.01)
+    assert paired_t_mde(1, 1.0) is None
+
+
+def test_isotonic_fit_pools_adjacent_violators_and_is_flat_beyond_the_points():
+    x, y = np.array([3.0, 1.0, 4.0, 2.0]), np.array([3.5, 4.0, 1.0, 3.0])     # unsorted on purpose
+    assert not fit_direction(x, y)                                              # falls with x
+    f = isotonic_fit(x, y, increasing=False)
+    # by hand: sorted y 4, 3, 3.5, 1 -> the violators 3, 3.5 pool to 3.25
+    assert f(np.array([1.0, 2.0, 2.5, 3.0, 4.0])) == pytest.approx([4.0, 3.25, 3.25, 3.25, 1.0])
+    assert f(np.array([0.0, 9.0])) == pytest.approx([4.0, 1.0])
+
+
+def _raw(monotone_shift: float, monotone_clean: float, seeds=5, texts=30, seed=0):
+    """hotflip.json records whose unconstrained arms lie on damage = 3 - clean (plus text noise),
+    and a monotone arm at `monotone_clean` whose damage is the frontier's plus `monotone_shift`."""
+    rng = np.random.default_rng(seed)
+    centres = {"control_1": 2.6, "pretrained": 2.2, "baseline": 2.0, "unconstrained_from_init": 1.8}
+    raw = {}
+    for s in range(seeds):
+        models = {}
+        for arm, c in [*centres.items(), ("monotonic", monotone_clean)]:
+            clean = c + 0.05 * rng.standard_normal(texts) + 0.02 * rng.standard_normal()
+            dmg = 3 - clean + (monotone_shift if arm == "monotonic" else 0) + 0.1 * rng.standard_normal(texts)
+            models[arm] = {"examples": [{"doc": d, "clean_nll": float(cl), "abs_delta_nll": float(v),
+                                         "rel_delta_nll": float(v / cl), "success": bool(v / cl > 0.4)}
+                                        for d, (cl, v) in enumerate(zip(clean, dmg))]}
+        raw[s] = {"hotflip.json": {"config": {"success_abs_nats": 0.5}, "models": models}}
+    return raw
+
+
+def test_the_verdict_names_an_arm_only_where_its_residual_interval_excludes_zero():
+    shifted = frontier(_raw(-0.3, 2.1), "hotflip_abs_delta_nll", 0.5, n_boot=400)
+    r = shifted["residuals"]["monotonic"]
+    assert shifted["fit"].startswith("isotonic (decreasing") and r["inside_range"]
+    assert r["mean"] == pytest.approx(-0.3, abs=0.05) and r["ci95"][1] < 0
+    assert r["verdict"] == "more robust than an unconstrained model of the same clean loss"
+    assert set(r["nearest_control"]["controls"]) <= {"pretrained", "baseline"}      # 0.1 away on either side
+    assert r["nearest_control"]["difference"]["ci95"][1] < 0
+
+    on_it = frontier(_raw(0.0, 2.1, seed=3), "hotflip_abs_delta_nll", 0.5, n_boot=400)["residuals"]["monotonic"]
+    assert on_it["ci95"][0] < 0 < on_it["ci95"][1]
+    assert on_it["verdict"].startswith("no difference detected (this test detects a residual of about")
+
+    worse = frontier(_raw(+0.3, 2.1), "hotflip_abs_delta_nll", 0.5, n_boot=400)["residuals"]["monotonic"]
+    assert worse["verdict"] == "less robust than an unconstrained model of the same clean loss"
+
+    outside = frontier(_raw(-0.3, 3.5), "hotflip_abs_delta_nll", 0.5, n_boot=400)["residuals"]["monotonic"]
+    assert not outside["inside_range"] and outside["verdict"].startswith("no matched verdict")
+
+
+def test_residual_verdict_rule_on_its_own():
+    base = {"inside_range": True, "mde80": 0.2}
+    assert residual_verdict({**base, "ci95": [-0.5, -0.01]}).startswith("more robust")
+    assert residual_verdict({**base, "ci95": [0.01, 0.5]}).startswith("less robust")
+    assert residual_verdict({**base, "ci95": [-0.01, 0.5]}).startswith("no difference detected")
+
+
+def test_every_pair_is_tested_with_holm_and_a_detectable_effect_beside_each_non_result():
+    raw = _raw(-0.3, 2.1)
+    arms = ["pretrained", "baseline", "monotonic", "unconstrained_from_init"]
+    tests = pair_tests(raw, arms, n_boot=400)
+    hot = {k: t for k, t in tests.items() if t["measure"] == "hotflip_abs_delta_nll"}
+    assert len(hot) == 6 and "hotflip_abs_delta_nll: pretrained vs monotonic" in hot
+    # pretrained (clean 2.2) takes 0.8 on average, monotone (2.1) 0.9 - 0.3 = 0.6
+    assert hot["hotflip_abs_delta_nll: pretrained vs monotonic"]["mean"] == pytest.approx(0.2, abs=0.05)
+    said = verdicts(tests, n_seeds=5)
+    assert said["hotflip_abs_delta_nll: pretrained vs monotonic"].startswith("monotonic (")
+    adjusted = [t["p_holm"] for t in tests.values()]
+    assert all(t["p_holm"] >= t["p_value"] for t in tests.values()) and max(adjusted) <= 1
+    # the baseline (2.0, damage 1.0) and unconstrained (1.8, damage 1.2) differ by 0.2 as well: named
+    quiet = [v for v in said.values() if v.startswith("no significant difference")]
+    assert all("detectable at 80% power:" in v for v in quiet)
+
+
+def test_success_curves_count_texts_above_each_absolute_threshold():
+    raw = {0: {"hotflip.json": {"config": {}, "models": {"a": {"examples": [
+        {"doc": i, "clean_nll": 2.0, "abs_delta_nll": v} for i, v in enumerate([0.1, 0.6, 1.2, 2.5])]}}}}}
+    curves = success_curves(raw, ["a"], thresholds=[0.0, 0.5, 1.0, 2.0, 3.0])
+    assert curves["attacks"]["hotflip"]["a"] == [1.0, 0.75, 0.5, 0.25, 0.0]

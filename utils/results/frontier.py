@@ -1,0 +1,142 @@
+"""Robustness against clean loss: is a constrained arm harder to attack than an unconstrained model
+of the same clean loss?
+
+Attack damage follows clean loss (a better model has more to lose), so comparing a monotone arm
+with a baseline of different perplexity confounds the two. The unconstrained arms (pretrained,
+stage 0's controls, baseline, unconstrained_from_init) trace a frontier: per measure, an isotonic
+fit of each seed's damage against its clean NLL on the attacked texts. A constrained arm's
+residual is its damage minus the frontier at its own clean NLL; the hierarchical bootstrap
+(seeds, then texts) refits the frontier in every draw, so the residual's interval carries the
+frontier's uncertainty too. The verdict names an arm more (less) robust only where that interval
+excludes 0 and the arm's clean NLL lies inside the controls' range (no extrapolation).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import isotonic_regression
+
+from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
+
+CONSTRAINED = ("monotonic_init", "monotonic")     # the arms with a monotonicity certificate
+# measure -> (result file, per-text value from a record, title); every record also has clean_nll
+MEASURES = {
+    "hotflip_abs_delta_nll": ("hotflip", lambda r, t: r["abs_delta_nll"], "HotFlip dNLL"),
+    "hotflip_success": ("hotflip", lambda r, t: float(r["success"]), "HotFlip success (relative)"),
+    "hotflip_success_abs": ("hotflip", lambda r, t: float(r["abs_delta_nll"] > t), "HotFlip success (absolute)"),
+    "gcg_abs_delta_nll": ("gcg", lambda r, t: r["abs_delta_nll"], "GCG dNLL"),
+    "gcg_success": ("gcg", lambda r, t: float(r["success"]), "GCG success (relative)"),
+    "gcg_success_abs": ("gcg", lambda r, t: float(r["abs_delta_nll"] > t), "GCG success (absolute)"),
+    "uat_abs_delta_nll": ("uat", lambda r, t: r["triggered_nll"] - r["clean_nll"], "UAT dNLL"),
+}
+
+
+def is_unconstrained(arm: str) -> bool:
+    return arm not in CONSTRAINED
+
+
+def measure_texts(raw: dict, measure: str, abs_nats: float) -> list[dict]:
+    """Per seed (that has the measure), {arm: {"clean": [...], "value": [...]}} on the texts every arm
+    of that seed was attacked on, in document order (so arms are paired text by text)."""
+    attack, value, _ = MEASURES[measure]
+    out = []
+    for files in raw.values():
+        res = files.get(f"{attack}.json")
+        if not res:
+            continue
+        by_arm = {arm: {r["doc"]: r for r in m["examples"]} for arm, m in res["models"].items()}
+        docs = sorted(set.intersection(*(set(d) for d in by_arm.values())))
+        out.append({arm: {"clean": [recs[d]["clean_nll"] for d in docs],
+                          "value": [value(recs[d], abs_nats) for d in docs]} for arm, recs in by_arm.items()})
+    return out
+
+
+def _flat(per_seed: list[dict]) -> list[dict[str, list]]:
+    """{arm: {clean, value}} per seed as {"arm/clean": ..., "arm/value": ...} (the bootstrap's named arrays)."""
+    return [{f"{arm}/{k}": v for arm, d in s.items() for k, v in d.items()} for s in per_seed]
+
+
+def fit_direction(x: np.ndarray, y: np.ndarray) -> bool:
+    """True if damage rising with clean NLL fits the points better (least squares) than falling."""
+    order = np.argsort(x, kind="stable")
+    sse = {inc: float(((isotonic_regression(y[order], increasing=inc).x - y[order]) ** 2).sum()) for inc in (True, False)}
+    return sse[True] <= sse[False]
+
+
+def isotonic_fit(x: np.ndarray, y: np.ndarray, increasing: bool):
+    """The monotone least-squares fit of y on x, as a function: linear between the fitted points,
+    constant beyond them (np.interp)."""
+    order = np.argsort(x, kind="stable")
+    xs, fitted = x[order], isotonic_regression(y[order], increasing=increasing).x
+    return lambda at: np.interp(at, xs, fitted)
+
+
+def _points(seeds: list[dict], arms: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(s[f"{a}/clean"], s[f"{a}/value"]) for s in seeds for a in arms if f"{a}/clean" in s]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """The frontier of one measure and every constrained arm's residual from it; None without data."""
+    per_seed = measure_texts(raw, measure, abs_nats)
+    if not per_seed:
+        return None
+    arms = sorted({a for s in per_seed for a in s})
+    free = [a for a in arms if is_unconstrained(a) and all(a in s for s in per_seed)]
+    tested = [a for a in arms if not is_unconstrained(a) and all(a in s for s in per_seed)]
+    if len(free) < 2 or not tested:
+        return None
+    flat = _flat(per_seed)
+    x, y = _points([{k: float(np.mean(v)) for k, v in s.items()} for s in flat], free)
+    increasing = fit_direction(x, y)
+
+    def residuals(slots: list[dict]) -> np.ndarray:
+        """Per draw: refit the frontier on that draw's unconstrained points, then each tested arm's mean residual."""
+        out = np.empty((len(slots[0][f"{free[0]}/clean"]), len(tested)))
+        for b in range(len(out)):
+            seeds = [{k: v[b] for k, v in s.items()} for s in slots]
+            f = isotonic_fit(*_points(seeds, free), increasing)
+            out[b] = [np.mean([s[f"{a}/value"] - f(s[f"{a}/clean"]) for s in seeds]) for a in tested]
+        return out
+
+    estimate, draws = hierarchical_bootstrap(flat, residuals, n_boot=n_boot, seed=seed)
+    curve = isotonic_fit(x, y, increasing)
+    grid = np.linspace(x.min(), x.max(), 50)
+    out = {"measure": measure, "title": MEASURES[measure][2], "fit": f"isotonic ({'increasing' if increasing else 'decreasing'} "
+           "in clean NLL; least squares over every unconstrained arm and seed, linear between fitted points)",
+           "unconstrained_arms": free, "n_seeds": len(per_seed), "clean_nll_range": [float(x.min()), float(x.max())],
+           "curve": {"clean_nll": grid.tolist(), "damage": curve(grid).tolist()},
+           "points": {a: [[float(np.mean(s[a]["clean"])), float(np.mean(s[a]["value"]))] for s in per_seed]
+                      for a in arms if all(a in s for s in per_seed)},
+           "residuals": {}}
+    for i, arm in enumerate(tested):
+        clean = float(np.mean([np.mean(s[arm]["clean"]) for s in per_seed]))
+        r = bootstrap_summary(estimate[i], draws[:, i])
+        r.update(clean_nll=clean, inside_range=bool(x.min() <= clean <= x.max()),
+                 nearest_control=nearest_control(per_seed, arm, free, n_boot, seed))
+        r["verdict"] = residual_verdict(r)
+        out["residuals"][arm] = r
+    return out
+
+
+def residual_verdict(r: dict) -> str:
+    """The rule: named only where the interval excludes 0 and the arm lies inside the controls' clean-loss range."""
+    if not r["inside_range"]:
+        return ("no matched verdict: its clean NLL lies outside the unconstrained arms' range "
+                "(the frontier would be extrapolated)")
+    lo, hi = r["ci95"]
+    if hi < 0:
+        return "more robust than an unconstrained model of the same clean loss"
+    if lo > 0:
+        return "less robust than an unconstrained model of the same clean loss"
+    return f"no difference detected (this test detects a residual of about {r['mde80']:.3g} at 80% power)"
+
+
+def nearest_control(per_seed: list[dict], arm: str, free: list[str], n_boot: int, seed: int) -> dict:
+    """Paired comparison with, in each seed, the unconstrained arm of the closest clean NLL on the same texts."""
+    chosen = [min(free, key=lambda a: abs(np.mean(s[a]["clean"]) - np.mean(s[arm]["clean"]))) for s in per_seed]
+    diffs = [{"d": np.subtract(s[arm]["value"], s[c]["value"]), "dc": np.subtract(s[arm]["clean"], s[c]["clean"])}
+             for s, c in zip(per_seed, chosen)]
+    estimate, draws = hierarchical_bootstrap(diffs, mean_of_seeds("d"), n_boot=n_boot, seed=seed + 1)
+    return {"controls": chosen, "clean_nll_gap": float(np.mean([d["dc"].mean() for d in diffs])),
+            "difference": bootstrap_summary(float(estimate), draws),
+            "unit": "attacked text within seed; seeds then texts resampled"}
