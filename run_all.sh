@@ -7,8 +7,8 @@
 #   bash run_all.sh --local --seeds 42,1337,2024 --grid monotone.construction=softplus_abs,signed_units,projected
 #                                            # an ablation: each variant its own run in WORK/variants/<name>
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
-#   --grid KEY=V1,V2 (repeatable: every combination) runs stage 0 and the baseline arm once, then stages 1 and
-#   3-7 per variant, sharing both (utils/run/grid.py), then WORK/final/comparison.md (scripts/compare_variants.py).
+#   --grid KEY=V1,V2 (repeatable: every combination) runs stage 0 and each distinct baseline arm once, then
+#   stages 1 and 3-7 per variant, sharing both (utils/run/grid.py), then WORK/final/comparison.md.
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
 #   MONO_SLURM_GPU (gres for stages 1-6: default gpu:1 if the config's device is cuda, else none;
 #   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),
@@ -93,14 +93,20 @@ if [ ${#GRID[@]} -gt 0 ]; then
   PLAN="$(python "$ROOT/scripts/grid.py" plan --preset "$PRESET" "${SETS[@]}" "${GRID[@]}")" || exit 2
   mapfile -t VARIANTS <<< "$PLAN"
 fi
-MAIN_WORK="$WORK_DIR"; MAIN_SETS=("${SETS[@]+"${SETS[@]}"}"); VTAG=""
-enter_variant() {  # enter_variant I: WORK_DIR, SETS and VTAG become variant I's (its run dir and overrides)
-  local parts kv
+MAIN_WORK="$WORK_DIR"; MAIN_SETS=("${SETS[@]+"${SETS[@]}"}"); VTAG=""; VNAME=""; OWNER=""
+enter_variant() {  # enter_variant I: WORK_DIR, SETS, VTAG, VNAME and OWNER become variant I's
+  local parts kv             # (its run dir, overrides, job tag, name and baseline owner: - main, else a variant)
   IFS=$'\t' read -ra parts <<< "${VARIANTS[$1]}"
-  WORK_DIR="$MAIN_WORK/variants/${parts[0]}"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG="-v$1"
-  for kv in "${parts[@]:1}"; do SETS+=(--set "$kv"); done
+  VNAME="${parts[0]}"; OWNER="${parts[1]}"
+  WORK_DIR="$MAIN_WORK/variants/$VNAME"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG="-v$1"
+  for kv in "${parts[@]:2}"; do SETS+=(--set "$kv"); done
 }
-leave_variant() { WORK_DIR="$MAIN_WORK"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG=""; }
+main_baseline_used() {  # does some variant use the main run's baseline (so that the main run trains it)?
+  local v parts
+  for v in "${VARIANTS[@]}"; do IFS=$'\t' read -ra parts <<< "$v"; [ "${parts[1]}" = - ] && return 0; done
+  return 1
+}
+leave_variant() { WORK_DIR="$MAIN_WORK"; SETS=("${MAIN_SETS[@]+"${MAIN_SETS[@]}"}"); VTAG=""; VNAME=""; OWNER=""; }
 
 # -- local: the same graph, in this shell -------------------------------------
 # Each stage's output also goes to WORK_DIR/local/logs/<stage>[_seed<S>].log, and
@@ -149,15 +155,16 @@ if [ "$MODE" = local ]; then
     echo "=== all stages done; outputs in $WORK_DIR (logs: $LOCAL_DIR/logs) ==="
     exit 0
   fi
-  for seed in "${SEED_LIST[@]}"; do run stage_2_train_baseline "$seed"; done
+  if main_baseline_used; then for seed in "${SEED_LIST[@]}"; do run stage_2_train_baseline "$seed"; done; fi
   for i in "${!VARIANTS[@]}"; do
     enter_variant "$i"
-    python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" "$(basename "$WORK_DIR")" || exit 1
+    python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" --baseline-from "$OWNER" "$VNAME" \
+      || exit 1
     local_record
     read_done || exit 1
     for seed in "${SEED_LIST[@]}"; do
-      for stage in "${PER_SEED_STAGES[@]}"; do
-        [ "$stage" = stage_2_train_baseline ] || run "$stage" "$seed"
+      for stage in "${PER_SEED_STAGES[@]}"; do    # stage 2: only in the variant that owns its baseline
+        [ "$stage" = stage_2_train_baseline ] && [ "$OWNER" != "$VNAME" ] || run "$stage" "$seed"
       done
     done
     run stage_7_aggregate "${SEED_LIST[0]}" --seeds "$SEEDS"
@@ -298,13 +305,13 @@ ids() { local out=(); for x in "$@"; do [ -n "$x" ] && out+=("$x"); done; join "
 
 # submit_seed_chains: stages 1-6 of every seed, then stage 7 over them (J7). Stage 2 is taken from J2
 # when a grid submitted it once for all variants, else submitted here.
-declare -A J2
+declare -A J2 J2_MAIN J2_OWN      # J2: this chain's baseline jobs; J2_OWN[VARIANT:SEED]: those a variant trains
 submit_seed_chains() {
   local seed n j j1 j2 j3 deps all=()
   for seed in "${SEED_LIST[@]}"; do
     j1=$(submit 1 "$seed" "$(ids "$J0")") || abort_submission
     if [ -n "${J2[$seed]+set}" ]; then j2="${J2[$seed]}"
-    else j2=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; fi
+    else j2=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; J2_OWN[$VNAME:$seed]="$j2"; fi
     j3=$(submit 3 "$seed" "$(ids "$j1")") || abort_submission
     deps=$(ids "$j2" "$j3")
     for n in 4 5 6; do j=$(submit "$n" "$seed" "$deps") || abort_submission; all+=("$j"); done
@@ -315,17 +322,24 @@ submit_seed_chains() {
 JOB_TSVS=("$JOBS_TSV")            # every jobs.tsv this submission writes (a grid variant has its own)
 J0=$(submit 0 "${SEED_LIST[0]}" "") || abort_submission
 if [ ${#VARIANTS[@]} -gt 0 ]; then
-  for seed in "${SEED_LIST[@]}"; do J2[$seed]=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; done
+  if main_baseline_used; then
+    for seed in "${SEED_LIST[@]}"; do J2_MAIN[$seed]=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; done
+  fi
   AGGREGATES=()
   for i in "${!VARIANTS[@]}"; do
     enter_variant "$i"
     LOG_DIR="$WORK_DIR/slurm/logs"; JOBS_TSV="$WORK_DIR/slurm/jobs.tsv"
     if [ "$MODE" != dry ]; then            # links to stage 0 and the baselines (dangling until they exist)
-      python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" "$(basename "$WORK_DIR")" \
+      python "$ROOT/scripts/grid.py" link --work-dir "$MAIN_WORK" --seeds "$SEEDS" --baseline-from "$OWNER" "$VNAME" \
         || abort_submission
       mkdir -p "$LOG_DIR"; printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"; JOB_TSVS+=("$JOBS_TSV")
     fi
     read_done || abort_submission
+    J2=()                                  # the baseline jobs this variant waits for; none: it trains its own
+    for seed in "${SEED_LIST[@]}"; do
+      if [ "$OWNER" = - ]; then J2[$seed]="${J2_MAIN[$seed]}"
+      elif [ "$OWNER" != "$VNAME" ]; then J2[$seed]="${J2_OWN[$OWNER:$seed]}"; fi
+    done
     submit_seed_chains
     AGGREGATES+=("$J7")
   done

@@ -73,7 +73,22 @@ def check_stage_3(work: Path) -> str:
     assert end < 0.5 * start, f"monotone recovery did not recover: {start:.1f} -> {end:.1f}"
     assert mv["fraction_V_changed"] > 0.5, f"constrained weights frozen: {mv['fraction_V_changed']:.1%} of V moved"
     assert r["certificate"]["monotone"], "trained monotone model failed its certificate"
-    return f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
+    said = f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
+    if r["lr_sweep"]:         # the recipe search: every value on the same tokens, the lowest loss chosen
+        rows = r["lr_sweep"]["rows"]
+        assert r["recipe"]["lr"] == min(rows, key=lambda x: x["val_loss"])["lr"] == r["lr_sweep"]["chosen_lr"]
+        said += f"; lr {r['recipe']['lr']:g} chosen of " + ", ".join(f"{x['lr']:g}" for x in rows)
+    if (work / "seed_42" / "results" / "training_unconstrained_from_init.json").exists():
+        from utils.model.modeling import load_model
+        from utils.model.monotonicity import certify
+        u = _check_training(work, "unconstrained_from_init", "stage_3_train_monotonic")
+        assert u["start_val_perplexity"] == start, "the control did not start where the monotone arm started"
+        assert "certificate" not in u, "the unconstrained control carries a monotonicity certificate"
+        free = load_model(work / "seed_42" / "models" / "unconstrained_from_init")
+        cert = certify(free, "mlp_both", trials=8, seed=0)
+        assert not cert["monotone"], "the unconstrained control stayed monotone: its constraint was not released"
+        said += f"; unconstrained_from_init {u['start_val_perplexity']:.1f} -> {u['final_val_perplexity']:.1f}, not monotone"
+    return said
 
 
 TRAINED_ARMS = {"pretrained", "monotonic_init", "baseline", "monotonic"}
@@ -133,6 +148,8 @@ def check_stage_7(work: Path) -> str:
         assert (work / "final" / name).stat().st_size > 0, name
     fr = final["across_seeds"]["frontier"]
     md = (work / "final" / "results.md").read_text()
+    swept = any(t.get("lr_sweep") for t in final["per_seed"]["42"]["training"].values())
+    assert ("## Recipe search" in md) == swept, "the recipe search's table is missing from results.md"
     assert md.index("## Matched-control verdict") < md.index("## Every arm") < md.index("## Every pair of arms")
     said = [f"{m}: {arm} residual {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
             for m, f in fr.items() for arm, r in f["residuals"].items() if arm == "monotonic"]

@@ -22,9 +22,10 @@ def _tiny() -> ExperimentConfig:
     # (|W| init) and gets the paper's 5x larger learning rate and longer warmup.
     recovery = dict(max_tokens=260_000, micro_batch_size=16, eval_interval=20, eval_windows=64,
                     checkpoint_every_steps=20, weight_decay=0.01)
-    # The recipe search brackets both arms' former learning rates (6e-4 and 3e-3); every arm runs it by
-    # the same rule, each short run on the same first 40k tokens.
-    search = dict(lr_grid="3e-4,1e-3,4e-3", sweep_tokens=40_000)
+    # The recipe search: half-decades around both arms' former learning rates (6e-4 and 3e-3), every arm by
+    # the same rule, each short run on the same first 40k tokens. A narrower 3e-4..4e-3 grid chose its
+    # edges (3e-4 for the baseline, 4e-3 for the monotone arm), so this one is wider.
+    search = dict(lr_grid="1e-4,3e-4,1e-3,3e-3,1e-2", sweep_tokens=40_000)
     cfg.recovery_baseline = TrainConfig(lr=6e-4, warmup_fraction=0.1, **recovery, **search)
     cfg.recovery_monotone = TrainConfig(lr=3e-3, warmup_fraction=0.2, **recovery, **search)
     # Controls: three snapshots of the pretraining (higher clean loss than the pretrained model), and the
@@ -55,8 +56,15 @@ def _pythia(size: str) -> ExperimentConfig:
                     weight_decay=0.01, grad_clip=1.0, min_lr_fraction=0.0, log_interval=10,
                     eval_interval=500, eval_windows=256, checkpoint_every_steps=500,
                     checkpoint_every_minutes=30.0, keep_checkpoints=2, gradient_checkpointing=True)
-    cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery)
-    cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery)
+    # The recipe search brackets the paper's two learning rates; every arm searches by the same rule, each
+    # value on the same first 50M tokens (3 x 50M = 8% of the budget per arm).
+    search = dict(lr_grid="5e-6,2e-5,1e-4", sweep_tokens=50_000_000)
+    cfg.recovery_baseline = TrainConfig(lr=1e-5, warmup_fraction=0.1, **recovery, **search)
+    cfg.recovery_monotone = TrainConfig(lr=5e-5, warmup_fraction=0.2, **recovery, **search)
+    # Controls: released Pythia training checkpoints, log-spaced (the final one, step143000, is `main`), and
+    # the monotone arm's start trained without its constraint (a second stage-3 recovery per seed).
+    cfg.controls.revisions = "step4000,step16000,step64000"
+    cfg.controls.unconstrained_from_init = True
     # Full 2048-token windows; stride 1024 gives every token at least 1024 tokens
     # of context (stride 2048 would be lm-evaluation-harness's windows, half the cost).
     cfg.eval = EvalConfig(max_len=2048, stride=1024, batch_size=8, task_batch_size=8,

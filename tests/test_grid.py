@@ -10,7 +10,7 @@ import pytest
 
 from configs.experiment_config import ConfigError
 from conftest import FAST, ROOT
-from utils.run.grid import BASELINE_OUTPUTS, parse_grid, variants
+from utils.run.grid import BASELINE_OUTPUTS, MAIN, baseline_owners, link_variant, parse_grid, variants
 
 CONSTRUCTIONS = "monotone.construction=softplus_abs,signed_units,projected"
 # Budgets that keep each variant's pipeline to minutes on 2 CPU cores: what is under test is the
@@ -42,15 +42,38 @@ def test_a_grid_is_every_combination_each_a_valid_config():
 
 
 @pytest.mark.parametrize("spec,fragment", [
-    ("model.n_layer=1,2", "stage 0 or the baseline arm reads it"),
-    ("recovery_baseline.lr=1e-3,1e-4", "stage 0 or the baseline arm reads it"),
-    ("seed=1,2", "stage 0 or the baseline arm reads it"),
+    ("model.n_layer=1,2", "stage 0 reads it"),
+    ("controls.pretrain_snapshots=1000,2000", "stage 0 reads it"),
+    ("seed=1,2", "stage 0 reads it"),
     ("monotone.construction", "expects KEY=V1,V2"),
     ("monotone.init=abs,abs", "lists a value twice"),
 ])
 def test_a_grid_that_could_not_share_or_is_malformed_is_refused(spec, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_grid([spec])
+
+
+def test_a_grid_over_the_baseline_recipe_trains_each_distinct_baseline_once_and_links_the_rest(tmp_path):
+    plan = variants("tiny", [], ["recovery_baseline.lr=1e-3,3e-3", "monotone.init=abs,clip"])
+    names = [n for n, _ in plan]
+    assert baseline_owners(plan) == [names[0], names[0], names[2], names[2]]      # first of each lr owns it
+    assert baseline_owners(variants("tiny", [], [CONSTRUCTIONS])) == [MAIN] * 3   # the main run's baseline
+    owner, follower = link_variant(tmp_path, names[0], [7], names[0]), link_variant(tmp_path, names[1], [7], names[0])
+    assert not (owner / "seed_7" / "models" / "baseline").exists()                   # the owner trains it
+    link = follower / "seed_7" / "models" / "baseline"
+    assert link.is_symlink() and link.resolve() == (owner / "seed_7" / "models" / "baseline").resolve()
+    main = link_variant(tmp_path, "construction=projected", [7])
+    assert (main / "seed_7" / "models" / "baseline").resolve() == (tmp_path / "seed_7" / "models" / "baseline").resolve()
+    # SLURM: one stage 2 job per distinct baseline (none in the main run), each variant waits for its own.
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path / "d"), "--seeds", "42", "--grid", "recovery_baseline.lr=1e-3,3e-3",
+                 "--grid", "monotone.init=abs,clip")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    twos = [l for l in lines if "jobs/job_2_" in l]
+    assert len(twos) == 2 and all("-v0 " in l or "-v2 " in l for l in twos), twos
+    fours = {l.split("--job-name mono-4-s42-")[1].split(" ")[0]: l for l in lines if "jobs/job_4_" in l}
+    for v, own in (("v0", "v0"), ("v1", "v0"), ("v2", "v2"), ("v3", "v2")):
+        assert f"afterok:<job_2_s42-{own}>:<job_3_s42-{v}>" in fours[v], fours[v]
 
 
 def test_bad_grid_is_one_error_line_before_anything_runs(tmp_path):
@@ -120,3 +143,62 @@ def test_local_grid_shares_stage_0_and_the_baseline_and_compares_certified_varia
     status = _run_all("--status", "--work-dir", str(work))
     assert status.returncode == 0 and status.stdout.count("variant construction=") == 1, status.stdout
     # (A rerun that skips every finished stage: tests/test_slurm.py's grid test.)
+
+
+@pytest.mark.slow
+def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
+    """Stage 4 in two variants linked to one stage 0: the second reads the first's measurement of the
+    shared arms (pretrained, the control snapshot) instead of measuring again; another eval config does not."""
+    from conftest import run_script
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run[1].shared, work / "shared")
+    sets = [a for k, v in [*FAST, ("eval.tasks", "")] for a in ("--set", f"{k}={v}")]
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["--set", "eval.stride=32"])):
+        vdir = link_variant(work, name, [42])
+        r = run_script("stage_4_evaluate", "--work-dir", str(vdir), *sets, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = (r.stdout, json.loads((vdir / "seed_42" / "results" / "evaluation.json").read_text())["models"])
+    assert set(runs["a"][1]) == {"pretrained", "control_40000"}
+    assert "measured once for every variant" not in runs["a"][0]
+    assert runs["b"][0].count("measured once for every variant") == 2, runs["b"][0]
+    assert runs["b"][1] == runs["a"][1]                                   # the same records, not re-measured
+    assert "measured once for every variant" not in runs["c"][0]          # another stride: measured afresh
+    assert runs["c"][1]["pretrained"]["perplexity"] != runs["a"][1]["pretrained"]["perplexity"]
+    kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "seed_42" / "stage_4_evaluate").iterdir())
+    assert kept == ["control_40000", "control_40000", "pretrained", "pretrained"]   # two eval configs
+
+
+def test_the_comparison_sets_each_variant_beside_its_own_baseline(tmp_path):
+    from utils.results.comparison import compare, markdown
+    from utils.run.run_files import PipelineError
+
+    def variant(name, lr, base_ppl, mono_ppl):
+        vdir = tmp_path / "variants" / name
+        res = vdir / "seed_1" / "results"
+        res.mkdir(parents=True)
+        (res / "monotonicity_certificate.json").write_text(json.dumps({"scope": "mlp_both", "construction": "softplus_abs"}))
+        (res / "config_stage_2_train_baseline.json").write_text(json.dumps({"recovery_baseline": {"lr": lr, "max_tokens": 9}}))
+        arm = lambda ppl: {"perplexity": {"mean": ppl, "ci95": None}}  # noqa: E731
+        final = {"preset": "tiny", "seeds": [1], "partial": False,
+                 "per_seed": {"1": {"arms": {"monotonic": {"perplexity": mono_ppl}, "baseline": {"perplexity": base_ppl}},
+                                    "certificates": {"monotonic_init": {"monotone": True}, "monotonic": {"monotone": True}}}},
+                 "across_seeds": {"arms": {"pretrained": arm(100.0), "monotonic_init": arm(900.0),
+                                           "baseline": arm(base_ppl), "monotonic": arm(mono_ppl)}}}
+        (vdir / "final").mkdir()
+        (vdir / "final" / "final_results.json").write_text(json.dumps(final))
+
+    variant("lr=1e-3,init=abs", 1e-3, 150.0, 180.0)
+    variant("lr=1e-3,init=clip", 1e-3, 150.0, 200.0)
+    variant("lr=3e-3,init=abs", 3e-3, 140.0, 180.0)
+    comp = compare(tmp_path)
+    assert [(b["name"], b["variants"]) for b in comp["baselines"]] == [
+        ("baseline (lr 0.001)", ["lr=1e-3,init=abs", "lr=1e-3,init=clip"]), ("baseline (lr 0.003)", ["lr=3e-3,init=abs"])]
+    ratios = {r["name"]: r["ratio_to_baseline"]["mean"] for r in comp["variants"]}
+    assert ratios == pytest.approx({"lr=1e-3,init=abs": 1.2, "lr=1e-3,init=clip": 200 / 150, "lr=3e-3,init=abs": 180 / 140})
+    md = markdown(comp)
+    assert "| baseline (lr 0.001) (shared) |" in md and "compared with baseline (lr 0.003)" in md
+    # Variants of one baseline recipe that disagree on its numbers did not share it: refused.
+    variant("lr=1e-3,init=zero", 1e-3, 151.0, 190.0)
+    with pytest.raises(PipelineError, match="variants of one recovery_baseline report different baseline perplexities"):
+        compare(tmp_path)

@@ -32,7 +32,9 @@ SHRINK = {"data.seq_len": "128", "recovery_baseline.max_tokens": "16384", "recov
           "attack.gcg_texts": "3", "attack.gcg_steps": "3", "attack.gcg_search_width": "8", "attack.gcg_top_k": "8",
           "attack.uat_screen_texts": "2", "attack.uat_screen_keep": "3",
           # lm-eval's standard tasks need the hub; the held-out tasks are built from the stand-in test split.
-          "eval.tasks": "heldout_lastword,heldout_cloze", "eval.task_limit": "20"}
+          "eval.tasks": "heldout_lastword,heldout_cloze", "eval.task_limit": "20",
+          # the recipe search's sweep shrinks with the budget; the stand-in has no released checkpoints
+          "recovery_baseline.sweep_tokens": "4096", "recovery_monotone.sweep_tokens": "4096", "controls.revisions": ""}
 
 
 def _sets(pairs: dict) -> list[str]:
@@ -341,3 +343,19 @@ def test_bf16_mixed_recovery_keeps_fp32_master_weights_and_moves_v(tiny_run):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     moved = movement_report(start, model, "mlp_both")["fraction_V_changed"]
     assert moved >= 0.99, f"only {moved:.1%} of V moved under bf16-mixed"
+
+
+def test_local_controls_are_model_directories_recorded_like_the_model(standins, tmp_path):
+    from configs.presets import load_config
+    from utils.run.run_files import PipelineError
+    from utils.stages import fetch_controls
+    local = {**_local(standins), **SHRINK}
+    cfg = load_config(PRESET, list({**local, "controls.revisions": f"{standins['model']},{tmp_path / 'nope'}"}.items()))
+    with pytest.raises(PipelineError, match=r"with model.source=local each entry is a model directory, and '.*nope' is not one"):
+        fetch_controls(cfg)
+    cfg = load_config(PRESET, list({**local, "controls.revisions": str(standins["model"])}.items()))
+    controls = fetch_controls(cfg)
+    assert list(controls) == [f"control_{standins['model'].name}"]
+    c = controls[f"control_{standins['model'].name}"]
+    assert c["source"] == "local" and Path(c["path"]) == standins["model"].resolve()
+    assert c["files"]["model.safetensors"] == file_sha256(standins["model"] / "model.safetensors")

@@ -31,7 +31,7 @@ from utils.measure.perplexity import aggregate, document_nll
 from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
-from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
+from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
 from utils.stages import pretrained_model, read_manifest
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")
@@ -73,11 +73,46 @@ def arms_fingerprint(cfg: ExperimentConfig, paths: RunPaths) -> str:
 
 
 def arm_label(paths: RunPaths, arm: str) -> str:
-    """'monotone' / 'NOT MONOTONE (...)' for constrained arms, 'unconstrained' otherwise."""
+    """'monotone' / 'NOT MONOTONE (...)' for constrained arms, 'control (unconstrained)' for the arms that
+    exist only to trace the frontier (stage 0's controls, unconstrained_from_init), 'unconstrained' otherwise."""
+    if arm.startswith("control_") or arm == "unconstrained_from_init":
+        return "control (unconstrained)"
     if arm not in CERTIFICATES:
         return "unconstrained"
     cert = read_json(paths.results / CERTIFICATES[arm])
     return "monotone" if cert["monotone"] else f"NOT MONOTONE ({cert['total_violations']} violations)"
+
+
+class MeasuredOnce:
+    """The arms grid variants share (the pretrained model, stage 0's controls, a linked baseline) are
+    measured once per seed: in a run whose stage 0 is a link (a variant, utils/run/grid.py), an arm
+    whose model lies outside the run's own dir keeps its per-arm result in
+    shared/measured/seed_<S>/<stage>/<arm>-<key>.json, and a later variant with the same model, seed,
+    config sections and code reads it instead of measuring again. Rank 0 decides for every rank."""
+
+    def __init__(self, cfg: ExperimentConfig, paths: RunPaths, stage: str, sections: tuple[str, ...]):
+        self.cfg, self.paths, self.stage, self.sections = cfg, paths, stage, sections
+        self.active = paths.shared.is_symlink()
+        self.code = code_revision()
+
+    def _file(self, arm: str, path: Path) -> Path | None:
+        real = path.resolve()
+        if not self.active or real.is_relative_to(self.paths.work_dir.resolve()):
+            return None
+        stamp = max(p.stat().st_mtime_ns for p in real.glob("*.safetensors"))
+        key = self.cfg.fingerprint(self.sections, extra=f"{real}|{stamp}|{self.cfg.seed}|{self.stage}|{self.code}")
+        return self.paths.shared / "measured" / f"seed_{self.cfg.seed}" / self.stage / f"{arm}-{key}.json"
+
+    def get(self, arm: str, path: Path) -> dict | None:
+        f = self._file(arm, path)
+        kept = distributed.from_main(int(f is not None and f.exists()))
+        return read_json(f) if kept else None
+
+    def put(self, arm: str, path: Path, entry: dict) -> None:
+        f = self._file(arm, path)
+        if f is not None and distributed.is_main():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_json(f, entry)
 
 
 def _load(path: Path, device):
@@ -124,7 +159,15 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                 "compute": {"device": str(compute.device), "weights": "float32", "autocast": None},
                 "models": {}}
     share = distributed.my_share(len(docs))
+    once = MeasuredOnce(cfg, paths, "stage_4_evaluate", EVAL_SECTIONS)
     for arm, path in available_arms(paths).items():
+        kept = once.get(arm, path)
+        if kept:
+            out["models"][arm] = kept["evaluation"]
+            if tasks:
+                caps["models"][arm] = kept["capabilities"]
+            _say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured once for every variant)")
+            continue
         t0 = time.time()
         model = _load(path, compute.device)
         per_doc = distributed.gather_shares(document_nll(model, docs[share.start:share.stop], tokenizer.eos_token_id,
@@ -146,6 +189,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             _say(f"[evaluate] {arm:<15} " + ", ".join(
                 f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
                 for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
+        once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
         del model
     out["processes"] = distributed.world_size()
     path = paths.results / "evaluation.json"
@@ -174,7 +218,12 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     init_token = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
     arms = available_arms(paths)
     models = {}
-    for arm, path in arms.items():
+    once = MeasuredOnce(cfg, paths, "stage_5_uat_attacks", ATTACK_SECTIONS)
+    for arm, path in arms.items():      # the trigger search, the expensive part (the transfer below is cheap)
+        models[arm] = once.get(arm, path)
+        if models[arm]:
+            _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (searched once for every variant)")
+            continue
         t0 = time.time()
         victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
@@ -184,6 +233,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                        "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
                        "restart": found["restart"], "iterations": found["iterations"],
                        "search_cost": found["cost"], "search_seconds": time.time() - t0}
+        once.put(arm, path, models[arm])
         _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
              f"{found['cost']['forward_passes']:,} exact forward passes)")
         del victim
@@ -257,7 +307,13 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
     mine = [texts[i] for i in distributed.my_share(len(texts))]
     arms = available_arms(paths)
     models = {}
+    once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
     for arm, path in arms.items():
+        models[arm] = once.get(arm, path)
+        if models[arm]:
+            _say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (attacked once for "
+                 f"every variant)")
+            continue
         victim = Victim(_load(path, compute.device), compute, a.batch_size)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
         records, controls, t0 = [], [], time.time()
@@ -278,6 +334,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
         _say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
              f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
              f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
+        once.put(arm, path, models[arm])
         del victim
     transfer = {src: {} for src in arms}
     share = distributed.my_share(len(texts))

@@ -54,6 +54,10 @@ def fetch_controls(cfg: ExperimentConfig) -> dict:
     out = {}
     for rev in listed(cfg.controls.revisions):
         if cfg.model.source == "local":
+            if not Path(rev).expanduser().is_dir():
+                raise PipelineError(f"controls.revisions: with model.source=local each entry is a model directory, "
+                                    f"and {rev!r} is not one; list directories, or set controls.revisions= (empty) "
+                                    f"to run without these controls")
             out[f"control_{Path(rev).name}"] = fetch_model(dataclasses.replace(cfg.model, path=rev))
         else:
             print(f"[setup] control {cfg.model.hub_id}@{rev}")

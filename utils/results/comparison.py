@@ -2,12 +2,14 @@
 
 Reads each variant's stage 7 output (variants/<name>/final/final_results.json), so every number
 here is one stage 7 computed from per-example records; what this adds is the per-seed ratio of
-the recovered monotone perplexity to the same seed's baseline (t interval over seeds). All
-variants share one baseline per seed (utils/run/grid.py): the check that they report the same
-baseline numbers is part of the output.
+the recovered monotone perplexity to the same seed's baseline (t interval over seeds). Variants
+share one baseline per seed and recovery_baseline setting (utils/run/grid.py), and each is compared
+with its own: the check that variants of one baseline report the same baseline numbers is part of
+the output.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,6 +22,11 @@ from utils.run.run_files import PipelineError, atomic_write_text, read_json, wri
 DAMAGE = (("hotflip_success_rate", "HotFlip success"), ("hotflip_mean_abs_delta_nll", "HotFlip dNLL"),
           ("gcg_success_rate", "GCG success"), ("gcg_mean_abs_delta_nll", "GCG dNLL"),
           ("uat_abs_delta_nll", "UAT dNLL"))
+
+
+def _baseline_recipe(vdir: Path, seed: int) -> dict:
+    """The recovery_baseline a variant's baseline arm was trained with (its stage 2 config, linked or own)."""
+    return read_json(vdir / f"seed_{seed}" / "results" / "config_stage_2_train_baseline.json")["recovery_baseline"]
 
 
 def _settings(vdir: Path, seed: int) -> dict:
@@ -60,21 +67,35 @@ def compare(work_dir: Path) -> dict:
     if missing:
         raise PipelineError(f"no stage 7 results for variant(s) {', '.join(missing)}: run stage 7 in "
                             f"{work_dir / 'variants'}/<name> first")
-    rows = []
+    rows, recipes = [], {}
     for v in variants:
         final = read_json(v / "final" / "final_results.json")
         rows.append(variant_row(v.name, final, _settings(v, final["seeds"][0])))
-    baselines = {r["name"]: r["baseline"]["per_seed_perplexity"] for r in rows}
-    by_seed = {}                                   # seed -> the baseline perplexities variants report for it
-    for b in baselines.values():
-        for seed, ppl in b.items():
-            by_seed.setdefault(seed, set()).add(ppl)
-    if any(len(values) > 1 for values in by_seed.values()):
-        raise PipelineError("the variants report different baseline perplexities for the same seed, so they did "
-                            f"not share one baseline arm: {baselines}")
+        recipes[v.name] = _baseline_recipe(v, final["seeds"][0])
+    # One baseline per distinct recovery_baseline: variants that share it must report the same numbers.
+    groups = {}
+    for r in rows:
+        groups.setdefault(json.dumps(recipes[r["name"]], sort_keys=True), []).append(r)
+    baselines = []
+    for recipe, members in groups.items():
+        by_seed = {}
+        for r in members:
+            for seed, ppl in r["baseline"]["per_seed_perplexity"].items():
+                by_seed.setdefault(seed, set()).add(ppl)
+        if any(len(values) > 1 for values in by_seed.values()):
+            raise PipelineError("variants of one recovery_baseline report different baseline perplexities for the "
+                                "same seed, so they did not share one baseline arm: "
+                                + str({r["name"]: r["baseline"]["per_seed_perplexity"] for r in members}))
+        widest = max(members, key=lambda r: len(r["seeds"]))
+        changed = {k: v for k, v in json.loads(recipe).items()
+                   if len(groups) > 1 and len({json.dumps(recipes[m["name"]][k]) for m in rows}) > 1}
+        name = "baseline" + (" (" + ", ".join(f"{k} {v}" for k, v in changed.items()) + ")" if changed else "")
+        baselines.append({"name": name, "variants": [r["name"] for r in members], **widest["baseline"]})
+        for r in members:
+            r["baseline_name"] = name
     widest = max(rows, key=lambda r: len(r["seeds"]))          # the shared arms over the most seeds
     return {"work_dir": str(work_dir), "preset": read_json(variants[0] / "final" / "final_results.json")["preset"],
-            "pretrained": widest["pretrained"], "baseline": widest["baseline"], "variants": rows}
+            "pretrained": widest["pretrained"], "baselines": baselines, "variants": rows}
 
 
 def _cell(stat: dict | None, digits: int = 2, percent: bool = False) -> str:
@@ -95,10 +116,9 @@ def markdown(comp: dict) -> str:
              "| Variant | Certified (init, trained) | Post-constraint ppl | Recovered ppl | Ratio to baseline | "
              + " | ".join(titles) + " |",
              "|" + "---|" * (5 + len(titles))]
-    for arm in ("pretrained", "baseline"):
-        b = comp[arm]
-        lines.append(f"| {arm} (shared) | unconstrained | - | " + _cell(b["perplexity"])
-                     + (" | 1 | " if arm == "baseline" else " | - | ")
+    for b in [{"name": "pretrained", **comp["pretrained"]}, *comp["baselines"]]:
+        lines.append(f"| {b['name']} (shared) | unconstrained | - | " + _cell(b["perplexity"])
+                     + (" | - | " if b["name"] == "pretrained" else " | 1 | ")
                      + " | ".join(_cell(b["damage"][k], 3, "success" in k) for k, _ in DAMAGE) + " |")
     for r in comp["variants"]:
         lines.append(f"| {r['name']}{' (partial)' if r['partial'] else ''} (seeds {len(r['seeds'])}) | "
@@ -107,7 +127,7 @@ def markdown(comp: dict) -> str:
                      f"{_cell(r['ratio_to_baseline'], 3)} | "
                      + " | ".join(_cell(r["damage"][k], 3, "success" in k) for k, _ in DAMAGE) + " |")
     lines += ["", "Settings: " + "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-                                           for r in comp["variants"]), ""]
+                                           + f", compared with {r['baseline_name']}" for r in comp["variants"]), ""]
     return "\n".join(lines)
 
 

@@ -9,10 +9,13 @@
         seed_<S>/models/baseline -> ../../../../seed_<S>/models/baseline   (and the files below)
     WORK/final/comparison.{json,md}     the variants side by side (utils/results/comparison.py)
 
-Sharing is exact only if no variant changes what stage 0 or the baseline reads, so a grid may vary
-the sections neither fingerprints (monotone, recovery_monotone, eval, attack) and nothing else.
-Links are relative, so a copied or moved work dir keeps working, and may point at baseline files
-that stage 2 has not written yet (SLURM creates them before the jobs run).
+Sharing is exact only if no variant changes what stage 0 reads, so a grid may vary monotone,
+recovery_monotone, recovery_baseline, eval, attack and controls.unconstrained_from_init. A variant
+that sets recovery_baseline trains the baseline of its settings in its own dir, once: the first
+variant with those settings owns it and later ones link to it (its "baseline owner"). Every
+variant is compared with its own baseline. Links are relative, so a copied or moved work dir
+keeps working, and may point at baseline files that stage 2 has not written yet (SLURM creates
+them before the jobs run).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from configs.experiment_config import ConfigError
 from configs.presets import load_config
 from utils.run.run_files import PipelineError
 
-SHARED_SECTIONS = ("model", "data", "pretrain", "recovery_baseline", "precision")  # stages 0 and 2 read these
+SHARED_SECTIONS = ("model", "data", "pretrain", "precision")          # stage 0 (and every arm) reads these
+STAGE_0_KEYS = ("controls.pretrain_snapshots", "controls.revisions")  # stage 0's controls
+MAIN = "-"                          # the baseline owner of variants that keep the main run's recovery_baseline
 # What stage 2 writes into a seed directory (tests/test_grid.py checks this against its flag).
 BASELINE_OUTPUTS = ("models/baseline", "models/baseline_best", "results/training_baseline.json",
                     "results/training_baseline.history.jsonl", "results/config_stage_2_train_baseline.json",
@@ -39,9 +44,9 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not vals:
             problems.append(f"--grid expects KEY=V1,V2,..., got {spec!r}")
-        elif "." not in key or key.split(".", 1)[0] in SHARED_SECTIONS:
-            problems.append(f"--grid {key}: stage 0 or the baseline arm reads it, so the variants could not share "
-                            f"them; grid a key of monotone, recovery_monotone, eval or attack")
+        elif "." not in key or key.split(".", 1)[0] in SHARED_SECTIONS or key in STAGE_0_KEYS:
+            problems.append(f"--grid {key}: stage 0 reads it, so the variants could not share it; grid a key of "
+                            f"monotone, recovery_monotone, recovery_baseline, eval, attack or controls.unconstrained_from_init")
         elif key in (k for k, _ in axes):
             problems.append(f"--grid names {key} twice")
         elif len(set(vals)) != len(vals):
@@ -51,6 +56,16 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
     if problems:
         raise ConfigError("; ".join(problems))
     return axes
+
+
+def baseline_owners(plan: list[tuple[str, list[tuple[str, str]]]]) -> list[str]:
+    """Per variant, whose baseline it uses: MAIN (the main run's, when it sets no recovery_baseline key),
+    else the first variant with the same recovery_baseline settings (itself, if it is that first one)."""
+    first, owners = {}, []
+    for name, pairs in plan:
+        key = tuple(sorted((k, v) for k, v in pairs if k.startswith("recovery_baseline.")))
+        owners.append(first.setdefault(key, name) if key else MAIN)
+    return owners
 
 
 def variants(preset: str, sets: list[tuple[str, str]], specs: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -84,15 +99,19 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(rel)
 
 
-def link_variant(work_dir: Path, name: str, seeds: list[int]) -> Path:
-    """Create (or check) a variant's links to stage 0 and to each seed's baseline arm."""
+def link_variant(work_dir: Path, name: str, seeds: list[int], owner: str = MAIN) -> Path:
+    """Create (or check) a variant's links to stage 0 and to each seed's baseline arm: the main run's,
+    or its baseline owner's; a variant that owns its baseline trains it (no baseline links)."""
     work_dir = Path(os.path.abspath(work_dir))
     vdir = variant_dir(work_dir, name)
     vdir.mkdir(parents=True, exist_ok=True)
     _link(vdir / "shared", work_dir / "shared")
+    if owner == name:
+        return vdir
+    source = work_dir if owner == MAIN else variant_dir(work_dir, owner)
     for seed in seeds:
         for rel in BASELINE_OUTPUTS:
-            _link(vdir / f"seed_{seed}" / rel, work_dir / f"seed_{seed}" / rel)
+            _link(vdir / f"seed_{seed}" / rel, source / f"seed_{seed}" / rel)
     return vdir
 
 
