@@ -205,7 +205,7 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
     c = ev["convention"]
     tokens = np.load(work / ev["token_file"], mmap_mode="r")       # recorded relative to the work dir
     offsets = np.load(work / ev["offsets_file"], mmap_mode="r")
-    assert ev["split"] == "test" and set(ev["models"]) == {"pretrained", "monotonic_init"}
+    assert ev["split"] == "test" and set(ev["models"]) == {"pretrained", "control_40000", "monotonic_init"}
     for arm, m in ev["models"].items():
         model = load_model(work / m["path"]).eval()
         per = m["per_document"]

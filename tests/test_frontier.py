@@ -91,10 +91,12 @@ def test_the_verdict_names_an_arm_only_where_its_residual_interval_excludes_zero
 
 
 def test_residual_verdict_rule_on_its_own():
-    base = {"inside_range": True, "mde80": 0.2}
+    base = {"inside_range": True, "mde80": 0.2, "se": 0.07}
     assert residual_verdict({**base, "ci95": [-0.5, -0.01]}).startswith("more robust")
     assert residual_verdict({**base, "ci95": [0.01, 0.5]}).startswith("less robust")
     assert residual_verdict({**base, "ci95": [-0.01, 0.5]}).startswith("no difference detected")
+    # every text succeeds on every arm: no draw varies, and a detectable effect of 0 would be a false promise
+    assert residual_verdict({**base, "ci95": [0.0, 0.0], "se": 0.0, "mde80": 0.0}).startswith("no test: the measure does not vary")
 
 
 def test_every_pair_is_tested_with_holm_and_a_detectable_effect_beside_each_non_result():

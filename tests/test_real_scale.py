@@ -110,7 +110,7 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     # Stages 4-6: every arm measured at the preset's shapes; no attack proposes a special token
     # (<|endoftext|>, <|padding|>) or one of the padded embedding rows.
     ev = json.loads((seed / "results" / "evaluation.json").read_text())
-    assert set(ev["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic"}
+    assert set(ev["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init"}
     assert ev["convention"]["max_len"] == 2048 and ev["compute"]["precision"] == "fp32"
     rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert rows > len(tok)
@@ -151,7 +151,7 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     assert "Held-out near-duplicates of training text" in md and "What recovery changed" in md
     # Capabilities: lm-eval's held-out tasks on every arm, in the report.
     caps = json.loads((seed / "results" / "capabilities.json").read_text())
-    assert set(caps["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic"}
+    assert set(caps["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init"}
     assert all(m["tasks"]["heldout_cloze"]["n"] == 20 for m in caps["models"].values())
     assert "## Capabilities (zero-shot accuracy, lm-evaluation-harness 0.4.13" in md
     assert set(final["across_seeds"]["capabilities"]) == {"heldout_lastword", "heldout_cloze"}

@@ -222,6 +222,8 @@ def verdicts(tests: dict, n_seeds: int) -> dict:
         first, second = t["arms"]
         if t["p_holm"] < LEVEL and t["mean"] != 0:
             out[key] = f"{first if t['mean'] < 0 else second} ({said})"
+        elif not t["se"] > 0:
+            out[key] = f"no test: the measure does not vary in any draw (saturated or identical records; {said})"
         else:
             out[key] = f"no significant difference at {LEVEL} (detectable at 80% power: {t['mde80']:.3g}; {said})"
     return out

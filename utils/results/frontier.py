@@ -124,6 +124,8 @@ def residual_verdict(r: dict) -> str:
         return ("no matched verdict: its clean NLL lies outside the unconstrained arms' range "
                 "(the frontier would be extrapolated)")
     lo, hi = r["ci95"]
+    if not r["se"] > 0:
+        return "no test: the measure does not vary in any draw (saturated, e.g. every text succeeds), so it says nothing"
     if hi < 0:
         return "more robust than an unconstrained model of the same clean loss"
     if lo > 0:
