@@ -229,14 +229,15 @@ def verdicts(tests: dict, n_seeds: int) -> dict:
     return out
 
 
-def arm_attack_stats(raw: dict, arm: str, nats: float, n_boot: int = 2000) -> dict:
-    """An arm's attack measures across seeds: the mean of the seed means, hierarchical-bootstrap interval."""
+def arm_attack_stats(raw: dict, arm: str, texts: dict, n_boot: int = 2000) -> dict:
+    """An arm's attack measures across seeds: the mean of the seed means, hierarchical-bootstrap interval.
+    `texts`: measure_texts of every measure, read once for every arm."""
     out = {}
     for measure, key in (("hotflip_success", "hotflip_success_rate"), ("hotflip_success_abs", "hotflip_success_abs_rate"),
                          ("hotflip_abs_delta_nll", "hotflip_mean_abs_delta_nll"), ("gcg_success", "gcg_success_rate"),
                          ("gcg_success_abs", "gcg_success_abs_rate"), ("gcg_abs_delta_nll", "gcg_mean_abs_delta_nll"),
                          ("uat_abs_delta_nll", "uat_abs_delta_nll")):
-        seeds = [{"v": s[arm]["value"]} for s in measure_texts(raw, measure, nats) if arm in s]
+        seeds = [{"v": s[arm]["value"]} for s in texts[measure] if arm in s]
         if seeds:
             est, draws = hierarchical_bootstrap(seeds, mean_of_seeds("v"), n_boot=n_boot)
             summary = bootstrap_summary(float(est), draws)
@@ -299,10 +300,12 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     test set for every seed: its bootstrap interval over documents, not a zero-width one)."""
     arms = sorted({a for s in per_seed.values() for a in s["arms"]})
     out = {"arms": {}, "monotonic_minus_baseline": {}}
+    nats = abs_threshold(raw)
+    texts = {m: measure_texts(raw, m, nats) for m in MEASURES}
     for arm in arms:
         rows = [s["arms"][arm] for s in per_seed.values() if arm in s["arms"]]
         stats = {k: t_interval([r[k] for r in rows if k in r]) for k in METRICS}
-        stats.update(arm_attack_stats(raw, arm, abs_threshold(raw)))
+        stats.update(arm_attack_stats(raw, arm, texts))
         if is_shared(arm) and rows and "perplexity" in rows[0]:
             stats["perplexity"] = {"n": len(rows), "mean": rows[0]["perplexity"], "ci95": rows[0]["perplexity_ci95"],
                                    "interval": "bootstrap over documents (the same model for every seed)"}
@@ -317,7 +320,6 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     tested = [a for a in ARM_ORDER if a in arms]         # every arm but the controls, which the frontier uses
     out["tests"] = pair_tests(raw, tested)
     out["more_robust"] = verdicts(out["tests"], len(per_seed))
-    nats = abs_threshold(raw)
     out["success_abs_nats"] = nats
     out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
     out["success_curves"] = success_curves(raw, arms)
