@@ -12,7 +12,8 @@
 # SLURM settings (environment): MONO_SLURM_PARTITION, MONO_SLURM_ACCOUNT, MONO_SLURM_QOS,
 #   MONO_SLURM_GPU (gres for stages 1-6: default gpu:1 if the config's device is cuda, else none;
 #   set non-empty to request it whatever the device; empty = none), MONO_SLURM_CPUS (8),
-#   MONO_SLURM_MEM (64G; CPU-only stages: MONO_SLURM_CPU_MEM, 16G), MONO_SLURM_TIME_<N> (per stage),
+#   MONO_SLURM_MEM (64G; CPU-only stages: MONO_SLURM_CPU_MEM, 16G), MONO_SLURM_TIME_<N> (per stage;
+#   default: stages 2-6 derived from the config's counted work, scripts/time_limits.py; --dry-run explains),
 #   MONO_SLURM_SIGNAL (USR1) and MONO_SLURM_SIGNAL_LEAD (120 s) for preemption, MONO_SLURM_EXTRA (more sbatch flags).
 #   Training stages 2-3 on several GPUs: MONO_SLURM_GPUS_PER_NODE (processes per node: GPUs, or CPU processes
 #   when device=cpu) and MONO_SLURM_NODES (1); they run as srun + torchrun (FSDP2), CPUs and memory per node.
@@ -209,8 +210,22 @@ TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per 
 [ -z "$TRAIN_PROCS" ] || TRAIN_GRES="$(gres_for "$TRAIN_PROCS")"
 MEASURE_GRES="$GPU_GRES"
 [ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
-declare -A TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00
-                 [8]=00:30:00)
+declare -A TIME
+# derive_limits: the time limits; those of stages 2-6 from the current config's counted work and a stated
+# throughput (scripts/time_limits.py, which --dry-run makes explain itself on stderr), else these fixed ones.
+# MONO_SLURM_TIME_<N> overrides either.
+derive_limits() {
+  local n t out explain=()
+  TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00
+        [8]=00:30:00)
+  [ "$MODE" = dry ] && explain=(--explain)
+  out=$(python "$ROOT/scripts/time_limits.py" --preset "$PRESET" "${SETS[@]+"${SETS[@]}"}" \
+        --gpu "$([ -n "$GPU_GRES" ] && echo 1 || echo 0)" --train-procs "$(( ${TRAIN_PROCS:-1} * TRAIN_NODES ))" \
+        --measure-procs "${MEASURE_PROCS:-1}" "${explain[@]+"${explain[@]}"}") || return 1
+  while read -r n t; do [ -n "$n" ] && TIME[$n]="$t"; done <<< "$out"
+  return 0
+}
+derive_limits || exit 2
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
           [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate [8]=job_8_compare)
 STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline
@@ -244,7 +259,7 @@ submit() {
     opts+=(--mem "${MONO_SLURM_MEM:-64G}")
     [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")
   fi
-  if [ "$n" = 2 ] || [ "$n" = 3 ]; then   # long training: checkpoint on signal, then requeue
+  if [ "$n" -ge 2 ] && [ "$n" -le 4 ]; then   # training checkpoints, stage 4 keeps what it measured: requeue
     opts+=(--signal "B:${MONO_SLURM_SIGNAL:-USR1}@${MONO_SLURM_SIGNAL_LEAD:-120}" --requeue --open-mode=append)
   fi
   [ -n "${MONO_SLURM_PARTITION:-}" ] && opts+=(--partition "$MONO_SLURM_PARTITION")
@@ -335,6 +350,7 @@ if [ ${#VARIANTS[@]} -gt 0 ]; then
       mkdir -p "$LOG_DIR"; printf 'job_id\tstage\tseed\tlog\n' > "$JOBS_TSV"; JOB_TSVS+=("$JOBS_TSV")
     fi
     read_done || abort_submission
+    derive_limits || abort_submission
     J2=()                                  # the baseline jobs this variant waits for; none: it trains its own
     for seed in "${SEED_LIST[@]}"; do
       if [ "$OWNER" = - ]; then J2[$seed]="${J2_MAIN[$seed]}"

@@ -5,11 +5,14 @@
 #
 # Prints the device and library versions, then runs, each part with its own time
 # limit and log under OUT_DIR (a failing part does not stop the others):
-#   bench_training  Pythia-1.4B-shaped training step: tokens/s, MFU, peak memory
+#   bench_training  Pythia-1.4B-shaped training step at the pythia-1.4b preset's micro-batch:
+#                   tokens/s, MFU, peak memory
 #   bench_attacks   Pythia-1.4B-shaped exact candidate scoring: candidates/s
 #   pipeline        every stage of the tiny preset end to end on CUDA (device=auto
 #                   resolves to cuda, precision to bf16-mixed), with test_pipeline_local's checks
-#   tests           the GPU-sensitive tests (tiny preset, so on CUDA too): exact resume,
+#   tests           the GPU-sensitive tests (tiny preset, so on CUDA too) with deterministic
+#                   kernels (MONO_DETERMINISTIC=1, CUBLAS_WORKSPACE_CONFIG): exact resume, a
+#                   1-process NCCL torchrun of stage 3 (FSDP2, DCP save, SIGKILL, bitwise resume),
 #                   monotonicity certificates, attack records that recompute
 # The exit status is the number of parts that failed. Figures go to OUT_DIR/*_gpu.json.
 set -u
@@ -40,8 +43,8 @@ part bench_attacks "${LIMIT_ATTACKS:-60}" python benchmarks/bench_attacks.py --o
 part pipeline "${LIMIT_PIPELINE:-150}" python test_pipeline_local.py --work-dir /tmp/gpu_pipeline --keep \
   --set pretrain.max_tokens=120000 --set eval.task_limit=40
 cp /tmp/gpu_pipeline/results/results.md "$OUT/pipeline_results.md" 2>/dev/null
-TAIL_LINES=40 part tests "${LIMIT_TESTS:-150}" python -m pytest -v -p no:cacheprovider \
-  tests/test_monotonicity.py tests/test_training.py -k "not frozen_ablation and not signal" \
-  tests/test_attacks.py
+TAIL_LINES=40 part tests "${LIMIT_TESTS:-200}" env MONO_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+  python -m pytest -v -p no:cacheprovider tests/test_monotonicity.py tests/test_training.py tests/test_attacks.py \
+  tests/test_distributed.py -k "not frozen_ablation and not signal and (not distributed or nccl)"
 echo "=== $failed part(s) failed"
 exit "$failed"

@@ -328,3 +328,22 @@ def test_forbidden_tokens_cover_added_special_tokens_without_a_role(tmp_path):
     rows = len(tok) + 20                                   # embedding rows padded past the tokenizer
     f = forbidden_tokens(tok, rows)
     assert f[0] and f[1] and f[len(tok):].all() and not f[2:len(tok)].any()
+
+
+@pytest.mark.slow
+def test_the_time_limits_count_at_least_the_work_the_attacks_did(measured):
+    """utils/run/time_limits.py bounds stages 5 and 6 from the config alone: every token the searches and
+    the transfer runs really ran (their recorded cost) is within the bound, by kind of pass."""
+    from pathlib import Path
+
+    from conftest import tiny_config
+    from utils.run.time_limits import attack_forward_equivalents
+    _, res = measured
+    cfg = tiny_config(Path("unused"), [tuple(kv.split("=", 1)) for kv in SMALL_ATTACKS])
+    arms = len(res["uat"]["models"])
+    (uat_fwd, uat_grad), (text_fwd, text_grad) = attack_forward_equivalents(cfg, arms)
+    uat = res["uat"]["models"].values()
+    assert sum(m["search_cost"]["forward_tokens"] + m["transfer_cost"]["forward_tokens"] for m in uat) <= uat_fwd
+    assert sum(m["search_cost"]["gradient_tokens"] for m in uat) <= uat_grad
+    text = [res[a]["models"][arm]["summary"]["cost"] for a in ("hotflip", "gcg") for arm in res[a]["models"]]
+    assert sum(c["forward_tokens"] for c in text) <= text_fwd and sum(c["gradient_tokens"] for c in text) <= text_grad

@@ -9,6 +9,7 @@ from utils.data.corpus import read_corpus
 from utils.data.tokenization import load_tokenizer
 from utils.measure.capabilities import evaluate_capabilities
 from utils.model.modeling import load_model
+from utils.run.compute import CPU, Compute
 
 TASKS = ["heldout_lastword", "heldout_cloze"]
 
@@ -19,17 +20,34 @@ def pretrained_scores(tiny_run, tmp_path_factory):
     model = load_model(paths.shared / "models" / "pretrained").eval()
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     log = tmp_path_factory.mktemp("lm_eval") / "lm_eval.log"
-    return model, tokenizer, evaluate_capabilities(model, tokenizer, TASKS, paths.shared / "tasks", 16, 128, 0, "cpu",
+    return model, tokenizer, evaluate_capabilities(model, tokenizer, TASKS, paths.shared / "tasks", 16, 128, 0, CPU,
                                                    log)
 
 
 def test_lm_eval_messages_go_to_its_log_not_the_console(pretrained_scores, tiny_run, tmp_path, capfd):
     model, tokenizer, _ = pretrained_scores
     log = tmp_path / "lm_eval.log"
-    evaluate_capabilities(model, tokenizer, ["heldout_cloze"], tiny_run[1].shared / "tasks", 16, 128, 5, "cpu", log)
+    evaluate_capabilities(model, tokenizer, ["heldout_cloze"], tiny_run[1].shared / "tasks", 16, 128, 5, CPU, log)
     err = capfd.readouterr().err
     assert "`pretrained` model kwarg is not of type `str`" in log.read_text()
     assert "model kwarg" not in err and "WARNING" not in err and "INFO" not in err, err[-2000:]
+
+
+def test_lm_eval_runs_under_the_configured_autocast_without_a_kv_cache(pretrained_scores, tiny_run, tmp_path):
+    """bf16-mixed (the CUDA default) autocasts the harness's forwards: the log-likelihoods move by bf16
+    rounding, not more; no forward fills a KV cache (the tasks here never generate)."""
+    model, tokenizer, fp32 = pretrained_scores
+    seen = []
+    hook = model.base_model.register_forward_hook(lambda m, args, out: seen.append(out.past_key_values))
+    try:
+        bf16 = evaluate_capabilities(model, tokenizer, ["heldout_lastword"], tiny_run[1].shared / "tasks", 16, 128, 0,
+                                     Compute(torch.device("cpu"), "bf16-mixed"), tmp_path / "lm_eval.log")
+    finally:
+        hook.remove()
+    assert seen and all(c is None for c in seen)
+    assert model.config.use_cache                      # the model itself is left as it was
+    ppl, ref = bf16["heldout_lastword"]["metrics"]["perplexity"], fp32["heldout_lastword"]["metrics"]["perplexity"]
+    assert ppl != ref and ppl == pytest.approx(ref, rel=0.05)
 
 
 def test_stage_0_builds_the_held_out_tasks_from_the_test_split(tiny_run):
@@ -103,7 +121,7 @@ def test_the_offline_lm_eval_recipe_runs_the_held_out_tasks_with_no_hub(pretrain
                          capture_output=True, text=True, env=env, timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["heldout_cloze"]
-    ours = evaluate_capabilities(model, tokenizer, ["heldout_cloze"], paths.shared / "tasks", 8, 128, 8, "cpu",
+    ours = evaluate_capabilities(model, tokenizer, ["heldout_cloze"], paths.shared / "tasks", 8, 128, 8, CPU,
                                  tmp_path / "lm_eval.log")["heldout_cloze"]["metrics"]
     assert result["acc,none"] == pytest.approx(ours["acc"])
     empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_tasks.py"), "--work-dir",

@@ -160,10 +160,10 @@ def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         runs[name] = (r.stdout, json.loads((vdir / "seed_42" / "results" / "evaluation.json").read_text())["models"])
     assert set(runs["a"][1]) == {"pretrained", "control_40000"}
-    assert "measured once for every variant" not in runs["a"][0]
-    assert runs["b"][0].count("measured once for every variant") == 2, runs["b"][0]
+    assert "measured before: kept" not in runs["a"][0]
+    assert runs["b"][0].count("measured before: kept") == 2, runs["b"][0]
     assert runs["b"][1] == runs["a"][1]                                   # the same records, not re-measured
-    assert "measured once for every variant" not in runs["c"][0]          # another stride: measured afresh
+    assert "measured before: kept" not in runs["c"][0]          # another stride: measured afresh
     assert runs["c"][1]["pretrained"]["perplexity"] != runs["a"][1]["pretrained"]["perplexity"]
     kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "seed_42" / "stage_4_evaluate").iterdir())
     assert kept == ["control_40000", "control_40000", "pretrained", "pretrained"]   # two eval configs

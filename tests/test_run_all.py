@@ -1,5 +1,6 @@
 """run_all.sh: argument errors, and the sbatch commands it would submit (golden file)."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -176,3 +177,25 @@ def test_help_of_both_entry_points_is_their_usage():
     assert "set -euo" not in r.stdout and r.stdout.rstrip().endswith("(exit 1).")
     t = subprocess.run(["bash", str(ROOT / "run_tests.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert t.returncode == 0 and "unknown mode" not in t.stderr and "integration" in t.stdout
+
+
+def test_dry_run_derives_the_time_limits_from_the_counted_work(tmp_path):
+    """pythia-1.4b on one GPU: stages 2-6 get limits from their FLOPs at the stated throughput, explained on
+    stderr; training beyond a day is requeued runs, stage 4 requeues too; MONO_SLURM_TIME_<N> still wins."""
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 env_extra={"MONO_SLURM_TIME_6": "03:00:00"})
+    assert r.returncode == 0, r.stderr
+    assert "time limits of stages 2-6 (N = 1,414.0M parameters; A100 bf16 peak 312 TFLOP/s" in r.stderr
+    lines = {int(l.split()[1].rstrip(":")): l for l in r.stderr.splitlines() if l.startswith("  stage ")}
+    assert set(lines) == {2, 3, 4, 5, 6} and "about 5 requeued runs" in lines[2]
+    jobs = {n: next(l for l in r.stdout.splitlines() if f"--job-name mono-{n}-s42 " in l) for n in range(2, 7)}
+    assert "--time 24:00:00" in jobs[2] and "--time 24:00:00" in jobs[3]
+    assert lines[4].endswith(jobs[4].split("--time ")[1].split()[0]) and "--requeue" in jobs[4]
+    assert "--time 03:00:00" in jobs[6] and "--requeue" not in jobs[5]
+    # 8 GPUs for training and measurement divide the estimates.
+    eight = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                     env_extra={"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_MEASURE_PROCS": "8"})
+    hours = lambda line: float(re.search(r"~([\d.]+) h", line).group(1))   # noqa: E731
+    est = {int(l.split()[1].rstrip(":")): hours(l) for l in eight.stderr.splitlines() if l.startswith("  stage ")}
+    one = {n: hours(l) for n, l in lines.items()}
+    assert all(est[n] == pytest.approx(one[n] / 8, rel=0.02) for n in lines)

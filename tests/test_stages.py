@@ -176,3 +176,39 @@ def test_a_stage_counts_as_done_only_while_its_outputs_are_whole(stage1_work, tm
     assert r.returncode == 0 and "was done, but its output" in r.stdout and "running it again" in r.stdout, r.stdout
     assert run_script("stages_done", *args, "--seeds", "42").stdout.splitlines() == ["0 42", "1 42"]
     assert run_script("pipeline_status", str(work)).returncode == 0
+
+
+@pytest.mark.slow
+def test_stage_4_stopped_by_its_time_limit_warning_keeps_what_it_measured(stage1_work, tmp_path):
+    """SLURM's warning (SIGUSR1, --signal B:USR1@120) stops stage 4 after the arm it is measuring, exit 75
+    (requeue); the requeued run reads every arm measured before and measures only the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    work = tmp_path / "w"
+    shutil.copytree(stage1_work, work)
+    kept = work / "shared" / "measured" / "seed_42" / "stage_4_evaluate"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "stage_4_evaluate.py"), "--work-dir", str(work),
+                             *fast_sets()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(kept.glob("pretrained-*.json")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert "what stage 4 measured is kept, rerun the same command to go on" in err
+    assert not (work / "seed_42" / "flags" / "stage_4_evaluate.done").exists()
+    measured = sorted(p.name.split("-")[0] for p in kept.iterdir())
+    assert measured[0] == "control_40000" or measured == ["pretrained"]
+    r = run_script("stage_4_evaluate", "--work-dir", str(work), *fast_sets())
+    assert r.returncode == 0, r.stderr[-2000:]
+    reused = re.findall(r"\[evaluate\] (\S+) +perplexity .*\(measured before: kept\)", r.stdout)
+    assert "pretrained" in reused and len(reused) == len([m for m in measured if "." not in m])
+    ev = json.loads((work / "seed_42" / "results" / "evaluation.json").read_text())
+    caps = json.loads((work / "seed_42" / "results" / "capabilities.json").read_text())
+    assert set(ev["models"]) == set(caps["models"]) == {"pretrained", "control_40000", "monotonic_init"}
+    assert all("." not in p.name.split("-")[0] for p in kept.iterdir())      # the parts of finished arms are gone

@@ -256,3 +256,35 @@ def test_weight_change_is_reported_per_module_group():
     expected = 0.5 * float(mlp_in[0].weight.abs().sum()) / mass
     assert groups["mlp_in"]["relative_delta"] == pytest.approx(expected, rel=1e-5)
     assert all(v["relative_delta"] == 0 for g, v in groups.items() if g != "mlp_in")
+
+
+def test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end(stage1_work, tmp_path, monkeypatch):
+    """Every improvement writes checkpoints/<arm>/best (each rank its shard, no gather); the Hugging
+    Face export of it happens once, after the final model, and scores the recorded best loss."""
+    from conftest import tiny_config
+    from utils import recovery
+    from utils.data.tokenization import TokenFile
+    from utils.model.modeling import load_model
+    from utils.run.compute import CPU
+    from utils.run.run_files import RunPaths
+    from utils.train.training import validation_loss
+    work = _clone(stage1_work, tmp_path, "best")
+    pairs = [tuple(a.split("=", 1)) for a in SHORT[1::2]]
+    cfg = tiny_config(work, pairs)
+    paths = RunPaths(work, cfg.seed)
+    exports, save = [], recovery.save_model
+    monkeypatch.setattr(recovery, "save_model", lambda m, path, *a, **k: (exports.append(path.name), save(m, path, *a, **k)))
+    recovery.recover(cfg, paths, "monotonic")
+    assert exports == ["monotonic", "monotonic_best"]
+    report = json.loads((paths.results / "training_monotonic.json").read_text())
+    info = json.loads((paths.models / "monotonic_best" / "run_info.json").read_text())
+    best = report["best"]
+    assert info["step"] == best["step"] == report["history"]["best_step"]
+    kept = json.loads((paths.seed_dir / "checkpoints" / "monotonic" / "best" / "state.json").read_text())
+    assert kept["step"] == best["step"] and kept["val_loss"] == best["val_loss"]
+    val = TokenFile(paths.shared / "tokens", "val").tokens
+    t = cfg.recovery_monotone
+    again = validation_loss(load_model(paths.models / "monotonic_best"), val, cfg.data.seq_len, t.micro_batch_size,
+                            t.eval_windows, CPU)
+    assert again == pytest.approx(best["val_loss"], rel=1e-5)
+    assert best["val_loss"] <= min(r["val_loss"] for r in report["history"]["steps"] if r.get("val_loss") is not None)

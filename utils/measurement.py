@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
+from utils.run.signals import Preempted, StopOnSignal
 from utils.stages import pretrained_model, read_manifest
 
 ARMS = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")
@@ -84,35 +86,58 @@ def arm_label(paths: RunPaths, arm: str) -> str:
 
 
 class MeasuredOnce:
-    """The arms grid variants share (the pretrained model, stage 0's controls, a linked baseline) are
-    measured once per seed: in a run whose stage 0 is a link (a variant, utils/run/grid.py), an arm
-    whose model lies outside the run's own dir keeps its per-arm result in
-    shared/measured/seed_<S>/<stage>/<arm>-<key>.json, and a later variant with the same model, seed,
-    config sections and code reads it instead of measuring again. Rank 0 decides for every rank."""
+    """Each arm is measured once per seed, model and config: its per-arm result (and, within stage 4,
+    its perplexity and each capability task as soon as they exist) is kept in
+    shared/measured/seed_<S>/<stage>/<arm>[.<part>]-<key>.json, keyed by the model's real path and
+    write time, the seed, the stage's config sections and the code revision. A requeued or rerun stage
+    reads what it measured before (a stage 4 stopped by its time limit resumes at the next task), and a
+    grid variant reads what an earlier variant measured of the arms they share (the pretrained model,
+    stage 0's controls, a linked baseline), through its shared/ link. --force sets the stage's records
+    aside (`measured_dir`). `get` is collective (rank 0 decides); `get_part`/`put` are per rank."""
 
     def __init__(self, cfg: ExperimentConfig, paths: RunPaths, stage: str, sections: tuple[str, ...]):
         self.cfg, self.paths, self.stage, self.sections = cfg, paths, stage, sections
-        self.active = paths.shared.is_symlink()
         self.code = code_revision()
 
-    def _file(self, arm: str, path: Path) -> Path | None:
+    def _file(self, arm: str, path: Path, part: str = "") -> Path:
         real = path.resolve()
-        if not self.active or real.is_relative_to(self.paths.work_dir.resolve()):
-            return None
         stamp = max(p.stat().st_mtime_ns for p in real.glob("*.safetensors"))
         key = self.cfg.fingerprint(self.sections, extra=f"{real}|{stamp}|{self.cfg.seed}|{self.stage}|{self.code}")
-        return self.paths.shared / "measured" / f"seed_{self.cfg.seed}" / self.stage / f"{arm}-{key}.json"
+        return measured_dir(self.paths, self.stage) / f"{arm}{'.' + part if part else ''}-{key}.json"
 
-    def get(self, arm: str, path: Path) -> dict | None:
-        f = self._file(arm, path)
-        kept = distributed.from_main(int(f is not None and f.exists()))
+    def get(self, arm: str, path: Path, part: str = "") -> dict | None:
+        f = self._file(arm, path, part)
+        kept = distributed.from_main(int(f.exists()))
         return read_json(f) if kept else None
 
-    def put(self, arm: str, path: Path, entry: dict) -> None:
-        f = self._file(arm, path)
-        if f is not None and distributed.is_main():
+    def get_part(self, arm: str, path: Path, part: str) -> dict | None:
+        f = self._file(arm, path, part)
+        return read_json(f) if f.exists() else None
+
+    def put(self, arm: str, path: Path, entry: dict, part: str = "", every_rank: bool = False) -> None:
+        if every_rank or distributed.is_main():
+            f = self._file(arm, path, part)
             f.parent.mkdir(parents=True, exist_ok=True)
             write_json(f, entry)
+
+    def drop_parts(self, arm: str, path: Path) -> None:
+        """Once the arm's whole record is kept, its parts are not needed."""
+        if distributed.is_main():
+            whole = self._file(arm, path).name
+            for f in measured_dir(self.paths, self.stage).glob(f"{arm}.*-{whole.rsplit('-', 1)[1]}"):
+                f.unlink(missing_ok=True)
+
+
+def measured_dir(paths: RunPaths, stage: str) -> Path:
+    return paths.shared / "measured" / f"seed_{paths.seed}" / stage
+
+
+def stop_between_arms(stop: StopOnSignal, stage: str, arm: str) -> None:
+    """A signal (SLURM's warning before the time limit) stops a measurement stage after an arm; what it
+    measured is kept (MeasuredOnce) and the requeued job goes on from there. Collective."""
+    if distributed.any_rank(stop.requested)[0]:
+        raise Preempted(f"stopped by {stop.reason or 'a signal to another process'} after {arm}; what {stage} "
+                        f"measured is kept, rerun the same command to go on", stop.signum or signal.SIGUSR1)
 
 
 def _load(path: Path, device):
@@ -156,41 +181,55 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         import lm_eval
         caps = {"harness": f"lm-evaluation-harness {lm_eval.__version__}", "num_fewshot": 0,
                 "limit": e.task_limit or None, "tasks": tasks,
-                "compute": {"device": str(compute.device), "weights": "float32", "autocast": None},
+                "compute": compute.describe(),
                 "models": {}}
     share = distributed.my_share(len(docs))
     once = MeasuredOnce(cfg, paths, "stage_4_evaluate", EVAL_SECTIONS)
+    # SLURM's warning (jobs/common.sh forwards it as USR1). Not SIGTERM: lm-eval's bootstrap pool stops its
+    # forked workers with it, and they inherit the handler. Ctrl-C stops at once (what is done is kept).
+    stop = StopOnSignal((signal.SIGUSR1,))
     for arm, path in available_arms(paths).items():
         kept = once.get(arm, path)
         if kept:
             out["models"][arm] = kept["evaluation"]
             if tasks:
                 caps["models"][arm] = kept["capabilities"]
-            _say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured once for every variant)")
+            _say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured before: kept)")
             continue
-        t0 = time.time()
-        model = _load(path, compute.device)
-        per_doc = distributed.gather_shares(document_nll(model, docs[share.start:share.stop], tokenizer.eos_token_id,
-                                                         e.max_len, e.stride, e.batch_size, compute))
-        agg = aggregate(per_doc)
-        out["models"][arm] = {
-            "path": paths.rel(path), "label": arm_label(paths, arm), **agg,
-            "bits_per_byte": agg["nll_sum"] / math.log(2) / n_bytes, "seconds": time.time() - t0,
-            "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
-        _say(f"[evaluate] {arm:<15} perplexity {agg['perplexity']:10.2f}  "
-             f"({agg['tokens']:,} tokens, {out['models'][arm]['bits_per_byte']:.3f} bits/byte)")
-        if tasks:      # task i on rank i mod N
-            dealt = tasks[distributed.rank()::distributed.world_size()]
+        t0, model = time.time(), None
+        evaluation = once.get(arm, path, "perplexity")
+        if evaluation is None:
+            model = _load(path, compute.device)
+            per_doc = distributed.gather_shares(document_nll(model, docs[share.start:share.stop], tokenizer.eos_token_id,
+                                                             e.max_len, e.stride, e.batch_size, compute))
+            agg = aggregate(per_doc)
+            evaluation = {
+                "path": paths.rel(path), "label": arm_label(paths, arm), **agg,
+                "bits_per_byte": agg["nll_sum"] / math.log(2) / n_bytes, "seconds": time.time() - t0,
+                "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
+            once.put(arm, path, evaluation, "perplexity")
+        out["models"][arm] = evaluation
+        _say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
+             f"({evaluation['tokens']:,} tokens, {evaluation['bits_per_byte']:.3f} bits/byte)")
+        if tasks:      # task i on rank i mod N, each kept as soon as it is done
             log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
-            mine = evaluate_capabilities(model, tokenizer, dealt, task_data, e.task_batch_size, e.max_len,
-                                         e.task_limit, str(compute.device), log) if dealt else {}
+            mine = {}
+            for task in tasks[distributed.rank()::distributed.world_size()]:
+                mine[task] = once.get_part(arm, path, f"task.{task}")
+                if mine[task] is None:
+                    model = model or _load(path, compute.device)
+                    mine[task] = evaluate_capabilities(model, tokenizer, [task], task_data, e.task_batch_size,
+                                                       e.max_len, e.task_limit, compute, log)[task]
+                    once.put(arm, path, mine[task], f"task.{task}", every_rank=True)
             done = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}
             caps["models"][arm] = {"path": paths.rel(path), "tasks": {t: done[t] for t in tasks}}
             _say(f"[evaluate] {arm:<15} " + ", ".join(
                 f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
                 for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
         once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
+        once.drop_parts(arm, path)
         del model
+        stop_between_arms(stop, "stage 4", arm)
     out["processes"] = distributed.world_size()
     path = paths.results / "evaluation.json"
     written = [str(path)] + ([str(paths.results / "capabilities.json")] if tasks else [])
@@ -222,7 +261,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     for arm, path in arms.items():      # the trigger search, the expensive part (the transfer below is cheap)
         models[arm] = once.get(arm, path)
         if models[arm]:
-            _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (searched once for every variant)")
+            _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (measured before: kept)")
             continue
         t0 = time.time()
         victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True)
@@ -311,8 +350,8 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str) -> str:
     for arm, path in arms.items():
         models[arm] = once.get(arm, path)
         if models[arm]:
-            _say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (attacked once for "
-                 f"every variant)")
+            _say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (measured "
+                 f"before: kept)")
             continue
         victim = Victim(_load(path, compute.device), compute, a.batch_size)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])

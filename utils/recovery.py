@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from configs.experiment_config import ExperimentConfig, TrainConfig, numbers
 from utils.data.tokenization import TokenFile, load_tokenizer
-from utils.model.modeling import load_model, save_model
+from utils.model.modeling import empty_model, load_model, save_model
 from utils.model.monotonicity import certify, constrained_modules, release_constraint
 from utils.run import distributed
 from utils.run.compute import Compute
@@ -177,19 +177,29 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     train_tok = TokenFile(paths.shared / "tokens", "train")
     val_tok = TokenFile(paths.shared / "tokens", "val")
 
-    def load_start(device=None):
-        """fp32 master weights; under torchrun loaded on the CPU and moved to the GPU shard by shard."""
-        m = load_model(start_path, "float32", device or ("cpu" if distributed.active() else compute.device))
+    def prepared(m):
         if arm == "unconstrained_from_init":
             release_constraint(m)
         if recipe.trainable == "constrained":
             freeze_all_but_constrained(m, cfg.monotone.scope)
         return m
 
-    sweep = lr_sweep(cfg, paths, arm, load_start, train_tok, val_tok, compute) if recipe.lr_grid else None
+    def load_start(device=None):
+        """The starting model, fp32 master weights, whole, on `device` (default: the compute device)."""
+        return prepared(load_model(start_path, "float32", device or compute.device))
+
+    def training_start():
+        """The model train() starts from. Under torchrun it is sharded, built on the meta device on every
+        rank, with only rank 0 reading the weights (N whole copies would need N x the host memory)."""
+        if not distributed.active():
+            return load_start()
+        whole = load_start("cpu").state_dict() if distributed.is_main() else None
+        return distributed.shard_from_main(prepared(empty_model(start_path)), whole, compute.device)
+
+    sweep = lr_sweep(cfg, paths, arm, training_start, train_tok, val_tok, compute) if recipe.lr_grid else None
     if sweep:
         recipe = dataclasses.replace(recipe, lr=sweep["chosen_lr"])
-    model = load_start()
+    model = training_start()
     main = distributed.is_main()
     plain = None
 
@@ -206,11 +216,6 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
         return plain
 
     best_dir = paths.models / f"{arm}_best"
-    def save_best(m, step, val_loss):
-        m = unsharded(m)
-        if main:
-            save_model(m, best_dir, tokenizer, extra={"step": step, "val_loss": val_loss})
-
     checkpointer = Checkpointer(checkpoint_dir(paths, arm), cfg.fingerprint(SECTIONS[arm]),
                                 recipe.keep_checkpoints)
     if recipe.trainable == "constrained" and main:
@@ -221,7 +226,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
               f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}, "
               f"{distributed.world_size()} process(es)")
     history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
-                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=save_best,
+                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=checkpointer.save_best,
                     max_epochs=cfg.data.max_epochs, history_file=paths.results / f"training_{arm}.history.jsonl")
     model = unsharded(model)
     if not main:
@@ -256,6 +261,10 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     result_path = paths.results / f"training_{arm}.json"
     write_json(result_path, report)
     save_model(model.cpu(), paths.models / arm, tokenizer, extra=extra)
+    # The one export of the best weights (kept sharded during training), into the final model's storage.
+    best_state, best = checkpointer.best_weights()
+    model.load_state_dict(best_state)
+    save_model(model, best_dir, tokenizer, extra={"arm": arm, "seed": cfg.seed, **best})
     mv = report["movement"]
     print(f"[{arm}] val perplexity {report['start_val_perplexity']:.1f} -> {report['final_val_perplexity']:.1f}; "
           f"mean |dW| constrained {mv['mean_abs_delta_W_constrained']:.2e}, "

@@ -16,17 +16,12 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError
-
-# Target positions per vocabulary projection: bounds the float32 logits of a chunk to
-# LOGIT_ROWS x vocab (~200 MB for Pythia's 50,304 tokens) whatever the batch and length.
-LOGIT_ROWS = 1024
-
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
@@ -70,8 +65,8 @@ class Victim:
     """The attacked model, queried in batches of `batch_size`, with every query counted.
 
     nll(seqs, targets)   exact next-token NLL at the target positions ([len-1] per sequence,
-                         NaN elsewhere); the vocabulary projection runs only on target rows,
-                         LOGIT_ROWS at a time, so no [batch, length, vocab] tensor exists
+                         NaN elsewhere); no [batch, length, vocab] tensor exists
+                         (utils.model.next_token)
     grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d]
 
     With `shard` under torch.distributed, batch b of every query runs on rank b mod N and
@@ -108,54 +103,49 @@ class Victim:
 
     @torch.no_grad()
     def _nll_batch(self, seqs, targets) -> list[torch.Tensor]:
-        ids, mask = _pad(seqs)
-        dev = self.compute.device
-        ids = ids.to(dev)
-        # Equal lengths (every candidate batch of an attack) need no mask: SDPA then takes its fast causal path.
-        mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
-        keep = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
-        for r, tgt in enumerate(targets):
-            keep[r, :len(tgt) - 1] = tgt[1:]
-        keep = keep.to(dev)
+        ids, labels, mask = self._inputs(seqs, targets)
         with self.compute.autocast(), parametrize.cached():
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-            rows, labels = hidden[keep], ids[:, 1:][keep]
-            head = self.model.get_output_embeddings()
-            nll = torch.cat([F.cross_entropy(head(h).float(), y, reduction="none")
-                             for h, y in zip(rows.split(LOGIT_ROWS), labels.split(LOGIT_ROWS))]) \
-                if len(rows) else rows.new_zeros(0, dtype=torch.float32)
-        out = torch.full(keep.shape, float("nan"))
-        out[keep.cpu()] = nll.float().cpu()
+            nll = target_nll(self.model, final_hidden(self.model, ids, mask)[:, :-1], labels[:, 1:])
+        out = torch.full(labels[:, 1:].shape, float("nan"))
+        out[(labels[:, 1:] != -100).cpu()] = nll.float().cpu()
         return [out[r, :len(s) - 1] for r, s in enumerate(seqs)]
 
     def _grad_batch(self, seqs, targets) -> list[torch.Tensor]:
+        ids, labels, mask = self._inputs(seqs, targets)
+        emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with self.compute.autocast():
+            hidden = final_hidden(self.model, inputs_embeds=emb, attention_mask=mask)[:, :-1]
+            nll = row_sums(target_nll(self.model, hidden, labels[:, 1:]), labels[:, 1:])
+        per_seq = nll / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+        (grad,) = torch.autograd.grad(per_seq.sum(), emb)
+        grad = grad.float().cpu()
+        return [grad[r, :len(s)] for r, s in enumerate(seqs)]
+
+    def _inputs(self, seqs, targets):
+        """Right-padded ids, labels (-100 off target) and the mask, on the device; no mask where every
+        sequence has the same length (every candidate batch of an attack: SDPA's fast causal path)."""
         ids, mask = _pad(seqs)
         labels = torch.full_like(ids, -100)
         for r, (s, tgt) in enumerate(zip(seqs, targets)):
             labels[r, :len(s)] = torch.where(tgt, s, torch.full_like(s, -100))
         dev = self.compute.device
-        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
-        emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        with self.compute.autocast():
-            logits = self.model(inputs_embeds=emb, attention_mask=mask).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none",
-                              ignore_index=-100)
-        per_seq = nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
-        (grad,) = torch.autograd.grad(per_seq.sum(), emb)
-        grad = grad.float().cpu()
-        return [grad[r, :len(s)] for r, s in enumerate(seqs)]
+        mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
+        return ids.to(dev), labels.to(dev), mask
 
 
 def _halving_on_oom(fn, seqs, targets) -> list[torch.Tensor]:
-    """fn over a batch; on CUDA OOM in halves, never dropping a sequence."""
+    """fn over a batch; on CUDA OOM in halves, never dropping a sequence.
+
+    The retry runs after the `except` block: inside it the exception's traceback still holds
+    the failed attempt's frames and so its activations, the memory the halves need."""
     try:
         return fn(seqs, targets)
     except torch.cuda.OutOfMemoryError:
         if len(seqs) == 1:
             raise
-        torch.cuda.empty_cache()
-        half = len(seqs) // 2
-        return _halving_on_oom(fn, seqs[:half], targets[:half]) + _halving_on_oom(fn, seqs[half:], targets[half:])
+    torch.cuda.empty_cache()
+    half = len(seqs) // 2
+    return _halving_on_oom(fn, seqs[:half], targets[:half]) + _halving_on_oom(fn, seqs[half:], targets[half:])
 
 
 def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.experiment_config import HELDOUT_TASKS
+from utils.run.compute import Compute
 from utils.run.run_files import PipelineError
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
@@ -162,21 +163,35 @@ def lm_eval_logging_to(log_file: Path):
 
 
 def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, batch_size: int,
-                          max_length: int, limit: int, device: str, log_file: Path) -> dict:
+                          max_length: int, limit: int, compute: Compute, log_file: Path) -> dict:
     """lm-eval on one loaded model: metrics with standard errors and per-example correctness
-    (lm-eval's messages go to `log_file`)."""
-    with lm_eval_logging_to(log_file):
-        return _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, device)
+    (lm-eval's messages go to `log_file`).
+
+    The harness computes in the stage's precision (bf16 autocast on CUDA by default, as every other
+    measurement; fp32 on CPU) through its own `mixed_precision_dtype`, which wraps each of its
+    forwards in torch.autocast (and turns off any autocast around it), and with the model's KV
+    cache off: its log-likelihood forwards call model(inputs) and would otherwise fill a cache of
+    every layer they never read."""
+    saved = model.config.use_cache
+    model.config.use_cache = False
+    try:
+        with lm_eval_logging_to(log_file):
+            return _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, compute)
+    finally:
+        model.config.use_cache = saved
 
 
-def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, device) -> dict:
+def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, compute: Compute) -> dict:
     import tempfile
 
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+              device=str(compute.device),
+              mixed_precision_dtype=torch.bfloat16 if compute.precision == "bf16-mixed" else None)
     with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as configs:
         write_task_configs(data_dir, Path(configs))
         manager = TaskManager(include_path=configs)

@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run.compute import Compute
 
 
@@ -56,11 +56,12 @@ def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float
         ids[r, :n] = torch.from_numpy(s[:-1])
         labels[r, n - n_targets:n] = torch.from_numpy(s[len(s) - n_targets:])
         mask[r, :n] = 1
-    ids, labels, mask = ids.to(compute.device), labels.to(compute.device), mask.to(compute.device)
+    # Windows of one length (batched together by document_nll) need no mask: SDPA's fast causal path.
+    mask = None if all(len(s) - 1 == width for s, _ in seqs) else mask.to(compute.device)
+    ids, labels = ids.to(compute.device), labels.to(compute.device)
     with compute.autocast(), parametrize.cached():     # softplus(V) once per forward
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return nll.sum(dim=1).tolist()
+        nll = target_nll(model, final_hidden(model, ids, mask), labels)
+    return row_sums(nll, labels).tolist()
 
 
 def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, stride: int,
@@ -74,6 +75,9 @@ def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, strid
         seq = np.concatenate([[eos_id], np.asarray(d, dtype=np.int64)])
         for begin, end, n_targets in rolling_windows(len(seq), max_len, stride):
             rows.append((i, seq[begin:end], n_targets))
+    # Longest first (lm-eval's order): batches of equal-length windows waste nothing on padding, and
+    # a batch that does not fit fails at the start.
+    rows.sort(key=lambda r: -len(r[1]))
     totals = [[0.0, 0] for _ in docs]
     start, bs = 0, batch_size
     while start < len(rows):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from configs.experiment_config import ModelConfig
 from utils.model.monotonicity import materialised_state_dict, reparametrize_loaded
@@ -59,9 +59,27 @@ def load_model(path: Path, dtype: str = "float32", device: str | torch.device = 
         raise PipelineError(f"no saved model at {path} (missing config.json)")
     if not list(path.glob("*.safetensors")):
         raise PipelineError(f"no safetensors weights in {path}; refusing to unpickle other formats")
+    # On a GPU the weights go straight from the safetensors files to it: N measuring ranks would
+    # otherwise each hold a whole host copy first (6.9B on 8 ranks: 221 GB).
+    direct = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", **direct)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PipelineError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
     return reparametrize_loaded(model).to(device)
+
+
+def empty_model(path: Path):
+    """The model saved at `path` without its weights: parameters on the meta device (no memory),
+    buffers real (rotary frequencies are not in the state dict), the monotone parametrisation
+    registered as load_model registers it. Ranks other than 0 shard this and receive their slices
+    from rank 0 (utils.run.distributed.shard_from_main), so one process per node reads the weights."""
+    from accelerate import init_empty_weights
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"no saved model at {path} (missing config.json)")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return reparametrize_loaded(model)

@@ -37,8 +37,14 @@ SCOPE_CLAIMS = {
 }
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for tensors without data: the meta device (a model skeleton), fake tensors (memory estimates)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _inverse_softplus(w: torch.Tensor) -> torch.Tensor:
-    if not bool((w > 0).all()):
+    if _has_values(w) and not bool((w > 0).all()):
         raise ValueError("softplus parametrisation needs strictly positive weights; initialise with |W| + eps first")
     return w + torch.log(-torch.expm1(-w))   # log(exp(w) - 1), stable for small and large w
 
@@ -209,7 +215,7 @@ def capture_mlp_inputs(model: nn.Module, input_ids: torch.Tensor) -> list[torch.
             lambda m, args, out: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids)
+            model(input_ids=input_ids, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

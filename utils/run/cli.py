@@ -25,6 +25,7 @@ from typing import Callable
 from configs.experiment_config import ConfigError, parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run import distributed
+from utils.run.compute import deterministic_from_environment
 from utils.run.run_files import (ROOT, PipelineError, RunPaths, flag_matches, flag_problem, set_aside, stage_lock,
                                  write_flag, write_json)
 from utils.run.signals import Preempted
@@ -105,6 +106,7 @@ def run_stage(stage: Stage, description: str) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    deterministic_from_environment()
     if distributed.launched() and not args.check:
         try:
             distributed.init(cfg.device)

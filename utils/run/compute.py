@@ -8,6 +8,7 @@ and on CPU alike, so the GPU recipe's numerics can be tested on any machine.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -16,6 +17,17 @@ import torch
 from utils.run.run_files import PipelineError
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+def deterministic_from_environment() -> bool:
+    """MONO_DETERMINISTIC=1: deterministic kernels only (torch.use_deterministic_algorithms, and the
+    cuBLAS workspace setting it needs), so that bitwise checks hold on CUDA as they do on a CPU
+    (benchmarks/gpu_check.sh sets it for its resume tests). Off by default: slower kernels."""
+    if os.environ.get("MONO_DETERMINISTIC") != "1":
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,10 +50,14 @@ class Compute:
             precision = "bf16-mixed" if dev.type == "cuda" else "fp32"
         return cls(dev, precision)
 
-    def autocast(self):
-        """Context for forward passes (and the loss); backward runs outside it."""
+    def autocast(self, sharded: bool = False):
+        """Context for forward passes (and the loss); backward runs outside it.
+
+        `sharded` (an FSDP model) turns off autocast's cache of bf16 weight copies: it would keep
+        one of every all-gathered layer until the forward ends, a bf16 copy of the whole model
+        on every rank. The numbers are the same; each use of a weight casts it again."""
         if self.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not sharded)
         return nullcontext()
 
     def describe(self) -> dict:

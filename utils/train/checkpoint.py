@@ -10,6 +10,9 @@ A checkpoint is a directory `step_<N>/` holding
                  process without torchrun included) reads its own slices
   state.json     step, world size, optimizer hyper-parameters, every rank's RNG
                  state, history, best validation loss and the config fingerprint
+`best/` holds the weights of the best validation loss so far in the same sharded form
+(no optimizer state), written by every rank at each improvement without a gather; the
+run exports it as a Hugging Face directory once, at the end.
 Loading parses safetensors headers and JSON only; nothing is unpickled. All
 ranks write into `.step_<N>.partial/`; rank 0 renames it into place once every
 file is on disk, so a kill at any moment leaves either the previous
@@ -30,7 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 from utils.run import distributed
 from utils.run.run_files import PipelineError
@@ -93,29 +96,49 @@ class Checkpointer:
         return sorted(self.dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
 
     def save(self, step: int, model, optimizer, extra: dict) -> Path:
-        final = self.dir / f"step_{step:08d}"
-        tmp = self.dir / f".step_{step:08d}.partial"
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        rng = distributed.gather_objects(_rng_state())
+        final = self._write(f"step_{step:08d}", _tensors(model, optimizer)[0],
+                            {"step": step, "param_groups": groups, "rng": rng, **extra})
+        if distributed.is_main():
+            for old in self.checkpoints()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return final
+
+    def save_best(self, model, step: int, val_loss: float) -> Path:
+        """The model's weights alone (no optimizer), sharded like a checkpoint, into `best/`: each rank
+        writes its own shard, nothing is gathered. `export_best` makes the one Hugging Face export."""
+        state = get_model_state_dict(model)
+        return self._write("best", {f"model.{k}": v for k, v in state.items()}, {"step": step, "val_loss": val_loss})
+
+    def best_weights(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(whole state dict, {step, val_loss}) of `best/`, read in this process; None if there is none."""
+        path = self.dir / "best"
+        if not (path / "state.json").exists():
+            return None
+        info = json.loads((path / "state.json").read_text())
+        tensors = read_checkpoint(path)
+        return {k[len("model."):]: v for k, v in tensors.items()}, {k: info[k] for k in ("step", "val_loss")}
+
+    def _write(self, name: str, tensors: dict, state: dict) -> Path:
+        """DCP-save `tensors` (every rank its shards) and rank 0's state.json into `name/`, atomically."""
+        final, tmp = self.dir / name, self.dir / f".{name}.partial"
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)          # left by a killed run
             tmp.mkdir(parents=True)
         distributed.barrier()
         try:
             with _single_process_quiet():
-                dcp.save(_tensors(model, optimizer)[0],
-                         storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
-            rng = distributed.gather_objects(_rng_state())
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+                dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
             distributed.barrier()
             if distributed.is_main():
-                state = {"step": step, "fingerprint": self.fingerprint, "world_size": distributed.world_size(),
-                         "param_groups": groups, "rng": rng, **extra}
+                state = {**state, "fingerprint": self.fingerprint, "world_size": distributed.world_size()}
                 (tmp / "state.json").write_text(json.dumps(state))
                 _fsync_tree(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                for old in self.checkpoints()[:-self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             if distributed.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +192,10 @@ class Checkpointer:
         elif distributed.is_main():   # data order is (seed, step) alone; the models here use no dropout
             print(f"[checkpoint] written by {state['world_size']} process(es), resumed by "
                   f"{distributed.world_size()}: random number generators are not restored")
+        best = self.dir / "best" / "state.json"
+        if distributed.is_main() and best.exists() and json.loads(best.read_text())["step"] > state["step"]:
+            shutil.rmtree(best.parent)     # saved after this checkpoint by the interrupted run: the resumed one redoes it
+        distributed.barrier()
         if distributed.is_main():
             print(f"[checkpoint] resumed from {path} (step {state['step']})")
         return state

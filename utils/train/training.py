@@ -17,16 +17,17 @@ import math
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from configs.experiment_config import TrainConfig
 from utils.model.monotonicity import project_constrained_
+from utils.model.next_token import final_hidden, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError
@@ -91,8 +92,8 @@ def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    """Mean next-token NLL of [rows, seq_len + 1] windows (no full logits: utils.model.next_token)."""
+    return target_nll(model, final_hidden(model, batch[:, :-1]), batch[:, 1:], every=True).mean()
 
 
 @torch.no_grad()
@@ -106,6 +107,7 @@ def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
     """
     was_training = model.training
     model.eval()
+    sharded = distributed.is_sharded(model)
     n = min(max_windows, (len(tokens) - 1) // seq_len)
     starts = list(range(0, n, batch_size))
     rank, world = distributed.rank(), distributed.world_size()
@@ -114,11 +116,43 @@ def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
         i = starts[k] if k < len(starts) else 0
         rows = [np.asarray(tokens[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64)
                 for j in range(i, min(n, i + batch_size))]
-        with compute.autocast(), parametrize.cached():
-            loss = lm_loss(model, torch.from_numpy(np.stack(rows)).to(compute.device)).item()
+        loss = window_loss(model, torch.from_numpy(np.stack(rows)).to(compute.device), compute, sharded).item()
         total += loss * len(rows) if k < len(starts) else 0.0
     model.train(was_training)
     return distributed.sum_across(total)[0] / n
+
+
+def window_loss(model, rows: torch.Tensor, compute: Compute, sharded: bool) -> torch.Tensor:
+    """Validation's forward of one batch of windows (no gradient). softplus(V) once per forward in one
+    process; sharded, a cached W of every layer would outlive its layer's all-gather: a whole unsharded
+    copy of the constrained weights on every rank."""
+    with torch.no_grad(), compute.autocast(sharded), (nullcontext() if sharded else parametrize.cached()):
+        return lm_loss(model, rows)
+
+
+def optimizer_step(model, opt, micro_batches: list[torch.Tensor], t: TrainConfig, compute: Compute,
+                   sharded: bool, after_backward=None) -> list[torch.Tensor]:
+    """One optimizer step over this rank's windows of the step, in micro-batches: each micro-batch's
+    mean loss weighted by its share of the rank's windows (FSDP averages the ranks' gradients, which
+    are reduce-scattered once, after the last micro-batch); then clipping by the global norm (across
+    shards), AdamW, and the projected construction's W <- max(W, 0) (a no-op for the others).
+    Returns the weighted losses, as tensors (no device sync here). `after_backward()` is called after
+    each micro-batch's backward (utils.train.memory's tracker starts a new module pass there)."""
+    n, losses = sum(len(b) for b in micro_batches), []
+    for i, batch in enumerate(micro_batches):
+        if sharded:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with compute.autocast(sharded):
+            loss = lm_loss(model, batch) * len(batch) / n
+        loss.backward()
+        losses.append(loss.detach())
+        if after_backward is not None:
+            after_backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    opt.step()
+    project_constrained_(model)
+    opt.zero_grad(set_to_none=True)
+    return losses
 
 
 def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -185,8 +219,8 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     sharded = distributed.active()
-    if sharded:                  # moves each rank's shard to the device
-        distributed.shard(model, device, bf16_compute=compute.precision == "bf16-mixed")
+    if sharded and not distributed.is_sharded(model):     # moves each rank's shard to the device
+        distributed.shard(model, device)
     else:                        # the recoveries load the model there already; the tiny pretraining builds it on the CPU
         model.to(device)
     model.train()
@@ -234,23 +268,10 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         lr = lr_at(step, total_steps, t)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
         first = step * windows_per_step + rank * per_rank          # this rank's slice of the step's windows
-        micro_starts = range(0, per_rank, t.micro_batch_size)
-        for i, offset in enumerate(micro_starts):
-            count = min(t.micro_batch_size, per_rank - offset)
-            if sharded:       # reduce-scatter gradients once per optimizer step, after the last micro-batch
-                model.set_requires_gradient_sync(i == len(micro_starts) - 1)
-            batch = batches.rows(first + offset, count).to(device)
-            with compute.autocast():
-                # the mean over this rank's windows; FSDP averages the ranks' gradients
-                loss = lm_loss(model, batch) * count / per_rank
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)   # global norm, across shards
-        opt.step()
-        project_constrained_(model)          # monotone.construction=projected: W <- max(W, 0); else nothing
-        opt.zero_grad(set_to_none=True)
+        micro = [batches.rows(first + offset, min(t.micro_batch_size, per_rank - offset)).to(device)
+                 for offset in range(0, per_rank, t.micro_batch_size)]
+        loss_sum = sum(loss.item() for loss in optimizer_step(model, opt, micro, t, compute, sharded))
         done = step + 1
         if on_step is not None:
             on_step(model, done, done * tokens_per_step)

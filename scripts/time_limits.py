@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Print the SLURM time limits of stages 2-6 for a config, derived from its counted work.
+
+    python scripts/time_limits.py --preset pythia-1.4b --gpu 1            # -> "2 24:00:00" ... one per stage
+    python scripts/time_limits.py --preset pythia-6.9b --gpu 1 --explain  # and how, on stderr
+
+run_all.sh uses it for every submission (MONO_SLURM_TIME_<N> still wins) and prints the
+explanation with --dry-run. A model of unknown size (a hub id that is not a Pythia)
+prints nothing: run_all.sh then keeps its fixed limits. Exit 2 on a config error.
+"""
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from configs.experiment_config import ConfigError, parse_sets
+from configs.presets import PRESETS, load_config
+from utils.run.time_limits import describe, stage_limits
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help=f"named preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpu", type=int, choices=(0, 1), required=True, help="1: the jobs get a GPU")
+    p.add_argument("--train-procs", type=int, default=1, help="processes of a training job (stages 2-3)")
+    p.add_argument("--measure-procs", type=int, default=1, help="processes of a measurement job (stages 4-6)")
+    p.add_argument("--explain", action="store_true", help="also print the counted work and assumptions (stderr)")
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.preset, parse_sets(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limits = stage_limits(cfg, bool(args.gpu), args.train_procs, args.measure_procs)
+    if limits is None:
+        if args.explain:
+            print("time limits: the model's size is unknown before stage 0; the fixed limits apply", file=sys.stderr)
+        return 0
+    for lim in limits:
+        print(lim.stage, lim.slurm)
+    if args.explain:
+        print("\n".join(describe(cfg, limits, bool(args.gpu), args.train_procs, args.measure_procs)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""SLURM time limits of stages 2-6 from the work the config asks for and a stated throughput.
+
+Work is counted in FLOPs from the config alone (it runs before stage 0 exists): N is the
+model's parameter count (Pythia's published shapes by hub id; the tiny preset's from its
+fields), a forward pass costs 2N per token, training 6N (8N with gradient checkpointing,
+which recomputes the forward), an embedding-gradient pass of an attack is counted as 6N.
+It imports no torch (run_all.sh calls it before submitting). Every bound is an upper bound of what the stage's loops can do (every sweep, step and
+beam item run in full). Throughput: the reference GPU's dense bf16 peak times an assumed
+utilisation (MFU), or a CPU figure; the limit is MARGIN x the estimate plus a fixed start
+and save overhead, rounded up to 15 minutes, at least 30 minutes. Stages that checkpoint
+and requeue (2, 3 and 4) are capped at MAX_HOURS; a longer estimate means several
+requeued runs, which the limit line says. Measured throughput (benchmarks/gpu_check.sh)
+replaces the assumed one with MONO_SLURM_TFLOPS.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from configs.experiment_config import ExperimentConfig, listed, numbers
+
+# (layers, d_model, heads) of the released Pythia models; vocabulary 50,304 rows, MLP 4 x d.
+PYTHIA_SHAPES = {"pythia-70m": (6, 512, 8), "pythia-160m": (12, 768, 12), "pythia-410m": (24, 1024, 16),
+                 "pythia-1b": (16, 2048, 8), "pythia-1.4b": (24, 2048, 16), "pythia-2.8b": (32, 2560, 32),
+                 "pythia-6.9b": (32, 4096, 32), "pythia-12b": (36, 5120, 40)}
+PYTHIA_VOCAB = 50_304
+REFERENCE_GPU = ("A100", 312e12)      # dense bf16 peak FLOP/s (datasheet)
+MFU = {"train": 0.35, "measure": 0.25}   # assumed: batches of 8-32 short sequences use the GPU worse
+CPU_FLOPS = 5e10                      # assumed for a CPU job (the tiny model trains at ~1e11 on 2 cores)
+DOC_TOKENS = 1_600                    # assumed mean tokens of a test document (a Pile document is ~1-2k)
+TASK_REQUESTS, REQUEST_TOKENS = 10_000, 128   # assumed per lm-eval task (HellaSwag: 40,168 requests; SciQ: 4,000)
+MARGIN, OVERHEAD_H, MIN_H, MAX_HOURS = 2.0, 0.25, 0.5, 24.0
+REQUEUED = (2, 3, 4)
+
+
+@dataclass
+class Limit:
+    stage: int
+    flops: float
+    hours: float          # the estimate, before the margin
+    limit_h: float        # what the job asks for
+    work: str             # what was counted
+
+    @property
+    def slurm(self) -> str:
+        minutes = int(round(self.limit_h * 60))
+        return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def parameters(cfg: ExperimentConfig) -> int | None:
+    """The model's parameter count from the config (None: a hub or local model of unknown shape)."""
+    m = cfg.model
+    if m.source == "tiny":
+        layers, d, vocab, ff = m.n_layer, m.d_model, m.vocab_size, m.d_ff
+    else:
+        shape = PYTHIA_SHAPES.get((m.hub_id or m.path).rstrip("/").split("/")[-1].lower())
+        if shape is None:
+            return None
+        (layers, d, _), vocab, ff = shape, PYTHIA_VOCAB, 4 * shape[1]
+    return layers * (4 * d * d + 2 * d * ff) + 2 * vocab * d
+
+
+def measured_arms(cfg: ExperimentConfig) -> int:
+    """Arms stages 4-6 measure: pretrained, controls, baseline, monotonic, monotonic_init (+ its control)."""
+    controls = len(listed(cfg.controls.pretrain_snapshots if cfg.model.source == "tiny" else cfg.controls.revisions))
+    return 4 + controls + int(cfg.controls.unconstrained_from_init)
+
+
+def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, float]:
+    """(FLOPs, tokens) of one recovery arm: its sweep, its run, and their validation forwards."""
+    t = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
+    seq = cfg.data.seq_len
+    per_token = (8 if t.gradient_checkpointing else 6) * n
+    runs = [(t.sweep_tokens, t)] * len(numbers(t.lr_grid) or []) + [(t.max_tokens, t)]
+    flops = tokens = 0.0
+    for budget, recipe in runs:
+        per_step = recipe.micro_batch_size * recipe.grad_accum_steps * seq
+        steps = max(1, math.ceil(budget / per_step))          # whole optimizer steps, as training.budget_tokens
+        tok = steps * per_step
+        evals = steps // recipe.eval_interval + 2
+        flops += per_token * tok + 2 * n * evals * recipe.eval_windows * seq
+        tokens += tok
+    return flops, tokens
+
+
+def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float, float]:
+    """(forward tokens, gradient tokens) stages 5 and 6 can spend on every arm together."""
+    a = cfg.attack
+    uat_len, text_len = 1 + a.uat_trigger_len + a.text_len, 1 + a.text_len
+    def scored(candidates):      # text forwards to score candidate triggers (uat.trigger_losses, screened or not)
+        if a.uat_screen_texts and candidates > a.uat_screen_keep:
+            return candidates * a.uat_screen_texts + a.uat_screen_keep * (a.uat_opt_texts - a.uat_screen_texts)
+        return candidates * a.uat_opt_texts
+
+    if a.uat_search == "beam":
+        rounds, grads = a.uat_max_sweeps * a.uat_trigger_len, a.uat_beam
+        fwd = a.uat_restarts * (a.uat_opt_texts + rounds * scored(a.uat_beam * a.uat_top_k))
+    else:
+        rounds, grads = a.gcg_steps, 1
+        fwd = a.uat_restarts * (a.uat_opt_texts + rounds * scored(a.gcg_search_width))
+    grad = a.uat_restarts * rounds * grads * a.uat_opt_texts
+    uat = (arms * fwd * uat_len + arms * (arms + 1) * a.uat_eval_texts * uat_len, arms * grad * uat_len)
+    fwd = grad = 0.0
+    for name in listed(a.text_attacks):
+        if name == "hotflip":
+            per_text = (2 + a.hotflip_max_flips * a.hotflip_beam * a.hotflip_top_k + 2, a.hotflip_max_flips * a.hotflip_beam)
+            texts = a.hotflip_texts
+        else:
+            per_text, texts = (2 + a.gcg_steps * a.gcg_search_width, a.gcg_steps), a.gcg_texts
+        fwd += arms * texts * (per_text[0] + 2 * arms) * text_len      # the search, then every record on every model
+        grad += arms * texts * per_text[1] * text_len
+    return uat, (fwd, grad)
+
+
+def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1) -> list[Limit] | None:
+    """The limits of stages 2-6 for jobs with (gpu) or without a GPU, training on `train_procs` processes
+    and measuring on `measure_procs` (each its share of the work), or None if the model's size is unknown
+    before stage 0."""
+    n = parameters(cfg)
+    if n is None:
+        return None
+    tflops = os.environ.get("MONO_SLURM_TFLOPS")
+    peak = float(tflops) * 1e12 if tflops else REFERENCE_GPU[1] if gpu else CPU_FLOPS
+
+    def rate(kind):
+        procs = train_procs if kind == "train" else measure_procs
+        return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
+
+    out = []
+    for stage, arms in ((2, ["baseline"]), (3, ["monotonic"] + (["unconstrained_from_init"]
+                                                                  if cfg.controls.unconstrained_from_init else []))):
+        parts = [training_flops(cfg, arm, n) for arm in arms]
+        flops = sum(f for f, _ in parts)
+        out.append(_limit(stage, flops, flops / rate("train"),
+                          f"{len(arms)} arm(s), {sum(t for _, t in parts) / 1e9:.3g}B training tokens"))
+    arms = measured_arms(cfg)
+    e = cfg.eval
+    test_tokens = (cfg.data.max_docs("test") or 1_000) * DOC_TOKENS
+    eval_tokens = arms * test_tokens * e.max_len / e.stride
+    task_tokens = arms * len(listed(e.tasks)) * (4 * e.task_limit or TASK_REQUESTS) * REQUEST_TOKENS
+    flops = 2 * n * (eval_tokens + task_tokens)
+    out.append(_limit(4, flops, flops / rate("measure"),
+                      f"{arms} arms: perplexity over ~{test_tokens / 1e6:.2g}M test tokens (stride {e.stride}) "
+                      f"and {len(listed(e.tasks))} lm-eval task(s)"))
+    for stage, (fwd, grad) in zip((5, 6), attack_forward_equivalents(cfg, arms)):
+        flops = 2 * n * fwd + 6 * n * grad
+        out.append(_limit(stage, flops, flops / rate("measure"),
+                          f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens at most"))
+    return out
+
+
+def _limit(stage: int, flops: float, seconds: float, work: str) -> Limit:
+    hours = seconds / 3600
+    limit = max(MIN_H, math.ceil((MARGIN * hours + OVERHEAD_H) * 4) / 4)
+    if stage in REQUEUED:
+        limit = min(limit, MAX_HOURS)
+    return Limit(stage, flops, hours, limit, work)
+
+
+def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs: int = 1,
+             measure_procs: int = 1) -> list[str]:
+    tflops = os.environ.get("MONO_SLURM_TFLOPS")
+    rate = (f"MONO_SLURM_TFLOPS={tflops} (measured)" if tflops else
+            f"{REFERENCE_GPU[0]} bf16 peak {REFERENCE_GPU[1] / 1e12:.0f} TFLOP/s at an assumed MFU of "
+            f"{MFU['train']:.0%} (training) / {MFU['measure']:.0%} (measurement)" if gpu else
+            f"a CPU at an assumed {CPU_FLOPS / 1e9:.0f} GFLOP/s")
+    lines = [f"time limits of stages 2-6 (N = {parameters(cfg) / 1e6:,.1f}M parameters; {rate}, per process; "
+             f"{train_procs} training and {measure_procs} measuring process(es); limit = "
+             f"{MARGIN:g} x estimate + {OVERHEAD_H * 60:.0f} min, >= {MIN_H * 60:.0f} min; utils/run/time_limits.py):"]
+    for lim in limits:
+        runs = math.ceil(MARGIN * lim.hours / lim.limit_h) if lim.stage in REQUEUED else 1
+        note = f", about {runs} requeued runs" if runs > 1 else \
+            " (exceeds the usual 24 h: raise MONO_SLURM_TIME_%d or shard it)" % lim.stage if lim.limit_h > MAX_HOURS else ""
+        lines.append(f"  stage {lim.stage}: {lim.work}: {lim.flops:.2e} FLOP, ~{lim.hours:.2f} h -> {lim.slurm}{note}")
+    return lines
