@@ -130,7 +130,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--gpu-micro-batch", type=int, default=load_config("pythia-1.4b").recovery_monotone.micro_batch_size,
-                   help="default: the pythia-1.4b preset's micro-batch")
+                   help="default %(default)s: the pythia-1.4b preset's micro-batch")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     res = {"cpu": cpu_benchmark(args.steps)}

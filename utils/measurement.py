@@ -7,10 +7,11 @@ exact convention, and stores per-example records that a fresh forward pass
 reproduces (tests/test_attacks.py does exactly that).
 
 Under torchrun the work is sharded and rank 0 writes what one process would:
-stage 4 splits the documents (and deals the capability tasks), stage 6 the
-attacked texts, each rank taking a contiguous share (distributed.my_share);
-stage 5 deals the batches of every exact query of the trigger search
-(attack_core.Victim). Every record is computed exactly as in one process.
+stage 4 deals the batches of windows (perplexity.document_nll) and the
+capability tasks, stage 6 the attacked texts, each rank taking a contiguous
+share (distributed.my_share); stage 5 deals the batches of every exact query of
+the trigger search (attack_core.Victim). Every record is computed exactly as in
+one process.
 """
 from __future__ import annotations
 
@@ -183,7 +184,6 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                 "limit": e.task_limit or None, "tasks": tasks,
                 "compute": compute.describe(),
                 "models": {}}
-    share = distributed.my_share(len(docs))
     once = MeasuredOnce(cfg, paths, "stage_4_evaluate", EVAL_SECTIONS)
     # SLURM's warning (jobs/common.sh forwards it as USR1). Not SIGTERM: lm-eval's bootstrap pool stops its
     # forked workers with it, and they inherit the handler. Ctrl-C stops at once (what is done is kept).
@@ -200,8 +200,8 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         evaluation = once.get(arm, path, "perplexity")
         if evaluation is None:
             model = _load(path, compute.device)
-            per_doc = distributed.gather_shares(document_nll(model, docs[share.start:share.stop], tokenizer.eos_token_id,
-                                                             e.max_len, e.stride, e.batch_size, compute))
+            per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute,
+                                   shard=True)
             agg = aggregate(per_doc)
             evaluation = {
                 "path": paths.rel(path), "label": arm_label(paths, arm), **agg,

@@ -262,8 +262,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     write_json(result_path, report)
     save_model(model.cpu(), paths.models / arm, tokenizer, extra=extra)
     # The one export of the best weights (kept sharded during training), into the final model's storage.
-    best_state, best = checkpointer.best_weights()
-    model.load_state_dict(best_state)
+    best = checkpointer.load_best_into(model)
     save_model(model, best_dir, tokenizer, extra={"arm": arm, "seed": cfg.seed, **best})
     mv = report["movement"]
     print(f"[{arm}] val perplexity {report['start_val_perplexity']:.1f} -> {report['final_val_perplexity']:.1f}; "

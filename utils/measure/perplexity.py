@@ -23,6 +23,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from utils.model.next_token import final_hidden, row_sums, target_nll
+from utils.run import distributed
 from utils.run.compute import Compute
 
 
@@ -65,36 +66,43 @@ def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float
 
 
 def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, stride: int,
-                 batch_size: int, compute: Compute) -> list[tuple[float, int]]:
+                 batch_size: int, compute: Compute, shard: bool = False) -> list[tuple[float, int]]:
     """(sum NLL, tokens scored) for each document, windows batched across documents.
 
-    On CUDA out-of-memory the same windows are retried in smaller batches, never dropped.
+    Windows are batched longest first (lm-eval's order: equal-length batches need no padding or
+    mask, and a batch that does not fit fails at the start). With `shard` under torch.distributed,
+    batch b runs on rank b mod N and every rank gets every document's sums, added in batch order:
+    each batch is the computation one process makes, so the result is the same whatever N.
+    On CUDA out-of-memory a batch is retried in halves, never dropped.
     """
     rows = []   # (doc index, window tokens, n_targets)
     for i, d in enumerate(docs):
         seq = np.concatenate([[eos_id], np.asarray(d, dtype=np.int64)])
         for begin, end, n_targets in rolling_windows(len(seq), max_len, stride):
             rows.append((i, seq[begin:end], n_targets))
-    # Longest first (lm-eval's order): batches of equal-length windows waste nothing on padding, and
-    # a batch that does not fit fails at the start.
     rows.sort(key=lambda r: -len(r[1]))
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    ranks = distributed.world_size() if shard else 1
+    mine = {b: _scored(model, batches[b], compute) for b in range(distributed.rank() if shard else 0, len(batches), ranks)}
+    if ranks > 1:
+        mine = {b: sums for part in distributed.gather_objects(mine) for b, sums in part.items()}
     totals = [[0.0, 0] for _ in docs]
-    start, bs = 0, batch_size
-    while start < len(rows):
-        chunk = rows[start:start + bs]
-        try:
-            sums = score_windows(model, [(s, n) for _, s, n in chunk], compute)
-        except torch.cuda.OutOfMemoryError:
-            if bs == 1:
-                raise
-            torch.cuda.empty_cache()
-            bs = max(1, bs // 2)
-            continue
-        for (i, _, n), s in zip(chunk, sums):
+    for b, batch in enumerate(batches):
+        for (i, _, n), s in zip(batch, mine[b]):
             totals[i][0] += s
             totals[i][1] += n
-        start += len(chunk)
     return [(nll, n) for nll, n in totals]
+
+
+def _scored(model, batch: list, compute: Compute) -> list[float]:
+    try:
+        return score_windows(model, [(s, n) for _, s, n in batch], compute)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+    torch.cuda.empty_cache()          # after the except block: the failed attempt's tensors are released
+    half = len(batch) // 2
+    return _scored(model, batch[:half], compute) + _scored(model, batch[half:], compute)
 
 
 def aggregate(per_doc: list[tuple[float, int]]) -> dict:

@@ -108,18 +108,21 @@ class Checkpointer:
 
     def save_best(self, model, step: int, val_loss: float) -> Path:
         """The model's weights alone (no optimizer), sharded like a checkpoint, into `best/`: each rank
-        writes its own shard, nothing is gathered. `export_best` makes the one Hugging Face export."""
+        writes its own shard, nothing is gathered (the training loop's on_best)."""
         state = get_model_state_dict(model)
         return self._write("best", {f"model.{k}": v for k, v in state.items()}, {"step": step, "val_loss": val_loss})
 
-    def best_weights(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(whole state dict, {step, val_loss}) of `best/`, read in this process; None if there is none."""
+    def load_best_into(self, model) -> dict:
+        """Read `best/` into a whole, unsharded `model` in place (no second copy of the weights), in this
+        process; returns its {step, val_loss}."""
         path = self.dir / "best"
         if not (path / "state.json").exists():
-            return None
+            raise PipelineError(f"no best weights in {path}: training saved none")
         info = json.loads((path / "state.json").read_text())
-        tensors = read_checkpoint(path)
-        return {k[len("model."):]: v for k, v in tensors.items()}, {k: info[k] for k in ("step", "val_loss")}
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        with _single_process_quiet(), torch.no_grad():
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+        return {k: info[k] for k in ("step", "val_loss")}
 
     def _write(self, name: str, tensors: dict, state: dict) -> Path:
         """DCP-save `tensors` (every rank its shards) and rank 0's state.json into `name/`, atomically."""
@@ -192,10 +195,9 @@ class Checkpointer:
         elif distributed.is_main():   # data order is (seed, step) alone; the models here use no dropout
             print(f"[checkpoint] written by {state['world_size']} process(es), resumed by "
                   f"{distributed.world_size()}: random number generators are not restored")
-        best = self.dir / "best" / "state.json"
-        if distributed.is_main() and best.exists() and json.loads(best.read_text())["step"] > state["step"]:
-            shutil.rmtree(best.parent)     # saved after this checkpoint by the interrupted run: the resumed one redoes it
-        distributed.barrier()
+        # A best/ saved after this checkpoint by the interrupted run stays: the resumed run, comparing with the
+        # checkpoint's best loss, saves over it when it reaches that step again (the same weights at the same
+        # world size), and the end of training always finds one to export.
         if distributed.is_main():
             print(f"[checkpoint] resumed from {path} (step {state['step']})")
         return state
