@@ -188,6 +188,10 @@ def _run(stage: Stage, args, cfg) -> int:
             outputs = stage.run(cfg, paths)
             if main:
                 write_flag(flag, fingerprint, outputs, paths)
+            # Every rank leaves together: a rank that tears its process group down while rank 0 still
+            # writes (the trained model, its export) can abort in gloo's teardown. (A failing rank is
+            # not waited for: torchrun stops the others.)
+            distributed.barrier()
     except PipelineError as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         return EXIT_FAILED
