@@ -125,7 +125,7 @@ def check_stage_5(work: Path) -> str:
 
 def check_stage_6(work: Path) -> str:
     said, ALL_ARMS = [], all_arms(work)
-    for name in ("hotflip", "gcg"):
+    for name in ("hotflip", "gcg", "random_search"):
         res = _results(work, name, "stage_6_hotflip_attacks")["models"]
         assert set(res) == ALL_ARMS
         for arm, m in res.items():
@@ -135,6 +135,17 @@ def check_stage_6(work: Path) -> str:
                                             f"(dNLL {res[a]['summary']['mean_abs_delta_nll']:+.2f} vs random "
                                             f"{res[a]['random_control']['mean_abs_delta_nll']:+.2f})"
                                             for a in sorted(ALL_ARMS)))
+    worst = _results(work, "worst_case", "stage_6_hotflip_attacks")["models"]
+    assert set(worst) == ALL_ARMS
+    for arm, m in worst.items():        # the worst case per text is at least every search's damage on it
+        for name in ("hotflip", "gcg", "gcg_surrogate", "random_search"):
+            recs = {r["doc"]: r["abs_delta_nll"] for r in _results(work, name, "stage_6_hotflip_attacks")["models"][arm]["examples"]}
+            assert all(w["abs_delta_nll"] >= recs[w["doc"]] for w in m["examples"]), (arm, name)
+        act = json.loads((work / m["path"] / "config.json").read_text())["hidden_act"]
+        assert m["flat_region"]["clean"]["flat_region"] == (act == "monotone_gelu"), arm
+    pgd = _results(work, "pgd", "stage_6_hotflip_attacks")["models"]
+    assert set(pgd) == ALL_ARMS and all((work / m["deltas_file"]).is_file() for m in pgd.values())
+    said.append("worst case: " + ", ".join(f"{a} dNLL {worst[a]['summary']['mean_abs_delta_nll']:+.2f}" for a in sorted(ALL_ARMS)))
     return "; ".join(said)
 
 
@@ -144,7 +155,7 @@ def check_stage_7(work: Path) -> str:
     assert set(final["across_seeds"]["arms"]) == all_arms(work)
     for name in ("results.md", "table.tex", "matched_control.json", "training_curves.png", "perplexity.png",
                  "hotflip_delta_nll.png", "gcg_delta_nll.png", "uat_transfer.png", "robustness_vs_clean_loss.png",
-                 "success_vs_threshold.png"):
+                 "success_vs_threshold.png", "attack_convergence.png"):
         assert (work / "final" / name).stat().st_size > 0, name
     fr = final["across_seeds"]["frontier"]
     md = (work / "final" / "results.md").read_text()

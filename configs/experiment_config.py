@@ -25,7 +25,10 @@ HELDOUT_OVERLAP = ("report", "drop")
 HELDOUT_TASKS = ("heldout_lastword", "heldout_cloze")   # lm-eval tasks stage 0 builds from the test split
 TRAINABLE = ("all", "constrained")
 UAT_SEARCHES = ("beam", "gcg")          # Wallace et al.'s left-to-right beam search, or GCG
-TEXT_ATTACKS = ("hotflip", "gcg")       # stage 6: searches under HotFlip's threat model     # recoveries: every weight, or only the monotone-constrained modules
+# Stage 6: searches under HotFlip's threat model. gcg_surrogate: GCG through the exact-GELU surrogate
+# gradient (BPDA); random_search: GCG's loop and budget with uniform proposals (no gradient).
+TEXT_ATTACKS = ("hotflip", "gcg", "gcg_surrogate", "random_search")
+SURROGATE_GRADIENTS = ("none", "exact_gelu")     # utils/attacks/masking.py
 
 
 def listed(csv: str) -> list[str]:
@@ -173,7 +176,7 @@ class AttackConfig:
     uat_screen_texts: int = 0
     uat_screen_keep: int = 0
     # Stage 6: searches under HotFlip's threat model (Ebrahimi et al. 2018; GCG, Zou et al. 2023)
-    text_attacks: str = "hotflip,gcg"   # comma-separated, see TEXT_ATTACKS
+    text_attacks: str = "hotflip,gcg,gcg_surrogate,random_search"   # comma-separated, see TEXT_ATTACKS
     hotflip_texts: int = 24
     hotflip_max_flips: int = 5      # also GCG's limit on modified tokens (the same threat model)
     hotflip_top_k: int = 16         # (position, token) candidates per beam item and flip
@@ -184,6 +187,14 @@ class AttackConfig:
     gcg_search_width: int = 32      # random single swaps scored exactly per step
     gcg_top_k: int = 32             # tokens per position from the one-hot gradient
     gcg_buffer: int = 0             # 0: continue from each step's best swap; B: from the best of the B best seen
+    # The backward pass of every gradient-guided search: none (the model's own) | exact_gelu (BPDA through
+    # exact GELU's derivative below the monotone clamp); stage 6's gcg_surrogate always uses exact_gelu.
+    surrogate_gradient: str = "none"
+    # PGD on the input embeddings (stage 6, pgd.json): the first pgd_texts of HotFlip's texts, an L2 ball
+    # per position of each radius (a fraction of the mean embedding norm); "" = off.
+    pgd_texts: int = 8
+    pgd_radii: str = "0.05,0.1,0.2"
+    pgd_steps: int = 10
     success_threshold: float = 0.15  # relative NLL increase counted as a successful attack
     success_abs_nats: float = 0.5   # also reported: success as an absolute increase of the mean NLL (nats/token)
 
@@ -310,6 +321,12 @@ class ExperimentConfig:
         need(listed(a.text_attacks) and not bad and len(set(listed(a.text_attacks))) == len(listed(a.text_attacks)),
              f"attack.text_attacks must list some of {', '.join(TEXT_ATTACKS)} (comma-separated, each once), "
              f"got {a.text_attacks!r}")
+        need(a.surrogate_gradient in SURROGATE_GRADIENTS,
+             f"attack.surrogate_gradient must be one of {', '.join(SURROGATE_GRADIENTS)}, got {a.surrogate_gradient!r}")
+        radii = numbers(a.pgd_radii)
+        need(radii is not None and all(r > 0 for r in radii),
+             f"attack.pgd_radii must be positive numbers (comma-separated) or empty, got {a.pgd_radii!r}")
+        need(not radii or (a.pgd_texts > 0 and a.pgd_steps > 0), "attack.pgd_texts and attack.pgd_steps must be > 0")
         need(a.success_threshold > 0 and a.success_abs_nats > 0, "attack.success_threshold and success_abs_nats must be > 0")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from utils.measurement import worst_of
 from utils.results.aggregate import run_aggregate
 from utils.results.statistics import bootstrap_interval, holm, mcnemar_exact, t_interval, wilcoxon_paired
 from utils.run.run_files import PipelineError
@@ -77,9 +78,39 @@ def _write_seed(work, seed, success, skip=()):
                                    "gradient_tokens": 650}} for d in range(10)]} for a in ARMS}},
         "uat.json": {"transfer": {a: {b: {"rel_delta_nll": 0.1} for b in ARMS} for a in ARMS},
                      "models": {a: {"trigger_text": "t", "eval": {"abs_delta_nll": 0.3, "rel_delta_nll": 0.1},
-                                    "examples": [{"doc": d, "clean_nll": 3.0, "triggered_nll": 3.3} for d in range(10)]}
+                                    "examples": [{"doc": d, "clean_nll": 3.0, "triggered_nll": 3.3} for d in range(10)],
+                                    # two restarts: held-out damage 0.3 (the reported trigger) and 0.1; traces plateau
+                                    "restarts": [{"restart": r, "eval": {"abs_delta_nll": v},
+                                                  "trace": [[1, 0.0], [100, v], [200, v]]}
+                                                 for r, v in ((0, 0.3), (1, 0.1))]}
                                 for a in ARMS}},
     }
+    # Convergence traces: HotFlip reaches its damage by half its budget (plateau), GCG gains half of it
+    # in the second half (no plateau).
+    for r in files["hotflip.json"]["models"]["baseline"]["examples"] + [
+            r for a in ARMS for r in files["hotflip.json"]["models"][a]["examples"]]:
+        r["trace"] = [[1, 0.0], [50, r["abs_delta_nll"]], [100, r["abs_delta_nll"]]]
+    for a in ARMS:
+        for r in files["gcg.json"]["models"][a]["examples"]:
+            r["trace"] = [[1, 0.0], [250, r["abs_delta_nll"] / 2], [500, r["abs_delta_nll"]]]
+    # The surrogate finds 0.1 more on the constrained arms (their own gradient hid it); random search 0.01.
+    files["gcg_surrogate.json"] = {"success_threshold": 0.15, "models": {a: {"label": "x", "examples": [
+        {**r, "abs_delta_nll": r["abs_delta_nll"] + (0.1 if a.startswith("monotonic") else 0.0)}
+        for r in files["gcg.json"]["models"][a]["examples"]]} for a in ARMS}}
+    files["random_search.json"] = {"success_threshold": 0.15, "models": {a: {"label": "x", "examples": [
+        {**r, "abs_delta_nll": 0.01, "success": False, "rel_delta_nll": 0.004}
+        for r in files["gcg.json"]["models"][a]["examples"]]} for a in ARMS}}
+    for name in ("hotflip", "gcg", "gcg_surrogate", "random_search"):
+        for m in files[f"{name}.json"]["models"].values():
+            for r in m["examples"]:
+                r.update(success_abs=r["abs_delta_nll"] > 0.5, attacked_nll=2.5 + r["abs_delta_nll"], n_flips=1,
+                         original_ids=[0], adversarial_ids=[0], modified_positions=[])
+    done = {n: files[f"{n}.json"]["models"] for n in ("hotflip", "gcg", "gcg_surrogate", "random_search")}
+    files["worst_case.json"] = {"success_threshold": 0.15, "models": {a: {"label": "x",
+        "examples": worst_of(done, a), "won_by": {n: sum(w["attack"] == n for w in worst_of(done, a)) for n in done},
+        "flat_region": {k: {"flat_region": a.startswith("monotonic"), "mean": 0.001 if a.startswith("monotonic") else 0.2,
+                            "fraction_below_clamp": [0.001, 0.001] if a.startswith("monotonic") else [0.1, 0.3]}
+                        for k in ("clean", "adversarial")}} for a in ARMS}}
     for arm in ("baseline", "monotonic"):
         files[f"training_{arm}.json"] = {
             "history": {"tokens": 1000, "val_loss": 5.0, "best_val_loss": 5.0,
@@ -120,17 +151,17 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert diff["mean"] == pytest.approx(-0.45)
     t = final["per_seed"]["1"]["tests"]["hotflip_success"]
     assert (t["only_first"], t["only_second"]) == (4, 0) and t["p_value"] == pytest.approx(2 / 16)
-    # Every pair of the 4 arms on 5 measures, paired text by text within each seed.
+    # Every pair of the 4 arms on 7 measures (the worst case's dNLL and success first), paired text by text.
     tests = acr["tests"]
-    assert len(tests) == 30 and "hotflip_success: pretrained vs monotonic" in tests
+    assert len(tests) == 42 and "hotflip_success: pretrained vs monotonic" in tests
     pair = tests["hotflip_success: baseline vs monotonic"]
     assert pair["mean"] == pytest.approx(0.45) and pair["n"] == 2 and pair["n_texts"] == 20   # (0.4 + 0.5) / 2
     assert pair["ci95"][0] >= 0 and pair["p_value"] < 0.05          # no text where only the monotone arm fell
-    # Holm over the report's 30 tests: the smallest p times 30 (capped at 1), then non-decreasing.
+    # Holm over the report's 42 tests: the smallest p times 42 (capped at 1), then non-decreasing.
     p = {k: t["p_value"] for k, t in tests.items()}
     smallest = min(p, key=p.get)
-    assert tests[smallest]["p_holm"] == pytest.approx(min(1, 30 * p[smallest]))
-    assert f"Holm-adjusted over 30 tests p = {tests[smallest]['p_holm']:.3g}" in acr["more_robust"][smallest]
+    assert tests[smallest]["p_holm"] == pytest.approx(min(1, 42 * p[smallest]))
+    assert f"Holm-adjusted over 42 tests p = {tests[smallest]['p_holm']:.3g}" in acr["more_robust"][smallest]
     quiet = [v for v in acr["more_robust"].values() if v.startswith("no significant difference")]
     assert quiet and all("detectable at 80% power: " in v for v in quiet)
     # GCG: its own rates (HotFlip's successes plus doc 9) and its own paired tests on the same texts.
@@ -188,8 +219,29 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     for png in [p for p in outputs if p.endswith(".png")]:
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    # with gcg_delta_nll.png, robustness_vs_clean_loss.png and success_vs_threshold.png
-    assert len([p for p in outputs if p.endswith(".png")]) == 7
+    # with gcg_delta_nll.png, robustness_vs_clean_loss.png, success_vs_threshold.png and attack_convergence.png
+    assert len([p for p in outputs if p.endswith(".png")]) == 8
+    # Attack strength. The worst case per text: GCG through the surrogate on the constrained arms, GCG elsewhere
+    # (it ties with the surrogate there and comes first).
+    assert acr["worst_won_by"]["monotonic"] == {"hotflip": 0, "gcg": 0, "gcg_surrogate": 20, "random_search": 0}
+    assert acr["worst_won_by"]["baseline"]["gcg"] == 20
+    assert acr["arms"]["monotonic"]["worst_mean_abs_delta_nll"]["mean"] == pytest.approx(0.06 + 0.1 + 0.54 * 0.35)
+    m = acr["masking"]
+    assert m["monotonic"]["surrogate_minus_gcg"]["mean"] == pytest.approx(0.1) and m["monotonic"]["flat_region"]
+    assert m["baseline"]["surrogate_minus_gcg"]["mean"] == pytest.approx(0.0)
+    assert m["baseline"]["below_clamp_clean"] == pytest.approx(0.2) and m["baseline"]["below_clamp_per_layer"] == [0.1, 0.3]
+    assert m["monotonic"]["random_minus_gcg"]["ci95"][1] < 0          # the gradient guided GCG
+    conv = acr["convergence"]
+    assert conv["hotflip"]["arms"]["baseline"]["plateaued"] and not conv["gcg"]["arms"]["baseline"]["plateaued"]
+    assert conv["gcg"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)
+    assert conv["uat"]["arms"]["baseline"]["plateaued"] and conv["uat"]["unit"] == "restart"
+    r = acr["uat_restarts"]["monotonic"]
+    assert (r["mean"], r["min"], r["max"], r["restarts"]) == (pytest.approx(0.2), 0.1, 0.3, 4)
+    assert "## Convergence" in md and "| GCG | Baseline (recovered) | 500 |" in md
+    flagged = [l for l in md.splitlines() if "(before the plateau: GCG on" in l]
+    assert {l.split("|")[1].strip().split(" ")[0] for l in flagged} == {"gcg_abs_delta_nll", "gcg_success", "worst_abs_delta_nll",
+                                                                     "worst_success", "GCG", "Worst-case"}
+    assert not any("before the plateau" in l for l in md.splitlines() if l.startswith("| hotflip_"))
     assert "report:" in capsys.readouterr().out
 
 
@@ -298,7 +350,7 @@ def test_holm_adjusts_by_hand_computed_values():
 def test_the_console_summary_gives_intervals_n_and_each_verdict_once_with_its_caveats(tmp_path, capsys):
     run_aggregate(_work(tmp_path), [1], False, "tiny")                # one seed
     out = capsys.readouterr().out
-    verdicts = [l for l in out.splitlines() if l.strip().startswith(("hotflip_", "gcg_", "uat_"))]
-    assert len(verdicts) == 30, out                                # 6 pairs of 4 arms, 5 measures
-    assert all("Holm-adjusted over 30 tests" in l and "ONE SEED" in l and "10 texts" in l for l in verdicts), out
+    verdicts = [l for l in out.splitlines() if l.strip().startswith(("worst_", "hotflip_", "gcg_", "uat_"))]
+    assert len(verdicts) == 42, out                                # 6 pairs of 4 arms, 7 measures
+    assert all("Holm-adjusted over 42 tests" in l and "ONE SEED" in l and "10 texts" in l for l in verdicts), out
     assert "HotFlip success 60.0% [" in out and "of 10 texts" in out

@@ -180,7 +180,8 @@ def test_trigger_searches_report_a_loss_that_recomputes(search):
 
 SMALL_ATTACKS = ["attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
                  "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
-                 "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
+                 "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16", "attack.pgd_texts=2",
+                 "attack.pgd_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def measured(tiny_run, tmp_path_factory):
         assert r.returncode == 0, r.stderr
     results = work / "seed_42" / "results"
     return work, {name: json.loads((results / f"{name}.json").read_text())
-                  for name in ("evaluation", "uat", "hotflip", "gcg")}
+                  for name in ("evaluation", "uat", "hotflip", "gcg", "gcg_surrogate", "random_search", "worst_case", "pgd")}
 
 
 @pytest.mark.slow
@@ -243,11 +244,11 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["hotflip", "gcg"])
+@pytest.mark.parametrize("attack", ["hotflip", "gcg", "gcg_surrogate", "random_search"])
 def test_text_attack_records_are_recomputable_and_beat_random_flips(measured, attack):
     work, res = measured
     hf = res[attack]
-    assert len(hf["models"]["pretrained"]["examples"]) == {"hotflip": 10, "gcg": 6}[attack]
+    assert len(hf["models"]["pretrained"]["examples"]) == (10 if attack == "hotflip" else 6)
     for arm, m in hf["models"].items():
         model = load_model(work / m["path"]).eval()
         for rec in m["examples"]:
@@ -258,7 +259,12 @@ def test_text_attack_records_are_recomputable_and_beat_random_flips(measured, at
             assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=1e-4)
             assert rec["success"] == (rec["rel_delta_nll"] > hf["success_threshold"])
             assert 0 < len(rec["modified_positions"]) <= 3 and 0 not in rec["modified_positions"]
-            assert rec["cost"]["forward_passes"] > 2 and rec["cost"]["gradient_passes"] >= 1
+            assert rec["cost"]["forward_passes"] > 2
+            assert (rec["cost"]["gradient_passes"] == 0) == (attack == "random_search")
+            # the convergence trace: forward passes rising, best objective never falling, ending at the record
+            spent, best = zip(*rec["trace"])
+            assert list(spent) == sorted(spent) and list(best) == sorted(best) and spent[-1] < rec["cost"]["forward_passes"]
+            assert best[-1] == pytest.approx(rec["abs_delta_nll"], abs=1e-4)
         s, ctl = m["summary"], m["random_control"]
         assert s["cost"]["forward_passes"] == sum(r["cost"]["forward_passes"] for r in m["examples"])
         assert s["mean_abs_delta_nll"] > ctl["mean_abs_delta_nll"], arm
@@ -283,8 +289,63 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
             assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, target_mask(len(text))), abs=1e-4)
         mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
         assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
+        # every restart kept: the best on the optimisation texts is the reported trigger, each restart's
+        # held-out damage recomputes, and its trace ends at its optimisation-set damage
+        best = max(m["restarts"], key=lambda r: r["opt_loss"])
+        assert best["trigger_ids"] == m["trigger_ids"] and best["restart"] == m["restart"]
+        assert best["eval"]["triggered_nll"] == pytest.approx(m["eval"]["triggered_nll"], abs=1e-9)
+        for r in m["restarts"]:
+            assert r["trace"][-1][1] == pytest.approx(r["opt_loss"] - m["opt_clean_loss"], abs=1e-9)
+            ids, targets = uat.triggered(torch.tensor(r["trigger_ids"]), torch.tensor(m["examples"][0]["text_ids"]))
+            assert r["eval"]["triggered_nll_per_text"][0] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-4)
         assert u["transfer"][arm][arm] == m["eval"]
         assert m["search_cost"]["forward_passes"] > 0 and m["search_cost"]["gradient_passes"] > 0
+
+
+@pytest.mark.slow
+def test_worst_case_pgd_and_masking_records_recompute(measured):
+    """worst_case.json takes per text the record of largest damage among the searches; PGD's records
+    recompute from the saved perturbations, inside their balls; the flat-region fractions count by hand."""
+    from safetensors.torch import load_file
+    from utils.model.portable.modeling_monotone import GELU_ARGMIN
+    work, res = measured
+    worst, p = res["worst_case"], res["pgd"]
+    assert worst["attacks"] == ["hotflip", "gcg", "gcg_surrogate", "random_search"]
+    for arm, m in worst["models"].items():
+        by = {n: {r["doc"]: r for r in res[n]["models"][arm]["examples"]} for n in worst["attacks"]}
+        assert [r["doc"] for r in m["examples"]] == sorted(by["gcg"])        # the texts every search attacked
+        for r in m["examples"]:
+            top = max(by, key=lambda n: by[n][r["doc"]]["abs_delta_nll"])
+            assert r["abs_delta_nll"] == by[top][r["doc"]]["abs_delta_nll"] == max(
+                by[n][r["doc"]]["abs_delta_nll"] for n in by)
+            assert r["adversarial_ids"] == by[r["attack"]][r["doc"]]["adversarial_ids"]
+        model = load_model(work / m["path"]).eval()
+        acts, seen = [mod for name, mod in model.named_modules() if name.endswith("mlp.act")], []
+        hooks = [a.register_forward_pre_hook(lambda _m, i: seen.append(i[0])) for a in acts]
+        with torch.no_grad():
+            for r in m["examples"]:
+                model(input_ids=torch.tensor(r["original_ids"])[None])
+        for h in hooks:
+            h.remove()
+        layer0 = torch.cat([x.flatten() for x in seen[::len(acts)]])
+        flat = m["flat_region"]["clean"]
+        assert flat["fraction_below_clamp"][0] == pytest.approx(int((layer0 < GELU_ARGMIN).sum()) / layer0.numel(), abs=1e-12)
+        assert flat["flat_region"] == (arm == "monotonic_init")
+    for arm, m in p["models"].items():
+        model = load_model(work / m["path"]).eval()
+        deltas = load_file(str(work / m["deltas_file"]))
+        E = model.get_input_embeddings()
+        for r in m["examples"]:
+            delta, ids = deltas[f"{r['doc']}@{r['radius']:g}"], torch.tensor(r["ids"])
+            assert delta[0].abs().max() == 0 and delta.norm(dim=-1).max() <= r["epsilon"] * (1 + 1e-5)
+            with torch.no_grad():
+                logp = F.log_softmax(model(inputs_embeds=(E(ids) + delta)[None]).logits[0].double(), -1)
+            attacked = -logp[torch.arange(len(ids) - 1), ids[1:]].mean().item()
+            assert attacked == pytest.approx(r["attacked_nll"], abs=1e-4)
+            assert r["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, target_mask(len(ids))), abs=1e-4)
+            assert r["abs_delta_nll"] > 0
+        rows = m["by_radius"]
+        assert rows["0.05"]["mean_abs_delta_nll"] < rows["0.2"]["mean_abs_delta_nll"]      # a larger ball does more
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ SHRINK = {"data.seq_len": "128", "recovery_baseline.max_tokens": "16384", "recov
           "attack.uat_top_k": "8", "attack.hotflip_texts": "4", "attack.hotflip_max_flips": "3",
           "attack.hotflip_top_k": "8",
           "attack.gcg_texts": "3", "attack.gcg_steps": "3", "attack.gcg_search_width": "8", "attack.gcg_top_k": "8",
+          "attack.pgd_texts": "1", "attack.pgd_steps": "2",
           "attack.uat_screen_texts": "2", "attack.uat_screen_keep": "3",
           # lm-eval's standard tasks need the hub; the held-out tasks are built from the stand-in test split.
           "eval.tasks": "heldout_lastword,heldout_cloze", "eval.task_limit": "20",

@@ -17,7 +17,7 @@ SMALL = ["attack.uat_opt_texts=5", "attack.uat_eval_texts=7", "attack.uat_restar
          "attack.hotflip_texts=5", "attack.hotflip_max_flips=2", "attack.gcg_texts=3", "attack.gcg_steps=3",
          "attack.gcg_search_width=12", "eval.task_limit=15"]
 STAGES = ("stage_4_evaluate", "stage_5_uat_attacks", "stage_6_hotflip_attacks")
-RESULTS = ("evaluation", "capabilities", "uat", "hotflip", "gcg")
+RESULTS = ("evaluation", "capabilities", "uat", "hotflip", "gcg", "gcg_surrogate", "random_search", "worst_case", "pgd")
 WALL_CLOCK = {"seconds", "seconds_per_example", "search_seconds", "processes"}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.experiment_config import ExperimentConfig, SPLITS, listed
+from configs.experiment_config import ExperimentConfig, SPLITS, listed, numbers
 from utils.data.corpus import documents, read_corpus
 from utils.data.hub import fetch_dataset, fetch_model, file_sha256
 from utils.data.overlap import heldout_overlap
@@ -214,11 +214,14 @@ def check_split_sizes(cfg: ExperimentConfig, tok: dict[str, TokenFile]) -> None:
     lengths = np.diff(np.asarray(tok["test"].offsets)) - 1             # tokens per test document
     eligible = int((lengths >= a.min_text_len).sum())
     uat = a.uat_opt_texts + a.uat_eval_texts
-    hot = max(a.hotflip_texts, a.gcg_texts if "gcg" in listed(a.text_attacks) else 0)
+    chosen = listed(a.text_attacks)
+    hot = max(a.hotflip_texts if "hotflip" in chosen else 0,
+              a.gcg_texts if {"gcg", "gcg_surrogate", "random_search"} & set(chosen) else 0,
+              a.pgd_texts if numbers(a.pgd_radii) else 0)
     if eligible < max(uat, hot):
         problems.append(f"the test split has {eligible} documents of >= attack.min_text_len={a.min_text_len} tokens, "
                         f"but UAT needs {uat} (attack.uat_opt_texts {a.uat_opt_texts} + attack.uat_eval_texts "
-                        f"{a.uat_eval_texts}) and HotFlip/GCG {hot} (attack.hotflip_texts, attack.gcg_texts): add test documents "
+                        f"{a.uat_eval_texts}) and stage 6 {hot} (attack.hotflip_texts, attack.gcg_texts, attack.pgd_texts): add test documents "
                         f"(data.test_docs, data.test_file) or lower those counts")
     for split in ("train", "val"):
         if (tok[split].tokens.size - 1) // d.seq_len < 1:

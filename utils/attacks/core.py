@@ -5,10 +5,13 @@ positions, where a target is a token the attacker did not insert or modify
 (labels -100 elsewhere). Sequences are [EOS] + text, so every text token,
 including the first, is predicted from something.
 
-`Victim` is the attacked model behind the two queries every search makes, each
-counted (TextAttack's query budget): the exact NLL of candidate sequences and
-the gradient of their loss w.r.t. the input embeddings. `flip_scores` turns a
-gradient into first-order estimates (e_b - e_a) . grad of every token swap.
+`Victim` is the attacked model behind the queries every search makes, each
+counted (TextAttack's query budget): the exact NLL of candidate sequences, the
+gradient of their loss w.r.t. the input embeddings (through the model's own
+backward pass or a surrogate, utils.attacks.masking), and both at perturbed
+embeddings (PGD). `flip_scores` turns a gradient into first-order estimates
+(e_b - e_a) . grad of every token swap. `Trace` records a search's best-so-far
+objective against the forward passes it has spent (its convergence curve).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
+from utils.attacks.masking import surrogate
 from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute
@@ -61,21 +65,40 @@ class Cost:
         return {k: v - getattr(start, k) for k, v in asdict(self).items()}
 
 
+class Trace:
+    """A search's convergence curve at no extra cost: (forward passes spent, best objective so far)
+    after each unit of search (a GCG step, a HotFlip flip, a UAT sweep), counted from `start`
+    (PGD, whose queries are gradient passes, counts those)."""
+
+    def __init__(self, victim: "Victim", start: Cost, count: str = "forward_passes"):
+        self.victim, self.start, self.count, self.points = victim, start, count, []
+
+    def add(self, best: float) -> None:
+        spent = getattr(self.victim.cost, self.count) - getattr(self.start, self.count)
+        self.points.append([spent, float(best)])
+
+
 class Victim:
     """The attacked model, queried in batches of `batch_size`, with every query counted.
 
     nll(seqs, targets)   exact next-token NLL at the target positions ([len-1] per sequence,
                          NaN elsewhere); no [batch, length, vocab] tensor exists
                          (utils.model.next_token)
-    grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d]
+    grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d];
+                         with `surrogate_gradient` exact_gelu, through BPDA's backward pass
+    perturbed(seqs, targets, deltas, grad)
+                         per sequence, the mean target NLL with `deltas` added to its input
+                         embeddings, and (grad=True) its gradient w.r.t. them
 
     With `shard` under torch.distributed, batch b of every query runs on rank b mod N and
     the answers are gathered in order: each batch is the same computation as in one process,
     so every rank receives the 1-process answer (the cost counts the whole query, not a share).
     """
 
-    def __init__(self, model, compute: Compute, batch_size: int, shard: bool = False):
+    def __init__(self, model, compute: Compute, batch_size: int, shard: bool = False,
+                 surrogate_gradient: str = "none"):
         self.model, self.compute, self.batch_size = model, compute, batch_size
+        self.surrogate_gradient = surrogate_gradient
         self.shard = shard and distributed.world_size() > 1
         self.cost = Cost()
         self.embeddings = model.get_input_embeddings().weight.detach()
@@ -91,9 +114,17 @@ class Victim:
         self.cost.gradient_tokens += sum(len(s) for s in seqs)
         return self._batched(self._grad_batch, seqs, targets)
 
-    def _batched(self, fn, seqs, targets) -> list[torch.Tensor]:
+    def perturbed(self, seqs: list[torch.Tensor], targets: list[torch.Tensor], deltas: list[torch.Tensor],
+                  grad: bool) -> list[tuple[float, torch.Tensor | None]]:
+        kind = "gradient" if grad else "forward"
+        setattr(self.cost, f"{kind}_passes", getattr(self.cost, f"{kind}_passes") + len(seqs))
+        setattr(self.cost, f"{kind}_tokens", getattr(self.cost, f"{kind}_tokens") + sum(len(s) for s in seqs))
+        return self._batched(lambda s, t, d: self._perturbed_batch(s, t, d, grad), seqs, targets, deltas)
+
+    def _batched(self, fn, seqs, targets, deltas=None) -> list:
         bs = self.batch_size
-        batches = [(seqs[i:i + bs], targets[i:i + bs]) for i in range(0, len(seqs), bs)]
+        batches = [(seqs[i:i + bs], targets[i:i + bs]) + ((deltas[i:i + bs],) if deltas is not None else ())
+                   for i in range(0, len(seqs), bs)]
         if not self.shard:
             return [r for b in batches for r in _halving_on_oom(fn, *b)]
         rank, n = distributed.rank(), distributed.world_size()
@@ -113,13 +144,28 @@ class Victim:
     def _grad_batch(self, seqs, targets) -> list[torch.Tensor]:
         ids, labels, mask = self._inputs(seqs, targets)
         emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        with self.compute.autocast():
-            hidden = final_hidden(self.model, inputs_embeds=emb, attention_mask=mask)[:, :-1]
-            nll = row_sums(target_nll(self.model, hidden, labels[:, 1:]), labels[:, 1:])
-        per_seq = nll / (labels[:, 1:] != -100).sum(1).clamp(min=1)
-        (grad,) = torch.autograd.grad(per_seq.sum(), emb)
+        (grad,) = torch.autograd.grad(self._mean_nll(emb, labels, mask).sum(), emb)
         grad = grad.float().cpu()
         return [grad[r, :len(s)] for r, s in enumerate(seqs)]
+
+    def _perturbed_batch(self, seqs, targets, deltas, grad: bool) -> list[tuple[float, torch.Tensor | None]]:
+        ids, labels, mask = self._inputs(seqs, targets)
+        delta = torch.zeros(*ids.shape, self.embeddings.shape[1], device=ids.device)
+        for r, d in enumerate(deltas):
+            delta[r, :len(d)] = d.to(delta.device)
+        delta.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            emb = self.model.get_input_embeddings()(ids).detach() + delta
+            per_seq = self._mean_nll(emb, labels, mask)
+        g = torch.autograd.grad(per_seq.sum(), delta)[0].float().cpu() if grad else None
+        return [(float(per_seq[r].detach()), g[r, :len(s)] if grad else None) for r, s in enumerate(seqs)]
+
+    def _mean_nll(self, emb, labels, mask) -> torch.Tensor:
+        """[batch] mean target NLL from input embeddings; the backward pass through the surrogate, if any."""
+        with self.compute.autocast(), surrogate(self.model, self.surrogate_gradient):
+            hidden = final_hidden(self.model, inputs_embeds=emb, attention_mask=mask)[:, :-1]
+            nll = row_sums(target_nll(self.model, hidden, labels[:, 1:]), labels[:, 1:])
+        return nll.float() / (labels[:, 1:] != -100).sum(1).clamp(min=1)
 
     def _inputs(self, seqs, targets):
         """Right-padded ids, labels (-100 off target) and the mask, on the device; no mask where every
@@ -133,19 +179,20 @@ class Victim:
         return ids.to(dev), labels.to(dev), mask
 
 
-def _halving_on_oom(fn, seqs, targets) -> list[torch.Tensor]:
-    """fn over a batch; on CUDA OOM in halves, never dropping a sequence.
+def _halving_on_oom(fn, seqs, *rest) -> list:
+    """fn over a batch (seqs and the lists beside them); on CUDA OOM in halves, never dropping a sequence.
 
     The retry runs after the `except` block: inside it the exception's traceback still holds
     the failed attempt's frames and so its activations, the memory the halves need."""
     try:
-        return fn(seqs, targets)
+        return fn(seqs, *rest)
     except torch.cuda.OutOfMemoryError:
         if len(seqs) == 1:
             raise
     torch.cuda.empty_cache()
     half = len(seqs) // 2
-    return _halving_on_oom(fn, seqs[:half], targets[:half]) + _halving_on_oom(fn, seqs[half:], targets[half:])
+    return _halving_on_oom(fn, seqs[:half], *(r[:half] for r in rest)) + \
+        _halving_on_oom(fn, seqs[half:], *(r[half:] for r in rest))
 
 
 def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,

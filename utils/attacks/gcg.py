@@ -14,6 +14,9 @@ Composition (text attack; uat.gcg_search runs the same search on UAT's goal and 
                   (nanoGCG's default): the next step starts from this step's best swap even
                   when it is worse; buffer B: from the best of the B best ever seen. The
                   result is the best exact objective of any step.
+`proposal="random"` is the gradient-free control (random search): the same loop, budget and threat
+model, with the swaps drawn uniformly from every allowed token at every allowed position instead of
+from the gradient's top-k. If it does as well as GCG on an arm, the gradient did not guide GCG there.
 Random draws come from a generator seeded by (seed, document): the same text gets the same
 search whatever the process or shard.
 """
@@ -22,12 +25,19 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attacks.core import Victim, target_mask, top_candidates
+from utils.attacks.core import Trace, Victim, target_mask, top_candidates
 from utils.attacks.hotflip import record, score
 
 
-def composition(a: AttackConfig) -> dict:
-    return {"attack": "GCG (Zou et al. 2023) under HotFlip's threat model",
+def composition(a: AttackConfig, proposal: str = "gradient", surrogate_gradient: str = "none") -> dict:
+    if proposal == "random":
+        return {**composition(a), "attack": "random search under HotFlip's threat model (GCG's loop and budget)",
+                "search": f"{a.gcg_steps} steps; {a.gcg_search_width} random single swaps per step (uniform over "
+                          f"allowed positions and tokens, no gradient), each scored exactly; buffer {a.gcg_buffer}"}
+    attack = "GCG (Zou et al. 2023) under HotFlip's threat model"
+    if surrogate_gradient != "none":
+        attack += f", gradient through the {surrogate_gradient} surrogate (BPDA; the forward pass is the model's)"
+    return {"attack": attack,
             "goal": "maximise NLL(adversarial) - NLL(clean) over unmodified target tokens; "
                     "success = relative increase > threshold",
             "transformation": "swap one text token for any non-special vocabulary token",
@@ -71,24 +81,49 @@ class Buffer:
         return self.items[0][1]
 
 
+def random_swaps(current: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, width: int,
+                 gen: torch.Generator) -> list[torch.Tensor]:
+    """Up to `width` distinct copies of `current`, each with one position in `positions` set to a token
+    drawn uniformly from `allowed` (a draw of the current token is dropped)."""
+    rows = torch.randint(len(positions), (width,), generator=gen)
+    toks = allowed[torch.randint(len(allowed), (width,), generator=gen)]
+    seen, out = set(), []
+    for r, t in zip(rows.tolist(), toks.tolist()):
+        p = int(positions[r])
+        if t != int(current[p]) and (p, t) not in seen:
+            seen.add((p, t))
+            cand = current.clone()
+            cand[p] = t
+            out.append(cand)
+    return out
+
+
 def step_best_of(candidates: list[torch.Tensor], objectives: list[float]) -> tuple[float, torch.Tensor]:
     i = max(range(len(candidates)), key=lambda j: objectives[j])
     return objectives[i], candidates[i]
 
 
 def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor,
-                gen: torch.Generator) -> dict:
+                gen: torch.Generator, proposal: str = "gradient") -> dict:
     before = victim.cost.copy()
+    trace = Trace(victim, before)
     clean_nll = victim.nll([ids])[0]
-    every = torch.arange(1, len(ids))
+    every, allowed = torch.arange(1, len(ids)), (~forbidden).nonzero().squeeze(1)
     buffer, best = Buffer(a.gcg_buffer, ids, 0.0), (0.0, ids)
+    trace.add(0.0)
     for _ in range(a.gcg_steps):
         cur = buffer.current()
         modified = (cur != ids).nonzero().squeeze(1)
         positions = modified if len(modified) >= a.hotflip_max_flips else every
-        grad = victim.grads([cur], [target_mask(len(cur), modified.tolist())])[0]
-        top = top_candidates(grad[positions], cur[positions], victim.embeddings, forbidden, a.gcg_top_k)
-        cands = sample_swaps(cur, positions, top, a.gcg_search_width, gen)
+        if proposal == "random":
+            cands = random_swaps(cur, positions, allowed, a.gcg_search_width, gen)
+            if not cands:         # every draw was the current token (a vocabulary of one)
+                trace.add(best[0])
+                continue
+        else:
+            grad = victim.grads([cur], [target_mask(len(cur), modified.tolist())])[0]
+            top = top_candidates(grad[positions], cur[positions], victim.embeddings, forbidden, a.gcg_top_k)
+            cands = sample_swaps(cur, positions, top, a.gcg_search_width, gen)
         changed = [(c != ids).nonzero().squeeze(1).tolist() for c in cands]
         nlls = victim.nll(cands, [target_mask(len(c), m) for c, m in zip(cands, changed)])
         objectives = [score(n, clean_nll, len(c), m)["abs_delta_nll"] for c, n, m in zip(cands, nlls, changed)]
@@ -96,4 +131,5 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
         buffer.add(*step_best)
         if step_best[0] > best[0]:
             best = step_best
-    return {**record(victim, ids, best[1], clean_nll, before), "steps": a.gcg_steps}
+        trace.add(best[0])
+    return {**record(victim, ids, best[1], clean_nll, before, trace), "steps": a.gcg_steps}

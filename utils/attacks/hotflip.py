@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attacks.core import Victim, flip_scores, masked_mean, target_mask
+from utils.attacks.core import Trace, Victim, flip_scores, masked_mean, target_mask
 
 COMPOSITION = {
     "attack": "HotFlip (Ebrahimi et al. 2018)",
@@ -40,21 +40,25 @@ def score(adv_nll: torch.Tensor, clean_nll: torch.Tensor, length: int, modified)
             "rel_delta_nll": attacked / clean - 1}
 
 
-def record(victim: Victim, ids: torch.Tensor, adv: torch.Tensor, clean_nll: torch.Tensor, before) -> dict:
-    """The per-text record every attack under this threat model writes (HotFlip, GCG): the final
-    pair rescored with one exact forward pass, and what the search cost."""
+def record(victim: Victim, ids: torch.Tensor, adv: torch.Tensor, clean_nll: torch.Tensor, before,
+           trace: Trace) -> dict:
+    """The per-text record every attack under this threat model writes (HotFlip, GCG, random search):
+    the final pair rescored with one exact forward pass, what the search cost, and its convergence
+    trace [[forward passes, best exact objective so far], ...]."""
     modified = (adv != ids).nonzero().squeeze(1).tolist()
     adv_nll = victim.nll([adv], [target_mask(len(adv), modified)])[0]
     return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": modified,
             "n_flips": len(modified), **score(adv_nll, clean_nll, len(adv), modified),
-            "cost": victim.cost.since(before)}
+            "cost": victim.cost.since(before), "trace": trace.points}
 
 
 def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor) -> dict:
     before = victim.cost.copy()
+    trace = Trace(victim, before)
     clean_nll = victim.nll([ids])[0]
     beam = [(ids, frozenset(), 0.0)]        # (ids, modified positions, objective)
     best = beam[0]
+    trace.add(best[2])
     for _ in range(a.hotflip_max_flips):
         candidates = []
         for cur, modified, parent_obj in beam:
@@ -79,11 +83,13 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
             if obj > parent_obj:                      # keep a flip only if the exact loss rises
                 accepted.setdefault(tuple(new.tolist()), (new, modified, obj))
         if not accepted:
+            trace.add(best[2])          # the passes of the last, fruitless round count too
             break
         beam = sorted(accepted.values(), key=lambda c: -c[2])[:a.hotflip_beam]
         if beam[0][2] > best[2]:
             best = beam[0]
-    return record(victim, ids, best[0], clean_nll, before)
+        trace.add(best[2])
+    return record(victim, ids, best[0], clean_nll, before, trace)
 
 
 def random_flips(victim: Victim, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attacks.core import Victim, masked_mean, target_mask, top_candidates
+from utils.attacks.core import Trace, Victim, masked_mean, target_mask, top_candidates
 from utils.attacks.gcg import Buffer, sample_swaps, step_best_of
 
 
@@ -94,9 +94,11 @@ def start_trigger(restart: int, length: int, init_token: int, allowed: torch.Ten
     return allowed[torch.randint(len(allowed), (length,), generator=gen)]
 
 
-def beam_search(victim: Victim, texts, start: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor) -> dict:
+def beam_search(victim: Victim, texts, start: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor,
+                trace: Trace) -> dict:
     losses = losses_for(victim, texts, a)
     beam = [(start, trigger_losses(victim, [start], texts)[0])]
+    trace.add(beam[0][1])
     sweeps = 0
     for sweeps in range(1, a.uat_max_sweeps + 1):
         before = beam[0][1]
@@ -110,17 +112,19 @@ def beam_search(victim: Victim, texts, start: torch.Tensor, a: AttackConfig, for
                     candidates.append(cand)
             pool = {tuple(t.tolist()): (t, l) for t, l in [*beam, *zip(candidates, losses(candidates))]}
             beam = sorted(pool.values(), key=lambda x: -x[1])[:a.uat_beam]
+        trace.add(beam[0][1])
         if beam[0][1] <= before + 1e-6:
             break
     return {"trigger": beam[0][0], "loss": beam[0][1], "iterations": sweeps}
 
 
 def gcg_search(victim: Victim, texts: list[torch.Tensor], start: torch.Tensor, a: AttackConfig,
-               forbidden: torch.Tensor, gen: torch.Generator) -> dict:
+               forbidden: torch.Tensor, gen: torch.Generator, trace: Trace) -> dict:
     """UAT's goal and constraints (a universal trigger before every text), searched with GCG."""
     losses = losses_for(victim, texts, a)
     first = trigger_losses(victim, [start], texts)[0]
     buffer, best = Buffer(a.gcg_buffer, start, first), (first, start)
+    trace.add(first)
     every = torch.arange(len(start))
     for _ in range(a.gcg_steps):
         cur = buffer.current()
@@ -130,21 +134,29 @@ def gcg_search(victim: Victim, texts: list[torch.Tensor], start: torch.Tensor, a
         buffer.add(*step_best)
         if step_best[0] > best[0]:
             best = step_best
+        trace.add(best[0])
     return {"trigger": best[1], "loss": best[0], "iterations": a.gcg_steps}
 
 
 def find_trigger(victim: Victim, texts: list[torch.Tensor], a: AttackConfig, forbidden: torch.Tensor,
                  seed: int, init_token: int) -> dict:
-    """The best trigger over `uat_restarts` searches, with the exact cost of all of them."""
+    """The best trigger over `uat_restarts` searches, with the exact cost of all of them, and every
+    restart's trigger, cost and trace (best optimisation-set damage, the loss minus the clean loss,
+    against the forward passes of that restart): each restart is an independent search."""
     allowed = (~forbidden).nonzero().squeeze(1)
     best, before = {"loss": float("-inf")}, victim.cost.copy()
+    clean = trigger_losses(victim, [torch.tensor([], dtype=torch.long)], texts)[0]
+    restarts = []
     for restart in range(a.uat_restarts):
         gen = torch.Generator().manual_seed(seed * 1000 + restart)
         start = start_trigger(restart, a.uat_trigger_len, init_token, allowed, gen)
+        trace, spent = Trace(victim, victim.cost.copy()), victim.cost.copy()
         if a.uat_search == "beam":
-            found = beam_search(victim, texts, start, a, forbidden)
+            found = beam_search(victim, texts, start, a, forbidden, trace)
         else:
-            found = gcg_search(victim, texts, start, a, forbidden, gen)
+            found = gcg_search(victim, texts, start, a, forbidden, gen, trace)
+        restarts.append({**found, "restart": restart, "cost": victim.cost.since(spent),
+                         "trace": [[n, loss - clean] for n, loss in trace.points]})
         if found["loss"] > best["loss"]:
             best = {**found, "restart": restart}
-    return {**best, "cost": victim.cost.since(before)}
+    return {**best, "clean_loss": clean, "cost": victim.cost.since(before), "restarts": restarts}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.experiment_config import listed
-from configs.experiment_config import AttackConfig
+from configs.experiment_config import TEXT_ATTACKS, AttackConfig, listed
 from utils.run.run_files import PipelineError, read_json
+from utils.results import attack_checks
+from utils.results.convergence import convergence
 from utils.results.frontier import MEASURES, frontier, measure_texts
 from utils.results.statistics import (bootstrap_interval, bootstrap_summary, hierarchical_bootstrap, holm, mean_of_seeds,
                                       mcnemar_exact, paired_t, paired_t_mde, perplexity_bootstrap, t_interval, wilcoxon_paired,
@@ -22,11 +23,13 @@ INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
     "training_monotonic.json": "stage 3", "monotonicity_certificate_monotonic.json": "stage 3",
     "evaluation.json": "stage 4", "uat.json": "stage 5",
-    "hotflip.json": "stage 6", "gcg.json": "stage 6"}
+    **{f"{n}.json": "stage 6" for n in TEXT_ATTACKS}, "worst_case.json": "stage 6"}
 OPTIONAL_INPUTS = ("capabilities.json",         # stage 4 writes it only when eval.tasks names tasks
-                   "training_unconstrained_from_init.json")   # stage 3, with controls.unconstrained_from_init
-TEXT_ATTACKS = ("hotflip", "gcg")             # stage 6's searches: the same threat model and record fields
-METRICS = ("perplexity", *(f"{n}_{m}" for n in TEXT_ATTACKS for m in ("success_rate", "mean_abs_delta_nll")),
+                   "training_unconstrained_from_init.json",   # stage 3, with controls.unconstrained_from_init
+                   "pgd.json")                                 # stage 6, unless attack.pgd_radii is empty
+# stage 6's searches (the same threat model and record fields) and the worst case per text over them
+THREAT_MODEL = (*TEXT_ATTACKS, "worst_case")
+METRICS = ("perplexity", *(f"{n.removesuffix('_case')}_{m}" for n in THREAT_MODEL for m in ("success_rate", "mean_abs_delta_nll")),
            "random_flip_mean_abs_delta_nll", "uat_abs_delta_nll", "uat_rel_delta_nll")
 SHARED_ARMS = ("pretrained", "monotonic_init")   # the same model for every seed: no seed changes them
 ARM_ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")   # controls: control_*
@@ -99,7 +102,7 @@ def text_attack_row(name: str, m: dict, seed: int) -> dict:
 def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     out = {"arms": {}, "transfer": {}, "training": {}, "tests": {}}
     ev, ua = raw.get("evaluation.json"), raw.get("uat.json")
-    text = {n: raw[f"{n}.json"] for n in TEXT_ATTACKS if f"{n}.json" in raw}
+    text = {n.removesuffix("_case"): raw[f"{n}.json"] for n in THREAT_MODEL if f"{n}.json" in raw}
     arms = list((ev or ua or next(iter(text.values()), None) or {"models": {}})["models"])
     for arm in arms:
         row = {}
@@ -121,7 +124,7 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     if ua:
         out["transfer"]["uat_rel_delta_nll"] = {s: {t: v["rel_delta_nll"] for t, v in row.items()}
                                                 for s, row in ua["transfer"].items()}
-    for name, res in text.items():
+    for name, res in ((n, r) for n, r in text.items() if "transfer" in r):
         out["transfer"][f"{name}_success_rate"] = {s: {t: v["success_rate"] for t, v in row.items()}
                                                    for s, row in res["transfer"].items()}
     for arm in ("baseline", "monotonic", "unconstrained_from_init"):
@@ -138,7 +141,7 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                 "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None],
                 "train_curve": [(r["tokens"], r["train_loss"]) for r in h["steps"] if r.get("train_loss") is not None]}
     # Paired tests: baseline vs monotonic on the same documents.
-    for name, res in text.items():
+    for name, res in ((n, r) for n, r in text.items() if n in ("hotflip", "gcg")):
         if {"baseline", "monotonic"} <= set(res["models"]):
             b, m = res["models"]["baseline"]["examples"], res["models"]["monotonic"]["examples"]
             out["tests"][f"{name}_success"] = mcnemar_exact(*_paired(_by_doc(b, lambda r: r["success"]),
@@ -169,7 +172,8 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
     return out
 
 
-PAIR_MEASURES = ("hotflip_success", "hotflip_abs_delta_nll", "gcg_success", "gcg_abs_delta_nll", "uat_abs_delta_nll")
+PAIR_MEASURES = ("worst_abs_delta_nll", "worst_success", "hotflip_success", "hotflip_abs_delta_nll", "gcg_success",
+                 "gcg_abs_delta_nll", "uat_abs_delta_nll")
 
 
 def abs_threshold(raw: dict) -> float:
@@ -233,7 +237,11 @@ def arm_attack_stats(raw: dict, arm: str, texts: dict, n_boot: int = 2000) -> di
     """An arm's attack measures across seeds: the mean of the seed means, hierarchical-bootstrap interval.
     `texts`: measure_texts of every measure, read once for every arm."""
     out = {}
-    for measure, key in (("hotflip_success", "hotflip_success_rate"), ("hotflip_success_abs", "hotflip_success_abs_rate"),
+    for measure, key in (("worst_success", "worst_success_rate"), ("worst_success_abs", "worst_success_abs_rate"),
+                         ("worst_abs_delta_nll", "worst_mean_abs_delta_nll"),
+                         ("gcg_surrogate_abs_delta_nll", "gcg_surrogate_mean_abs_delta_nll"),
+                         ("random_search_abs_delta_nll", "random_search_mean_abs_delta_nll"),
+                         ("hotflip_success", "hotflip_success_rate"), ("hotflip_success_abs", "hotflip_success_abs_rate"),
                          ("hotflip_abs_delta_nll", "hotflip_mean_abs_delta_nll"), ("gcg_success", "gcg_success_rate"),
                          ("gcg_success_abs", "gcg_success_abs_rate"), ("gcg_abs_delta_nll", "gcg_mean_abs_delta_nll"),
                          ("uat_abs_delta_nll", "uat_abs_delta_nll")):
@@ -261,7 +269,7 @@ def success_curves(raw: dict, arms: list[str], thresholds=None) -> dict:
     threshold (nats/token): success at every threshold at once, for final/success_vs_threshold.png."""
     thresholds = np.linspace(0, 3, 61) if thresholds is None else np.asarray(thresholds, float)
     out = {"thresholds": thresholds.tolist(), "attacks": {}}
-    for attack in ("hotflip", "gcg", "uat"):
+    for attack in ("worst", "hotflip", "gcg", "uat"):
         per_seed = measure_texts(raw, f"{attack}_abs_delta_nll", 0.0)
         if not per_seed:
             continue
@@ -323,6 +331,13 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     out["success_abs_nats"] = nats
     out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
     out["success_curves"] = success_curves(raw, arms)
+    out["convergence"] = convergence(raw)
+    out["worst_won_by"] = {arm: {n: sum(f["worst_case.json"]["models"][arm]["won_by"].get(n, 0) for f in raw.values()
+                                        if arm in f.get("worst_case.json", {}).get("models", {}))
+                                 for n in TEXT_ATTACKS} for arm in arms}
+    out["masking"] = attack_checks.masking(raw, arms)
+    out["pgd"] = attack_checks.pgd(raw, arms)
+    out["uat_restarts"] = attack_checks.uat_restarts(raw, arms)
     return out
 
 
@@ -351,7 +366,7 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     seeds = seeds or find_seeds(work_dir)
     raw, missing = collect(work_dir, seeds, allow_partial)
     per_seed = {str(s): seed_summary(s, raw[s], work_dir) for s in seeds}
-    thresholds = {r[f"{n}.json"]["success_threshold"] for r in raw.values() for n in TEXT_ATTACKS if f"{n}.json" in r}
+    thresholds = {r[f"{n}.json"]["success_threshold"] for r in raw.values() for n in THREAT_MODEL if f"{n}.json" in r}
     final = {"preset": preset, "provenance": provenance(work_dir, preset), "seeds": seeds, "partial": bool(missing),
              "missing": {str(s): m for s, m in missing.items()},
              "success_threshold": thresholds.pop() if len(thresholds) == 1 else None,

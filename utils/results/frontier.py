@@ -20,12 +20,17 @@ from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, 
 CONSTRAINED = ("monotonic_init", "monotonic")     # the arms with a monotonicity certificate
 # measure -> (result file, per-text value from a record, title); every record also has clean_nll
 MEASURES = {
+    "worst_abs_delta_nll": ("worst_case", lambda r, t: r["abs_delta_nll"], "Worst-case dNLL (HotFlip, GCG, GCG surrogate, random)"),
+    "worst_success": ("worst_case", lambda r, t: float(r["success"]), "Worst-case success (relative)"),
+    "worst_success_abs": ("worst_case", lambda r, t: float(r["abs_delta_nll"] > t), "Worst-case success (absolute)"),
     "hotflip_abs_delta_nll": ("hotflip", lambda r, t: r["abs_delta_nll"], "HotFlip dNLL"),
     "hotflip_success": ("hotflip", lambda r, t: float(r["success"]), "HotFlip success (relative)"),
     "hotflip_success_abs": ("hotflip", lambda r, t: float(r["abs_delta_nll"] > t), "HotFlip success (absolute)"),
     "gcg_abs_delta_nll": ("gcg", lambda r, t: r["abs_delta_nll"], "GCG dNLL"),
     "gcg_success": ("gcg", lambda r, t: float(r["success"]), "GCG success (relative)"),
     "gcg_success_abs": ("gcg", lambda r, t: float(r["abs_delta_nll"] > t), "GCG success (absolute)"),
+    "gcg_surrogate_abs_delta_nll": ("gcg_surrogate", lambda r, t: r["abs_delta_nll"], "GCG (surrogate gradient) dNLL"),
+    "random_search_abs_delta_nll": ("random_search", lambda r, t: r["abs_delta_nll"], "Random search dNLL"),
     "uat_abs_delta_nll": ("uat", lambda r, t: r["triggered_nll"] - r["clean_nll"], "UAT dNLL"),
 }
 

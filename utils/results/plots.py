@@ -168,6 +168,24 @@ def success_threshold_figure(final: dict):
     return fig
 
 
+def convergence_figure(final: dict):
+    """Mean best-so-far damage against forward passes, per search and arm, with 95% intervals."""
+    conv = final["across_seeds"].get("convergence", {})
+    if not conv:
+        return None
+    fig, axes = plt.subplots(1, len(conv), figsize=(4.2 * len(conv), 3.6), squeeze=False)
+    for ax, (attack, c) in zip(axes[0], conv.items()):
+        for arm, r in c["arms"].items():
+            lo, hi = zip(*r["ci95"])
+            line, = ax.plot(r["grid"], r["mean"], label=arm + ("" if r["plateaued"] else " (no plateau)"))
+            ax.fill_between(r["grid"], lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_title(attack)
+        ax.set_xlabel("forward passes" + (" per restart" if attack == "uat" else " per text"))
+        ax.set_ylabel("best dNLL so far (nats/token)")
+        ax.legend(fontsize=6)
+    return fig
+
+
 def plots(final: dict, out_dir: Path) -> list[Path]:
     written = [_save(training_figure(final), out_dir / "training_curves.png"),
                _save(perplexity_figure(final), out_dir / "perplexity.png")]
@@ -176,6 +194,7 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
         if fig is not None:
             written.append(_save(fig, out_dir / f"{name}_delta_nll.png"))
     for fig, name in ((uat_figure(final), "uat_transfer.png"), (frontier_figure(final), "robustness_vs_clean_loss.png"),
+                      (convergence_figure(final), "attack_convergence.png"),
                       (success_threshold_figure(final), "success_vs_threshold.png")):
         if fig is not None:
             written.append(_save(fig, out_dir / name))

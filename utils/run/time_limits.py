@@ -106,10 +106,15 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float,
         if name == "hotflip":
             per_text = (2 + a.hotflip_max_flips * a.hotflip_beam * a.hotflip_top_k + 2, a.hotflip_max_flips * a.hotflip_beam)
             texts = a.hotflip_texts
-        else:
-            per_text, texts = (2 + a.gcg_steps * a.gcg_search_width, a.gcg_steps), a.gcg_texts
+        else:      # gcg, gcg_surrogate (counted on every arm: an upper bound), random_search (no gradient)
+            per_text = (2 + a.gcg_steps * a.gcg_search_width, 0 if name == "random_search" else a.gcg_steps)
+            texts = a.gcg_texts
         fwd += arms * texts * (per_text[0] + 2 * arms) * text_len      # the search, then every record on every model
         grad += arms * texts * per_text[1] * text_len
+    fwd += 2 * arms * a.gcg_texts * text_len                           # the worst case's flat-region passes
+    radii = len(numbers(a.pgd_radii) or [])
+    fwd += arms * a.pgd_texts * radii * 2 * text_len                    # PGD: clean and final rescoring
+    grad += arms * a.pgd_texts * radii * (a.pgd_steps + 1) * text_len
     return uat, (fwd, grad)
 
 

@@ -1,0 +1,90 @@
+"""Were the attacks strong enough to carry a comparison? Stage 7's checks beside the convergence curves.
+
+  masking       per arm: the fraction of MLP inputs in the clamp's flat region (clean and worst-case
+                adversarial texts, mean over layers and seeds), and the paired differences on the same
+                texts of GCG through the exact-GELU surrogate minus plain GCG, and of random search minus
+                GCG. Surrogate > plain on a constrained arm: the model's own gradient hid damage (gradient
+                masking). Random search >= GCG: the gradient did not guide the search there.
+  pgd           per arm and radius: the damage of PGD on the input embeddings (a continuous bound)
+  uat_restarts  per arm: the held-out damage of every UAT restart (each an independent search), its
+                mean and spread across restarts; the reported trigger is the best on the optimisation texts
+Intervals: the hierarchical bootstrap (seeds, then texts or restarts within each seed).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
+
+
+def _by_doc(res: dict, arm: str) -> dict:
+    return {r["doc"]: r["abs_delta_nll"] for r in res["models"][arm]["examples"]}
+
+
+def paired_difference(raw: dict, first: str, second: str, arm: str, n_boot: int) -> dict | None:
+    """Mean per-text dNLL of search `first` minus search `second` on one arm, on the texts both attacked."""
+    seeds = []
+    for files in raw.values():
+        a, b = files.get(f"{first}.json"), files.get(f"{second}.json")
+        if a and b and arm in a["models"] and arm in b["models"]:
+            x, y = _by_doc(a, arm), _by_doc(b, arm)
+            docs = sorted(set(x) & set(y))
+            seeds.append({"d": [x[d] - y[d] for d in docs]})
+    if not seeds:
+        return None
+    est, draws = hierarchical_bootstrap(seeds, mean_of_seeds("d"), n_boot=n_boot)
+    return {**bootstrap_summary(float(est), draws), "n": len(seeds), "n_texts": sum(len(s["d"]) for s in seeds)}
+
+
+def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
+    out = {}
+    for arm in arms:
+        flat = [f["worst_case.json"]["models"][arm]["flat_region"] for f in raw.values()
+                if arm in f.get("worst_case.json", {}).get("models", {})]
+        row = {}
+        if flat:
+            row.update(flat_region=flat[0]["clean"]["flat_region"],
+                       below_clamp_clean=float(np.mean([f["clean"]["mean"] for f in flat])),
+                       below_clamp_adversarial=float(np.mean([f["adversarial"]["mean"] for f in flat])),
+                       below_clamp_per_layer=np.mean([f["clean"]["fraction_below_clamp"] for f in flat], axis=0).tolist())
+        for key, (first, second) in (("surrogate_minus_gcg", ("gcg_surrogate", "gcg")),
+                                     ("random_minus_gcg", ("random_search", "gcg"))):
+            if (d := paired_difference(raw, first, second, arm, n_boot)) is not None:
+                row[key] = d
+        if row:
+            out[arm] = row
+    return out
+
+
+def pgd(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
+    out = {}
+    for arm in arms:
+        by_radius = {}
+        for files in raw.values():
+            res = files.get("pgd.json")
+            if res and arm in res["models"]:
+                for r in res["models"][arm]["examples"]:
+                    by_radius.setdefault(f"{r['radius']:g}", {}).setdefault(files["pgd.json"]["seed"], []).append(r["abs_delta_nll"])
+        rows = {}
+        for radius, per_seed in by_radius.items():
+            est, draws = hierarchical_bootstrap([{"v": v} for v in per_seed.values()], mean_of_seeds("v"), n_boot=n_boot)
+            rows[radius] = {**bootstrap_summary(float(est), draws), "n": len(per_seed)}
+        if rows:
+            out[arm] = rows
+    return out
+
+
+def uat_restarts(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
+    out = {}
+    for arm in arms:
+        seeds = [[r["eval"]["abs_delta_nll"] for r in f["uat.json"]["models"][arm].get("restarts", []) if "eval" in r]
+                 for f in raw.values() if arm in f.get("uat.json", {}).get("models", {})]
+        seeds = [s for s in seeds if s]
+        if not seeds:
+            continue
+        est, draws = hierarchical_bootstrap([{"v": s} for s in seeds], mean_of_seeds("v"), n_boot=n_boot)
+        flat = [v for s in seeds for v in s]
+        out[arm] = {**bootstrap_summary(float(est), draws), "n": len(seeds), "restarts": len(flat),
+                    "min": float(min(flat)), "max": float(max(flat)),
+                    "unit": "restart within seed (seeds, then restarts resampled)"}
+    return out
