@@ -161,7 +161,10 @@ def check_stage_7(work: Path) -> str:
     md = (work / "final" / "results.md").read_text()
     swept = any(t.get("lr_sweep") for t in final["per_seed"]["42"]["training"].values())
     assert ("## Recipe search" in md) == swept, "the recipe search's table is missing from results.md"
-    assert md.index("## Matched-control verdict") < md.index("## Every arm") < md.index("## Every pair of arms")
+    assert md.index("## Matched-control verdict") < md.index("## Worst case per text") < md.index("## Every arm") \
+        < md.index("## Every pair of arms")
+    for section in ("## Convergence", "## Gradient masking checks", "## PGD on the input embeddings", "## UAT restarts"):
+        assert section in md, f"results.md has no {section!r}"
     said = [f"{m}: {arm} residual {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
             for m, f in fr.items() for arm, r in f["residuals"].items() if arm == "monotonic"]
     assert said, "no frontier residual for the monotone arm"

@@ -135,6 +135,9 @@ def test_a_trace_is_read_as_a_step_function_and_the_plateau_rule_is_doubling_und
     assert one["plateaued"] and one["relative_gain_last_half"] == pytest.approx(0.04)
     assert one["gain_last_half"]["mean"] == pytest.approx(0.04) and one["budget"] == 100
     assert one["mean"][0] == 0 and one["mean"][-1] == pytest.approx(1.04)
+    # doubling from a quarter to half of the budget: 0 -> 1.0 for `flat` (no damage yet at 25), so no plateau there
+    assert [d["relative_gain"] for d in one["doubling"]][1:] == [None, pytest.approx(0.04)]
+    assert one["plateau_fraction_of_budget"] == 0.5
     two = arm_curve([[rising], [flat]], n_boot=200)
     assert not two["plateaued"]
     assert two["gain_last_half"]["mean"] == pytest.approx((0.5 + 0.04) / 2)

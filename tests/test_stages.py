@@ -21,7 +21,7 @@ def test_pipeline_local_script_passes(tiny_run, tmp_path, capsys):
             *(f"recovery_{arm}.{k}" for arm in ("baseline", "monotone") for k in ("lr_grid=1e-3,3e-3", "sweep_tokens=8000")),
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8",
             "attack.uat_restarts=1", "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
-            "attack.gcg_texts=6", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
+            "attack.gcg_texts=4", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
     assert test_pipeline_local.main(["--work-dir", str(work), *(a for kv in sets for a in ("--set", kv))]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 9 and "FAIL" not in out, out

@@ -19,7 +19,8 @@ from utils.run.run_files import PipelineError, atomic_write_text, read_json, wri
 
 # (key in final_results' per-arm statistics, column title); lower is better for perplexity,
 # higher damage means a less robust model.
-DAMAGE = (("hotflip_success_rate", "HotFlip success"), ("hotflip_mean_abs_delta_nll", "HotFlip dNLL"),
+DAMAGE = (("worst_success_rate", "Worst-case success"), ("worst_mean_abs_delta_nll", "Worst-case dNLL"),
+          ("hotflip_success_rate", "HotFlip success"), ("hotflip_mean_abs_delta_nll", "HotFlip dNLL"),
           ("gcg_success_rate", "GCG success"), ("gcg_mean_abs_delta_nll", "GCG dNLL"),
           ("uat_abs_delta_nll", "UAT dNLL"))
 

@@ -62,7 +62,18 @@ def arm_curve(per_seed: list[list[list]], n_boot: int) -> dict:
     half = float(np.mean([np.mean(s["half"]) for s in seeds]))
     gain = bootstrap_summary(float(g_est), g_draws)
     relative = gain["mean"] / half if half > 0 else None
+    # What doubling adds at smaller budgets (b -> 2b, b = B/8, B/4, B/2 of each unit's own budget B): the
+    # smallest b where it adds under PLATEAU_GAIN is where the curve flattens (None: not within B).
+    doubling = []
+    for frac in (0.125, 0.25, 0.5):
+        at = [np.mean([value_at(t, t[-1][0] * frac) for t in s]) for s in per_seed]
+        twice = [np.mean([value_at(t, t[-1][0] * 2 * frac) for t in s]) for s in per_seed]
+        base = float(np.mean(at))
+        doubling.append({"fraction_of_budget": frac, "damage": base, "doubled": float(np.mean(twice)),
+                         "relative_gain": float(np.mean(twice)) / base - 1 if base > 0 else None})
+    flat = [d["fraction_of_budget"] for d in doubling if d["relative_gain"] is not None and d["relative_gain"] < PLATEAU_GAIN]
     return {"budget": float(budget), "grid": grid.tolist(), "mean": np.asarray(est).tolist(),
+            "doubling": doubling, "plateau_fraction_of_budget": min(flat) if flat else None,
             "ci95": [[float(a), float(b)] for a, b in zip(lo, hi)], "n_seeds": len(per_seed),
             "n_units": sum(len(s) for s in per_seed), "damage_at_half": half,
             "gain_last_half": {"mean": gain["mean"], "ci95": gain["ci95"]},

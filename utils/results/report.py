@@ -211,15 +211,16 @@ def attack_strength(final: dict) -> list[str]:
                   f"Gain over the last half of each search's budget: damage(B) - damage(B/2) per text (UAT: per restart, "
                   f"optimisation texts), mean [hierarchical bootstrap 95% CI]; plateaued when doubling the budget from B/2 "
                   f"added under 5%. Comparisons on a search that had not plateaued are flagged in the tables above.", "",
-                  "| Search | Model | Budget (forward passes) | Damage at B/2 | Gain over last half [95% CI] | Relative | Plateaued |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| Search | Model | Budget (forward passes) | Damage at B/2 | Gain over last half [95% CI] | Relative | Plateaued "
+                  "| Doubling adds under 5% from |", "|---|---|---|---|---|---|---|---|"]
         for attack, c in conv.items():
             for arm in (x for x in arms if x in c["arms"]):
                 r = c["arms"][arm]
                 g, rel = r["gain_last_half"], r["relative_gain_last_half"]
                 lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
                              f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
-                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {'yes' if r['plateaued'] else 'NO'} |")
+                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {'yes' if r['plateaued'] else 'NO'} | "
+                             + (f"{r['plateau_fraction_of_budget']:g} B |" if r.get("plateau_fraction_of_budget") else "not within B |"))
     mask = acr.get("masking", {})
     if mask:
         lines += ["", "## Gradient masking checks", "",
@@ -414,7 +415,7 @@ def screen_summary(final: dict, report: Path) -> str:
     for arm in arms_present(final):
         a = acr[arm]
         cells = [f"perplexity {_fmt(a['perplexity'])}"]
-        for name, title in (("hotflip", "HotFlip"), ("gcg", "GCG")):
+        for name, title in (("worst", "worst case"), ("hotflip", "HotFlip"), ("gcg", "GCG")):
             if a.get(f"{name}_success_rate", {}).get("mean") is not None:
                 cells.append(f"{title} success {_fmt(a[f'{name}_success_rate'], 100, 1, True)} of "
                              f"{a[f'{name}_success_rate']['n_texts']} texts, dNLL {_fmt(a[f'{name}_mean_abs_delta_nll'], 1, 3)}")

@@ -99,8 +99,10 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float,
     else:
         rounds, grads = a.gcg_steps, 1
         fwd = a.uat_restarts * (a.uat_opt_texts + rounds * scored(a.gcg_search_width))
+    fwd += a.uat_opt_texts                                      # the clean optimisation-set loss
     grad = a.uat_restarts * rounds * grads * a.uat_opt_texts
-    uat = (arms * fwd * uat_len + arms * (arms + 1) * a.uat_eval_texts * uat_len, arms * grad * uat_len)
+    held_out = arms * (arms + 1 + a.uat_restarts) * a.uat_eval_texts      # every trigger and every restart's
+    uat = (arms * fwd * uat_len + held_out * uat_len, arms * grad * uat_len)
     fwd = grad = 0.0
     for name in listed(a.text_attacks):
         if name == "hotflip":
