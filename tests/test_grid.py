@@ -154,7 +154,8 @@ def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
     shutil.copytree(tiny_run[1].shared, work / "shared")
     sets = [a for k, v in [*FAST, ("eval.tasks", "")] for a in ("--set", f"{k}={v}")]
     runs = {}
-    for name, extra in (("a", []), ("b", []), ("c", ["--set", "eval.stride=32"])):
+    for name, extra in (("a", []), ("b", []), ("c", ["--set", "eval.stride=32"]),
+                        ("d", ["--set", "monotone.construction=projected"])):
         vdir = link_variant(work, name, [42])
         r = run_script("stage_4_evaluate", "--work-dir", str(vdir), *sets, *extra)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -165,6 +166,8 @@ def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
     assert runs["b"][1] == runs["a"][1]                                   # the same records, not re-measured
     assert "measured before: kept" not in runs["c"][0]          # another stride: measured afresh
     assert runs["c"][1]["pretrained"]["perplexity"] != runs["a"][1]["pretrained"]["perplexity"]
+    # another construction builds other monotone arms, not another pretrained model or control: kept
+    assert runs["d"][0].count("measured before: kept") == 2 and runs["d"][1] == runs["a"][1], runs["d"][0]
     kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "seed_42" / "stage_4_evaluate").iterdir())
     assert kept == ["control_40000", "control_40000", "pretrained", "pretrained"]   # two eval configs
 

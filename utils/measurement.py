@@ -46,6 +46,7 @@ CERTIFICATES = {"monotonic_init": "monotonicity_certificate.json",
                 "monotonic": "monotonicity_certificate_monotonic.json"}
 MODEL_SECTIONS = ("model", "data", "pretrain", "monotone", "recovery_baseline", "recovery_monotone", "precision")
 EVAL_SECTIONS, ATTACK_SECTIONS = (*MODEL_SECTIONS, "eval"), (*MODEL_SECTIONS, "attack")
+BUILD_SECTIONS = ("model", "pretrain", "monotone", "recovery_baseline", "recovery_monotone")   # see MeasuredOnce
 
 
 def writer(arm: str) -> str:
@@ -91,14 +92,19 @@ class MeasuredOnce:
     """Each arm is measured once per seed, model and config: its per-arm result (and, within stage 4,
     its perplexity and each capability task as soon as they exist) is kept in
     shared/measured/seed_<S>/<stage>/<arm>[.<part>]-<key>.json, keyed by the model's real path and
-    write time, the seed, the stage's config sections and the code revision. A requeued or rerun stage
+    write time, the seed, the stage's measurement sections (data, precision, eval or attack) and the code
+    revision. A requeued or rerun stage
     reads what it measured before (a stage 4 stopped by its time limit resumes at the next task), and a
     grid variant reads what an earlier variant measured of the arms they share (the pretrained model,
     stage 0's controls, a linked baseline), through its shared/ link. --force sets the stage's records
     aside (`measured_dir`). `get` is collective (rank 0 decides); `get_part`/`put` are per rank."""
 
     def __init__(self, cfg: ExperimentConfig, paths: RunPaths, stage: str, sections: tuple[str, ...]):
-        self.cfg, self.paths, self.stage, self.sections = cfg, paths, stage, sections
+        # The sections that only say how the models were built are left out of the key: the model's real
+        # path and write time stand for its weights, so a variant of another construction reads what an
+        # earlier variant measured of the arms they share (the pretrained model, the controls, the baseline).
+        self.cfg, self.paths, self.stage = cfg, paths, stage
+        self.sections = tuple(s for s in sections if s not in BUILD_SECTIONS)
         self.code = code_revision()
 
     def _file(self, arm: str, path: Path, part: str = "") -> Path:
