@@ -201,6 +201,9 @@ def test_the_comparison_sets_each_variant_beside_its_own_baseline(tmp_path):
     assert ratios == pytest.approx({"lr=1e-3,init=abs": 1.2, "lr=1e-3,init=clip": 200 / 150, "lr=3e-3,init=abs": 180 / 140})
     md = markdown(comp)
     assert "| baseline (lr 0.001) (shared) |" in md and "compared with baseline (lr 0.003)" in md
+    # The same baseline measured under another code revision (another batching of its windows): one baseline.
+    variant("lr=1e-3,init=noise", 1e-3, 150.0 * (1 + 1e-7), 185.0)
+    assert [len(b["variants"]) for b in compare(tmp_path)["baselines"]] == [3, 1]
     # Variants of one baseline recipe that disagree on its numbers did not share it: refused.
     variant("lr=1e-3,init=zero", 1e-3, 151.0, 190.0)
     with pytest.raises(PipelineError, match="variants of one recovery_baseline report different baseline perplexities"):

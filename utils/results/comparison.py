@@ -25,6 +25,9 @@ DAMAGE = (("worst_success_rate", "Worst-case success"), ("worst_mean_abs_delta_n
           ("uat_abs_delta_nll", "UAT dNLL"))
 
 
+SAME_MODEL_RTOL = 1e-5
+
+
 def _baseline_recipe(vdir: Path, seed: int) -> dict:
     """The recovery_baseline a variant's baseline arm was trained with (its stage 2 config, linked or own)."""
     return read_json(vdir / f"seed_{seed}" / "results" / "config_stage_2_train_baseline.json")["recovery_baseline"]
@@ -82,8 +85,10 @@ def compare(work_dir: Path) -> dict:
         by_seed = {}
         for r in members:
             for seed, ppl in r["baseline"]["per_seed_perplexity"].items():
-                by_seed.setdefault(seed, set()).add(ppl)
-        if any(len(values) > 1 for values in by_seed.values()):
+                by_seed.setdefault(seed, []).append(ppl)
+        # Within float noise: one baseline measured under two code revisions (another batching of the same
+        # windows) differs in the 7th digit; two trained baselines differ in the 2nd.
+        if any(max(v) - min(v) > SAME_MODEL_RTOL * max(v) for v in by_seed.values()):
             raise PipelineError("variants of one recovery_baseline report different baseline perplexities for the "
                                 "same seed, so they did not share one baseline arm: "
                                 + str({r["name"]: r["baseline"]["per_seed_perplexity"] for r in members}))
