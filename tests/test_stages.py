@@ -146,7 +146,7 @@ def test_own_data_too_small_for_the_attacks_fails_in_stage_0_before_training(tmp
     r = run_script("stage_0_setup", "--work-dir", str(tmp_path / "w"), *fast_sets(), *sets)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     line = r.stderr.strip()
-    assert line.count("\n") == 0 and "UAT needs 36" in line and "HotFlip/GCG 24" in line, line
+    assert line.count("\n") == 0 and "UAT needs 36" in line and "stage 6 24" in line, line
     assert "pretraining" not in r.stdout                              # failed before any training
     assert not (tmp_path / "w" / "shared" / "manifest.json").exists()
 

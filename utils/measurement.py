@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from utils.measure.perplexity import aggregate, document_nll
 from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
-from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
+from utils.run.run_files import PipelineError, RunPaths, code_revision, publish, read_json, write_json
 from utils.run.signals import Preempted, StopOnSignal
 from utils.stages import pretrained_model, read_manifest
 
@@ -519,9 +521,12 @@ def _pgd(cfg: ExperimentConfig, paths: RunPaths) -> str:
                 deltas[f"{t['doc']}@{radius:g}"] = delta.contiguous()
         records = distributed.gather_shares(records)
         deltas = {k: v for part in distributed.gather_objects(deltas) for k, v in part.items()}
-        if distributed.is_main():
+        if distributed.is_main():        # atomic, and readable as the umask allows (safetensors writes 0600)
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_file(deltas, str(out_dir / f"{arm}.safetensors"))
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{arm}.", suffix=".safetensors")
+            os.close(fd)
+            save_file(deltas, tmp)
+            publish(Path(tmp), out_dir / f"{arm}.safetensors")
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
                        "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
                        "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
