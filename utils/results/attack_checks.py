@@ -17,6 +17,12 @@ import numpy as np
 from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
 
 
+def _seed_then_unit(per_seed: list[list[float]], n_boot: int) -> dict:
+    """Mean of the seed means, hierarchical-bootstrap interval (seeds, then units within each seed)."""
+    est, draws = hierarchical_bootstrap([{"v": v} for v in per_seed], mean_of_seeds("v"), n_boot=n_boot)
+    return {**bootstrap_summary(float(est), draws), "n": len(per_seed)}
+
+
 def _by_doc(res: dict, arm: str) -> dict:
     return {r["doc"]: r["abs_delta_nll"] for r in res["models"][arm]["examples"]}
 
@@ -67,8 +73,7 @@ def pgd(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
                     by_radius.setdefault(f"{r['radius']:g}", {}).setdefault(files["pgd.json"]["seed"], []).append(r["abs_delta_nll"])
         rows = {}
         for radius, per_seed in by_radius.items():
-            est, draws = hierarchical_bootstrap([{"v": v} for v in per_seed.values()], mean_of_seeds("v"), n_boot=n_boot)
-            rows[radius] = {**bootstrap_summary(float(est), draws), "n": len(per_seed)}
+            rows[radius] = _seed_then_unit(list(per_seed.values()), n_boot)
         if rows:
             out[arm] = rows
     return out
@@ -82,9 +87,8 @@ def uat_restarts(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
         seeds = [s for s in seeds if s]
         if not seeds:
             continue
-        est, draws = hierarchical_bootstrap([{"v": s} for s in seeds], mean_of_seeds("v"), n_boot=n_boot)
         flat = [v for s in seeds for v in s]
-        out[arm] = {**bootstrap_summary(float(est), draws), "n": len(seeds), "restarts": len(flat),
+        out[arm] = {**_seed_then_unit(seeds, n_boot), "restarts": len(flat),
                     "min": float(min(flat)), "max": float(max(flat)),
                     "unit": "restart within seed (seeds, then restarts resampled)"}
     return out
