@@ -44,7 +44,7 @@ part pipeline "${LIMIT_PIPELINE:-150}" python test_pipeline_local.py --work-dir 
   --set pretrain.max_tokens=120000 --set eval.task_limit=40
 cp /tmp/gpu_pipeline/results/results.md "$OUT/pipeline_results.md" 2>/dev/null
 TAIL_LINES=40 part tests "${LIMIT_TESTS:-200}" env MONO_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
-  python -m pytest -v -p no:cacheprovider tests/test_monotonicity.py tests/test_training.py tests/test_attacks.py \
+  python -m pytest -v -p no:cacheprovider tests/test_monotonicity.py tests/test_training.py tests/test_attacks.py tests/test_measured_records.py \
   tests/test_distributed.py -k "not frozen_ablation and not signal and (not distributed or nccl)"
 echo "=== $failed part(s) failed"
 exit "$failed"

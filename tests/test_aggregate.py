@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from utils.measurement import worst_of
+from utils.text_attacks import worst_of
 from utils.results.aggregate import run_aggregate
 from utils.results.statistics import bootstrap_interval, holm, mcnemar_exact, t_interval, wilcoxon_paired
 from utils.run.run_files import PipelineError

@@ -11,7 +11,7 @@ from configs.experiment_config import AttackConfig, ModelConfig
 from utils.attacks import gcg, pgd
 from utils.attacks.core import Victim, target_mask
 from utils.attacks.masking import exact_gelu_backward, flat_fractions, has_flat_region
-from utils.measurement import worst_of
+from utils.text_attacks import worst_of
 from utils.model.modeling import build_tiny_model
 from utils.model.monotonicity import apply_monotonicity
 from utils.model.portable.modeling_monotone import GELU_ARGMIN, MonotoneGELU

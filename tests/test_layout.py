@@ -14,7 +14,7 @@ from utils.model.monotonicity import certify
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 # What each part of utils/ may import (besides configs/). The stage-level orchestration
-# (utils/stages.py, recovery.py, measurement.py) sits on top and may import any part.
+# (utils/stages.py, recovery.py, measurement.py, text_attacks.py) sits on top and may import any part.
 ALLOWED = {"run": set(), "data": {"run"}, "model": {"run"},
            "train": {"run", "model"}, "measure": {"run", "data", "model"},
            "attacks": {"run", "data", "model"}, "results": {"run"}}

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.experiment_config import ModelConfig
-from utils.attacks.core import Victim, _halving_on_oom, target_mask
+from utils.attacks.core import Victim, target_mask
 from utils.measure.perplexity import document_nll
 from utils.model import next_token
 from utils.model.modeling import build_tiny_model
 from utils.model.monotonicity import apply_monotonicity, capture_mlp_inputs
-from utils.run.compute import CPU
+from utils.run.compute import CPU, halving_on_oom
 from utils.train.training import lm_loss, validation_loss
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=128, context_length=64)
@@ -66,7 +66,7 @@ def test_an_oom_retry_frees_the_failed_attempt_before_the_halves_run():
         return [s * 2 for s in seqs]
 
     seqs = [torch.tensor([i]) for i in range(4)]
-    out = _halving_on_oom(fn, seqs, [None] * 4)
+    out = halving_on_oom(fn, seqs, [None] * 4)
     gc.collect()
     assert [int(o) for o in out] == [0, 2, 4, 6]          # every sequence, in order, none dropped
     assert alive_at_retry == [False, False]
@@ -76,7 +76,30 @@ def test_a_single_sequence_that_does_not_fit_is_reported_not_dropped():
     def fn(seqs, targets):
         raise torch.cuda.OutOfMemoryError("simulated")
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        _halving_on_oom(fn, [torch.tensor([1])], [None])
+        halving_on_oom(fn, [torch.tensor([1])], [None])
+
+
+def test_perplexity_retries_a_batch_that_does_not_fit_in_halves_with_the_same_sums(monkeypatch):
+    """Perplexity and the attacks share one OOM rule: a batch of windows that 'does not fit' (more than
+    one window here) is scored in halves, and every document's sums are those of the whole batch."""
+    from utils.measure import perplexity
+    model = build_tiny_model(SMALL, 0).eval()
+    docs = [np.random.default_rng(i).integers(2, 128, n) for i, n in enumerate((90, 40, 70))]
+    whole = document_nll(model, docs, 0, 32, 16, 8, CPU)
+    real, sizes = perplexity.score_windows, []
+
+    def tight(model, seqs, compute):
+        sizes.append(len(seqs))
+        if len(seqs) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, seqs, compute)
+
+    monkeypatch.setattr(perplexity, "score_windows", tight)
+    halved = document_nll(model, docs, 0, 32, 16, 8, CPU)
+    assert [n for _, n in halved] == [n for _, n in whole]
+    assert [x for x, _ in halved] == pytest.approx([x for x, _ in whole], rel=1e-6)
+    windows = sum(len(perplexity.rolling_windows(len(d) + 1, 32, 16)) for d in docs)
+    assert max(sizes) == 8 and sizes.count(1) == windows          # every window scored once, alone
 
 
 class VocabTensors(TorchDispatchMode):

@@ -1,10 +1,10 @@
-"""Stages 4-6: perplexity, UAT, HotFlip and GCG on every model that exists.
+"""Stages 4 and 5 (perplexity, capabilities, UAT) and what stages 4-6 share: the arms, MeasuredOnce.
 
 Arms: pretrained, stage 0's controls (control_*: unconstrained models of other
 clean loss), monotonic_init, baseline, monotonic and unconstrained_from_init
 (whichever have been built). Every result file names each model's path, the token file and the
 exact convention, and stores per-example records that a fresh forward pass
-reproduces (tests/test_attacks.py does exactly that).
+reproduces (tests/test_measured_records.py does exactly that). Stage 6: utils/text_attacks.py.
 
 Under torchrun the work is sharded and rank 0 writes what one process would:
 stage 4 deals the batches of windows (perplexity.document_nll) and the
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from configs.experiment_config import ExperimentConfig, HELDOUT_TASKS, TEXT_ATTACKS, listed, numbers
-from utils.attacks import gcg, hotflip, pgd, uat
+from configs.experiment_config import ExperimentConfig, HELDOUT_TASKS
+from utils.attacks import uat
 from utils.attacks.core import Cost, Victim, forbidden_tokens, select_texts
-from utils.attacks.masking import flat_fractions, has_flat_region
 from utils.data.corpus import read_corpus
 from utils.data.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer, normaliser_name
 from utils.measure.capabilities import evaluate_capabilities, task_names
@@ -36,7 +33,7 @@ from utils.measure.perplexity import aggregate, document_nll
 from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
-from utils.run.run_files import PipelineError, RunPaths, code_revision, publish, read_json, write_json
+from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
 from utils.run.signals import Preempted, StopOnSignal
 from utils.stages import pretrained_model, read_manifest
 
@@ -150,7 +147,7 @@ def stop_between_arms(stop: StopOnSignal, stage: str, arm: str) -> None:
                         f"measured is kept, rerun the same command to go on", stop.signum or signal.SIGUSR1)
 
 
-def _load(path: Path, device):
+def load_arm(path: Path, device):
     model = load_model(path, "float32", device).eval()
     model.requires_grad_(False)      # attacks need input gradients only
     return model
@@ -203,12 +200,12 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             out["models"][arm] = kept["evaluation"]
             if tasks:
                 caps["models"][arm] = kept["capabilities"]
-            _say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured before: kept)")
+            say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured before: kept)")
             continue
         t0, model = time.time(), None
         evaluation = once.get(arm, path, "perplexity")
         if evaluation is None:
-            model = _load(path, compute.device)
+            model = load_arm(path, compute.device)
             per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute,
                                    shard=True)
             agg = aggregate(per_doc)
@@ -218,7 +215,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                 "per_document": {"nll": [x for x, _ in per_doc], "tokens": [n for _, n in per_doc]}}
             once.put(arm, path, evaluation, "perplexity")
         out["models"][arm] = evaluation
-        _say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
+        say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
              f"({evaluation['tokens']:,} tokens, {evaluation['bits_per_byte']:.3f} bits/byte)")
         if tasks:      # task i on rank i mod N, each kept as soon as it is done
             log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
@@ -226,13 +223,13 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             for task in tasks[distributed.rank()::distributed.world_size()]:
                 mine[task] = once.get_part(arm, path, f"task.{task}")
                 if mine[task] is None:
-                    model = model or _load(path, compute.device)
+                    model = model or load_arm(path, compute.device)
                     mine[task] = evaluate_capabilities(model, tokenizer, [task], task_data, e.task_batch_size,
                                                        e.max_len, e.task_limit, compute, log)[task]
                     once.put(arm, path, mine[task], f"task.{task}", every_rank=True)
             done = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}
             caps["models"][arm] = {"path": paths.rel(path), "tasks": {t: done[t] for t in tasks}}
-            _say(f"[evaluate] {arm:<15} " + ", ".join(
+            say(f"[evaluate] {arm:<15} " + ", ".join(
                 f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
                 for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
         once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
@@ -249,7 +246,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     return written
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     if distributed.is_main():
         print(line)
 
@@ -270,10 +267,10 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     for arm, path in arms.items():      # the trigger search, the expensive part (the transfer below is cheap)
         models[arm] = once.get(arm, path)
         if models[arm]:
-            _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (measured before: kept)")
+            say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (measured before: kept)")
             continue
         t0 = time.time()
-        victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True,
+        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, shard=True,
                         surrogate_gradient=a.surrogate_gradient)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
         found = uat.find_trigger(victim, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token)
@@ -288,14 +285,14 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                      "iterations": r["iterations"], "cost": r["cost"], "trace": r["trace"]}
                                     for r in found["restarts"]]}
         once.put(arm, path, models[arm])
-        _say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
+        say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
              f"{found['cost']['forward_passes']:,} exact forward passes)")
         del victim
     # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
     transfer = {src: {} for src in arms}
     held_ids = [t["ids"] for t in held]
     for arm, path in arms.items():
-        victim = Victim(_load(path, compute.device), compute, a.batch_size, shard=True)
+        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, shard=True)
         # every restart's trigger too: each restart is an independent search (its held-out damage)
         own = [torch.tensor(r["trigger_ids"]) for r in models[arm]["restarts"]]
         triggers = [torch.tensor([], dtype=torch.long)] + [torch.tensor(models[src]["trigger_ids"]) for src in arms]
@@ -316,7 +313,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                     {"doc": t["doc"], "text_ids": t["ids"].tolist(), "clean_nll": c, "triggered_nll": p}
                     for t, c, p in zip(held, clean_per, per)]
         models[arm]["transfer_cost"] = victim.cost.since(Cost())
-        _say(f"[uat] {arm:<15} held-out NLL {clean:.3f} -> {models[arm]['eval']['triggered_nll']:.3f} "
+        say(f"[uat] {arm:<15} held-out NLL {clean:.3f} -> {models[arm]['eval']['triggered_nll']:.3f} "
              f"({100 * models[arm]['eval']['rel_delta_nll']:+.1f}%)")
         del victim
     path = paths.results / "uat.json"
@@ -331,213 +328,3 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                   "embedding gradients; the whole search, whatever the number of processes",
                           "models": models, "transfer": transfer})
     return [str(path)]
-
-
-# -- stage 6 -------------------------------------------------------------------
-
-def _summary(records: list[dict], threshold: float) -> dict:
-    n = len(records)
-    deltas = sorted(r["abs_delta_nll"] for r in records)
-    out = {"n": n, "success_rate": sum(r["rel_delta_nll"] > threshold for r in records) / n,
-           "mean_abs_delta_nll": sum(deltas) / n, "median_abs_delta_nll": deltas[n // 2],
-           "mean_rel_delta_nll": sum(r["rel_delta_nll"] for r in records) / n,
-           "mean_clean_nll": sum(r["clean_nll"] for r in records) / n}
-    if all("cost" in r for r in records):
-        out["cost"] = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
-    return out
-
-
-def _attack(name: str, victim: Victim, text: dict, a, forbidden, seed: int) -> dict:
-    if name == "hotflip":
-        return hotflip.attack_text(victim, text["ids"], a, forbidden)
-    gen = torch.Generator().manual_seed(seed * 100_003 + text["doc"])
-    return gcg.attack_text(victim, text["ids"], a, forbidden, gen, "random" if name == "random_search" else "gradient")
-
-
-def _surrogate(name: str, a) -> str:
-    return "exact_gelu" if name == "gcg_surrogate" else a.surrogate_gradient
-
-
-def _composition(name: str, a) -> dict:
-    if name == "hotflip":
-        return hotflip.COMPOSITION
-    return gcg.composition(a, "random" if name == "random_search" else "gradient", _surrogate(name, a))
-
-
-def run_text_attacks(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    """Stage 6: each search of attack.text_attacks on every model, under HotFlip's threat model (gcg
-    before gcg_surrogate, which reuses GCG's records on arms without the clamp); then the worst case per
-    text over them and the gradient-masking checks (worst_case.json), and PGD on the embeddings."""
-    chosen = listed(cfg.attack.text_attacks)
-    done = {}
-    written = [_text_attack(cfg, paths, name, done) for name in TEXT_ATTACKS if name in chosen]
-    written.append(_worst_case(cfg, paths, done))
-    if numbers(cfg.attack.pgd_radii):
-        written.append(_pgd(cfg, paths))
-    return written
-
-
-def attacked_texts(cfg: ExperimentConfig, paths: RunPaths, n: int) -> list[dict]:
-    """The first n of the seed's attacked texts (HotFlip's; GCG, random search and PGD take a prefix)."""
-    tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    a = cfg.attack
-    return select_texts(TokenFile(paths.shared / "tokens", "test"), tokenizer.eos_token_id, n, a.text_len,
-                        a.min_text_len, cfg.seed)
-
-
-def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) -> str:
-    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
-    tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    test = TokenFile(paths.shared / "tokens", "test")
-    texts = attacked_texts(cfg, paths, a.hotflip_texts if name == "hotflip" else a.gcg_texts)
-    mine = [texts[i] for i in distributed.my_share(len(texts))]
-    arms = available_arms(paths)
-    models = {}
-    once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
-    for arm, path in arms.items():
-        models[arm] = once.get(arm, path)
-        if models[arm]:
-            _say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (measured "
-                 f"before: kept)")
-            continue
-        victim = Victim(_load(path, compute.device), compute, a.batch_size, surrogate_gradient=_surrogate(name, a))
-        if name == "gcg_surrogate" and not has_flat_region(victim.model) and arm in done.get("gcg", {}):
-            # No clamp: exact GELU's gradient is the model's own, the search GCG's, draw for draw.
-            models[arm] = {**done["gcg"][arm], "same_as": "gcg (no clamped activation: the surrogate gradient "
-                                                          "is the model's own, so the search is GCG's)"}
-            _say(f"[{name}] {arm:<15} no clamped activation: GCG's records")
-            once.put(arm, path, models[arm])
-            continue
-        forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        records, controls, t0 = [], [], time.time()
-        for t in mine:
-            rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
-            rec["success"] = rec["rel_delta_nll"] > a.success_threshold
-            rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
-            records.append(rec)
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
-            controls.append({"doc": t["doc"], **hotflip.random_flips(victim, t["ids"], rec["n_flips"], forbidden, gen)})
-        records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
-        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
-                       "summary": _summary(records, a.success_threshold),
-                       "random_control": _summary(controls, a.success_threshold),
-                       "seconds_per_example": (time.time() - t0) / len(mine) if mine else None,
-                       "examples": records, "control_examples": controls}
-        s, c = models[arm]["summary"], models[arm]["random_control"]
-        _say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
-             f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
-             f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
-        once.put(arm, path, models[arm])
-        del victim
-    transfer = {src: {} for src in arms}
-    share = distributed.my_share(len(texts))
-    for arm, path in arms.items():
-        victim = Victim(_load(path, compute.device), compute, a.batch_size)
-        for src in arms:
-            rows = distributed.gather_shares([
-                hotflip.rescore(victim, r["original_ids"], r["adversarial_ids"], r["modified_positions"])
-                for r in models[src]["examples"][share.start:share.stop]])
-            transfer[src][arm] = _summary(rows, a.success_threshold)
-        del victim
-    path = paths.results / f"{name}.json"
-    if distributed.is_main():
-        write_json(path, {"attack": name, "composition": _composition(name, a), "config": vars(a),
-                          "seed": cfg.seed, "compute": compute.describe(), "processes": distributed.world_size(),
-                          "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
-                          "success_abs_nats": a.success_abs_nats,
-                          "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
-                                  "clean and attacked on the same positions",
-                          "cost": "per record: exact sequences (and tokens) run forward, and forward + backward "
-                                  "for embedding gradients, by the search and its final rescoring",
-                          "models": models, "transfer": transfer})
-    done[name] = models
-    return str(path)
-
-
-WORST_FIELDS = ("clean_nll", "attacked_nll", "abs_delta_nll", "rel_delta_nll", "success", "success_abs", "n_flips",
-                "original_ids", "adversarial_ids", "modified_positions")
-
-
-def worst_of(done: dict[str, dict], arm: str) -> list[dict]:
-    """Per text every search attacked, the most damaging record of the threat model and its search."""
-    by_attack = {name: {r["doc"]: r for r in models[arm]["examples"]} for name, models in done.items()}
-    docs = sorted(set.intersection(*(set(d) for d in by_attack.values())))
-    out = []
-    for doc in docs:
-        name = max(by_attack, key=lambda n: by_attack[n][doc]["abs_delta_nll"])
-        out.append({"doc": doc, "attack": name, **{k: by_attack[name][doc][k] for k in WORST_FIELDS}})
-    return out
-
-
-def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
-    """worst_case.json: per arm and text the worst record over the searches of stage 6, and the checks
-    for gradient masking: the fraction of MLP inputs in the clamp's flat region, per layer, on the
-    attacked texts and on their worst-case adversarial versions."""
-    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
-    models = {}
-    for arm, path in available_arms(paths).items():
-        worst = worst_of(done, arm)
-        model = _load(path, compute.device)
-        models[arm] = {
-            "path": paths.rel(path), "label": arm_label(paths, arm), "examples": worst,
-            "summary": _summary(worst, a.success_threshold),
-            "won_by": {name: sum(r["attack"] == name for r in worst) for name in done},
-            "flat_region": {"clean": flat_fractions(model, [torch.tensor(r["original_ids"]) for r in worst], compute.device, a.batch_size),
-                            "adversarial": flat_fractions(model, [torch.tensor(r["adversarial_ids"]) for r in worst],
-                                                          compute.device, a.batch_size)}}
-        del model
-        f = models[arm]["flat_region"]["clean"]
-        _say(f"[worst case] {arm:<15} mean dNLL {models[arm]['summary']['mean_abs_delta_nll']:+.3f} "
-             f"(won by {', '.join(f'{n} {c}' for n, c in models[arm]['won_by'].items() if c)}); MLP inputs below the "
-             f"clamp {100 * f['mean']:.1f}% ({'flat' if f['flat_region'] else 'no clamp'})")
-    path = paths.results / "worst_case.json"
-    if distributed.is_main():
-        write_json(path, {"attacks": list(done), "seed": cfg.seed, "success_threshold": a.success_threshold,
-                          "success_abs_nats": a.success_abs_nats,
-                          "rule": "per text attacked by every search: the record of largest abs_delta_nll",
-                          "flat_region": "fraction of the MLP activation's inputs below x* = GELU's argmin, per layer, "
-                                         "over every position; the gradient is exactly 0 there where flat_region is true",
-                          "models": models})
-    return str(path)
-
-
-def _pgd(cfg: ExperimentConfig, paths: RunPaths) -> str:
-    """pgd.json: PGD on the input embeddings at every radius (pgd.py), on the first pgd_texts texts; the best
-    perturbations in pgd_deltas/<arm>.safetensors (a fresh forward pass with them reproduces each record)."""
-    from safetensors.torch import save_file
-    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
-    tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    texts = attacked_texts(cfg, paths, a.pgd_texts)
-    share, models = distributed.my_share(len(texts)), {}
-    out_dir = paths.results / "pgd_deltas"
-    for arm, path in available_arms(paths).items():
-        victim = Victim(_load(path, compute.device), compute, a.batch_size, surrogate_gradient=a.surrogate_gradient)
-        unit = pgd.mean_embedding_norm(victim, forbidden_tokens(tokenizer, victim.embeddings.shape[0]))
-        records, deltas = [], {}
-        for t in texts[share.start:share.stop]:
-            for radius in numbers(a.pgd_radii):
-                rec, delta = pgd.attack_text(victim, t["ids"], radius, unit, a.pgd_steps)
-                records.append({"doc": t["doc"], "ids": t["ids"].tolist(), **rec})
-                deltas[f"{t['doc']}@{radius:g}"] = delta.contiguous()
-        records = distributed.gather_shares(records)
-        deltas = {k: v for part in distributed.gather_objects(deltas) for k, v in part.items()}
-        if distributed.is_main():        # atomic, and readable as the umask allows (safetensors writes 0600)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{arm}.", suffix=".safetensors")
-            os.close(fd)
-            save_file(deltas, tmp)
-            publish(Path(tmp), out_dir / f"{arm}.safetensors")
-        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
-                       "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
-                       "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
-                                     for r in numbers(a.pgd_radii)}}
-        _say(f"[pgd] {arm:<15} mean dNLL " + ", ".join(
-            f"r={r} {s['mean_abs_delta_nll']:+.3f}" for r, s in models[arm]["by_radius"].items()))
-        del victim
-    path = paths.results / "pgd.json"
-    if distributed.is_main():
-        write_json(path, {"attack": "pgd", "composition": pgd.composition(a), "config": vars(a), "seed": cfg.seed,
-                          "compute": compute.describe(), "radii": numbers(a.pgd_radii),
-                          "loss": "mean next-token NLL of the text tokens of [EOS] + text, embeddings + delta",
-                          "models": models})
-    return str(path)

@@ -5,11 +5,11 @@ scripts/stages_done.py, which reads the whole table in one process, which of the
 a resubmission can skip.
 """
 from configs.experiment_config import listed
-from utils.measurement import (ATTACK_SECTIONS, EVAL_SECTIONS, arms_fingerprint, evaluate, measured_dir,
-                               run_text_attacks, run_uat)
+from utils.measurement import ATTACK_SECTIONS, EVAL_SECTIONS, arms_fingerprint, evaluate, measured_dir, run_uat
 from utils.recovery import SECTIONS, STAGE_3_SECTIONS, checkpoint_dir, recover, train_monotonic
 from utils.run.cli import Stage
 from utils.stages import apply_monotone, setup, setup_inputs
+from utils.text_attacks import run_text_attacks
 
 STAGES = [
     Stage("stage_0_setup", setup, ("model", "data", "pretrain"), shared=True, inputs=setup_inputs),

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from utils.attacks.masking import surrogate
 from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
-from utils.run.compute import Compute
+from utils.run.compute import Compute, halving_on_oom
 from utils.run.run_files import PipelineError
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +126,9 @@ class Victim:
         batches = [(seqs[i:i + bs], targets[i:i + bs]) + ((deltas[i:i + bs],) if deltas is not None else ())
                    for i in range(0, len(seqs), bs)]
         if not self.shard:
-            return [r for b in batches for r in _halving_on_oom(fn, *b)]
+            return [r for b in batches for r in halving_on_oom(fn, *b)]
         rank, n = distributed.rank(), distributed.world_size()
-        mine = [_halving_on_oom(fn, *b) for b in batches[rank::n]]
+        mine = [halving_on_oom(fn, *b) for b in batches[rank::n]]
         parts = distributed.gather_objects(mine)
         return [r for i in range(len(batches)) for r in parts[i % n][i // n]]
 
@@ -177,22 +177,6 @@ class Victim:
         dev = self.compute.device
         mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
         return ids.to(dev), labels.to(dev), mask
-
-
-def _halving_on_oom(fn, seqs, *rest) -> list:
-    """fn over a batch (seqs and the lists beside them); on CUDA OOM in halves, never dropping a sequence.
-
-    The retry runs after the `except` block: inside it the exception's traceback still holds
-    the failed attempt's frames and so its activations, the memory the halves need."""
-    try:
-        return fn(seqs, *rest)
-    except torch.cuda.OutOfMemoryError:
-        if len(seqs) == 1:
-            raise
-    torch.cuda.empty_cache()
-    half = len(seqs) // 2
-    return _halving_on_oom(fn, seqs[:half], *(r[:half] for r in rest)) + \
-        _halving_on_oom(fn, seqs[half:], *(r[half:] for r in rest))
 
 
 def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,

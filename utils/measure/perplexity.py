@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
-from utils.run.compute import Compute
+from utils.run.compute import Compute, halving_on_oom
 
 
 def rolling_windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -95,14 +95,7 @@ def document_nll(model, docs: list[np.ndarray], eos_id: int, max_len: int, strid
 
 
 def _scored(model, batch: list, compute: Compute) -> list[float]:
-    try:
-        return score_windows(model, [(s, n) for _, s, n in batch], compute)
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-    torch.cuda.empty_cache()          # after the except block: the failed attempt's tensors are released
-    half = len(batch) // 2
-    return _scored(model, batch[:half], compute) + _scored(model, batch[half:], compute)
+    return halving_on_oom(lambda b: score_windows(model, [(s, n) for _, s, n in b], compute), batch)
 
 
 def aggregate(per_doc: list[tuple[float, int]]) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils.results.report import ARM_NAMES, arms_present  # noqa: E402
+from utils.results.formatting import ARM_NAMES, arms_present  # noqa: E402
 
 
 def training_figure(final: dict):

@@ -4,37 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-class _Names(dict):
-    def __missing__(self, arm: str) -> str:      # stage 0's controls: control_<tokens or revision>
-        return f"Control {arm.removeprefix('control_')}"
-
-
-ARM_NAMES = _Names({"pretrained": "Pretrained", "monotonic_init": "Monotone (init)", "baseline": "Baseline (recovered)",
-                    "monotonic": "Monotone (recovered)", "unconstrained_from_init": "Unconstrained from init"})
-ORDER = ("pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init")
-
-
-def _control_key(arm: str):
-    tail = arm.removeprefix("control_").removeprefix("step")
-    return (0, int(tail), "") if tail.isdigit() else (1, 0, tail)
-
-
-def arms_present(final: dict) -> list[str]:
-    """The arms in report order: pretrained, the controls (by tokens or step), then the trained arms."""
-    present = final["across_seeds"]["arms"]
-    controls = sorted((a for a in present if a.startswith("control_")), key=_control_key)
-    return [a for a in ORDER[:1] if a in present] + controls + [a for a in ORDER[1:] if a in present]
-
-
-def _fmt(stat: dict, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
-    if not stat or stat.get("mean") is None:
-        return "n/a"
-    unit = "%" if pct else ""
-    text = f"{stat['mean'] * scale:.{digits}f}{unit}"
-    if stat.get("ci95"):
-        lo, hi = stat["ci95"]
-        text += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
-    return text
+from utils.results.attack_report import attack_strength, plateau_flag
+from utils.results.formatting import ARM_NAMES, ORDER, arms_present, fmt
 
 
 def _label(final: dict, arm: str) -> str:
@@ -109,7 +80,7 @@ def capability_table(final: dict) -> list[str]:
              "| Task | " + " | ".join(ARM_NAMES[a] for a in arms) + " | Baseline vs monotone |",
              "|---|" + "---|" * (len(arms) + 1)]
     for task, row in caps.items():
-        cells = [_fmt(row["arms"][a], 100, 1, True) if a in row["arms"] else "n/a" for a in arms]
+        cells = [fmt(row["arms"][a], 100, 1, True) if a in row["arms"] else "n/a" for a in arms]
         t = row.get("test")
         test = (f"p = {t['p_value']:.3g} (baseline-only {t['only_first']}, monotone-only {t['only_second']}, "
                 f"n = {t['n']})") if t else "n/a"
@@ -172,88 +143,6 @@ def matched_control(final: dict) -> list[str]:
     return lines + [""]
 
 
-ATTACK_NAMES = {"hotflip": "HotFlip", "gcg": "GCG", "gcg_surrogate": "GCG (surrogate)", "random_search": "Random search",
-                "uat": "UAT", "worst": "Worst case"}
-
-
-def before_plateau(final: dict) -> dict[str, list[str]]:
-    """{search: [arms on which it had not plateaued]} (stage 7's convergence check)."""
-    conv = final["across_seeds"].get("convergence", {})
-    return {a: bad for a, c in conv.items() if (bad := [arm for arm, r in c["arms"].items() if not r["plateaued"]])}
-
-
-def plateau_flag(final: dict, measure: str) -> str:
-    """' (before the plateau: ...)' for a measure whose searches had not converged on some arm."""
-    searches = ("hotflip", "gcg", "gcg_surrogate", "random_search") if measure.startswith("worst") else \
-        [a for a in ("gcg_surrogate", "random_search", "hotflip", "gcg", "uat") if measure.startswith(a)][:1]
-    bad = before_plateau(final)
-    hit = [f"{ATTACK_NAMES[a]} on {', '.join(ARM_NAMES[x] for x in bad[a])}" for a in searches if a in bad]
-    return f" (before the plateau: {'; '.join(hit)})" if hit else ""
-
-
-def attack_strength(final: dict) -> list[str]:
-    """Worst case per arm, convergence, gradient-masking checks, PGD and UAT restarts (utils/results/
-    convergence.py, attack_checks.py)."""
-    acr, arms = final["across_seeds"], arms_present(final)
-    lines = ["", "## Worst case per text (the threat model's most damaging search per text)", "",
-             "Per text attacked by every stage-6 search (HotFlip, GCG, GCG through the surrogate gradient, random "
-             "search), the record of largest dNLL; each arm's robustness is this worst case first.", "",
-             "| Model | Worst-case success | Worst-case dNLL | Texts won by |", "|---|---|---|---|"]
-    for arm in arms:
-        a = acr["arms"][arm]
-        won = acr.get("worst_won_by", {}).get(arm, {})
-        lines.append(f"| {ARM_NAMES[arm]} | {_fmt(a.get('worst_success_rate'), 100, 1, True)} | "
-                     f"{_fmt(a.get('worst_mean_abs_delta_nll'), 1, 3)} | "
-                     + ", ".join(f"{ATTACK_NAMES[n]} {c}" for n, c in won.items() if c) + " |")
-    conv = acr.get("convergence", {})
-    if conv:
-        lines += ["", "## Convergence (best damage so far against forward passes; attack_convergence.png)", "",
-                  f"Gain over the last half of each search's budget: damage(B) - damage(B/2) per text (UAT: per restart, "
-                  f"optimisation texts), mean [hierarchical bootstrap 95% CI]; plateaued when doubling the budget from B/2 "
-                  f"added under 5%. Comparisons on a search that had not plateaued are flagged in the tables above.", "",
-                  "| Search | Model | Budget (forward passes) | Damage at B/2 | Gain over last half [95% CI] | Relative | Plateaued "
-                  "| Doubling adds under 5% from |", "|---|---|---|---|---|---|---|---|"]
-        for attack, c in conv.items():
-            for arm in (x for x in arms if x in c["arms"]):
-                r = c["arms"][arm]
-                g, rel = r["gain_last_half"], r["relative_gain_last_half"]
-                lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
-                             f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
-                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {'yes' if r['plateaued'] else 'NO'} | "
-                             + (f"{r['plateau_fraction_of_budget']:g} B |" if r.get("plateau_fraction_of_budget") else "not within B |"))
-    mask = acr.get("masking", {})
-    if mask:
-        lines += ["", "## Gradient masking checks", "",
-                  "Below clamp: the fraction of MLP inputs under x* = -0.7518 (where the monotone GELU's gradient is 0; "
-                  "'no clamp': exact GELU, only small there), on the attacked and on the worst-case adversarial texts. "
-                  "Surrogate - GCG: GCG through exact GELU's derivative (BPDA) minus plain GCG, per text; > 0 on a clamped "
-                  "arm means its own gradient hid damage. Random - GCG: random search with GCG's forward budget minus GCG; "
-                  ">= 0 means the gradient did not guide the search.", "",
-                  "| Model | Clamp | Below clamp (clean, adversarial) | Surrogate - GCG dNLL [95% CI] | Random - GCG dNLL [95% CI] |",
-                  "|---|---|---|---|---|"]
-        for arm in (x for x in arms if x in mask):
-            m = mask[arm]
-            below = (f"{100 * m['below_clamp_clean']:.2f}%, {100 * m['below_clamp_adversarial']:.2f}%"
-                     if "below_clamp_clean" in m else "n/a")
-            lines.append(f"| {ARM_NAMES[arm]} | {'flat' if m.get('flat_region') else 'no clamp'} | {below} | "
-                         f"{_fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {_fmt(m.get('random_minus_gcg'), 1, 3)} |")
-    pgd = acr.get("pgd", {})
-    if pgd:
-        radii = sorted({r for rows in pgd.values() for r in rows}, key=float)
-        lines += ["", "## PGD on the input embeddings (L2 ball per position, radius x mean embedding norm)", "",
-                  "| Model | " + " | ".join(f"dNLL at r = {r}" for r in radii) + " |", "|---|" + "---|" * len(radii)]
-        for arm in (x for x in arms if x in pgd):
-            lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(_fmt(pgd[arm].get(r), 1, 3) for r in radii) + " |")
-    restarts = acr.get("uat_restarts", {})
-    if restarts:
-        lines += ["", "## UAT restarts (each an independent search; held-out dNLL per restart)", "",
-                  "| Model | Restarts | Mean [95% CI: seeds, then restarts] | Range |", "|---|---|---|---|"]
-        for arm in (x for x in arms if x in restarts):
-            r = restarts[arm]
-            lines.append(f"| {ARM_NAMES[arm]} | {r['restarts']} | {_fmt(r, 1, 3)} | {r['min']:.3f} to {r['max']:.3f} |")
-    return lines
-
-
 def recipe_table(final: dict) -> list[str]:
     """The recipe search: validation loss after sweep_tokens at each learning rate, per arm and seed."""
     rows = [(seed, arm, t["lr_sweep"]) for seed, s in final["per_seed"].items() for arm, t in s["training"].items()
@@ -292,11 +181,11 @@ def markdown(final: dict) -> str:
     for arm in arms_present(final):
         a = acr[arm]
         name = ARM_NAMES[arm] + (" *" if a.get("shared") else "")
-        lines.append(f"| {name} | {_label(final, arm)} | {_fmt(a['perplexity'])} | "
-                     f"{_fmt(a['hotflip_success_rate'], 100, 1, True)} | {_fmt(a['hotflip_mean_abs_delta_nll'], 1, 3)} | "
-                     f"{_fmt(a.get('gcg_success_rate'), 100, 1, True)} | {_fmt(a.get('gcg_mean_abs_delta_nll'), 1, 3)} | "
-                     f"{_fmt(a['random_flip_mean_abs_delta_nll'], 1, 3)} | {_fmt(a['uat_abs_delta_nll'], 1, 3)} | "
-                     f"{_fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
+        lines.append(f"| {name} | {_label(final, arm)} | {fmt(a['perplexity'])} | "
+                     f"{fmt(a['hotflip_success_rate'], 100, 1, True)} | {fmt(a['hotflip_mean_abs_delta_nll'], 1, 3)} | "
+                     f"{fmt(a.get('gcg_success_rate'), 100, 1, True)} | {fmt(a.get('gcg_mean_abs_delta_nll'), 1, 3)} | "
+                     f"{fmt(a['random_flip_mean_abs_delta_nll'], 1, 3)} | {fmt(a['uat_abs_delta_nll'], 1, 3)} | "
+                     f"{fmt(a['uat_rel_delta_nll'], 100, 1, True)} |")
     tests = final["across_seeds"].get("tests", {})
     if tests:
         lines += ["", "## Every pair of arms (paired on the same texts, every seed)", "",
@@ -414,12 +303,12 @@ def screen_summary(final: dict, report: Path) -> str:
              f"brackets; attack measures: hierarchical bootstrap over seeds, then texts):"]
     for arm in arms_present(final):
         a = acr[arm]
-        cells = [f"perplexity {_fmt(a['perplexity'])}"]
+        cells = [f"perplexity {fmt(a['perplexity'])}"]
         for name, title in (("worst", "worst case"), ("hotflip", "HotFlip"), ("gcg", "GCG")):
             if a.get(f"{name}_success_rate", {}).get("mean") is not None:
-                cells.append(f"{title} success {_fmt(a[f'{name}_success_rate'], 100, 1, True)} of "
-                             f"{a[f'{name}_success_rate']['n_texts']} texts, dNLL {_fmt(a[f'{name}_mean_abs_delta_nll'], 1, 3)}")
-        cells.append(f"UAT dNLL {_fmt(a['uat_abs_delta_nll'], 1, 3)}")
+                cells.append(f"{title} success {fmt(a[f'{name}_success_rate'], 100, 1, True)} of "
+                             f"{a[f'{name}_success_rate']['n_texts']} texts, dNLL {fmt(a[f'{name}_mean_abs_delta_nll'], 1, 3)}")
+        cells.append(f"UAT dNLL {fmt(a['uat_abs_delta_nll'], 1, 3)}")
         lines.append(f"  {ARM_NAMES[arm]:<22}" + "; ".join(cells))
     for key, verdict in final["across_seeds"].get("more_robust", {}).items():
         lines.append(f"  {key}: {verdict}")

@@ -67,3 +67,20 @@ class Compute:
 
 
 CPU = Compute(torch.device("cpu"), "fp32")
+
+
+def halving_on_oom(fn, items: list, *rest: list) -> list:
+    """fn over a batch (items and the lists beside them); on CUDA OOM in halves, never dropping an item.
+    Every batched forward (attack queries, perplexity windows) goes through it.
+
+    The retry runs after the `except` block: inside it the exception's traceback still holds
+    the failed attempt's frames and so its activations, the memory the halves need."""
+    try:
+        return fn(items, *rest)
+    except torch.cuda.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+    torch.cuda.empty_cache()
+    half = len(items) // 2
+    return halving_on_oom(fn, items[:half], *(r[:half] for r in rest)) + \
+        halving_on_oom(fn, items[half:], *(r[half:] for r in rest))

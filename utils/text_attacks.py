@@ -1,0 +1,234 @@
+"""Stage 6: the searches of HotFlip's threat model on every arm, then the worst case per text over
+them with the gradient-masking checks (worst_case.json), and PGD on the input embeddings (pgd.json).
+
+Searches: hotflip (utils/attacks/hotflip.py), gcg and random_search (utils/attacks/gcg.py, the same
+loop with gradient or uniform proposals), gcg_surrogate (GCG through exact GELU's backward below the
+monotone clamp, utils/attacks/masking.py). Under torchrun each rank attacks a contiguous share of the
+texts and rank 0 writes what one process would (utils/measurement.py says how stages 4-6 shard).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from configs.experiment_config import ExperimentConfig, TEXT_ATTACKS, listed, numbers
+from utils.attacks import gcg, hotflip, pgd
+from utils.attacks.core import Victim, forbidden_tokens, select_texts
+from utils.attacks.masking import flat_fractions, has_flat_region
+from utils.data.tokenization import TokenFile, load_tokenizer
+from utils.measurement import ATTACK_SECTIONS, MeasuredOnce, arm_label, available_arms, load_arm, say
+from utils.run import distributed
+from utils.run.compute import Compute
+from utils.run.run_files import RunPaths, publish, write_json
+
+
+def _summary(records: list[dict], threshold: float) -> dict:
+    n = len(records)
+    deltas = sorted(r["abs_delta_nll"] for r in records)
+    out = {"n": n, "success_rate": sum(r["rel_delta_nll"] > threshold for r in records) / n,
+           "mean_abs_delta_nll": sum(deltas) / n, "median_abs_delta_nll": deltas[n // 2],
+           "mean_rel_delta_nll": sum(r["rel_delta_nll"] for r in records) / n,
+           "mean_clean_nll": sum(r["clean_nll"] for r in records) / n}
+    if all("cost" in r for r in records):
+        out["cost"] = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
+    return out
+
+
+def _attack(name: str, victim: Victim, text: dict, a, forbidden, seed: int) -> dict:
+    if name == "hotflip":
+        return hotflip.attack_text(victim, text["ids"], a, forbidden)
+    gen = torch.Generator().manual_seed(seed * 100_003 + text["doc"])
+    return gcg.attack_text(victim, text["ids"], a, forbidden, gen, "random" if name == "random_search" else "gradient")
+
+
+def _surrogate(name: str, a) -> str:
+    return "exact_gelu" if name == "gcg_surrogate" else a.surrogate_gradient
+
+
+def _composition(name: str, a) -> dict:
+    if name == "hotflip":
+        return hotflip.COMPOSITION
+    return gcg.composition(a, "random" if name == "random_search" else "gradient", _surrogate(name, a))
+
+
+def run_text_attacks(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    """Stage 6: each search of attack.text_attacks on every model, under HotFlip's threat model (gcg
+    before gcg_surrogate, which reuses GCG's records on arms without the clamp); then the worst case per
+    text over them and the gradient-masking checks (worst_case.json), and PGD on the embeddings."""
+    chosen = listed(cfg.attack.text_attacks)
+    done = {}
+    written = [_text_attack(cfg, paths, name, done) for name in TEXT_ATTACKS if name in chosen]
+    written.append(_worst_case(cfg, paths, done))
+    if numbers(cfg.attack.pgd_radii):
+        written.append(_pgd(cfg, paths))
+    return written
+
+
+def attacked_texts(cfg: ExperimentConfig, paths: RunPaths, n: int) -> list[dict]:
+    """The first n of the seed's attacked texts (HotFlip's; GCG, random search and PGD take a prefix)."""
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    a = cfg.attack
+    return select_texts(TokenFile(paths.shared / "tokens", "test"), tokenizer.eos_token_id, n, a.text_len,
+                        a.min_text_len, cfg.seed)
+
+
+def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) -> str:
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    test = TokenFile(paths.shared / "tokens", "test")
+    texts = attacked_texts(cfg, paths, a.hotflip_texts if name == "hotflip" else a.gcg_texts)
+    mine = [texts[i] for i in distributed.my_share(len(texts))]
+    arms = available_arms(paths)
+    models = {}
+    once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
+    for arm, path in arms.items():
+        models[arm] = once.get(arm, path)
+        if models[arm]:
+            say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (measured "
+                 f"before: kept)")
+            continue
+        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, surrogate_gradient=_surrogate(name, a))
+        if name == "gcg_surrogate" and not has_flat_region(victim.model) and arm in done.get("gcg", {}):
+            # No clamp: exact GELU's gradient is the model's own, the search GCG's, draw for draw.
+            models[arm] = {**done["gcg"][arm], "same_as": "gcg (no clamped activation: the surrogate gradient "
+                                                          "is the model's own, so the search is GCG's)"}
+            say(f"[{name}] {arm:<15} no clamped activation: GCG's records")
+            once.put(arm, path, models[arm])
+            continue
+        forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
+        records, controls, t0 = [], [], time.time()
+        for t in mine:
+            rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
+            rec["success"] = rec["rel_delta_nll"] > a.success_threshold
+            rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
+            records.append(rec)
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
+            controls.append({"doc": t["doc"], **hotflip.random_flips(victim, t["ids"], rec["n_flips"], forbidden, gen)})
+        records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
+        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
+                       "summary": _summary(records, a.success_threshold),
+                       "random_control": _summary(controls, a.success_threshold),
+                       "seconds_per_example": (time.time() - t0) / len(mine) if mine else None,
+                       "examples": records, "control_examples": controls}
+        s, c = models[arm]["summary"], models[arm]["random_control"]
+        say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
+             f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
+             f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
+        once.put(arm, path, models[arm])
+        del victim
+    transfer = {src: {} for src in arms}
+    share = distributed.my_share(len(texts))
+    for arm, path in arms.items():
+        victim = Victim(load_arm(path, compute.device), compute, a.batch_size)
+        for src in arms:
+            rows = distributed.gather_shares([
+                hotflip.rescore(victim, r["original_ids"], r["adversarial_ids"], r["modified_positions"])
+                for r in models[src]["examples"][share.start:share.stop]])
+            transfer[src][arm] = _summary(rows, a.success_threshold)
+        del victim
+    path = paths.results / f"{name}.json"
+    if distributed.is_main():
+        write_json(path, {"attack": name, "composition": _composition(name, a), "config": vars(a),
+                          "seed": cfg.seed, "compute": compute.describe(), "processes": distributed.world_size(),
+                          "token_file": paths.rel(test.path), "success_threshold": a.success_threshold,
+                          "success_abs_nats": a.success_abs_nats,
+                          "loss": "mean next-token NLL over unmodified text tokens of [EOS] + text; "
+                                  "clean and attacked on the same positions",
+                          "cost": "per record: exact sequences (and tokens) run forward, and forward + backward "
+                                  "for embedding gradients, by the search and its final rescoring",
+                          "models": models, "transfer": transfer})
+    done[name] = models
+    return str(path)
+
+
+WORST_FIELDS = ("clean_nll", "attacked_nll", "abs_delta_nll", "rel_delta_nll", "success", "success_abs", "n_flips",
+                "original_ids", "adversarial_ids", "modified_positions")
+
+
+def worst_of(done: dict[str, dict], arm: str) -> list[dict]:
+    """Per text every search attacked, the most damaging record of the threat model and its search."""
+    by_attack = {name: {r["doc"]: r for r in models[arm]["examples"]} for name, models in done.items()}
+    docs = sorted(set.intersection(*(set(d) for d in by_attack.values())))
+    out = []
+    for doc in docs:
+        name = max(by_attack, key=lambda n: by_attack[n][doc]["abs_delta_nll"])
+        out.append({"doc": doc, "attack": name, **{k: by_attack[name][doc][k] for k in WORST_FIELDS}})
+    return out
+
+
+def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
+    """worst_case.json: per arm and text the worst record over the searches of stage 6, and the checks
+    for gradient masking: the fraction of MLP inputs in the clamp's flat region, per layer, on the
+    attacked texts and on their worst-case adversarial versions."""
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    models = {}
+    for arm, path in available_arms(paths).items():
+        worst = worst_of(done, arm)
+        model = load_arm(path, compute.device)
+        models[arm] = {
+            "path": paths.rel(path), "label": arm_label(paths, arm), "examples": worst,
+            "summary": _summary(worst, a.success_threshold),
+            "won_by": {name: sum(r["attack"] == name for r in worst) for name in done},
+            "flat_region": {"clean": flat_fractions(model, [torch.tensor(r["original_ids"]) for r in worst], compute.device, a.batch_size),
+                            "adversarial": flat_fractions(model, [torch.tensor(r["adversarial_ids"]) for r in worst],
+                                                          compute.device, a.batch_size)}}
+        del model
+        f = models[arm]["flat_region"]["clean"]
+        say(f"[worst case] {arm:<15} mean dNLL {models[arm]['summary']['mean_abs_delta_nll']:+.3f} "
+             f"(won by {', '.join(f'{n} {c}' for n, c in models[arm]['won_by'].items() if c)}); MLP inputs below the "
+             f"clamp {100 * f['mean']:.1f}% ({'flat' if f['flat_region'] else 'no clamp'})")
+    path = paths.results / "worst_case.json"
+    if distributed.is_main():
+        write_json(path, {"attacks": list(done), "seed": cfg.seed, "success_threshold": a.success_threshold,
+                          "success_abs_nats": a.success_abs_nats,
+                          "rule": "per text attacked by every search: the record of largest abs_delta_nll",
+                          "flat_region": "fraction of the MLP activation's inputs below x* = GELU's argmin, per layer, "
+                                         "over every position; the gradient is exactly 0 there where flat_region is true",
+                          "models": models})
+    return str(path)
+
+
+def _pgd(cfg: ExperimentConfig, paths: RunPaths) -> str:
+    """pgd.json: PGD on the input embeddings at every radius (pgd.py), on the first pgd_texts texts; the best
+    perturbations in pgd_deltas/<arm>.safetensors (a fresh forward pass with them reproduces each record)."""
+    from safetensors.torch import save_file
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    tokenizer = load_tokenizer(paths.shared / "tokenizer")
+    texts = attacked_texts(cfg, paths, a.pgd_texts)
+    share, models = distributed.my_share(len(texts)), {}
+    out_dir = paths.results / "pgd_deltas"
+    for arm, path in available_arms(paths).items():
+        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, surrogate_gradient=a.surrogate_gradient)
+        unit = pgd.mean_embedding_norm(victim, forbidden_tokens(tokenizer, victim.embeddings.shape[0]))
+        records, deltas = [], {}
+        for t in texts[share.start:share.stop]:
+            for radius in numbers(a.pgd_radii):
+                rec, delta = pgd.attack_text(victim, t["ids"], radius, unit, a.pgd_steps)
+                records.append({"doc": t["doc"], "ids": t["ids"].tolist(), **rec})
+                deltas[f"{t['doc']}@{radius:g}"] = delta.contiguous()
+        records = distributed.gather_shares(records)
+        deltas = {k: v for part in distributed.gather_objects(deltas) for k, v in part.items()}
+        if distributed.is_main():        # atomic, and readable as the umask allows (safetensors writes 0600)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{arm}.", suffix=".safetensors")
+            os.close(fd)
+            save_file(deltas, tmp)
+            publish(Path(tmp), out_dir / f"{arm}.safetensors")
+        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
+                       "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
+                       "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
+                                     for r in numbers(a.pgd_radii)}}
+        say(f"[pgd] {arm:<15} mean dNLL " + ", ".join(
+            f"r={r} {s['mean_abs_delta_nll']:+.3f}" for r, s in models[arm]["by_radius"].items()))
+        del victim
+    path = paths.results / "pgd.json"
+    if distributed.is_main():
+        write_json(path, {"attack": "pgd", "composition": pgd.composition(a), "config": vars(a), "seed": cfg.seed,
+                          "compute": compute.describe(), "radii": numbers(a.pgd_radii),
+                          "loss": "mean next-token NLL of the text tokens of [EOS] + text, embeddings + delta",
+                          "models": models})
+    return str(path)
