@@ -231,6 +231,13 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert m["baseline"]["surrogate_minus_gcg"]["mean"] == pytest.approx(0.0)
     assert m["baseline"]["below_clamp_clean"] == pytest.approx(0.2) and m["baseline"]["below_clamp_per_layer"] == [0.1, 0.3]
     assert m["monotonic"]["random_minus_gcg"]["ci95"][1] < 0          # the gradient guided GCG
+    # GCG dNLL 0.06 + 0.54 x (texts won)/10: monotonic_init 0.573, baseline 0.492, monotonic 0.249, pretrained
+    # 0.195; the surrogate's +0.1 on the constrained arms moves none past another.
+    rank = acr["surrogate_ranking"]
+    assert rank["order"]["gcg_mean_abs_delta_nll"] == ["monotonic_init", "baseline", "monotonic", "pretrained"]
+    assert rank["order"]["gcg_surrogate_mean_abs_delta_nll"] == rank["order"]["gcg_mean_abs_delta_nll"] and not rank["changed"]
+    assert ("Arms by GCG dNLL, most damaged first: Monotone (init), Baseline (recovered), Monotone (recovered), "
+            "Pretrained. Through the surrogate: the same order.") in md
     conv = acr["convergence"]
     assert conv["hotflip"]["arms"]["baseline"]["plateaued"] and not conv["gcg"]["arms"]["baseline"]["plateaued"]
     assert conv["gcg"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)

@@ -11,12 +11,13 @@ from configs.experiment_config import AttackConfig, ModelConfig
 from utils.attacks import gcg, pgd
 from utils.attacks.core import Victim, target_mask
 from utils.attacks.masking import exact_gelu_backward, flat_fractions, has_flat_region
-from utils.text_attacks import worst_of
 from utils.model.modeling import build_tiny_model
 from utils.model.monotonicity import apply_monotonicity
 from utils.model.portable.modeling_monotone import GELU_ARGMIN, MonotoneGELU
+from utils.results.attack_checks import ranking
 from utils.results.convergence import PLATEAU_GAIN, arm_curve, value_at
 from utils.run.compute import CPU
+from utils.text_attacks import worst_of
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=50, context_length=64)
 
@@ -157,3 +158,20 @@ def test_the_worst_case_takes_each_texts_most_damaging_search():
     worst = worst_of(done, "a")
     assert [(w["doc"], w["attack"], w["abs_delta_nll"]) for w in worst] == [(1, "random_search", 0.35), (2, "hotflip", 0.9)]
     assert [w["success_abs"] for w in worst] == [False, True]       # the winning record's fields
+
+
+def test_the_surrogate_ranking_names_exactly_the_pairs_it_puts_the_other_way_round():
+    def stat(mean, half):
+        return {"mean": mean, "ci95": [mean - half, mean + half]}
+    # GCG: a 0.9 > b 0.5 > c 0.4; the surrogate lifts c above b (inside the noise) and a stays first.
+    arms = {"a": {"gcg_mean_abs_delta_nll": stat(0.9, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.9, 0.1)},
+            "b": {"gcg_mean_abs_delta_nll": stat(0.5, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.5, 0.1)},
+            "c": {"gcg_mean_abs_delta_nll": stat(0.4, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.55, 0.1)},
+            "no_surrogate": {"gcg_mean_abs_delta_nll": stat(0.1, 0.1)}}
+    r = ranking(arms)
+    assert r["order"] == {"gcg_mean_abs_delta_nll": ["a", "b", "c"], "gcg_surrogate_mean_abs_delta_nll": ["a", "c", "b"]}
+    assert r["changed"] and [p["arms"] for p in r["swapped"]] == [["b", "c"]] and r["swapped"][0]["intervals_overlap"]
+    arms["c"]["gcg_surrogate_mean_abs_delta_nll"] = stat(0.45, 0.01)        # below b again: the same order
+    assert ranking(arms) == {"order": {"gcg_mean_abs_delta_nll": ["a", "b", "c"],
+                                       "gcg_surrogate_mean_abs_delta_nll": ["a", "b", "c"]}, "swapped": [], "changed": False}
+

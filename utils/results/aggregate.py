@@ -336,6 +336,7 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
                                         if arm in f.get("worst_case.json", {}).get("models", {}))
                                  for n in TEXT_ATTACKS} for arm in arms}
     out["masking"] = attack_checks.masking(raw, arms)
+    out["surrogate_ranking"] = attack_checks.ranking(out["arms"])
     out["pgd"] = attack_checks.pgd(raw, arms)
     out["uat_restarts"] = attack_checks.uat_restarts(raw, arms)
     return out

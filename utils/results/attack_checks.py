@@ -6,6 +6,8 @@
                 GCG. Surrogate > plain on a constrained arm: the model's own gradient hid damage (gradient
                 masking). Random search >= GCG: the gradient did not guide the search there.
   pgd           per arm and radius: the damage of PGD on the input embeddings (a continuous bound)
+  ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
+                every pair the surrogate puts the other way round: does BPDA change which arm looks robust?
   uat_restarts  per arm: the held-out damage of every UAT restart (each an independent search), its
                 mean and spread across restarts; the reported trigger is the best on the optimisation texts
 Intervals: the hierarchical bootstrap (seeds, then texts or restarts within each seed).
@@ -92,3 +94,24 @@ def uat_restarts(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
                     "min": float(min(flat)), "max": float(max(flat)),
                     "unit": "restart within seed (seeds, then restarts resampled)"}
     return out
+
+
+def ranking(arm_stats: dict, first: str = "gcg_mean_abs_delta_nll",
+            second: str = "gcg_surrogate_mean_abs_delta_nll") -> dict | None:
+    """The arms by mean damage under two searches (most damaged first) and the pairs whose order differs,
+    each with both arms' means and whether their intervals under the second search overlap (a swap
+    inside the noise). From across_seeds' per-arm statistics."""
+    arms = [a for a, s in arm_stats.items() if s.get(first) and s.get(second)]
+    if len(arms) < 2:
+        return None
+    by = {k: sorted(arms, key=lambda a: -arm_stats[a][k]["mean"]) for k in (first, second)}
+    swapped = []
+    for i, a in enumerate(by[first]):
+        for b in by[first][i + 1:]:
+            if by[second].index(a) > by[second].index(b):
+                (lo_a, hi_a), (lo_b, hi_b) = arm_stats[a][second]["ci95"], arm_stats[b][second]["ci95"]
+                swapped.append({"arms": [a, b], first: [arm_stats[a][first]["mean"], arm_stats[b][first]["mean"]],
+                                second: [arm_stats[a][second]["mean"], arm_stats[b][second]["mean"]],
+                                "intervals_overlap": bool(lo_a <= hi_b and lo_b <= hi_a)})
+    return {"order": by, "swapped": swapped, "changed": bool(swapped)}
+

@@ -68,6 +68,15 @@ def attack_strength(final: dict) -> list[str]:
                      if "below_clamp_clean" in m else "n/a")
             lines.append(f"| {ARM_NAMES[arm]} | {'flat' if m.get('flat_region') else 'no clamp'} | {below} | "
                          f"{fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {fmt(m.get('random_minus_gcg'), 1, 3)} |")
+        rank = acr.get("surrogate_ranking")
+        if rank:
+            lines += ["", "Arms by GCG dNLL, most damaged first: " + ", ".join(ARM_NAMES[a] for a in rank["order"]["gcg_mean_abs_delta_nll"])
+                      + ". Through the surrogate: " + ("the same order." if not rank["changed"] else ", ".join(
+                          ARM_NAMES[a] for a in rank["order"]["gcg_surrogate_mean_abs_delta_nll"]) + "; swapped: " + "; ".join(
+                          f"{ARM_NAMES[p['arms'][0]]} and {ARM_NAMES[p['arms'][1]]} (GCG {p['gcg_mean_abs_delta_nll'][0]:.3f} vs "
+                          f"{p['gcg_mean_abs_delta_nll'][1]:.3f}, surrogate {p['gcg_surrogate_mean_abs_delta_nll'][0]:.3f} vs "
+                          f"{p['gcg_surrogate_mean_abs_delta_nll'][1]:.3f}"
+                          + (", intervals overlap)" if p["intervals_overlap"] else ")") for p in rank["swapped"]) + ".")]
     pgd = acr.get("pgd", {})
     if pgd:
         radii = sorted({r for rows in pgd.values() for r in rows}, key=float)
