@@ -74,6 +74,15 @@ def test_stage_1_reruns_when_config_changes_and_skips_when_not(tiny_run, tmp_pat
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.splitlines()) == 1
 
 
+def test_a_stage_run_by_hand_defaults_to_the_work_dir_run_all_uses():
+    """run_all.sh writes to <repo>/work; a stage script run without --work-dir must read and write there too
+    (it once defaulted to <repo>/utils/work, where nothing run_all.sh wrote could be found)."""
+    repo = Path(__file__).resolve().parents[1]
+    assert 'WORK_DIR="$ROOT/work"' in (repo / "run_all.sh").read_text()
+    r = run_script("stage_4_evaluate", "--help")
+    assert r.returncode == 0 and f"(default: {repo / 'work'})" in " ".join(r.stdout.split())
+
+
 def test_stage_1_without_stage_0_fails_cleanly(tmp_path):
     r = run_script("stage_1_apply_monotonicity", "--work-dir", str(tmp_path / "empty"), *fast_sets())
     assert r.returncode == 1
