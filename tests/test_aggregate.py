@@ -85,11 +85,10 @@ def _write_seed(work, seed, success, skip=()):
                                                  for r, v in ((0, 0.3), (1, 0.1))]}
                                 for a in ARMS}},
     }
-    # Convergence traces: HotFlip reaches its damage by half its budget (plateau), GCG gains half of it
-    # in the second half (no plateau).
-    for r in files["hotflip.json"]["models"]["baseline"]["examples"] + [
-            r for a in ARMS for r in files["hotflip.json"]["models"][a]["examples"]]:
-        r["trace"] = [[1, 0.0], [50, r["abs_delta_nll"]], [100, r["abs_delta_nll"]]]
+    # Convergence traces: HotFlip and GCG gain half their damage in the second half of the budget; GCG has
+    # not plateaued, HotFlip's flips are the threat model (no plateau to reach, no flag).
+    for r in [r for a in ARMS for r in files["hotflip.json"]["models"][a]["examples"]]:
+        r["trace"] = [[1, 0.0], [50, r["abs_delta_nll"] / 2], [100, r["abs_delta_nll"]]]
     for a in ARMS:
         for r in files["gcg.json"]["models"][a]["examples"]:
             r["trace"] = [[1, 0.0], [250, r["abs_delta_nll"] / 2], [500, r["abs_delta_nll"]]]
@@ -239,12 +238,15 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert ("Arms by GCG dNLL, most damaged first: Monotone (init), Baseline (recovered), Monotone (recovered), "
             "Pretrained. Through the surrogate: the same order.") in md
     conv = acr["convergence"]
-    assert conv["hotflip"]["arms"]["baseline"]["plateaued"] and not conv["gcg"]["arms"]["baseline"]["plateaued"]
+    assert conv["hotflip"]["arms"]["baseline"]["plateaued"] is None       # its flips are the threat model
+    assert conv["gcg"]["arms"]["baseline"]["plateaued"] is False
     assert conv["gcg"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)
     assert conv["uat"]["arms"]["baseline"]["plateaued"] and conv["uat"]["unit"] == "restart"
     r = acr["uat_restarts"]["monotonic"]
     assert (r["mean"], r["min"], r["max"], r["restarts"]) == (pytest.approx(0.2), 0.1, 0.3, 4)
     assert "## Convergence" in md and "| GCG | Baseline (recovered) | 500 |" in md
+    assert conv["hotflip"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)
+    assert "| HotFlip | Baseline (recovered) | 100 | 0.182 | +0.182" in md       # half of (0.32 + 0.41) / 2 and "n/a (flips: the threat model)" in md
     flagged = [l for l in md.splitlines() if "(before the plateau: GCG on" in l]
     assert {l.split("|")[1].strip().split(" ")[0] for l in flagged} == {"gcg_abs_delta_nll", "gcg_success", "worst_abs_delta_nll",
                                                                      "worst_success", "GCG", "Worst-case"}

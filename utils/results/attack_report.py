@@ -3,14 +3,16 @@ verdict tables carry, the gradient-masking checks, PGD and UAT restarts (the num
 convergence.py, attack_checks.py)."""
 from __future__ import annotations
 
-from utils.results.convergence import PLATEAU_GAIN
+from utils.results.convergence import PLATEAU_GAIN, not_plateaued
 from utils.results.formatting import ARM_NAMES, ATTACK_NAMES, arms_present, fmt
+
+
+PLATEAUED = {True: "yes", False: "NO", None: "n/a (flips: the threat model)"}
 
 
 def before_plateau(final: dict) -> dict[str, list[str]]:
     """{search: [arms on which it had not plateaued]} (stage 7's convergence check)."""
-    conv = final["across_seeds"].get("convergence", {})
-    return {a: bad for a, c in conv.items() if (bad := [arm for arm, r in c["arms"].items() if not r["plateaued"]])}
+    return not_plateaued(final["across_seeds"].get("convergence", {}))
 
 
 def plateau_flag(final: dict, measure: str) -> str:
@@ -41,7 +43,9 @@ def attack_strength(final: dict) -> list[str]:
         lines += ["", "## Convergence (best damage so far against forward passes; attack_convergence.png)", "",
                   "Gain over the last half of each search's budget: damage(B) - damage(B/2) per text (UAT: per restart, "
                   "optimisation texts), mean [hierarchical bootstrap 95% CI]; plateaued when doubling the budget from B/2 "
-                  f"added under {PLATEAU_GAIN:.0%}. Comparisons on a search that had not plateaued are flagged in the tables above.", "",
+                  f"added under {PLATEAU_GAIN:.0%}. Comparisons on a search that had not plateaued are flagged in the tables above. "
+                  "HotFlip's trace runs over its flips, which the threat model bounds: its gain is what the last flips add, "
+                  "and whether its search is wide enough is a rerun at a larger attack.hotflip_top_k.", "",
                   "| Search | Model | Budget (forward passes) | Damage at B/2 | Gain over last half [95% CI] | Relative | Plateaued "
                   f"| Doubling adds under {PLATEAU_GAIN:.0%} from |", "|---|---|---|---|---|---|---|---|"]
         for attack, c in conv.items():
@@ -50,7 +54,7 @@ def attack_strength(final: dict) -> list[str]:
                 g, rel = r["gain_last_half"], r["relative_gain_last_half"]
                 lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
                              f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
-                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {'yes' if r['plateaued'] else 'NO'} | "
+                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {PLATEAUED[r['plateaued']]} | "
                              + (f"{r['plateau_fraction_of_budget']:g} B |" if r.get("plateau_fraction_of_budget") else "not within B |"))
     mask = acr.get("masking", {})
     if mask:

@@ -10,6 +10,11 @@ restart): value(B) - value(B / 2). Its mean across seeds and units carries a hie
 interval; relative to value(B / 2) it is what doubling the budget from B / 2 added. An attack has
 plateaued on an arm when that relative gain is below PLATEAU_GAIN; a comparison on an attack that has
 not is flagged in the report (more budget could change it).
+
+HotFlip is the exception: its trace runs over its flips, and the number of flips is the threat model
+(attack.hotflip_max_flips), not a budget the search may exceed; B/2 is about half the allowed flips.
+Its curve and gain are reported (what the last flips add) and `plateaued` is None: whether its search
+is wide enough is a question of attack.hotflip_top_k, answered by rerunning at a larger width.
 """
 from __future__ import annotations
 
@@ -88,6 +93,9 @@ def convergence(raw: dict, n_boot: int = 500) -> dict:
         per_seed = units(raw, attack)
         arms = sorted({a for s in per_seed for a in s})
         curves = {arm: arm_curve([s[arm] for s in per_seed if arm in s], n_boot) for arm in arms}
+        if attack == "hotflip":
+            for r in curves.values():
+                r["plateaued"] = None
         if curves:
             out[attack] = {"unit": "restart" if attack == "uat" else "text",
                            "x": "forward passes of the search (per text; UAT: per restart, over its optimisation texts)",
@@ -98,6 +106,6 @@ def convergence(raw: dict, n_boot: int = 500) -> dict:
 
 
 def not_plateaued(conv: dict) -> dict[str, list[str]]:
-    """{attack: [arms where it had not plateaued]} (only attacks with such arms)."""
+    """{attack: [arms where it had not plateaued]} (only attacks with such arms; HotFlip never: None)."""
     return {attack: bad for attack, c in conv.items()
-            if (bad := [arm for arm, r in c["arms"].items() if not r["plateaued"]])}
+            if (bad := [arm for arm, r in c["arms"].items() if r["plateaued"] is False])}

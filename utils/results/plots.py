@@ -177,7 +177,7 @@ def convergence_figure(final: dict):
     for ax, (attack, c) in zip(axes[0], conv.items()):
         for arm, r in c["arms"].items():
             lo, hi = zip(*r["ci95"])
-            line, = ax.plot(r["grid"], r["mean"], label=arm + ("" if r["plateaued"] else " (no plateau)"))
+            line, = ax.plot(r["grid"], r["mean"], label=arm + (" (no plateau)" if r["plateaued"] is False else ""))
             ax.fill_between(r["grid"], lo, hi, color=line.get_color(), alpha=0.15)
         ax.set_title(attack)
         ax.set_xlabel("forward passes" + (" per restart" if attack == "uat" else " per text"))
