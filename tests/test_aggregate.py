@@ -246,7 +246,7 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert (r["mean"], r["min"], r["max"], r["restarts"]) == (pytest.approx(0.2), 0.1, 0.3, 4)
     assert "## Convergence" in md and "| GCG | Baseline (recovered) | 500 |" in md
     assert conv["hotflip"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)
-    assert "| HotFlip | Baseline (recovered) | 100 | 0.182 | +0.182" in md       # half of (0.32 + 0.41) / 2 and "n/a (flips: the threat model)" in md
+    assert "| HotFlip | Baseline (recovered) | 100 | 0.182 | +0.182" in md       # half of (0.32 + 0.41) / 2 and "| n/a (flips: the threat model) | n/a |" in md
     flagged = [l for l in md.splitlines() if "(before the plateau: GCG on" in l]
     assert {l.split("|")[1].strip().split(" ")[0] for l in flagged} == {"gcg_abs_delta_nll", "gcg_success", "worst_abs_delta_nll",
                                                                      "worst_success", "GCG", "Worst-case"}

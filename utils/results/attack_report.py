@@ -55,7 +55,8 @@ def attack_strength(final: dict) -> list[str]:
                 lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
                              f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
                              f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {PLATEAUED[r['plateaued']]} | "
-                             + (f"{r['plateau_fraction_of_budget']:g} B |" if r.get("plateau_fraction_of_budget") else "not within B |"))
+                             + ("n/a |" if r["plateaued"] is None else f"{r['plateau_fraction_of_budget']:g} B |"
+                                if r.get("plateau_fraction_of_budget") else "not within B |"))
     mask = acr.get("masking", {})
     if mask:
         lines += ["", "## Gradient masking checks", "",
