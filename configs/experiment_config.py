@@ -168,7 +168,8 @@ class AttackConfig:
     uat_trigger_len: int = 4
     uat_restarts: int = 2
     uat_search: str = "beam"        # beam (Wallace et al.) | gcg (uses the gcg_* settings)
-    uat_max_sweeps: int = 5         # beam: left-to-right sweeps; stops after one without gain
+    uat_max_sweeps: int = 10        # beam: left-to-right sweeps; stops after one without gain (tiny, capped at 10:
+                                    # all 24 restarts stopped so, 2 after sweep 5; a cap costs nothing unused)
     uat_top_k: int = 8              # beam: candidate tokens per position (first-order scores)
     uat_beam: int = 2
     # Screening (exact, cheaper): every candidate on the first uat_screen_texts optimisation texts,
@@ -179,11 +180,12 @@ class AttackConfig:
     text_attacks: str = "hotflip,gcg,gcg_surrogate,random_search"   # comma-separated, see TEXT_ATTACKS
     hotflip_texts: int = 24
     hotflip_max_flips: int = 5      # also GCG's limit on modified tokens (the same threat model)
-    hotflip_top_k: int = 16         # (position, token) candidates per beam item and flip
+    hotflip_top_k: int = 64         # (position, token) candidates per beam item and flip (README: 16 -> 32 -> 64
+                                    # each added 5-9% on the tiny arms; not plateaued, HotFlip's widest probed)
     hotflip_beam: int = 2
     gcg_texts: int = 24             # GCG attacks the first gcg_texts of HotFlip's texts
     # GCG (nanoGCG's defaults: 250 steps, width 512, top-k 256, buffer 0), scaled to the preset
-    gcg_steps: int = 12
+    gcg_steps: int = 24             # tiny arms: 12 -> 24 adds 1.0-2.6% (the init 9.9%), 24 -> 48 under 5% on all
     gcg_search_width: int = 32      # random single swaps scored exactly per step
     gcg_top_k: int = 32             # tokens per position from the one-hot gradient
     gcg_buffer: int = 0             # 0: continue from each step's best swap; B: from the best of the B best seen

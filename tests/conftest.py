@@ -21,7 +21,7 @@ FAST = [("pretrain.max_tokens", "120000"), ("recovery_baseline.max_tokens", "600
         ("recovery_monotone.max_tokens", "60000"), ("monotone.cert_trials", "16"), ("eval.task_limit", "40"),
         ("controls.pretrain_snapshots", "40000"), ("controls.unconstrained_from_init", "false"),
         ("recovery_baseline.lr_grid", ""), ("recovery_monotone.lr_grid", ""), ("attack.pgd_texts", "2"),
-        ("attack.pgd_steps", "3")]
+        ("attack.pgd_steps", "3"), ("attack.gcg_steps", "12"), ("attack.hotflip_top_k", "16")]
 
 
 def tiny_config(work_dir: Path, extra=()):

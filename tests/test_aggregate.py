@@ -242,6 +242,7 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert conv["gcg"]["arms"]["baseline"]["plateaued"] is False
     assert conv["gcg"]["arms"]["baseline"]["relative_gain_last_half"] == pytest.approx(1.0)
     assert conv["uat"]["arms"]["baseline"]["plateaued"] and conv["uat"]["unit"] == "restart"
+    assert "| yes (4 of 4 restarts stopped) |" in md               # each restart's last sweep gained nothing
     r = acr["uat_restarts"]["monotonic"]
     assert (r["mean"], r["min"], r["max"], r["restarts"]) == (pytest.approx(0.2), 0.1, 0.3, 4)
     assert "## Convergence" in md and "| GCG | Baseline (recovered) | 500 |" in md

@@ -15,7 +15,7 @@ from utils.model.modeling import build_tiny_model
 from utils.model.monotonicity import apply_monotonicity
 from utils.model.portable.modeling_monotone import GELU_ARGMIN, MonotoneGELU
 from utils.results.attack_checks import ranking
-from utils.results.convergence import PLATEAU_GAIN, arm_curve, value_at
+from utils.results.convergence import PLATEAU_GAIN, arm_curve, convergence, value_at
 from utils.run.compute import CPU
 from utils.text_attacks import worst_of
 
@@ -174,4 +174,25 @@ def test_the_surrogate_ranking_names_exactly_the_pairs_it_puts_the_other_way_rou
     arms["c"]["gcg_surrogate_mean_abs_delta_nll"] = stat(0.45, 0.01)        # below b again: the same order
     assert ranking(arms) == {"order": {"gcg_mean_abs_delta_nll": ["a", "b", "c"],
                                        "gcg_surrogate_mean_abs_delta_nll": ["a", "b", "c"]}, "swapped": [], "changed": False}
+
+
+def test_uat_has_plateaued_when_every_restart_stopped_on_a_sweep_without_gain():
+    """UAT's beam search stops after a sweep that gains nothing: such a restart is at its fixed point
+    however steep its trace, so the plateau is 'every restart stopped', not the trace rule; a restart
+    whose last sweep still gained ran into attack.uat_max_sweeps."""
+    steep_then_stopped = [[0, 0.0], [100, 0.1], [200, 0.3], [300, 0.3]]      # the trace rule would say NO
+    capped = [[0, 0.0], [100, 0.1], [200, 0.2], [300, 0.35]]                  # gained in its last sweep
+
+    def raw(search):
+        return {str(seed): {"uat.json": {"config": {"uat_search": search}, "models": {
+            "stopped": {"restarts": [{"trace": steep_then_stopped}, {"trace": steep_then_stopped}]},
+            "one_capped": {"restarts": [{"trace": steep_then_stopped}, {"trace": capped}]}}}} for seed in (1, 2)}
+
+    arms = convergence(raw("beam"), n_boot=50)["uat"]["arms"]
+    assert arms["stopped"]["plateaued"] is True and arms["stopped"]["restarts_stopped"] == [4, 4]
+    assert arms["stopped"]["relative_gain_last_half"] == pytest.approx(2.0)       # 0.1 at B/2 -> 0.3
+    assert arms["one_capped"]["plateaued"] is False and arms["one_capped"]["restarts_stopped"] == [2, 4]
+    # GCG as UAT's search runs a fixed number of steps: there the trace rule decides.
+    arms = convergence(raw("gcg"), n_boot=50)["uat"]["arms"]
+    assert arms["stopped"]["plateaued"] is False and "restarts_stopped" not in arms["stopped"]
 

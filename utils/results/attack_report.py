@@ -45,7 +45,9 @@ def attack_strength(final: dict) -> list[str]:
                   "optimisation texts), mean [hierarchical bootstrap 95% CI]; plateaued when doubling the budget from B/2 "
                   f"added under {PLATEAU_GAIN:.0%}. Comparisons on a search that had not plateaued are flagged in the tables above. "
                   "HotFlip's trace runs over its flips, which the threat model bounds: its gain is what the last flips add, "
-                  "and whether its search is wide enough is a rerun at a larger attack.hotflip_top_k.", "",
+                  "and whether its search is wide enough is a rerun at a larger attack.hotflip_top_k. UAT's beam search stops "
+                  "after a sweep without gain: it has plateaued when every restart stopped so (more sweeps add exactly 0), "
+                  "not by the trace rule.", "",
                   "| Search | Model | Budget (forward passes) | Damage at B/2 | Gain over last half [95% CI] | Relative | Plateaued "
                   f"| Doubling adds under {PLATEAU_GAIN:.0%} from |", "|---|---|---|---|---|---|---|---|"]
         for attack, c in conv.items():
@@ -54,7 +56,9 @@ def attack_strength(final: dict) -> list[str]:
                 g, rel = r["gain_last_half"], r["relative_gain_last_half"]
                 lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
                              f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
-                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {PLATEAUED[r['plateaued']]} | "
+                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {PLATEAUED[r['plateaued']]}"
+                             + (f" ({r['restarts_stopped'][0]} of {r['restarts_stopped'][1]} restarts stopped)" if "restarts_stopped" in r else "")
+                             + " | "
                              + ("n/a |" if r["plateaued"] is None else f"{r['plateau_fraction_of_budget']:g} B |"
                                 if r.get("plateau_fraction_of_budget") else "not within B |"))
     mask = acr.get("masking", {})

@@ -15,6 +15,11 @@ HotFlip is the exception: its trace runs over its flips, and the number of flips
 (attack.hotflip_max_flips), not a budget the search may exceed; B/2 is about half the allowed flips.
 Its curve and gain are reported (what the last flips add) and `plateaued` is None: whether its search
 is wide enough is a question of attack.hotflip_top_k, answered by rerunning at a larger width.
+
+UAT's beam search stops after the first sweep that gains nothing (or at attack.uat_max_sweeps): a
+restart that stopped so is at its search's fixed point, and more sweeps add exactly 0, however much its
+earlier sweeps gained. Its `plateaued` is therefore whether every restart stopped on its own
+(`restarts_stopped`), not the trace rule; the gain over the last half is still reported.
 """
 from __future__ import annotations
 
@@ -96,6 +101,11 @@ def convergence(raw: dict, n_boot: int = 500) -> dict:
         if attack == "hotflip":
             for r in curves.values():
                 r["plateaued"] = None
+        if attack == "uat" and _beam_uat(raw):
+            for arm, r in curves.items():
+                last = [t[-1][1] - t[-2][1] if len(t) > 1 else 0.0 for s in per_seed for t in s.get(arm, [])]
+                r["restarts_stopped"] = [sum(g <= 1e-6 for g in last), len(last)]
+                r["plateaued"] = all(g <= 1e-6 for g in last)
         if curves:
             out[attack] = {"unit": "restart" if attack == "uat" else "text",
                            "x": "forward passes of the search (per text; UAT: per restart, over its optimisation texts)",
@@ -103,6 +113,10 @@ def convergence(raw: dict, n_boot: int = 500) -> dict:
                                 ("; optimisation texts" if attack == "uat" else "") + ")",
                            "arms": curves}
     return out
+
+
+def _beam_uat(raw: dict) -> bool:
+    return all(f["uat.json"].get("config", {}).get("uat_search", "beam") == "beam" for f in raw.values() if "uat.json" in f)
 
 
 def not_plateaued(conv: dict) -> dict[str, list[str]]:
