@@ -167,10 +167,13 @@ def test_the_surrogate_ranking_names_exactly_the_pairs_it_puts_the_other_way_rou
     arms = {"a": {"gcg_mean_abs_delta_nll": stat(0.9, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.9, 0.1)},
             "b": {"gcg_mean_abs_delta_nll": stat(0.5, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.5, 0.1)},
             "c": {"gcg_mean_abs_delta_nll": stat(0.4, 0.1), "gcg_surrogate_mean_abs_delta_nll": stat(0.55, 0.1)},
-            "no_surrogate": {"gcg_mean_abs_delta_nll": stat(0.1, 0.1)}}
+            "no_surrogate": {"gcg_mean_abs_delta_nll": stat(0.1, 0.1)},
+            "no_records": {"gcg_mean_abs_delta_nll": {"mean": None, "ci95": None},          # a run without GCG
+                           "gcg_surrogate_mean_abs_delta_nll": {"mean": None, "ci95": None}}}
     r = ranking(arms)
     assert r["order"] == {"gcg_mean_abs_delta_nll": ["a", "b", "c"], "gcg_surrogate_mean_abs_delta_nll": ["a", "c", "b"]}
     assert r["changed"] and [p["arms"] for p in r["swapped"]] == [["b", "c"]] and r["swapped"][0]["intervals_overlap"]
+    assert ranking({"a": arms["a"], "no_records": arms["no_records"]}) is None        # nothing to rank
     arms["c"]["gcg_surrogate_mean_abs_delta_nll"] = stat(0.45, 0.01)        # below b again: the same order
     assert ranking(arms) == {"order": {"gcg_mean_abs_delta_nll": ["a", "b", "c"],
                                        "gcg_surrogate_mean_abs_delta_nll": ["a", "b", "c"]}, "swapped": [], "changed": False}

@@ -101,7 +101,8 @@ def ranking(arm_stats: dict, first: str = "gcg_mean_abs_delta_nll",
     """The arms by mean damage under two searches (most damaged first) and the pairs whose order differs,
     each with both arms' means and whether their intervals under the second search overlap (a swap
     inside the noise). From across_seeds' per-arm statistics."""
-    arms = [a for a, s in arm_stats.items() if s.get(first) and s.get(second)]
+    arms = [a for a, s in arm_stats.items()
+            if all((s.get(k) or {}).get("mean") is not None and (s.get(k) or {}).get("ci95") for k in (first, second))]
     if len(arms) < 2:
         return None
     by = {k: sorted(arms, key=lambda a: -arm_stats[a][k]["mean"]) for k in (first, second)}
