@@ -101,8 +101,9 @@ def ranking(arm_stats: dict, first: str = "gcg_mean_abs_delta_nll",
     """The arms by mean damage under two searches (most damaged first) and the pairs whose order differs,
     each with both arms' means and whether their intervals under the second search overlap (a swap
     inside the noise). From across_seeds' per-arm statistics."""
-    arms = [a for a, s in arm_stats.items()
-            if all((s.get(k) or {}).get("mean") is not None and (s.get(k) or {}).get("ci95") for k in (first, second))]
+    def measured(stat):
+        return bool(stat) and stat.get("mean") is not None and bool(stat.get("ci95"))
+    arms = [a for a, s in arm_stats.items() if measured(s.get(first)) and measured(s.get(second))]
     if len(arms) < 2:
         return None
     by = {k: sorted(arms, key=lambda a: -arm_stats[a][k]["mean"]) for k in (first, second)}

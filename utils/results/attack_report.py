@@ -10,6 +10,17 @@ from utils.results.formatting import ARM_NAMES, ATTACK_NAMES, arms_present, fmt
 PLATEAUED = {True: "yes", False: "NO", None: "n/a (flips: the threat model)"}
 
 
+def _plateau_cells(r: dict) -> str:
+    """'Plateaued | Doubling adds under 5% from' of one convergence row."""
+    said = PLATEAUED[r["plateaued"]]
+    if "restarts_stopped" in r:
+        said += f" ({r['restarts_stopped'][0]} of {r['restarts_stopped'][1]} restarts stopped)"
+    if r["plateaued"] is None:
+        return f"{said} | n/a"
+    frac = r.get("plateau_fraction_of_budget")
+    return f"{said} | {f'{frac:g} B' if frac else 'not within B'}"
+
+
 def before_plateau(final: dict) -> dict[str, list[str]]:
     """{search: [arms on which it had not plateaued]} (stage 7's convergence check)."""
     return not_plateaued(final["across_seeds"].get("convergence", {}))
@@ -56,11 +67,7 @@ def attack_strength(final: dict) -> list[str]:
                 g, rel = r["gain_last_half"], r["relative_gain_last_half"]
                 lines.append(f"| {ATTACK_NAMES[attack]} | {ARM_NAMES[arm]} | {r['budget']:,.0f} | {r['damage_at_half']:.3f} | "
                              f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
-                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {PLATEAUED[r['plateaued']]}"
-                             + (f" ({r['restarts_stopped'][0]} of {r['restarts_stopped'][1]} restarts stopped)" if "restarts_stopped" in r else "")
-                             + " | "
-                             + ("n/a |" if r["plateaued"] is None else f"{r['plateau_fraction_of_budget']:g} B |"
-                                if r.get("plateau_fraction_of_budget") else "not within B |"))
+                             f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | {_plateau_cells(r)} |")
     mask = acr.get("masking", {})
     if mask:
         lines += ["", "## Gradient masking checks", "",

@@ -103,9 +103,9 @@ def convergence(raw: dict, n_boot: int = 500) -> dict:
                 r["plateaued"] = None
         if attack == "uat" and _beam_uat(raw):
             for arm, r in curves.items():
-                last = [t[-1][1] - t[-2][1] if len(t) > 1 else 0.0 for s in per_seed for t in s.get(arm, [])]
-                r["restarts_stopped"] = [sum(g <= 1e-6 for g in last), len(last)]
-                r["plateaued"] = all(g <= 1e-6 for g in last)
+                stopped = [len(t) < 2 or t[-1][1] - t[-2][1] <= 1e-6 for s in per_seed for t in s.get(arm, [])]
+                r["restarts_stopped"] = [sum(stopped), len(stopped)]
+                r["plateaued"] = all(stopped)
         if curves:
             out[attack] = {"unit": "restart" if attack == "uat" else "text",
                            "x": "forward passes of the search (per text; UAT: per restart, over its optimisation texts)",
