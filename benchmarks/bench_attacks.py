@@ -2,13 +2,13 @@
 """Attack cost: throughput of the shared core, and damage against compute.
 
     python benchmarks/bench_attacks.py [--only throughput|budget] [--model PATH] [--work-dir DIR]
-                                       [--candidates 256] [--json out.json]
+                                       [--candidates 256] [--gpu-only] [--json out.json]
 
 throughput  exact candidate re-evaluation batched vs one at a time, and wall time per attacked
             example (HotFlip per text, UAT per trigger search), on the tiny preset's model shape
             with random weights (or a saved model with --model), at the tiny preset's attack
-            sizes; with CUDA, the candidate benchmark also runs for a Pythia-1.4B-shaped model
-            at text length 256.
+            sizes (skipped with --gpu-only); with CUDA, a Pythia-1.4B-shaped model at the
+            pythia-1.4b preset's sizes: candidates/s, seconds per GCG step, perplexity tokens/s.
 budget      exact evaluations of a UAT search with and without screening (and the held-out
             damage of each), damage against budget for HotFlip and GCG on the same texts, and
             the A100-hours of the pythia-1.4b preset's UAT per model from those counts. DIR: a
@@ -20,12 +20,15 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import GPTNeoXForCausalLM  # noqa: E402
 
 import utils  # noqa: E402,F401
 from configs.experiment_config import AttackConfig  # noqa: E402
@@ -33,9 +36,13 @@ from configs.presets import load_config  # noqa: E402
 from utils.attacks import gcg, hotflip, uat  # noqa: E402
 from utils.attacks.core import Victim, forbidden_tokens, select_texts  # noqa: E402
 from utils.data.tokenization import TokenFile, load_tokenizer  # noqa: E402
+from utils.measure.perplexity import document_nll, rolling_windows  # noqa: E402
 from utils.model.modeling import build_tiny_model, load_model  # noqa: E402
+from utils.model.monotonicity import apply_monotonicity  # noqa: E402
 from utils.run.compute import CPU, Compute  # noqa: E402
 from utils.run.run_files import RunPaths  # noqa: E402
+from utils.run.time_limits import PEAK_BF16, parameters  # noqa: E402
+from utils.train.memory import model_config  # noqa: E402
 
 
 # -- throughput ------------------------------------------------------------------
@@ -80,30 +87,82 @@ def throughput(model_path, candidates: int) -> dict:
     a, cpu = cfg.attack, CPU
     model = load_model(Path(model_path)) if model_path else build_tiny_model(cfg.model, 0)
     model.eval().requires_grad_(False)
-    res = {"cpu": {"threads": torch.get_num_threads(), "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
-                   **candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, cpu),
-                   **attack_times(model, a, cpu)}}
-    c = res["cpu"]
+    c = {"threads": torch.get_num_threads(), "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
+         **candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, cpu), **attack_times(model, a, cpu)}
     print(f"CPU ({c['threads']} threads), tiny preset model, candidates of {c['sequence_tokens']} tokens:")
     print(f"  exact re-evaluation: batched (x{a.batch_size}) {c['batched']:,.0f}/s, one at a time "
           f"{c['one_at_a_time']:,.0f}/s, speedup {c['speedup']:.1f}x (target >= 5x)")
     print(f"  HotFlip {c['hotflip_seconds_per_text']:.2f} s per text ({a.hotflip_max_flips} flips, beam {a.hotflip_beam}, "
           f"top-k {a.hotflip_top_k}); UAT {c['uat_seconds_per_search']:.1f} s per trigger search "
           f"({a.uat_opt_texts} texts, {a.uat_restarts} restarts, <= {a.uat_max_sweeps} sweeps)")
-    if torch.cuda.is_available():
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-        dev = torch.device("cuda")
+    return c
+
+
+def _synced(fn, device: torch.device):
+    """(result, seconds) of fn() with the GPU's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def pythia_shape(candidates: int, gcg_steps: int = 3, ppl_docs: int = 8, preset_name: str = "pythia-1.4b",
+                 device: str = "cuda") -> dict:
+    """A Pythia-1.4B-shaped model with random weights at the pythia-1.4b preset's attack and eval sizes, in
+    bf16-mixed, baseline and the preset's monotone construction: exact candidates/s (Victim.nll, text_len + 1
+    tokens, the preset's batch), seconds per GCG step (one gradient + gcg_search_width candidates), and
+    perplexity's scored tokens/s (documents of 2 x max_len tokens, the preset's stride and batch).
+    (preset_name and device let a CPU test run the same code at the tiny preset.)"""
+    preset = load_config(preset_name)
+    a, e, m = preset.attack, preset.eval, preset.monotone
+    dev = torch.device(device)
+    compute = Compute(dev, "bf16-mixed")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    out = {"device": name, "peak_bf16_flops": peak, "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
+           "gcg": {"search_width": a.gcg_search_width, "top_k": a.gcg_top_k, "steps_timed": gcg_steps},
+           "perplexity": {"max_len": e.max_len, "stride": e.stride, "batch_size": e.batch_size}, "arms": {}}
+    for arm in ("baseline", m.construction):
+        torch.manual_seed(0)
         with dev:
-            big = GPTNeoXForCausalLM(GPTNeoXConfig(
-                vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                intermediate_size=8192, max_position_embeddings=2048, use_parallel_residual=True,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
-        big.eval().requires_grad_(False)
-        g = res["gpu"] = {"device": torch.cuda.get_device_name(),
-                          **candidates_per_second(big, candidates, 257, 32, Compute(dev, "bf16-mixed"))}
-        print(f"GPU {g['device']}, Pythia-1.4B shape, 257 tokens: batched (x32) {g['batched']:,.0f}/s, "
-              f"one at a time {g['one_at_a_time']:,.0f}/s, speedup {g['speedup']:.1f}x")
-    return res
+            model = GPTNeoXForCausalLM(model_config(preset))
+        if arm != "baseline":
+            apply_monotonicity(model, m.scope, m.activation, m.init_eps, arm, m.init)
+        model.eval().requires_grad_(False)
+        r = candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, compute)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        forbidden = torch.zeros(vocab, dtype=torch.bool)
+        forbidden[0] = True
+        text = torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,))])
+        victim = Victim(model, compute, a.batch_size)
+        _, seconds = _synced(lambda: gcg.attack_text(victim, text, replace(a, gcg_steps=gcg_steps), forbidden,
+                                                     torch.Generator().manual_seed(0)), dev)
+        r["gcg_seconds_per_step"] = seconds / gcg_steps          # includes the clean pass, once per text
+        docs = [np.random.default_rng(i).integers(1, vocab, 2 * e.max_len) for i in range(ppl_docs)]
+        per_doc, seconds = _synced(lambda: document_nll(model, docs, 0, e.max_len, e.stride, e.batch_size, compute), dev)
+        r["perplexity_scored_tokens_per_s"] = sum(n for _, n in per_doc) / seconds
+        # FLOP/s as the SLURM time limits count them (2N per token read, 6N per gradient token): what
+        # MONO_SLURM_TFLOPS takes, and over the device's peak, the utilisation they assume (MFU measure).
+        n, seq = parameters(preset), a.text_len + 1
+        read = sum(end - begin - 1 for d in docs for begin, end, _ in rolling_windows(len(d) + 1, e.max_len, e.stride))
+        r["counted_tflops"] = {"candidates": r["batched"] * seq * 2 * n / 1e12,
+                               "gcg": (6 * n * seq + a.gcg_search_width * 2 * n * seq) / r["gcg_seconds_per_step"] / 1e12,
+                               "perplexity": read / seconds * 2 * n / 1e12}
+        if peak:
+            r["counted_mfu"] = {k: v * 1e12 / peak for k, v in r["counted_tflops"].items()}
+        out["arms"][arm] = r
+        print(f"{out['device']}, {preset_name} shape, {arm}: candidates of {a.text_len + 1} tokens batched "
+              f"(x{a.batch_size}) {r['batched']:,.0f}/s (one at a time {r['one_at_a_time']:,.0f}/s); GCG "
+              f"{r['gcg_seconds_per_step']:.2f} s/step (width {a.gcg_search_width}, top-k {a.gcg_top_k}); "
+              f"perplexity {r['perplexity_scored_tokens_per_s']:,.0f} scored tokens/s (max_len {e.max_len}, "
+              f"stride {e.stride}, batch {e.batch_size}); counted TFLOP/s "
+              + ", ".join(f"{k} {v:.0f}" for k, v in r["counted_tflops"].items()))
+        del model, victim
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 # -- budget ----------------------------------------------------------------------
@@ -227,11 +286,16 @@ def main() -> int:
     p.add_argument("--model", help="throughput: a saved model directory (default: random tiny-preset weights)")
     p.add_argument("--work-dir", type=Path, help="budget: a tiny-preset work dir where stage 0 ran")
     p.add_argument("--candidates", type=int, default=256)
+    p.add_argument("--gpu-only", action="store_true", help="throughput: skip the CPU half (on a GPU machine)")
     p.add_argument("--json")
     args = p.parse_args()
     res = {}
     if args.only != "budget":
-        res["throughput"] = throughput(args.model, args.candidates)
+        t = res["throughput"] = {} if args.gpu_only else {"cpu": throughput(args.model, args.candidates)}
+        if torch.cuda.is_available():
+            t["gpu"] = pythia_shape(args.candidates)
+        else:
+            print("GPU: no CUDA device here; the Pythia-1.4B figures need one.")
     if args.only != "throughput":
         res["budget"] = budget(args.work_dir)
     if args.json:

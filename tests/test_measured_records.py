@@ -17,6 +17,18 @@ from utils.data.corpus import read_corpus
 from utils.data.tokenization import TokenFile, encoded_utf8_bytes, load_tokenizer
 from utils.model.modeling import load_model
 
+# How closely a fresh fp32 forward (one unpadded sequence, on the CPU) must reproduce a record, by the
+# precision the record states. fp32: batching, padding and summation order alone (~1e-6). bf16-mixed, what
+# CUDA resolves to: autocast rounds every matmul's inputs to 8 significand bits, and the tiny run's mean NLLs
+# moved 2e-4 to 1.5e-3 nats (perplexity ~0.1%); 1e-2 leaves margin while a wrong target, position or
+# window (>= 0.1 nats on these texts) still fails.
+TOLERANCE = {"fp32": 1e-4, "bf16-mixed": 1e-2}
+
+
+def tol(result: dict) -> float:
+    return TOLERANCE[result["compute"]["precision"]]
+
+
 SMALL_ATTACKS = ["attack.uat_opt_texts=6", "attack.uat_eval_texts=8", "attack.uat_restarts=1",
                  "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
                  "attack.gcg_texts=4", "attack.gcg_steps=6", "attack.gcg_search_width=16", "attack.pgd_texts=2",
@@ -65,7 +77,7 @@ def test_evaluation_is_recomputable_from_what_it_names(measured):
                     total -= logp[t - begin - 1, seq[t]].item()
                 scored_to, end = end, min(len(seq), end + c["stride"])
             assert per["tokens"][i] == len(doc)
-            assert total == pytest.approx(per["nll"][i], rel=1e-4)
+            assert total == pytest.approx(per["nll"][i], rel=tol(ev))
     assert ev["models"]["monotonic_init"]["label"] == "monotone"
     # Capabilities: lm-eval's held-out tasks on every arm, with per-example correctness.
     caps = json.loads((work / "seed_42" / "results" / "capabilities.json").read_text())
@@ -94,8 +106,8 @@ def test_text_attack_records_are_recomputable_and_beat_random_flips(measured, at
             orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
             assert (orig != adv).nonzero().squeeze(1).tolist() == rec["modified_positions"]
             targets = target_mask(len(orig), rec["modified_positions"])
-            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=1e-4)
-            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=1e-4)
+            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=tol(hf))
+            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=tol(hf))
             assert rec["success"] == (rec["rel_delta_nll"] > hf["success_threshold"])
             assert 0 < len(rec["modified_positions"]) <= 3 and 0 not in rec["modified_positions"]
             assert rec["cost"]["forward_passes"] > 2
@@ -124,8 +136,8 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
             text = torch.tensor(ex["text_ids"])
             assert text[1:].tolist() == tf.document(ex["doc"])[:len(text) - 1].tolist()
             ids, targets = uat.triggered(trig, text)
-            assert ex["triggered_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-4)
-            assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, target_mask(len(text))), abs=1e-4)
+            assert ex["triggered_nll"] == pytest.approx(_plain_target_nll(model, ids, targets), abs=tol(u))
+            assert ex["clean_nll"] == pytest.approx(_plain_target_nll(model, text, target_mask(len(text))), abs=tol(u))
         mean = sum(e["triggered_nll"] for e in m["examples"]) / len(m["examples"])
         assert mean == pytest.approx(m["eval"]["triggered_nll"], abs=1e-6)
         # every restart kept: the best on the optimisation texts is the reported trigger, each restart's
@@ -136,7 +148,8 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
         for r in m["restarts"]:
             assert r["trace"][-1][1] == pytest.approx(r["opt_loss"] - m["opt_clean_loss"], abs=1e-9)
             ids, targets = uat.triggered(torch.tensor(r["trigger_ids"]), torch.tensor(m["examples"][0]["text_ids"]))
-            assert r["eval"]["triggered_nll_per_text"][0] == pytest.approx(_plain_target_nll(model, ids, targets), abs=1e-4)
+            assert r["eval"]["triggered_nll_per_text"][0] == pytest.approx(_plain_target_nll(model, ids, targets),
+                                                                           abs=tol(u))
         assert u["transfer"][arm][arm] == m["eval"]
         assert m["search_cost"]["forward_passes"] > 0 and m["search_cost"]["gradient_passes"] > 0
 
@@ -180,21 +193,23 @@ def test_worst_case_pgd_and_masking_records_recompute(measured):
             with torch.no_grad():
                 logp = F.log_softmax(model(inputs_embeds=(E(ids) + delta)[None]).logits[0].double(), -1)
             attacked = -logp[torch.arange(len(ids) - 1), ids[1:]].mean().item()
-            assert attacked == pytest.approx(r["attacked_nll"], abs=1e-4)
-            assert r["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, target_mask(len(ids))), abs=1e-4)
+            assert attacked == pytest.approx(r["attacked_nll"], abs=tol(p))
+            assert r["clean_nll"] == pytest.approx(_plain_target_nll(model, ids, target_mask(len(ids))), abs=tol(p))
             assert r["abs_delta_nll"] > 0
         rows = m["by_radius"]
         assert rows["0.05"]["mean_abs_delta_nll"] < rows["0.2"]["mean_abs_delta_nll"]      # a larger ball does more
 
 
 @pytest.mark.slow
-def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured, tmp_path):
-    """Stages 4 and 6 in bf16-mixed (autocast on CPU, as on a GPU) agree with fresh fp32 forwards:
-    perplexity within 2% and every HotFlip NLL within 0.05 nats (bf16 keeps ~3 significant digits)."""
-    work, fp32 = measured
+def test_records_of_either_precision_agree_with_the_other(measured, tmp_path):
+    """Stages 4 and 6 rerun in the other precision (bf16-mixed where the fixture ran in fp32, as on a CPU;
+    fp32 where it ran in bf16-mixed, as on a GPU) state it, agree on perplexity within 2%, and their HotFlip
+    records recompute by fresh fp32 forwards at that precision's tolerance."""
+    work, first = measured
+    other = {"fp32": "bf16-mixed", "bf16-mixed": "fp32"}[first["evaluation"]["compute"]["precision"]]
     copy = tmp_path / "w"
     shutil.copytree(work, copy)
-    sets = fast_sets() + [a for kv in SMALL_ATTACKS for a in ("--set", kv)] + ["--set", "precision=bf16-mixed",
+    sets = fast_sets() + [a for kv in SMALL_ATTACKS for a in ("--set", kv)] + ["--set", f"precision={other}",
                                                                               "--set", "attack.hotflip_texts=4",
                                                                               "--set", "attack.text_attacks=hotflip",
                                                                               "--set", "eval.tasks="]
@@ -203,17 +218,16 @@ def test_bf16_mixed_records_state_their_precision_and_recompute_in_fp32(measured
         assert r.returncode == 0 and "already done" not in r.stdout, r.stderr   # precision is in the fingerprint
     results = copy / "seed_42" / "results"
     ev, hf = (json.loads((results / f"{n}.json").read_text()) for n in ("evaluation", "hotflip"))
-    assert ev["compute"]["precision"] == hf["compute"]["precision"] == "bf16-mixed"
-    assert fp32["evaluation"]["compute"]["precision"] == "fp32"
+    assert ev["compute"]["precision"] == hf["compute"]["precision"] == other
     for arm, m in ev["models"].items():
-        assert m["perplexity"] == pytest.approx(fp32["evaluation"]["models"][arm]["perplexity"], rel=0.02)
+        assert m["perplexity"] == pytest.approx(first["evaluation"]["models"][arm]["perplexity"], rel=0.02)
     for arm, m in hf["models"].items():
         model = load_model(copy / m["path"]).eval()
         for rec in m["examples"]:
             orig, adv = torch.tensor(rec["original_ids"]), torch.tensor(rec["adversarial_ids"])
             targets = target_mask(len(orig), rec["modified_positions"])
-            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=0.05)
-            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=0.05)
+            assert rec["attacked_nll"] == pytest.approx(_plain_target_nll(model, adv, targets), abs=tol(hf))
+            assert rec["clean_nll"] == pytest.approx(_plain_target_nll(model, orig, targets), abs=tol(hf))
 
 
 @pytest.mark.slow

@@ -265,7 +265,7 @@ def test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end(stage1_w
     from utils import recovery
     from utils.data.tokenization import TokenFile
     from utils.model.modeling import load_model
-    from utils.run.compute import CPU
+    from utils.run.compute import Compute
     from utils.run.run_files import RunPaths
     from utils.train.training import validation_loss
     work = _clone(stage1_work, tmp_path, "best")
@@ -284,7 +284,10 @@ def test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end(stage1_w
     assert kept["step"] == best["step"] and kept["val_loss"] == best["val_loss"]
     val = TokenFile(paths.shared / "tokens", "val").tokens
     t = cfg.recovery_monotone
-    again = validation_loss(load_model(paths.models / "monotonic_best"), val, cfg.data.seq_len, t.micro_batch_size,
-                            t.eval_windows, CPU)
+    # Scored as training scored it (its device and precision: bf16-mixed on a GPU), so the same kernels
+    # give the same loss; a different precision would differ by bf16's rounding (~1e-3), not by a wrong export.
+    compute = Compute.from_config(cfg.device, cfg.precision)
+    again = validation_loss(load_model(paths.models / "monotonic_best", device=compute.device), val, cfg.data.seq_len,
+                            t.micro_batch_size, t.eval_windows, compute)
     assert again == pytest.approx(best["val_loss"], rel=1e-5)
     assert best["val_loss"] <= min(r["val_loss"] for r in report["history"]["steps"] if r.get("val_loss") is not None)
