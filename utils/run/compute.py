@@ -27,6 +27,9 @@ def deterministic_from_environment() -> bool:
         return False
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # read when cuBLAS starts
     torch.use_deterministic_algorithms(True)
+    # The fused attention kernels' backward passes accumulate with atomics; the math kernel does not.
+    for fused in ("flash", "mem_efficient", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{fused}_sdp")(False)
     return True
 
 
