@@ -9,19 +9,21 @@
 # commands and packages it needs are there; then it runs four parts, each with its own time limit (TERM,
 # then KILL 15 s later: the stages checkpoint on TERM) and its log under OUT_DIR; a failing part does not
 # stop the others. The benchmarks run first and alone on the GPU, then the tests and the pipeline side by
-# side (tiny models: process starts and Python dominate, and the machine has the cores):
+# side (tiny models: process starts and Python dominate, and the machine has the cores). 8 files come
+# back to OUT_DIR: the 5 logs, the 2 benchmark JSONs and the pipeline's report.
 #   bench_training  Pythia-1.4B-shaped recovery steps at the pythia-1.4b preset's micro-batch and
 #                   accumulation: tokens/s, MFU, peak memory (baseline and the monotone arm)
 #   bench_attacks   Pythia-1.4B shape at the preset's attack and eval sizes: Victim.nll candidates/s,
 #                   seconds per GCG step, perplexity tokens/s
-#   tests           the GPU-specific tests, NCCL first, with deterministic kernels (MONO_DETERMINISTIC=1,
+#   tests_resume    the GPU-specific tests with deterministic kernels (MONO_DETERMINISTIC=1,
 #                   CUBLAS_WORKSPACE_CONFIG): a 1-process NCCL torchrun of stage 3 (FSDP2, DCP save,
-#                   SIGKILL, bitwise resume), the 1-process bitwise resume, the best weights' export,
-#                   and stages 4-6's records recomputed by fresh forwards at their precision's tolerance
+#                   SIGKILL, bitwise resume) first, the 1-process bitwise resume, the best weights' export
+#   tests_records   stages 4-6's records on CUDA, recomputed by fresh fp32 forwards on the CPU at their
+#                   precision's tolerance
 #   pipeline        every stage of the tiny preset end to end on CUDA (device=auto resolves to cuda,
 #                   precision to bf16-mixed) at the tests' small budgets, with test_pipeline_local's checks
-# Its limits add up to about 350 s; estimated from CPU timings (docs/cluster.md, "The GPU check") it takes
-# about 300 s on one H200. The exit status is the number of parts that failed (2: a missing command or
+# Its limits add up to 390 s; from the first H200 run (docs/cluster.md, "The GPU check") it takes about
+# 300 s there. The exit status is the number of parts that failed (2: a missing command or
 # package, or no CUDA). GPU_CHECK_CPU=1 runs the parts that need no CUDA (tests, pipeline) on a CPU: the
 # GPU image's stand-in (docs/cluster.md).
 set -u
@@ -80,19 +82,23 @@ else
   echo "=== bench_training, bench_attacks: skipped (no CUDA device)"
 fi
 
-# Then the tests and the pipeline side by side: tiny models, where process starts and Python dominate.
-# The GPU-specific tests only, NCCL/FSDP2/DCP first (pytest keeps the order given). On CPU the NCCL test
-# skips itself and the stages resolve to fp32 unless MONO__PRECISION=bf16-mixed is set.
-TAIL_LINES=30 part tests "${LIMIT_TESTS:-200}" env MONO_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+# Then the tests (two parts) and the pipeline side by side: tiny models, where process starts and Python
+# dominate (on an H200 each stage run took 20-35 s, most of it starting). The GPU-specific tests only,
+# NCCL/FSDP2/DCP first (pytest keeps the order given). On CPU the NCCL test skips itself and the stages
+# resolve to fp32 unless MONO__PRECISION=bf16-mixed is set.
+DETERMINISTIC=(env MONO_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8)
+TAIL_LINES=30 part tests_resume "${LIMIT_TESTS:-240}" "${DETERMINISTIC[@]}" \
   python3 -m pytest -v -p no:cacheprovider -o addopts="--durations=8" \
   tests/test_distributed.py::test_one_nccl_process_checkpoints_and_resumes_bitwise \
   tests/test_training.py::test_resume_after_sigkill_is_bitwise_identical \
-  tests/test_training.py::test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end \
+  tests/test_training.py::test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end &
+TAIL_LINES=30 part tests_records "${LIMIT_TESTS:-240}" "${DETERMINISTIC[@]}" \
+  python3 -m pytest -v -p no:cacheprovider -o addopts="--durations=8" \
   tests/test_measured_records.py -k "not time_limits" &
 
 # tests/test_stages.py's settings for the whole pipeline (every stage, small budgets).
 PIPELINE=$(mktemp -d)
-part pipeline "${LIMIT_PIPELINE:-200}" python3 test_pipeline_local.py --work-dir "$PIPELINE" \
+part pipeline "${LIMIT_PIPELINE:-240}" python3 test_pipeline_local.py --work-dir "$PIPELINE" \
   --set pretrain.max_tokens=120000 --set controls.pretrain_snapshots=40000 \
   --set recovery_baseline.max_tokens=60000 --set recovery_monotone.max_tokens=60000 \
   --set recovery_baseline.lr_grid= --set recovery_monotone.lr_grid= --set monotone.cert_trials=16 \

@@ -46,19 +46,27 @@ def test_a_python3_without_the_packages_is_named_in_one_line(tmp_path):
     assert "gpu_wheels.sh" in lines[0] and not list((tmp_path / "out").iterdir())
 
 
-def test_its_tests_part_selects_the_gpu_checks_nccl_first():
-    part = _part("tests")
-    assert "MONO_DETERMINISTIC=1" in part and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in part
-    args = [a for a in re.findall(r"tests/test_\w+\.py(?:::\w+)?", part)]
-    selection = re.search(r'-k "([^"]+)"', part).group(1)
+def _collected(part: str) -> list[str]:
+    """The test names a part's pytest command selects, in the order it runs them."""
+    args = re.findall(r"tests/test_\w+\.py(?:::\w+)?", part)
+    k = re.search(r'-k "([^"]+)"', part)
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args,
-                        "-k", selection], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    names = [line.split("::")[1].split("[")[0] for line in r.stdout.splitlines() if "::" in line]
-    assert names[0] == "test_one_nccl_process_checkpoints_and_resumes_bitwise"         # NCCL, FSDP2, DCP first
-    assert {"test_resume_after_sigkill_is_bitwise_identical",                           # 1-process resume
-            "test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end",
-            "test_text_attack_records_are_recomputable_and_beat_random_flips",          # records at their precision
+                        *(["-k", k.group(1)] if k else [])], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return [line.split("::")[1].split("[")[0] for line in r.stdout.splitlines() if "::" in line]
+
+
+def test_its_tests_parts_select_the_gpu_checks_nccl_first():
+    text = SCRIPT.read_text()
+    assert re.search(r"DETERMINISTIC=\(env MONO_DETERMINISTIC=1 CUBLAS_WORKSPACE_CONFIG=:4096:8\)", text)
+    resume, records = _part("tests_resume"), _part("tests_records")
+    assert '"${DETERMINISTIC[@]}"' in resume and '"${DETERMINISTIC[@]}"' in records
+    assert _collected(resume) == ["test_one_nccl_process_checkpoints_and_resumes_bitwise",      # NCCL, FSDP2, DCP
+                                  "test_resume_after_sigkill_is_bitwise_identical",             # 1-process resume
+                                  "test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end"]
+    names = _collected(records)
+    assert {"test_text_attack_records_are_recomputable_and_beat_random_flips",   # records at their precision
             "test_evaluation_is_recomputable_from_what_it_names",
+            "test_uat_records_are_recomputable_on_disjoint_texts",
             "test_records_of_either_precision_agree_with_the_other"} <= set(names)
     assert "test_the_time_limits_count_at_least_the_work_the_attacks_did" not in names  # not GPU-specific
 
