@@ -36,6 +36,12 @@ run_stage_job() {
   nproc="${MONO_NPROC_PER_NODE:-}"; nnodes="${SLURM_JOB_NUM_NODES:-1}"
   case "$stage" in stage_[2-6]_*) ;; *) nproc=""; nnodes=1 ;; esac    # stages 0, 1 and 7 run as one process
   echo "[job] $stage preset=$PRESET seed=$SEED work_dir=$WORK_DIR job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0} host=$(hostname -s)"
+  # Compute nodes read only what stage 0 put in the cache (models, data, lm-eval's task datasets): no job
+  # after it touches the hub. MONO_HUB_ONLINE=1 lets them.
+  if [ "$stage" != stage_0_setup ] && [ "${MONO_HUB_ONLINE:-0}" != 1 ]; then
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    echo "[job] hub offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1): stage 0 cached what this stage reads"
+  fi
   echo "running ${SLURM_JOB_ID:-local}" > "$STATUS_DIR/$tag"
   export MONO_STOP_FILE="$STATUS_DIR/$tag.stop"
   rm -f "$MONO_STOP_FILE"

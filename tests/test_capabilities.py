@@ -1,10 +1,12 @@
 """Capability tasks through lm-evaluation-harness: the held-out tasks stage 0 builds, on real models."""
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fast_sets, run_script
 from utils.data.corpus import read_corpus
 from utils.data.tokenization import load_tokenizer
 from utils.measure.capabilities import evaluate_capabilities
@@ -127,3 +129,18 @@ def test_the_offline_lm_eval_recipe_runs_the_held_out_tasks_with_no_hub(pretrain
     empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_tasks.py"), "--work-dir",
                             str(tmp_path / "none"), "--out", str(configs)], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1 and empty.stderr.startswith("error: no held-out task data")
+
+
+@pytest.mark.slow
+def test_offline_stage_0_names_a_task_dataset_missing_from_the_cache_before_training(tmp_path):
+    """The jobs after stage 0 run offline (jobs/common.sh): a standard task whose dataset is not in the cache
+    is one error line in stage 0, before pretraining, not a failure of stage 4 after all the training."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    work = tmp_path / "w"
+    r = run_script("stage_0_setup", "--work-dir", str(work), *fast_sets(), "--set", "eval.tasks=heldout_cloze,piqa",
+                   env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: [stage_0_setup] the lm-eval task datasets piqa are not all in the local "
+                               "Hugging Face cache") and "eval.tasks" in lines[0]
+    assert "pretraining" not in r.stdout and not (work / "shared" / "flags" / "stage_0_setup.done").exists()

@@ -118,6 +118,9 @@ def test_two_seed_grid_completes_through_the_dependency_chain(tiny_run, tmp_path
     assert final["seeds"] == [42, 7] and not final["partial"]
     assert set(final["per_seed"]) == {"42", "7"}
     assert all(s["certificates"]["monotonic"]["monotone"] for s in final["per_seed"].values())
+    logs = [log for w in (work, variant) for log in (w / "slurm" / "logs").glob("stage_[1-7]_*.log")]
+    assert any(log.name.startswith("stage_4_") for log in logs)          # every job after stage 0: the hub off
+    assert all("[job] hub offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)" in log.read_text() for log in logs)
     comparison = __import__("json").loads((work / "final" / "comparison.json").read_text())
     assert [v["name"] for v in comparison["variants"]] == ["construction=projected"]
     # A rerun resumes a finished grid: every stage is skipped but the aggregate and the comparison.

@@ -157,11 +157,11 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                                                      manifest["corpus"])
     tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
     check_split_sizes(cfg, tok)
-    # Capability tasks: the held-out ones from the (final) test split; the harness's own cached for offline use.
+    # Capability tasks: the held-out ones from the (final) test split; the harness's own cached (or, offline,
+    # found in the cache) for the compute nodes.
     manifest["capability_tasks"] = {**build_heldout_tasks(read_corpus(shared / "corpus" / "test.jsonl"),
                                                           shared / "tasks"),
-                                    **cache_task_datasets(task_names(cfg.eval.tasks) if "hub" in (
-                                        cfg.model.source, d.source) else [])}
+                                    **cache_task_datasets(task_names(cfg.eval.tasks))}
     manifest["training_data"] = data_budget(cfg, tok["train"])
     if cfg.model.source == "tiny":
         compute = Compute.from_config(cfg.device, cfg.precision)

@@ -111,23 +111,27 @@ def build_heldout_tasks(test_texts: list[str], out_dir: Path, seed: int = 0) -> 
 
 
 def cache_task_datasets(tasks: list[str]) -> dict:
-    """Download the datasets of lm-eval's standard tasks into the Hugging Face cache (stage 0 of a run
-    that uses the hub, unless HF_HUB_OFFLINE=1), so compute nodes evaluate offline."""
+    """Stage 0: put the datasets of lm-eval's standard tasks in the Hugging Face cache, so that stage 4 on a
+    compute node (the jobs run with HF_HUB_OFFLINE=1) evaluates them offline. Offline here too, it loads
+    each from the cache instead: a task whose dataset is missing is one error line now, not in stage 4
+    after all the training."""
     import os
 
     from lm_eval.tasks import TaskManager, get_task_dict
     hub_tasks = [t for t in tasks if t not in HELDOUT_TASKS]
     if not hub_tasks:
         return {"cached": []}
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        print(f"[setup] offline: lm-eval task datasets ({', '.join(hub_tasks)}) must already be in the cache")
-        return {"cached": [], "offline": hub_tasks}
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     try:
         get_task_dict(hub_tasks, TaskManager())
     except Exception as e:   # the harness raises whatever its dataset loader raises
-        raise PipelineError(f"cannot fetch the lm-eval task datasets {', '.join(hub_tasks)} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
-    return {"cached": hub_tasks}
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if offline:
+            raise PipelineError(f"the lm-eval task datasets {', '.join(hub_tasks)} are not all in the local Hugging Face "
+                                f"cache ({cause}); fill it where the hub is reachable (docs/cluster.md, 'Offline "
+                                f"cache') or choose others with --set eval.tasks=...") from None
+        raise PipelineError(f"cannot fetch the lm-eval task datasets {', '.join(hub_tasks)} ({cause})") from None
+    return {"cached": hub_tasks, "offline": offline}
 
 
 def write_task_configs(data_dir: Path, config_dir: Path) -> list[Path]:
