@@ -170,6 +170,31 @@ def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
     assert runs["d"][0].count("measured before: kept") == 2 and runs["d"][1] == runs["a"][1], runs["d"][0]
     kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "seed_42" / "stage_4_evaluate").iterdir())
     assert kept == ["control_40000", "control_40000", "pretrained", "pretrained"]   # two eval configs
+    # The records are keyed by the weights' content, not their path: a moved work dir reads them all.
+    moved = tmp_path / "moved"
+    shutil.move(work, moved)
+    vdir = link_variant(moved, "e", [42])
+    r = run_script("stage_4_evaluate", "--work-dir", str(vdir), *sets)
+    assert r.returncode == 0 and r.stdout.count("measured before: kept") == 2, r.stdout + r.stderr[-2000:]
+    assert json.loads((vdir / "seed_42" / "results" / "evaluation.json").read_text())["models"] == runs["a"][1]
+
+
+def test_records_are_keyed_by_the_measurement_code_not_by_other_files(tmp_path):
+    """A commit that changes no measurement code (docs, training, SLURM) keeps every saved record; one that
+    changes an attack or the perplexity routine measures again."""
+    from conftest import ROOT
+    from utils.run.run_files import MEASUREMENT_CODE, source_digest
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "work"))
+    before = source_digest(root=copy)
+    assert before == source_digest()                                              # the same files, another place
+    (copy / "README.md").write_text("changed\n")
+    (copy / "utils" / "train" / "training.py").write_text((copy / "utils" / "train" / "training.py").read_text() + "\n# c\n")
+    assert source_digest(root=copy) == before
+    assert "utils/attacks" in MEASUREMENT_CODE and "utils/measure" in MEASUREMENT_CODE
+    gcg = copy / "utils" / "attacks" / "gcg.py"
+    gcg.write_text(gcg.read_text() + "\n# a change of an attack\n")
+    assert source_digest(root=copy) != before
 
 
 def test_the_comparison_sets_each_variant_beside_its_own_baseline(tmp_path):

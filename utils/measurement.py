@@ -33,7 +33,7 @@ from utils.measure.perplexity import aggregate, document_nll
 from utils.model.modeling import load_model
 from utils.run import distributed
 from utils.run.compute import Compute
-from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, write_json
+from utils.run.run_files import PipelineError, RunPaths, read_json, source_digest, weights_digest, write_json
 from utils.run.signals import Preempted, StopOnSignal
 from utils.stages import pretrained_model, read_manifest
 
@@ -90,26 +90,26 @@ def arm_label(paths: RunPaths, arm: str) -> str:
 class MeasuredOnce:
     """Each arm is measured once per seed, model and config: its per-arm result (and, within stage 4,
     its perplexity and each capability task as soon as they exist) is kept in
-    shared/measured/seed_<S>/<stage>/<arm>[.<part>]-<key>.json, keyed by the model's real path and
-    write time, the seed, the stage's measurement sections (data, precision, eval or attack) and the code
-    revision. A requeued or rerun stage
+    shared/measured/seed_<S>/<stage>/<arm>[.<part>]-<key>.json, keyed by the model's weights (a digest of
+    its safetensors files), the seed, the stage's measurement sections (data, precision, eval or attack)
+    and the measurement code's contents (run_files.MEASUREMENT_CODE): not by a path or the git revision,
+    so a moved work dir and a commit that changes no measurement code read every record. A requeued or rerun stage
     reads what it measured before (a stage 4 stopped by its time limit resumes at the next task), and a
     grid variant reads what an earlier variant measured of the arms they share (the pretrained model,
     stage 0's controls, a linked baseline), through its shared/ link. --force sets the stage's records
     aside (`measured_dir`). `get` is collective (rank 0 decides); `get_part`/`put` are per rank."""
 
     def __init__(self, cfg: ExperimentConfig, paths: RunPaths, stage: str, sections: tuple[str, ...]):
-        # The sections that only say how the models were built are left out of the key: the model's real
-        # path and write time stand for its weights, so a variant of another construction reads what an
-        # earlier variant measured of the arms they share (the pretrained model, the controls, the baseline).
+        # The sections that only say how the models were built are left out of the key: the weights' digest
+        # stands for them, so a variant of another construction reads what an earlier variant measured of the
+        # arms they share (the pretrained model, the controls, the baseline).
         self.cfg, self.paths, self.stage = cfg, paths, stage
         self.sections = tuple(s for s in sections if s not in BUILD_SECTIONS)
-        self.code = code_revision()
+        self.code = source_digest()
 
     def _file(self, arm: str, path: Path, part: str = "") -> Path:
-        real = path.resolve()
-        stamp = max(p.stat().st_mtime_ns for p in real.glob("*.safetensors"))
-        key = self.cfg.fingerprint(self.sections, extra=f"{real}|{stamp}|{self.cfg.seed}|{self.stage}|{self.code}")
+        weights = weights_digest(path)
+        key = self.cfg.fingerprint(self.sections, extra=f"{weights}|{self.cfg.seed}|{self.stage}|{self.code}")
         return measured_dir(self.paths, self.stage) / f"{arm}{'.' + part if part else ''}-{key}.json"
 
     def get(self, arm: str, path: Path, part: str = "") -> dict | None:

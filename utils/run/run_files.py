@@ -7,6 +7,8 @@ WORK_DIR/final/        cross-seed aggregates
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -171,6 +173,43 @@ def code_revision() -> str:
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# The code whose change can change a measurement. Saved measurements (utils.measurement.MeasuredOnce) are
+# keyed by these files' contents, not by the git revision: a commit or a `git pull` that touches none of them
+# (docs, results, training, SLURM) keeps every record.
+MEASUREMENT_CODE = ("utils/attacks", "utils/measure", "utils/model", "utils/data/tokenization.py",
+                    "utils/measurement.py", "utils/text_attacks.py", "utils/run/compute.py", "utils/run/distributed.py")
+
+
+def source_digest(parts: tuple[str, ...] = MEASUREMENT_CODE, root: Path = ROOT) -> str:
+    """sha256 (16 hex digits) over the Python files of `parts` under `root`: their paths and bytes."""
+    h = hashlib.sha256()
+    for part in parts:
+        where = root / part
+        for f in sorted(where.rglob("*.py")) if where.is_dir() else [where]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 (16 hex digits) over a model directory's safetensors files, names and bytes: what a measurement
+    of it is keyed by, so that a moved or copied work dir reads the records of the same weights. Each file is
+    hashed once per process (about 4 s per GB)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).resolve().glob("*.safetensors")):
+        st = f.stat()
+        h.update(f.name.encode() + b"\0" + _file_sha256(str(f), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
 
 
 def set_aside(path: Path) -> Path | None:
