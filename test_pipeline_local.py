@@ -34,6 +34,7 @@ def check_stage_0(work: Path) -> str:
     for split in ("train", "val", "test"):
         assert len(TokenFile(shared / "tokens", split)) == m["corpus"][split]["documents"]
     load_model(work / m["pretrained_path"])        # recorded relative to the work dir
+    assert not (shared / "corpus" / "train.jsonl").exists(), "the training split's text is kept as tokens only"
     ppl, uni = m["pretrained_test"]["perplexity"], m["unigram_test_perplexity"]
     assert ppl < 0.7 * uni, f"pretrained perplexity {ppl:.1f} not far below unigram {uni:.1f}"
     return f"test perplexity {ppl:.1f} vs unigram {uni:.1f}"

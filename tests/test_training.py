@@ -77,7 +77,7 @@ def _killed_after_checkpoint(stage1_work, tmp_path, name, min_step, extra=()):
 
 def _final_tensors(work):
     ckpts = sorted((work / "seed_42" / "checkpoints" / "monotonic").glob("step_*"))
-    assert ckpts[-1].name == "step_00000024"
+    assert [c.name for c in ckpts] == ["step_00000024"]      # a finished arm keeps its last checkpoint only
     raw = {k: v for k, v in read_checkpoint(ckpts[-1]).items() if k.startswith("model.")}
     saved = load_file(next((work / "seed_42" / "models" / "monotonic").glob("*.safetensors")))
     return raw, saved
@@ -116,13 +116,14 @@ def test_resume_after_sigkill_is_bitwise_identical(stage1_work, uninterrupted, t
     history = report["history"]
     assert [row["step"] for row in history["steps"]] == sorted({row["step"] for row in history["steps"]})
     assert report["processes"] == [1] and history["segments"] == [{"first_step": 0, "last_step": 24, "processes": 1}]
-    # --force on the finished stage trains afresh (no resume), keeps the old checkpoints aside, and
-    # gives the uninterrupted run's bits again.
+    # --force on the finished stage trains afresh (no resume), sets the old checkpoints aside until it has
+    # finished (then removes them, in one line), and gives the uninterrupted run's bits again.
     r = run_script(STAGE, "--work-dir", str(work), *fast_sets(), *SHORT, "--force")
     assert r.returncode == 0, r.stderr
     assert "resumed from" not in r.stdout and "--force: starting afresh" in r.stdout, r.stdout
-    aside = list((work / "seed_42" / "checkpoints").glob("monotonic.set-aside-*"))
-    assert len(aside) == 1 and (aside[0] / "step_00000024").is_dir()
+    removed = [line for line in r.stdout.splitlines() if "removed what --force had set aside" in line]
+    assert len(removed) == 1 and "monotonic.set-aside-" in removed[0], r.stdout
+    assert not list((work / "seed_42" / "checkpoints").glob("monotonic.set-aside-*"))
     raw, saved = _final_tensors(work)
     _assert_bitwise_equal(raw, uninterrupted[0])
     _assert_bitwise_equal(saved, uninterrupted[1])
@@ -291,3 +292,24 @@ def test_the_best_weights_are_kept_sharded_and_exported_once_at_the_end(stage1_w
                             t.micro_batch_size, t.eval_windows, compute)
     assert again == pytest.approx(best["val_loss"], rel=1e-5)
     assert best["val_loss"] <= min(r["val_loss"] for r in report["history"]["steps"] if r.get("val_loss") is not None)
+
+
+def test_the_best_weights_at_step_0_are_the_start_and_are_not_written_again(tmp_path):
+    """Validation before the first step is the start model's, already on disk: best/ then holds only its
+    record, and the export reads the start's weights; a later improvement writes its weights."""
+    from test_monotonicity import tiny_model
+    from utils.train.checkpoint import Checkpointer
+    start, trained = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    ckpt = Checkpointer(tmp_path / "ckpt", "fingerprint", 2)
+    ckpt.save_best(start, 0, 5.0)
+    assert [p.name for p in (tmp_path / "ckpt" / "best").iterdir()] == ["state.json"]
+    out = tiny_model()
+    assert ckpt.load_best_into(out, start) == {"step": 0, "val_loss": 5.0}
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), start.state_dict().values()))
+    ckpt.save_best(trained, 3, 4.0)
+    assert list((tmp_path / "ckpt" / "best").glob("*.safetensors"))
+    assert ckpt.load_best_into(out, start) == {"step": 3, "val_loss": 4.0}
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), trained.state_dict().values()))

@@ -228,6 +228,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
                     desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=checkpointer.save_best,
                     max_epochs=cfg.data.max_epochs, history_file=paths.results / f"training_{arm}.history.jsonl")
+    checkpointer.prune(1)                    # the arm is done: its last checkpoint is all a rerun needs
     model = unsharded(model)
     if not main:
         return []
@@ -262,7 +263,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     write_json(result_path, report)
     save_model(model.cpu(), paths.models / arm, tokenizer, extra=extra)
     # The one export of the best weights (kept sharded during training), into the final model's storage.
-    best = checkpointer.load_best_into(model)
+    best = checkpointer.load_best_into(model, start)
     save_model(model, best_dir, tokenizer, extra={"arm": arm, "seed": cfg.seed, **best})
     mv = report["movement"]
     print(f"[{arm}] val perplexity {report['start_val_perplexity']:.1f} -> {report['final_val_perplexity']:.1f}; "

@@ -147,8 +147,10 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     manifest["corpus"] = {}
     for split in SPLITS:
         print(f"[setup] tokenising the {split} split" + (f" (up to {need:,} tokens)" if split == "train" else ""))
-        manifest["corpus"][split] = write_split(documents(d, split, hub_paths), tokenizer, shared / "corpus" /
-                                                f"{split}.jsonl", shared / "tokens", split, max_docs=d.max_docs(split),
+        # The training split's text is read only as tokens: no jsonl of it (~8 GB at the pythia budgets).
+        corpus_file = None if split == "train" else shared / "corpus" / f"{split}.jsonl"
+        manifest["corpus"][split] = write_split(documents(d, split, hub_paths), tokenizer, corpus_file,
+                                                shared / "tokens", split, max_docs=d.max_docs(split),
                                                 max_tokens=need if split == "train" else 0)
     tok = {s: TokenFile(shared / "tokens", s) for s in SPLITS}
     manifest["heldout_overlap"] = {}

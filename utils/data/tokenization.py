@@ -10,6 +10,7 @@ Training reads the stream packed; evaluation reads documents by offsets.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -63,9 +64,9 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def write_split(texts: Iterable[str], tokenizer, corpus_file: Path, token_dir: Path, split: str,
+def write_split(texts: Iterable[str], tokenizer, corpus_file: Path | None, token_dir: Path, split: str,
                 max_docs: int = 0, max_tokens: int = 0, batch: int = 1000) -> dict:
-    """Write a split's documents (jsonl) and token files in one streaming pass.
+    """Write a split's documents (jsonl; not with corpus_file None) and token files in one streaming pass.
 
     Stops after `max_docs` documents or once `max_tokens` tokens are written
     (0: no limit), whichever comes first; whole documents only. Memory stays
@@ -75,11 +76,11 @@ def write_split(texts: Iterable[str], tokenizer, corpus_file: Path, token_dir: P
     eos = tokenizer.eos_token_id
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32)
     token_dir.mkdir(parents=True, exist_ok=True)
-    corpus_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=token_dir, prefix=f".{split}.") as tmp:
         raw_path, jsonl_path = Path(tmp) / "tokens.raw", Path(tmp) / "corpus.jsonl"
         offsets, n_tokens, n_chars, digest = array("q", [0]), 0, 0, hashlib.sha256()
-        with raw_path.open("wb") as raw, jsonl_path.open("w", encoding="utf-8") as jsonl:
+        with raw_path.open("wb") as raw, jsonl_path.open("w", encoding="utf-8") if corpus_file else \
+                contextlib.nullcontext() as jsonl:
             for docs in _batches(texts, batch):
                 if max_docs:
                     docs = docs[:max_docs - (len(offsets) - 1)]
@@ -90,7 +91,8 @@ def write_split(texts: Iterable[str], tokenizer, corpus_file: Path, token_dir: P
                     n_tokens += len(ids) + 1
                     offsets.append(n_tokens)
                     line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                    jsonl.write(line)
+                    if jsonl:
+                        jsonl.write(line)
                     digest.update(line.encode())
                     n_chars += len(text)
                     if max_tokens and n_tokens >= max_tokens:
@@ -102,7 +104,9 @@ def write_split(texts: Iterable[str], tokenizer, corpus_file: Path, token_dir: P
             raise PipelineError(f"split {split!r} has no documents")
         _raw_to_npy(raw_path, dtype, n_tokens, token_dir / f"{split}.tokens.npy")
         _save_npy(np.frombuffer(offsets, dtype=np.int64), token_dir / f"{split}.offsets.npy")
-        publish(jsonl_path, corpus_file)
+        if corpus_file:
+            corpus_file.parent.mkdir(parents=True, exist_ok=True)
+            publish(jsonl_path, corpus_file)
     return {"documents": len(offsets) - 1, "characters": n_chars, "tokens": n_tokens, "dtype": str(dtype),
             "sha256": digest.hexdigest()}
 

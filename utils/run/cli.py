@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shutil
 import signal
 import sys
 from contextlib import ExitStack
@@ -139,6 +140,15 @@ def done_stages(stages: list[Stage], argv=None) -> int:
     return 0
 
 
+def drop_set_aside(name: str, kept: list[Path]) -> None:
+    """Once a stage has finished, what --force set aside of its checkpoints is not needed: removed, in one line."""
+    aside = [p for path in kept for p in sorted(path.parent.glob(f"{path.name}.set-aside-*"))]
+    for p in aside:
+        shutil.rmtree(p, ignore_errors=True)
+    if aside:
+        print(f"[{name}] finished: removed what --force had set aside ({', '.join(str(p) for p in aside)})")
+
+
 def _run(stage: Stage, args, cfg) -> int:
     name, shared, main = stage.name, stage.shared, distributed.is_main()
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
@@ -188,6 +198,7 @@ def _run(stage: Stage, args, cfg) -> int:
             outputs = stage.run(cfg, paths)
             if main:
                 write_flag(flag, fingerprint, outputs, paths)
+                drop_set_aside(name, stage.checkpoints(cfg, paths) if stage.checkpoints else [])
             # Every rank leaves together: a rank that tears its process group down while rank 0 still
             # writes (the trained model, its export) can abort in gloo's teardown. (A failing rank is
             # not waited for: torchrun stops the others.)

@@ -100,25 +100,37 @@ class Checkpointer:
         rng = distributed.gather_objects(_rng_state())
         final = self._write(f"step_{step:08d}", _tensors(model, optimizer)[0],
                             {"step": step, "param_groups": groups, "rng": rng, **extra})
+        self.prune(self.keep)
+        return final
+
+    def prune(self, keep: int) -> None:
+        """Remove all but the newest `keep` checkpoints (1 once an arm has finished: a requeued stage only
+        needs the last one to see the arm is done; the best weights stay for the export)."""
         if distributed.is_main():
-            for old in self.checkpoints()[:-self.keep]:
+            for old in self.checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
-        return final
 
     def save_best(self, model, step: int, val_loss: float) -> Path:
         """The model's weights alone (no optimizer), sharded like a checkpoint, into `best/`: each rank
-        writes its own shard, nothing is gathered (the training loop's on_best)."""
+        writes its own shard, nothing is gathered (the training loop's on_best). At step 0 they are the
+        starting model's, already on disk: only the record is written."""
+        if step == 0:
+            return self._write("best", {}, {"step": 0, "val_loss": val_loss, "weights": "start"})
         state = get_model_state_dict(model)
         return self._write("best", {f"model.{k}": v for k, v in state.items()}, {"step": step, "val_loss": val_loss})
 
-    def load_best_into(self, model) -> dict:
+    def load_best_into(self, model, start=None) -> dict:
         """Read `best/` into a whole, unsharded `model` in place (no second copy of the weights), in this
-        process; returns its {step, val_loss}."""
+        process, or, where the best was the start, `start`'s weights (a model of the same structure);
+        returns its {step, val_loss}."""
         path = self.dir / "best"
         if not (path / "state.json").exists():
             raise PipelineError(f"no best weights in {path}: training saved none")
         info = json.loads((path / "state.json").read_text())
+        if info.get("weights") == "start":
+            model.load_state_dict(start.state_dict())
+            return {k: info[k] for k in ("step", "val_loss")}
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         with _single_process_quiet(), torch.no_grad():
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
@@ -132,8 +144,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         distributed.barrier()
         try:
-            with _single_process_quiet():
-                dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+            if tensors:
+                with _single_process_quiet():
+                    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
             distributed.barrier()
             if distributed.is_main():
                 state = {**state, "fingerprint": self.fingerprint, "world_size": distributed.world_size()}
