@@ -97,7 +97,7 @@ def write_split(texts: Iterable[str], tokenizer, corpus_file: Path | None, token
                     n_chars += len(text)
                     if max_tokens and n_tokens >= max_tokens:
                         break
-                np.asarray(flat, dtype=dtype).tofile(raw)
+                raw.write(np.asarray(flat, dtype=dtype).tobytes())    # not tofile: a full disk keeps its errno
                 if (max_tokens and n_tokens >= max_tokens) or (max_docs and len(offsets) - 1 >= max_docs):
                     break
         if len(offsets) == 1:
@@ -128,9 +128,12 @@ def _raw_to_npy(raw: Path, dtype: np.dtype, n: int, out: Path) -> None:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
+    """np.save through Python's file writes: numpy's own (tofile) report a full disk without its errno."""
+    array = np.ascontiguousarray(array)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, array)
+    with os.fdopen(fd, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.tobytes())
     publish(Path(tmp), path)
 
 
