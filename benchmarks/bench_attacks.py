@@ -41,7 +41,7 @@ from utils.model.modeling import build_tiny_model, load_model  # noqa: E402
 from utils.model.monotonicity import apply_monotonicity  # noqa: E402
 from utils.run.compute import CPU, Compute  # noqa: E402
 from utils.run.run_files import RunPaths  # noqa: E402
-from utils.run.time_limits import PEAK_BF16, parameters  # noqa: E402
+from utils.run.time_limits import parameters, peak_bf16  # noqa: E402
 from utils.train.memory import model_config  # noqa: E402
 
 
@@ -65,19 +65,23 @@ def candidates_per_second(model, n: int, length: int, batch_size: int, compute: 
     return out
 
 
+def _synced(fn, device: torch.device):
+    """(result, seconds) of fn() with the GPU's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     """This machine's fp32 torch.mm GFLOP/s on the current threads (the best of `repeats` products): the peak
     the attack core's achieved FLOP/s is set against."""
     x, y = torch.randn(size, size), torch.randn(size, size)
     torch.mm(x, y)
-    best = min(_timed(lambda: torch.mm(x, y)) for _ in range(repeats))
+    best = min(_synced(lambda: torch.mm(x, y), x.device)[1] for _ in range(repeats))
     return 2 * size ** 3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def attack_times(model, a, compute: Compute) -> dict:
@@ -120,16 +124,6 @@ def throughput(model_path, candidates: int) -> dict:
     return c
 
 
-def _synced(fn, device: torch.device):
-    """(result, seconds) of fn() with the GPU's queue drained before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
 def pythia_shape(candidates: int, gcg_steps: int = 3, ppl_docs: int = 8, preset_name: str = "pythia-1.4b",
                  device: str = "cuda") -> dict:
     """A Pythia-1.4B-shaped model with random weights at the pythia-1.4b preset's attack and eval sizes, in
@@ -142,7 +136,7 @@ def pythia_shape(candidates: int, gcg_steps: int = 3, ppl_docs: int = 8, preset_
     dev = torch.device(device)
     compute = Compute(dev, "bf16-mixed")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_bf16(name)
     out = {"device": name, "peak_bf16_flops": peak, "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
            "gcg": {"search_width": a.gcg_search_width, "top_k": a.gcg_top_k, "steps_timed": gcg_steps},
            "perplexity": {"max_len": e.max_len, "stride": e.stride, "batch_size": e.batch_size}, "arms": {}}

@@ -99,8 +99,9 @@ def worker(args) -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     if cuda and steady:
-        from bench_training import PEAK_BF16, pythia_flops_per_token
-        peak = next((v for k, v in PEAK_BF16.items() if k in result["device"]), None)
+        from bench_training import pythia_flops_per_token
+        from utils.run.time_limits import peak_bf16
+        peak = peak_bf16(result["device"])
         flops = pythia_flops_per_token(config, n_params, seq)
         result["mfu"] = steady[-1] * flops / (peak * world) if peak else None
     if distributed.is_main():

@@ -32,7 +32,7 @@ from utils.model.modeling import build_tiny_model  # noqa: E402
 from configs.experiment_config import CONSTRUCTIONS  # noqa: E402
 from utils.model.monotonicity import apply_monotonicity  # noqa: E402
 from utils.run.compute import Compute  # noqa: E402
-from utils.run.time_limits import PEAK_BF16, parameters  # noqa: E402
+from utils.run.time_limits import parameters, peak_bf16  # noqa: E402
 from utils.train.memory import model_config  # noqa: E402
 from utils.train.training import make_optimizer, optimizer_step  # noqa: E402
 
@@ -91,7 +91,7 @@ def gpu_benchmark(steps: int, micro_batch: int, arms: list[str], preset_name: st
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_bf16(name)
     preset = load_config(preset_name)
     seq = preset.data.seq_len
     out = {"device": name, "peak_bf16_flops": peak, "seq_len": seq, "micro_batch": micro_batch, "runs": []}

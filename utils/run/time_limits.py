@@ -27,6 +27,11 @@ PYTHIA_SHAPES = {"pythia-70m": (6, 512, 8), "pythia-160m": (12, 768, 12), "pythi
 PYTHIA_VOCAB = 50_304
 REFERENCE_GPU = ("A100", 312e12)      # dense bf16 peak FLOP/s (datasheet)
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12}   # by device name
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a device by its name (torch.cuda.get_device_name()), None if unknown."""
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 MFU = {"train": 0.35, "measure": 0.25}   # assumed: batches of 8-32 short sequences use the GPU worse
 CPU_FLOPS = 5e10                      # assumed for a CPU job (the tiny model trains at ~1e11 on 2 cores)
 DOC_TOKENS = 1_600                    # assumed mean tokens of a test document (a Pile document is ~1-2k)
