@@ -84,6 +84,32 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
+def swap_scoring(model, a, compute: Compute, repeats: int = 20) -> dict:
+    """GCG's exact scoring, one step's search_width single swaps of a text, with every candidate run whole
+    and over the text's reused prefix (Victim.nll(..., base=)); and seconds per GCG text both ways."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    base = torch.cat([torch.tensor([0]), torch.randint(1, vocab, (a.text_len,), generator=g)])
+    cands = []
+    for _ in range(a.gcg_search_width):
+        c = base.clone()
+        c[int(torch.randint(1, len(base), (1,), generator=g))] = int(torch.randint(1, vocab, (1,), generator=g))
+        cands.append(c)
+    forbidden = torch.zeros(vocab, dtype=torch.bool)
+    forbidden[0] = True
+    out = {}
+    for name, reuse in (("whole", False), ("prefix_reuse", True)):
+        victim = Victim(model, compute, a.batch_size, prefix_reuse=reuse)
+        victim.nll(cands, base=base)                                      # warm-up
+        _, seconds = _synced(lambda: [victim.nll(cands, base=base) for _ in range(repeats)], compute.device)
+        out[f"{name}_candidates_per_second"] = repeats * len(cands) / seconds
+        _, seconds = _synced(lambda: gcg.attack_text(Victim(model, compute, a.batch_size, prefix_reuse=reuse), base, a,
+                                                     forbidden, torch.Generator().manual_seed(1)), compute.device)
+        out[f"{name}_gcg_seconds_per_text"] = seconds
+    out["speedup"] = out["prefix_reuse_candidates_per_second"] / out["whole_candidates_per_second"]
+    return out
+
+
 def attack_times(model, a, compute: Compute) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     forbidden = torch.zeros(vocab, dtype=torch.bool)
@@ -107,7 +133,8 @@ def throughput(model_path, candidates: int) -> dict:
     model = load_model(Path(model_path)) if model_path else build_tiny_model(cfg.model, 0)
     model.eval().requires_grad_(False)
     c = {"threads": torch.get_num_threads(), "sequence_tokens": a.text_len + 1, "batch_size": a.batch_size,
-         **candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, cpu), **attack_times(model, a, cpu)}
+         **candidates_per_second(model, candidates, a.text_len + 1, a.batch_size, cpu), **attack_times(model, a, cpu),
+         "swaps": swap_scoring(model, a, cpu)}
     # Achieved FLOP/s of exact scoring (2N per token read, N without the input embedding, a lookup) over torch.mm's.
     n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     c["achieved_gflops"] = c["batched"] * c["sequence_tokens"] * 2 * n / 1e9
@@ -118,6 +145,11 @@ def throughput(model_path, candidates: int) -> dict:
           f"{c['one_at_a_time']:,.0f}/s, speedup {c['speedup']:.1f}x (target >= 5x)")
     print(f"  achieved {c['achieved_gflops']:.1f} GFLOP/s (2N per token), {100 * c['fraction_of_matmul_peak']:.0f}% of "
           f"torch.mm's {c['matmul_gflops']:.1f} GFLOP/s on the same threads")
+    sw = c["swaps"]
+    print(f"  GCG's {a.gcg_search_width} single swaps per step: {sw['whole_candidates_per_second']:,.0f}/s run whole, "
+          f"{sw['prefix_reuse_candidates_per_second']:,.0f}/s over the reused prefix (x{sw['speedup']:.2f}); GCG "
+          f"{sw['whole_gcg_seconds_per_text']:.2f} -> {sw['prefix_reuse_gcg_seconds_per_text']:.2f} s per text "
+          f"({a.gcg_steps} steps)")
     print(f"  HotFlip {c['hotflip_seconds_per_text']:.2f} s per text ({a.hotflip_max_flips} flips, beam {a.hotflip_beam}, "
           f"top-k {a.hotflip_top_k}); UAT {c['uat_seconds_per_search']:.1f} s per trigger search "
           f"({a.uat_opt_texts} texts, {a.uat_restarts} restarts, <= {a.uat_max_sweeps} sweeps)")

@@ -4,6 +4,7 @@ import math
 import re
 
 import numpy as np
+import matplotlib
 import pytest
 
 from utils.text_attacks import worst_of
@@ -218,8 +219,9 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     for png in [p for p in outputs if p.endswith(".png")]:
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    # with gcg_delta_nll.png, robustness_vs_clean_loss.png, success_vs_threshold.png and attack_convergence.png
-    assert len([p for p in outputs if p.endswith(".png")]) == 8
+    # with gcg_delta_nll.png, robustness_vs_clean_loss.png, robustness_all_measures.png, success_vs_threshold.png
+    # and attack_convergence.png
+    assert len([p for p in outputs if p.endswith(".png")]) == 9
     # Attack strength. The worst case per text: GCG through the surrogate on the constrained arms, GCG elsewhere
     # (it ties with the surrogate there and comes first).
     assert acr["worst_won_by"]["monotonic"] == {"hotflip": 0, "gcg": 0, "gcg_surrogate": 20, "random_search": 0}
@@ -250,7 +252,13 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     assert "| HotFlip | Baseline (recovered) | 100 | 0.182 | +0.182" in md       # half of (0.32 + 0.41) / 2 and "| n/a (flips: the threat model) | n/a |" in md
     flagged = [l for l in md.splitlines() if "(before the plateau: GCG on" in l]
     assert {l.split("|")[1].strip().split(" ")[0] for l in flagged} == {"gcg_abs_delta_nll", "gcg_success", "worst_abs_delta_nll",
-                                                                     "worst_success", "GCG", "Worst-case"}
+                                                                     "worst_success"}
+    # The matched-control table marks its GCG and worst-case rows and says why once, under the table.
+    marked = {l.split("|")[1].strip().split(" ")[0] for l in md.splitlines() if l.startswith("| ") and
+              re.search(r"[¹²³⁴⁵⁶⁷⁸⁹] \|", l)}
+    assert marked == {"GCG", "Worst-case", "Random"}
+    notes = [l for l in md.splitlines() if re.match(r"[¹²³⁴⁵⁶⁷⁸⁹] before the plateau: GCG on", l)]
+    assert len(notes) == 2 and "Random search on" in notes[0] and "Random" not in notes[1]    # worst case; GCG
     assert not any("before the plateau" in l for l in md.splitlines() if l.startswith("| hotflip_"))
     assert "report:" in capsys.readouterr().out
 
@@ -357,10 +365,48 @@ def test_holm_adjusts_by_hand_computed_values():
     assert holm({}) == {}
 
 
-def test_the_console_summary_gives_intervals_n_and_each_verdict_once_with_its_caveats(tmp_path, capsys):
+def test_the_console_summary_leads_with_the_primary_verdict_and_fits_one_screen(tmp_path, capsys):
     run_aggregate(_work(tmp_path), [1], False, "tiny")                # one seed
-    out = capsys.readouterr().out
-    verdicts = [l for l in out.splitlines() if l.strip().startswith(("worst_", "hotflip_", "gcg_", "uat_"))]
-    assert len(verdicts) == 42, out                                # 6 pairs of 4 arms, 7 measures
-    assert all("Holm-adjusted over 42 tests" in l and "ONE SEED" in l and "10 texts" in l for l in verdicts), out
-    assert "HotFlip success 60.0% [" in out and "of 10 texts" in out
+    lines = capsys.readouterr().out.splitlines()
+    final = json.loads((tmp_path / "final" / "final_results.json").read_text())
+    r = final["across_seeds"]["frontier"]["worst_abs_delta_nll"]["residuals"]["monotonic"]
+    assert len(lines) <= 25 and max(map(len, lines)) <= 120, lines
+    assert lines[1].startswith("PRIMARY  Monotone (recovered) minus the unconstrained frontier (worst-case dNLL")
+    assert f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}], 1 seed(s) x 10 texts" in lines[2]
+    assert f"(detects {r['mde80']:.3f} at 80% power)" in lines[2]
+    rows = {l.split("  ")[0].rstrip("†"): l for l in lines[4:] if not l.startswith(("report:", "figure:", "†"))}
+    assert list(rows) == ["Pretrained", "Monotone (init)", "Baseline (recovered)", "Monotone (recovered)"]
+    worst = final["across_seeds"]["arms"]["monotonic"]["worst_mean_abs_delta_nll"]
+    assert f"{worst['mean']:.3f} [{worst['ci95'][0]:.3f}, {worst['ci95'][1]:.3f}]" in rows["Monotone (recovered)"]
+    assert rows["Baseline (recovered)"].endswith("frontier")
+    assert lines[-2:] == [f"report: {tmp_path / 'final' / 'results.md'}",
+                          f"figure: {tmp_path / 'final' / 'robustness_vs_clean_loss.png'}"]
+    assert not [l for l in lines if " vs " in l]                  # the pair tests are in results.md only
+    md = (tmp_path / "final" / "results.md").read_text().splitlines()
+    assert md[2].startswith("**Question.**") and md[4].startswith("**Answer (primary endpoint).** Monotone (recovered)")
+    assert md[6].startswith("**Figure.** [robustness_vs_clean_loss.png]")
+    table = md[8:md.index("", 8)]
+    assert len(table) == 2 + 4 and all(len(cell) < 40 for row in table for cell in row.split("|")[-2:])
+
+
+def test_figures_keep_every_text_inside_the_canvas(tmp_path):
+    from utils.results.plots import lead_figure, measures_figure
+    run_aggregate(_work(tmp_path), None, False, "tiny")
+    final = json.loads((tmp_path / "final" / "final_results.json").read_text())
+    for fig in (lead_figure(final), measures_figure(final)):
+        if not fig.get_layout_engine():
+            fig.tight_layout()                                      # as plots._save does
+        fig.canvas.draw()
+        renderer, canvas = fig.canvas.get_renderer(), fig.bbox
+        ticks = {id(t) for ax in fig.axes for t in (*ax.get_xticklabels(), *ax.get_yticklabels())}
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text() and id(t) not in ticks]
+        assert len(texts) > 10                  # titles, labels, legend entries, the inset's title
+        for t in texts:
+            box = t.get_window_extent(renderer)
+            assert canvas.x0 - 1 <= box.x0 and box.x1 <= canvas.x1 + 1 and canvas.y0 - 1 <= box.y0 \
+                and box.y1 <= canvas.y1 + 1, t.get_text()
+        drawn = fig.get_tightbbox(renderer)      # every artist drawn, tick labels in view included (inches)
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= fig.bbox_inches.x1 + 0.01 \
+            and drawn.y1 <= fig.bbox_inches.y1 + 0.01
+    lead = lead_figure(final)
+    assert "Monotone (recovered) - frontier: " in lead.axes[0].get_title()

@@ -128,11 +128,56 @@ def test_gcg_keeps_hotflips_threat_model_and_counts_its_cost_exactly():
     # One gradient per step; forward: the clean text, at most width distinct swaps per step, the final rescoring.
     c = rec["cost"]
     assert c["gradient_passes"] == 6 and c["gradient_tokens"] == 6 * len(ids)
-    assert 2 + 6 < c["forward_passes"] <= 2 + 6 * 16 and c["forward_tokens"] == c["forward_passes"] * len(ids)
+    # Tokens: every scored sequence's are run or reused (its prefix, over the step's one extra pass of the
+    # current sequence but its last token).
+    assert 2 + 6 < c["forward_passes"] <= 2 + 6 * 16 and c["reused_tokens"] > 6 * 16
+    assert c["forward_tokens"] + c["reused_tokens"] == c["forward_passes"] * len(ids) + 6 * (len(ids) - 1)
     assert c == victim.cost.since(type(victim.cost)())
     # The same generator seed gives the same search (what makes a sharded run equal one process).
     again = gcg.attack_text(Victim(model, CPU, 4), ids, a, forbidden, torch.Generator().manual_seed(1))
     assert again["adversarial_ids"] == rec["adversarial_ids"]
+
+
+def test_swaps_scored_over_the_reused_prefix_equal_full_passes_and_searches_take_the_same_path():
+    model, (ids,) = _model(), _texts(1, 30)
+    g = torch.Generator().manual_seed(5)
+    seqs, masks = [ids.clone()], [target_mask(31, [4])]        # unchanged; first token; two changes; the last
+    for positions in ([1], [7, 20], [30], *([int(torch.randint(1, 31, (1,), generator=g))] for _ in range(12))):
+        s = ids.clone()
+        s[positions] = (s[positions] + 3) % 49 + 1
+        seqs.append(s)
+        masks.append(target_mask(31, positions))
+    full, reused = Victim(model, CPU, 4, prefix_reuse=False), Victim(model, CPU, 4)
+    for a, b in zip(full.nll(seqs, masks), reused.nll(seqs, masks, base=ids)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
+    assert reused.cost.forward_tokens < full.cost.forward_tokens and reused.cost.reused_tokens > 0
+    forbidden = torch.zeros(50, dtype=torch.bool)
+    forbidden[0] = True
+    a = AttackConfig(hotflip_max_flips=3, hotflip_top_k=8, gcg_steps=5, gcg_search_width=16, gcg_top_k=8, batch_size=8)
+    for attack in (lambda v: hotflip.attack_text(v, ids, a, forbidden),
+                   lambda v: gcg.attack_text(v, ids, a, forbidden, torch.Generator().manual_seed(1)),
+                   lambda v: gcg.attack_text(v, ids, a, forbidden, torch.Generator().manual_seed(1), "random")):
+        one, two = attack(Victim(model, CPU, 8, prefix_reuse=False)), attack(Victim(model, CPU, 8))
+        assert one["adversarial_ids"] == two["adversarial_ids"] and one["attacked_nll"] == two["attacked_nll"]
+        assert [p[0] for p in one["trace"]] == [p[0] for p in two["trace"]]
+        assert [p[1] for p in one["trace"]] == pytest.approx([p[1] for p in two["trace"]], abs=1e-6)
+
+
+def test_pairs_rescored_in_one_query_equal_each_scored_alone_by_hand():
+    model, texts = _model(), _texts(3, 12) + _texts(2, 20, seed=1) + _texts(1, 12, seed=2)
+    pairs = []
+    for i, t in enumerate(texts):
+        adv = t.clone()
+        adv[[2, 3 + i]] = (adv[[2, 3 + i]] + 7) % 49 + 1
+        pairs.append({"original_ids": t.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": [2, 3 + i]})
+    for p, r in zip(pairs, hotflip.rescore(Victim(model, CPU, 4), pairs)):
+        targets = target_mask(len(p["original_ids"]), p["modified_positions"])
+        assert r["attacked_nll"] == pytest.approx(_plain_target_nll(model, torch.tensor(p["adversarial_ids"]), targets), abs=1e-5)
+        assert r["clean_nll"] == pytest.approx(_plain_target_nll(model, torch.tensor(p["original_ids"]), targets), abs=1e-5)
+    draw = hotflip.random_flips(texts[0], 3, torch.zeros(50, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert draw == hotflip.random_flips(texts[0], 3, torch.zeros(50, dtype=torch.bool), torch.Generator().manual_seed(0))
+    changed = [i for i, (a, b) in enumerate(zip(draw["original_ids"], draw["adversarial_ids"])) if a != b]
+    assert changed == draw["modified_positions"] and len(changed) == 3 and 0 not in changed
 
 
 def test_screened_trigger_losses_are_exact_for_the_kept_candidates_and_cost_less():

@@ -100,14 +100,17 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
             once.put(arm, path, models[arm])
             continue
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        records, controls, t0 = [], [], time.time()
+        records, t0 = [], time.time()
         for t in mine:
             rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
             rec["success"] = rec["rel_delta_nll"] > a.success_threshold
             rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
             records.append(rec)
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"])
-            controls.append({"doc": t["doc"], **hotflip.random_flips(victim, t["ids"], rec["n_flips"], forbidden, gen)})
+        draws = [hotflip.random_flips(t["ids"], r["n_flips"], forbidden,
+                                      torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))
+                 for t, r in zip(mine, records)]
+        controls = [{"doc": t["doc"], "adversarial_ids": d["adversarial_ids"], "modified_positions": d["modified_positions"],
+                     **s} for t, d, s in zip(mine, draws, hotflip.rescore(victim, draws))]
         records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
                        "summary": _summary(records, a.success_threshold),
@@ -124,11 +127,10 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
     share = distributed.my_share(len(texts))
     for arm, path in arms.items():
         victim = Victim(load_arm(path, compute.device), compute, a.batch_size)
-        for src in arms:
-            rows = distributed.gather_shares([
-                hotflip.rescore(victim, r["original_ids"], r["adversarial_ids"], r["modified_positions"])
-                for r in models[src]["examples"][share.start:share.stop]])
-            transfer[src][arm] = _summary(rows, a.success_threshold)
+        rows = hotflip.rescore(victim, [r for src in arms for r in models[src]["examples"][share.start:share.stop]])
+        for i, src in enumerate(arms):
+            part = rows[i * len(share):(i + 1) * len(share)]
+            transfer[src][arm] = _summary(distributed.gather_shares(part), a.success_threshold)
         del victim
     path = paths.results / f"{name}.json"
     if distributed.is_main():

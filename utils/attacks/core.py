@@ -6,7 +6,9 @@ positions, where a target is a token the attacker did not insert or modify
 including the first, is predicted from something.
 
 `Victim` is the attacked model behind the queries every search makes, each
-counted (TextAttack's query budget): the exact NLL of candidate sequences, the
+counted (TextAttack's query budget): the exact NLL of candidate sequences (each
+candidate of a search computed from its first change on, over the current
+sequence's cached keys and values: the prefix is the current one's), the
 gradient of their loss w.r.t. the input embeddings (through the model's own
 backward pass or a surrogate, utils.attacks.masking), and both at perturbed
 embeddings (PGD). `flip_scores` turns a gradient into first-order estimates
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
+from transformers import DynamicCache
 
 from utils.attacks.masking import surrogate
 from utils.model.next_token import final_hidden, row_sums, target_nll
@@ -57,6 +60,7 @@ class Cost:
     forward_tokens: int = 0
     gradient_passes: int = 0         # sequences run forward and backward for an embedding gradient
     gradient_tokens: int = 0
+    reused_tokens: int = 0           # prefix tokens of scored sequences not run again (their base's keys and values)
 
     def copy(self) -> "Cost":
         return replace(self)
@@ -84,6 +88,10 @@ class Victim:
     nll(seqs, targets)   exact next-token NLL at the target positions ([len-1] per sequence,
                          NaN elsewhere); no [batch, length, vocab] tensor exists
                          (utils.model.next_token)
+    nll(seqs, targets, base=cur)
+                         the same for swaps of `cur` (same length): each sequence runs from the
+                         position before its first change on, over cur's keys and values, in
+                         buckets of equal start (`prefix_buckets`); earlier positions are cur's
     grads(seqs, targets) per sequence, d(mean target NLL) / d(input embeddings): [len, d];
                          with `surrogate_gradient` exact_gelu, through BPDA's backward pass
     perturbed(seqs, targets, deltas, grad)
@@ -96,16 +104,20 @@ class Victim:
     """
 
     def __init__(self, model, compute: Compute, batch_size: int, shard: bool = False,
-                 surrogate_gradient: str = "none"):
+                 surrogate_gradient: str = "none", prefix_reuse: bool = True):
         self.model, self.compute, self.batch_size = model, compute, batch_size
         self.surrogate_gradient = surrogate_gradient
         self.shard = shard and distributed.world_size() > 1
+        self.prefix_reuse = prefix_reuse
         self.cost = Cost()
         self.embeddings = model.get_input_embeddings().weight.detach()
 
-    def nll(self, seqs: list[torch.Tensor], targets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def nll(self, seqs: list[torch.Tensor], targets: list[torch.Tensor] | None = None,
+            base: torch.Tensor | None = None) -> list[torch.Tensor]:
         targets = targets or [target_mask(len(s)) for s in seqs]
         self.cost.forward_passes += len(seqs)
+        if base is not None and self.prefix_reuse:
+            return self._nll_after_prefix(base, seqs, targets)
         self.cost.forward_tokens += sum(len(s) for s in seqs)
         return self._batched(self._nll_batch, seqs, targets)
 
@@ -123,8 +135,11 @@ class Victim:
 
     def _batched(self, fn, seqs, targets, deltas=None) -> list:
         bs = self.batch_size
-        batches = [(seqs[i:i + bs], targets[i:i + bs]) + ((deltas[i:i + bs],) if deltas is not None else ())
-                   for i in range(0, len(seqs), bs)]
+        return self._run(fn, [(seqs[i:i + bs], targets[i:i + bs]) + ((deltas[i:i + bs],) if deltas is not None else ())
+                              for i in range(0, len(seqs), bs)])
+
+    def _run(self, fn, batches: list[tuple]) -> list:
+        """fn over each batch (a tuple of lists), answers in order; sharded by batch under `shard`."""
         if not self.shard:
             return [r for b in batches for r in halving_on_oom(fn, *b)]
         rank, n = distributed.rank(), distributed.world_size()
@@ -140,6 +155,64 @@ class Victim:
         out = torch.full(labels[:, 1:].shape, float("nan"))
         out[(labels[:, 1:] != -100).cpu()] = nll.float().cpu()
         return [out[r, :len(s) - 1] for r, s in enumerate(seqs)]
+
+    def _nll_after_prefix(self, base: torch.Tensor, seqs, targets) -> list[torch.Tensor]:
+        """nll(seqs, targets) for swaps of `base`. A sequence whose first change is token p shares the
+        predictions of tokens 1..p-1 with base: it runs from position p-1 on (predicting p onwards) over
+        base's keys and values of positions < p-1, and the NLL of the shared predictions is base's."""
+        n = len(base)
+        if any(len(s) != n for s in seqs):
+            raise ValueError("prefix reuse scores swaps of the base sequence: every sequence has its length")
+        base_nll, kv = self._prefix_states(base)
+        starts = []
+        for s in seqs:
+            changed = (s != base).nonzero()
+            starts.append(max(int(changed[0]) - 1, 0) if len(changed) else n - 1)
+        order = sorted(range(len(seqs)), key=starts.__getitem__)
+        groups = [[order[j] for j in b] for b in prefix_buckets([starts[i] for i in order], n - 1, self.batch_size,
+                                                                 BUCKET_OVERHEAD_TOKENS.get(self.compute.device.type, 96))]
+        batches = [([seqs[i] for i in g], [targets[i] for i in g], [starts[g[0]]] * len(g)) for g in groups]
+        for seqs_b, _, start in batches:
+            self.cost.forward_tokens += len(seqs_b) * (n - 1 - start[0])
+            self.cost.reused_tokens += len(seqs_b) * (start[0] + 1)
+        suffixes = self._run(lambda s, t, start: self._suffix_batch(kv, s, t, start[0]), batches)
+        out = [None] * len(seqs)
+        flat = [(i, b[2][0]) for g, b in zip(groups, batches) for i in g]
+        for (i, start), suffix in zip(flat, suffixes):
+            shared = torch.where(targets[i][1:start + 1], base_nll[:start], float("nan"))
+            out[i] = torch.cat([shared, suffix])
+        return out
+
+    def _prefix_states(self, base: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """[len-1] NLL of every token of `base`, and per layer its keys and values (positions < len-1)."""
+        cache = DynamicCache()
+        ids = base[None, :-1].to(self.compute.device)
+        with torch.no_grad(), self.compute.autocast(), parametrize.cached():
+            hidden = final_hidden(self.model, ids, cache=cache)[0]
+            nll = target_nll(self.model, hidden, base[1:].to(ids.device), every=True)
+        self.cost.forward_tokens += len(base) - 1
+        return nll.float().cpu(), [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def _suffix_batch(self, kv: list, seqs, targets, start: int) -> list[torch.Tensor]:
+        """NLL at positions start..len-2 (NaN off target) of same-length sequences that equal the prefix
+        state `kv` before `start`."""
+        ids = torch.stack(seqs)
+        labels = torch.where(torch.stack(targets), ids, -100)[:, start + 1:]
+        out = torch.full(labels.shape, float("nan"))
+        if start == ids.shape[1] - 1:          # unchanged sequences: nothing left to predict
+            return list(out)
+        cache = DynamicCache()
+        if start:
+            for layer, (k, v) in enumerate(kv):
+                cache.update(k[:, :, :start].expand(len(seqs), -1, -1, -1),
+                             v[:, :, :start].expand(len(seqs), -1, -1, -1), layer)
+        dev = self.compute.device
+        with self.compute.autocast(), parametrize.cached():
+            hidden = final_hidden(self.model, ids[:, start:-1].to(dev), cache=cache)
+            nll = target_nll(self.model, hidden, labels.to(dev))
+        out[labels != -100] = nll.float().cpu()
+        return list(out)
 
     def _grad_batch(self, seqs, targets) -> list[torch.Tensor]:
         ids, labels, mask = self._inputs(seqs, targets)
@@ -177,6 +250,31 @@ class Victim:
         dev = self.compute.device
         mask = None if all(len(s) == ids.shape[1] for s in seqs) else mask.to(dev)
         return ids.to(dev), labels.to(dev), mask
+
+
+# What one more forward call costs beside its tokens, in tokens: on 2 CPU cores a tiny-preset call of one
+# token takes as long as ~77 tokens in a batch, and 96 scored GCG's candidates fastest (24..400 tried,
+# benchmarks/bench_attacks.py); on a GPU a short call is launch-bound: a guess, not measured.
+BUCKET_OVERHEAD_TOKENS = {"cpu": 96, "cuda": 2048}
+
+
+def prefix_buckets(starts: list[int], length: int, max_size: int, overhead: int) -> list[list[int]]:
+    """Split sequences sorted by start position into consecutive buckets of at most `max_size`, each run
+    from its first member's start: the split minimising the tokens run, plus `overhead` per forward call
+    (dynamic programming; a bucket of only finished sequences, start == length, runs nothing)."""
+    n = len(starts)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_size), j):
+            run = (j - i) * (length - starts[i])
+            cost = best[i] + (run + overhead if run else 0)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], n
+    while j:
+        buckets.append(list(range(cut[j], j)))
+        j = cut[j]
+    return buckets[::-1]
 
 
 def top_candidates(grad: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, forbidden: torch.Tensor,

@@ -125,7 +125,7 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
             top = top_candidates(grad[positions], cur[positions], victim.embeddings, forbidden, a.gcg_top_k)
             cands = sample_swaps(cur, positions, top, a.gcg_search_width, gen)
         changed = [(c != ids).nonzero().squeeze(1).tolist() for c in cands]
-        nlls = victim.nll(cands, [target_mask(len(c), m) for c, m in zip(cands, changed)])
+        nlls = victim.nll(cands, [target_mask(len(c), m) for c, m in zip(cands, changed)], base=cur)
         objectives = [score(n, clean_nll, len(c), m)["abs_delta_nll"] for c, n, m in zip(cands, nlls, changed)]
         step_best = step_best_of(cands, objectives)
         buffer.add(*step_best)

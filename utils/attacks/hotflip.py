@@ -60,7 +60,7 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
     best = beam[0]
     trace.add(best[2])
     for _ in range(a.hotflip_max_flips):
-        candidates = []
+        groups = []                                 # per beam item: (it, its candidate flips)
         for cur, modified, parent_obj in beam:
             free = torch.tensor([p for p in range(1, len(cur)) if p not in modified])
             if len(free) == 0:
@@ -69,14 +69,17 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
             scores = flip_scores(grad[free], cur[free].to(grad.device), victim.embeddings,
                                  forbidden.to(grad.device))
             top = scores.flatten().topk(min(a.hotflip_top_k, scores.numel())).indices.cpu()
+            groups.append((cur, []))
             for flat in top:
                 pos, tok = int(free[flat // scores.shape[1]]), int(flat % scores.shape[1])
                 new = cur.clone()
                 new[pos] = tok
-                candidates.append((new, modified | {pos}, parent_obj))
-        if not candidates:
+                groups[-1][1].append((new, modified | {pos}, parent_obj))
+        if not groups:
             break
-        nlls = victim.nll([c[0] for c in candidates], [target_mask(len(c[0]), c[1]) for c in candidates])
+        candidates = [c for _, group in groups for c in group]
+        nlls = [nll for cur, group in groups        # a beam item's flips are scored over its prefix
+                for nll in victim.nll([c[0] for c in group], [target_mask(len(c[0]), c[1]) for c in group], base=cur)]
         accepted = {}
         for (new, modified, parent_obj), nll in zip(candidates, nlls):
             obj = score(nll, clean_nll, len(new), modified)["abs_delta_nll"]
@@ -92,9 +95,8 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
     return record(victim, ids, best[0], clean_nll, before, trace)
 
 
-def random_flips(victim: Victim, ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor,
-                 gen: torch.Generator) -> dict:
-    """Control: the same number of flips at random positions to random allowed tokens."""
+def random_flips(ids: torch.Tensor, n_flips: int, forbidden: torch.Tensor, gen: torch.Generator) -> dict:
+    """Control: the same number of flips at random positions to random allowed tokens (scored by `rescore`)."""
     allowed = (~forbidden).nonzero().squeeze(1)
     positions = (torch.randperm(len(ids) - 1, generator=gen)[:n_flips] + 1).tolist()
     adv = ids.clone()
@@ -103,12 +105,21 @@ def random_flips(victim: Victim, ids: torch.Tensor, n_flips: int, forbidden: tor
         while tok == adv[p]:
             tok = allowed[torch.randint(len(allowed), (1,), generator=gen)].item()
         adv[p] = tok
-    return {"adversarial_ids": adv.tolist(), "modified_positions": sorted(positions),
-            **rescore(victim, ids.tolist(), adv.tolist(), positions)}
+    return {"original_ids": ids.tolist(), "adversarial_ids": adv.tolist(), "modified_positions": sorted(positions)}
 
 
-def rescore(victim: Victim, original: list[int], adversarial: list[int], modified: list[int]) -> dict:
-    """Damage of a stored (original, adversarial) pair on the victim (transfer and recomputation)."""
-    mask = target_mask(len(original), modified)
-    clean_nll, adv_nll = victim.nll([torch.tensor(original), torch.tensor(adversarial)], [mask, mask])
-    return score(adv_nll, clean_nll, len(original), modified)
+def rescore(victim: Victim, pairs: list[dict]) -> list[dict]:
+    """Damage of stored (original_ids, adversarial_ids, modified_positions) pairs on the victim (transfer,
+    controls, recomputation), in one batched query: sequences sorted by length, so a batch needs no padding
+    where the lengths allow."""
+    seqs, masks = [], []
+    for p in pairs:
+        mask = target_mask(len(p["original_ids"]), p["modified_positions"])
+        seqs += [torch.tensor(p["original_ids"]), torch.tensor(p["adversarial_ids"])]
+        masks += [mask, mask]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    nlls = [None] * len(seqs)
+    for i, nll in zip(order, victim.nll([seqs[i] for i in order], [masks[i] for i in order])):
+        nlls[i] = nll
+    return [score(nlls[2 * k + 1], nlls[2 * k], len(p["original_ids"]), p["modified_positions"])
+            for k, p in enumerate(pairs)]

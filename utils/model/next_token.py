@@ -22,14 +22,16 @@ from torch.utils.checkpoint import checkpoint
 LOGIT_ROWS = 1024
 
 
-def final_hidden(model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
+def final_hidden(model, input_ids=None, attention_mask=None, inputs_embeds=None, cache=None) -> torch.Tensor:
     """[batch, length, d] hidden states after the final norm (what the output embedding reads).
 
     With gradients they come as an output of the forward (output_hidden_states: every layer's output
     is saved for backward anyway), so that FSDP hooks its backward on them; without, a hook takes the
-    last alone (the tuple of every layer's output would hold them all until the loss is computed)."""
+    last alone (the tuple of every layer's output would hold them all until the loss is computed).
+    `cache`: a transformers Cache of the preceding positions' keys and values (input_ids continue
+    them); the model appends this call's to it."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                  logits_to_keep=1, use_cache=False)
+                  logits_to_keep=1, use_cache=cache is not None, past_key_values=cache)
     if torch.is_grad_enabled():
         return model(**kwargs, output_hidden_states=True).hidden_states[-1]
     captured = []

@@ -362,7 +362,8 @@ def provenance(work_dir: Path, preset: str) -> dict:
 
 def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str) -> list[str]:
     from utils.results.plots import plots
-    from utils.results.report import latex, markdown, screen_summary
+    from utils.results.report import LEAD_FIGURE, latex, markdown
+    from utils.results.summary import screen_summary
     from utils.run.run_files import atomic_write_text, write_json
     seeds = seeds or find_seeds(work_dir)
     raw, missing = collect(work_dir, seeds, allow_partial)
@@ -382,6 +383,6 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     atomic_write_text(out / "table.tex", latex(final))                  # \\input into a paper
     atomic_write_text(out / "table_standalone.tex", latex(final, standalone=True))
     written = plots(final, out)
-    print(screen_summary(final, out / "results.md"))
+    print(screen_summary(final, out / "results.md", out / LEAD_FIGURE))
     return [str(out / n) for n in ("final_results.json", "matched_control.json", "results.md", "table.tex", "table_standalone.tex")] + \
            [str(p) for p in written]

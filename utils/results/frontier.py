@@ -18,6 +18,8 @@ from scipy.optimize import isotonic_regression
 from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
 
 CONSTRAINED = ("monotonic_init", "monotonic")     # the arms with a monotonicity certificate
+# The pre-registered primary endpoint, printed first everywhere: (measure, arm) of the residual it tests.
+PRIMARY = ("worst_abs_delta_nll", "monotonic")
 # measure -> (result file, per-text value from a record, title); every record also has clean_nll
 MEASURES = {
     "worst_abs_delta_nll": ("worst_case", lambda r, t: r["abs_delta_nll"], "Worst-case dNLL (HotFlip, GCG, GCG surrogate, random)"),

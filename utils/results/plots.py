@@ -5,6 +5,7 @@ Each figure function returns the matplotlib figure (tests read its data); `plots
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from utils.results.formatting import ARM_NAMES, arms_present  # noqa: E402
+from utils.results.frontier import PRIMARY, is_unconstrained  # noqa: E402
 
 
 def training_figure(final: dict):
@@ -123,32 +125,92 @@ def uat_figure(final: dict):
     return fig
 
 
-def frontier_figure(final: dict):
-    """One panel per measure: every arm's point per seed (clean NLL on the attacked texts, damage), the
-    isotonic frontier of the unconstrained arms, and each constrained arm's residual with its interval."""
-    fr = final["across_seeds"].get("frontier", {})
+def _arm_style(arm: str) -> dict:
+    """One look per arm in every frontier figure: the controls share grey, constrained arms are triangles."""
+    if arm.startswith("control_"):
+        return {"color": "grey", "marker": "o", "label": "pretraining snapshots (controls)"}
+    colours = {"pretrained": "black", "baseline": "tab:blue", "unconstrained_from_init": "tab:green",
+               "monotonic": "tab:red", "monotonic_init": "tab:orange"}
+    return {"color": colours.get(arm, "tab:purple"), "marker": "o" if is_unconstrained(arm) else "^",
+            "label": ARM_NAMES[arm]}
+
+
+def _frontier_panel(ax, f: dict) -> None:
+    """The frontier, every arm's point per seed, and each constrained arm's residual as a vertical bar from
+    the frontier to the arm's mean, with its 95% interval."""
+    ax.plot(f["curve"]["clean_nll"], f["curve"]["damage"], "-", color="grey", lw=2, alpha=0.6,
+            label="unconstrained frontier (isotonic fit)")
+    for arm, pts in f["points"].items():
+        st = _arm_style(arm)
+        ax.scatter(*zip(*pts), marker=st["marker"], s=45 if st["marker"] == "^" else 25, color=st["color"],
+                   label=st["label"], zorder=3)
+    for arm, r in f["residuals"].items():
+        if not r["inside_range"]:
+            continue
+        base = float(np.interp(r["clean_nll"], f["curve"]["clean_nll"], f["curve"]["damage"]))
+        ax.errorbar([r["clean_nll"]], [base + r["mean"]], yerr=[[r["mean"] - r["ci95"][0]], [r["ci95"][1] - r["mean"]]],
+                    color=_arm_style(arm)["color"], capsize=4, lw=1.5, zorder=4,
+                    label=f"{ARM_NAMES[arm]}: residual, 95% interval")
+        ax.plot([r["clean_nll"]] * 2, [base, base + r["mean"]], ":", color=_arm_style(arm)["color"], zorder=4)
+    ax.set_xlabel("clean NLL on the attacked texts (nats/token)")
+
+
+ZOOM_NATS = 0.2                         # the lead figure's inset: clean NLL within this of the primary arm's
+
+
+def lead_figure(final: dict):
+    """The figure that carries the answer: the primary measure's frontier and the monotone arm's residual."""
+    from utils.results.summary import primary, short_verdict
+    f = final["across_seeds"].get("frontier", {}).get(PRIMARY[0])
+    if not f:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    _frontier_panel(ax, f)
+    p = primary(final)
+    if p and p["inside_range"]:         # a zoom on the primary arm's neighbourhood, where the answer is
+        lo, hi = p["clean_nll"] - ZOOM_NATS, p["clean_nll"] + ZOOM_NATS
+        near = [y for pts in f["points"].values() for x, y in pts if lo <= x <= hi]
+        base = float(np.interp(p["clean_nll"], f["curve"]["clean_nll"], f["curve"]["damage"]))
+        ys = near + [base + p["ci95"][0], base + p["ci95"][1]]
+        pad = 0.15 * (max(ys) - min(ys)) + 1e-3
+        inset = ax.inset_axes([0.5, 0.42, 0.47, 0.5])
+        _frontier_panel(inset, f)
+        inset.set(xlim=(lo, hi), ylim=(min(ys) - pad, max(ys) + pad), xlabel="")
+        inset.tick_params(labelsize=7)
+        inset.set_title(f"zoom: clean NLL {lo:.2f}-{hi:.2f}", fontsize=8)
+        ax.indicate_inset_zoom(inset, edgecolor="grey")
+    verdict = (f"{ARM_NAMES[p['arm']]} - frontier: {p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]: "
+               f"{short_verdict(p)}") if p else "the primary arm was not attacked"
+    ax.set(ylabel="worst-case dNLL (nats/token)",
+           title=f"Worst-case attack damage against clean loss ({len(final['seeds'])} seed(s))"
+                 + (" PARTIAL" if final["partial"] else "") + "\n" + verdict)
+    _deduplicated_legend(ax, fontsize=8, loc="upper left")
+    return fig
+
+
+def measures_figure(final: dict):
+    """Every other measure's frontier panel, titles wrapped, one legend for the figure."""
+    fr = {m: f for m, f in final["across_seeds"].get("frontier", {}).items() if m != PRIMARY[0]}
     if not fr:
         return None
     cols = min(3, len(fr))
     rows = -(-len(fr) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows + 1), squeeze=False, layout="constrained")
     for ax, f in zip(axes.flat, fr.values()):
-        ax.plot(f["curve"]["clean_nll"], f["curve"]["damage"], "-", color="grey", label="frontier (unconstrained)")
-        for arm, pts in f["points"].items():
-            constrained = arm in f["residuals"]
-            ax.scatter(*zip(*pts), marker="^" if constrained else "o", s=30 if constrained else 18,
-                       label=ARM_NAMES[arm] if constrained or not arm.startswith("control_") else "controls",
-                       color=None if constrained or not arm.startswith("control_") else "grey")
-        for arm, r in f["residuals"].items():
-            ax.annotate(f"{ARM_NAMES[arm]}: {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
-                        (r["clean_nll"], r["mean"] + float(np.interp(r["clean_nll"], f["curve"]["clean_nll"], f["curve"]["damage"]))),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set(xlabel="clean NLL on the attacked texts (nats/token)", ylabel=f["title"], title=f["title"])
-        _deduplicated_legend(ax, fontsize=6)
+        _frontier_panel(ax, f)
+        lines = [f"{ARM_NAMES[a]} {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+                 for a, r in f["residuals"].items() if r["inside_range"]]
+        ax.set_title("\n".join(textwrap.wrap(f["title"], 40) + lines), fontsize=9)
+        ax.set_xlabel("clean NLL (nats/token)", fontsize=8)
     for ax in list(axes.flat)[len(fr):]:
         ax.set_visible(False)
-    fig.suptitle(f"Damage against clean loss; residuals from the frontier [95% hierarchical bootstrap], seeds "
-                 f"{', '.join(map(str, final['per_seed']))}" + (" (PARTIAL)" if final["partial"] else ""))
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Damage against clean loss per measure (residual from the frontier [95% hierarchical bootstrap])"
+                 + (" PARTIAL" if final["partial"] else ""), fontsize=10)
     return fig
 
 
@@ -193,7 +255,8 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
         fig = damage_figure(final, name, title)
         if fig is not None:
             written.append(_save(fig, out_dir / f"{name}_delta_nll.png"))
-    for fig, name in ((uat_figure(final), "uat_transfer.png"), (frontier_figure(final), "robustness_vs_clean_loss.png"),
+    for fig, name in ((uat_figure(final), "uat_transfer.png"), (lead_figure(final), "robustness_vs_clean_loss.png"),
+                      (measures_figure(final), "robustness_all_measures.png"),
                       (convergence_figure(final), "attack_convergence.png"),
                       (success_threshold_figure(final), "success_vs_threshold.png")):
         if fig is not None:
@@ -202,7 +265,8 @@ def plots(final: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if not fig.get_layout_engine():
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

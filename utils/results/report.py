@@ -1,11 +1,12 @@
-"""Stage 7's outputs for people: results.md, table.tex (booktabs) and the console summary
-(the PNG plots: utils/results/plots.py)."""
+"""Stage 7's outputs for people: results.md and table.tex (booktabs); the console summary and the
+head of results.md: utils/results/summary.py; the PNG plots: utils/results/plots.py."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from utils.results.attack_report import attack_strength, plateau_flag
 from utils.results.formatting import ARM_NAMES, ORDER, arms_present, fmt
+from utils.results.summary import markdown_head, short_verdict
+
+LEAD_FIGURE = "robustness_vs_clean_loss.png"
 
 
 def _label(final: dict, arm: str) -> str:
@@ -128,16 +129,20 @@ def matched_control(final: dict) -> list[str]:
              "nats/token. Nearest control: in each seed the unconstrained arm of closest clean NLL, paired on the same texts.", "",
              "| Measure | Arm | Clean NLL | Residual [95% CI] | MDE (80%) | Verdict | Nearest control (clean gap) | "
              "Difference [95% CI], p |", "|---|---|---|---|---|---|---|---|"]
+    notes = {}                                  # plateau flag -> its footnote mark
     for f in fr.values():
+        flag = plateau_flag(final, f["measure"])
+        mark = notes.setdefault(flag, "¹²³⁴⁵⁶⁷⁸⁹"[len(notes)]) if flag else ""
         for arm, r in f["residuals"].items():
             nc = r["nearest_control"]
             d = nc["difference"]
             names = ", ".join(sorted({ARM_NAMES[c] for c in nc["controls"]}))
             lines.append(f"| {f['title']} | {ARM_NAMES[arm]} | {r['clean_nll']:.3f} | {r['mean']:+.3f} "
-                         f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['mde80']:.3f} | {r['verdict']}"
-                         f"{plateau_flag(final, f['measure'])} | {names} "
+                         f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['mde80']:.3f} | {short_verdict(r)}{mark} | {names} "
                          f"({nc['clean_nll_gap']:+.3f}) | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
                          f"p = {d['p_value']:.3g} |")
+    if notes:
+        lines += [""] + [f"{mark} {flag.strip()[1:-1]}: more budget could change this measure." for flag, mark in notes.items()]
     if len(final["seeds"]) < 5:
         lines += ["", f"Only {len(final['seeds'])} seed(s): the seed-level part of these intervals rests on few draws."]
     return lines + [""]
@@ -160,10 +165,11 @@ def recipe_table(final: dict) -> list[str]:
 def markdown(final: dict) -> str:
     seeds = final["seeds"]
     lines = [f"# Results: monotone MLPs vs. adversarial attacks ({final['preset']}, seeds {', '.join(map(str, seeds))})", ""]
-    lines += _provenance(final)
     if final["partial"]:
         lines += ["**PARTIAL RESULTS**: missing inputs: " +
                   "; ".join(f"seed {s}: {', '.join(m)}" for s, m in final["missing"].items()), ""]
+    lines += markdown_head(final, LEAD_FIGURE)
+    lines += _provenance(final)
     lines += matched_control(final)
     lines += attack_strength(final) + [""]
     lines += ["## Every arm", "", _sizes(final), "",
@@ -236,7 +242,7 @@ def markdown(final: dict) -> str:
     lines += attack_cost(final)
     lines += capability_table(final)
     lines += weight_change_table(final)
-    lines += ["", "Plots: robustness_vs_clean_loss.png, attack_convergence.png, success_vs_threshold.png, training_curves.png, perplexity.png, "
+    lines += ["", f"Plots: {LEAD_FIGURE}, robustness_all_measures.png, attack_convergence.png, success_vs_threshold.png, training_curves.png, perplexity.png, "
               "hotflip_delta_nll.png" + (", gcg_delta_nll.png" if _has(final, "gcg_mean_abs_delta_nll") else "")
               + ", uat_transfer.png", ""]
     return "\n".join(lines)
@@ -294,23 +300,3 @@ def _latex_capabilities(final: dict) -> list[str]:
             "Task & " + " & ".join(ARM_NAMES[a] for a in arms) + r" \\", r"\midrule", *rows, r"\bottomrule",
             r"\end{tabular}", "", r"\footnotesize Zero-shot accuracy (\%), lm-evaluation-harness; in brackets "
             r"the 95\% t interval over seeds.", ""]
-
-
-def screen_summary(final: dict, report: Path) -> str:
-    """The console's summary: every arm's numbers with 95% intervals and n, then each verdict once."""
-    acr, n_seeds = final["across_seeds"]["arms"], len(final["seeds"])
-    lines = [f"Final results ({n_seeds} seed(s){', PARTIAL' if final['partial'] else ''}; 95% intervals in "
-             f"brackets; attack measures: hierarchical bootstrap over seeds, then texts):"]
-    for arm in arms_present(final):
-        a = acr[arm]
-        cells = [f"perplexity {fmt(a['perplexity'])}"]
-        for name, title in (("worst", "worst case"), ("hotflip", "HotFlip"), ("gcg", "GCG")):
-            if a.get(f"{name}_success_rate", {}).get("mean") is not None:
-                cells.append(f"{title} success {fmt(a[f'{name}_success_rate'], 100, 1, True)} of "
-                             f"{a[f'{name}_success_rate']['n_texts']} texts, dNLL {fmt(a[f'{name}_mean_abs_delta_nll'], 1, 3)}")
-        cells.append(f"UAT dNLL {fmt(a['uat_abs_delta_nll'], 1, 3)}")
-        lines.append(f"  {ARM_NAMES[arm]:<22}" + "; ".join(cells))
-    for key, verdict in final["across_seeds"].get("more_robust", {}).items():
-        lines.append(f"  {key}: {verdict}")
-    lines.append(f"  report: {report}")
-    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""What a reader sees first: the primary verdict, one row per arm, and where the rest is.
+
+The primary endpoint is fixed before any run (frontier.PRIMARY): the recovered monotone arm's
+worst-case dNLL minus the unconstrained frontier at its own clean loss. The console summary and the
+head of results.md both lead with it, then give one compact row per arm; the pair tests and the
+per-measure tables follow in results.md only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.results.attack_report import before_plateau
+from utils.results.formatting import ARM_NAMES, arms_present, fmt
+from utils.results.frontier import PRIMARY, is_unconstrained
+
+QUESTION = ("Is the model with monotone MLPs (recovered) harder to attack than an unconstrained model of the "
+            "same clean loss?")
+PLATEAU_MARK = "†"
+
+
+def primary(final: dict) -> dict | None:
+    """The primary endpoint's residual, with its measure's title and sizes; None where it was not measured."""
+    measure, arm = PRIMARY
+    f = final["across_seeds"].get("frontier", {}).get(measure)
+    if not f or arm not in f["residuals"]:
+        return None
+    texts = final["across_seeds"]["arms"][arm].get("worst_success_rate", {}).get("n_texts")
+    return {"arm": arm, "title": f["title"], "n_seeds": f["n_seeds"], "n_texts": texts, **f["residuals"][arm]}
+
+
+def short_verdict(r: dict) -> str:
+    """A residual's verdict in a few words (frontier.residual_verdict says it in full)."""
+    v = r["verdict"]
+    for start, words in (("more robust", "more robust"), ("less robust", "less robust"),
+                         ("no difference", "no difference"), ("no matched", "outside the controls' range"),
+                         ("no test", "no test (saturated)")):
+        if v.startswith(start):
+            return words
+    return v
+
+
+def verdict_sentence(p: dict) -> str:
+    """The primary verdict in one sentence: estimate, interval, n, power at the verdict's alpha."""
+    return (f"{ARM_NAMES[p['arm']]} minus the unconstrained frontier, worst-case dNLL: {p['mean']:+.3f} "
+            f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] nats/token ({p['n_seeds']} seed(s) x {p['n_texts']} texts): "
+            f"{short_verdict(p)}; the test detects {p['mde80']:.3f} with 80% power.")
+
+
+def arm_rows(final: dict) -> list[dict]:
+    """Per arm: clean perplexity, worst-case dNLL and success, its residual and verdict (constrained arms),
+    and whether a search had not plateaued on it."""
+    fr = final["across_seeds"].get("frontier", {}).get(PRIMARY[0], {})
+    stalled = {arm for arms in before_plateau(final).values() for arm in arms}
+    rows = []
+    for arm in arms_present(final):
+        a, r = final["across_seeds"]["arms"][arm], fr.get("residuals", {}).get(arm)
+        rows.append({"arm": arm, "name": ARM_NAMES[arm] + (" *" if a.get("shared") else ""),
+                     "perplexity": a.get("perplexity", {}).get("mean"), "worst": a.get("worst_mean_abs_delta_nll"),
+                     "success": a.get("worst_success_rate"), "residual": r,
+                     "verdict": short_verdict(r) if r else ("frontier" if is_unconstrained(arm) and fr else ""),
+                     "mark": PLATEAU_MARK if arm in stalled else ""})
+    return rows
+
+
+def _cells(row: dict) -> tuple[str, str, str, str]:
+    ppl = "n/a" if row["perplexity"] is None else f"{row['perplexity']:.1f}"
+    success = row["success"]
+    rate = "n/a" if not success or success.get("mean") is None else f"{100 * success['mean']:.0f}%"
+    r = row["residual"]
+    residual = f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r else ""
+    return ppl, fmt(row["worst"], 1, 3), rate, residual
+
+
+def markdown_head(final: dict, figure: str) -> list[str]:
+    """results.md's opening: the question, the verdict with its interval and power, the figure, then one
+    compact row per arm (plateau flags as footnote marks, explained once under the table)."""
+    p = primary(final)
+    answer = verdict_sentence(p) if p else "not measured: the primary endpoint needs stage 6 on the recovered " \
+                                           "monotone arm and at least two unconstrained arms."
+    lines = [f"**Question.** {QUESTION}", "", f"**Answer (primary endpoint).** {answer}", "",
+             f"**Figure.** [{figure}]({figure}): worst-case dNLL against clean loss, the unconstrained frontier, "
+             "every arm per seed.", "",
+             "| Arm | Clean ppl | Worst-case dNLL [95% CI] | Worst-case success | Residual from frontier [95% CI] "
+             "| Verdict |", "|---|---|---|---|---|---|"]
+    rows = arm_rows(final)
+    for row in rows:
+        ppl, worst, rate, residual = _cells(row)
+        lines.append(f"| {row['name']}{row['mark']} | {ppl} | {worst} | {rate} | {residual} | {row['verdict']} |")
+    notes = ["Clean ppl: perplexity on held-out text; dNLL in nats/token; worst case: per text the most damaging of "
+             "HotFlip, GCG, GCG through the surrogate gradient and random search. Verdict: the residual's interval "
+             "against 0, named only inside the controls' clean-loss range; frontier: an unconstrained arm that "
+             "defines it."]
+    if any(r["mark"] for r in rows):
+        notes.append(f"{PLATEAU_MARK} a search had not reached its plateau on this arm: more budget could change "
+                     "its numbers (Convergence, below).")
+    if any(r["name"].endswith("*") for r in rows):
+        notes.append("* the same model in every seed.")
+    return lines + [""] + [" ".join(notes), ""]
+
+
+def screen_summary(final: dict, report: Path, figure: Path) -> str:
+    """The console's summary: the primary verdict first, one line per arm, the report's and figure's paths
+    (at most 25 lines of at most 120 characters)."""
+    p = primary(final)
+    lines = [f"Monotone MLPs vs. adversarial attacks: {final['preset']}, seeds "
+             f"{', '.join(map(str, final['seeds']))}{' (PARTIAL)' if final['partial'] else ''}"]
+    if p:
+        lines += [f"PRIMARY  {ARM_NAMES[p['arm']]} minus the unconstrained frontier (worst-case dNLL, nats/token):",
+                  f"         {p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}], {p['n_seeds']} seed(s) x "
+                  f"{p['n_texts']} texts: {short_verdict(p)} (detects {p['mde80']:.3f} at 80% power)"]
+    else:
+        lines.append("PRIMARY  not measured (needs stage 6 on the recovered monotone arm and two unconstrained arms)")
+    lines.append(f"{'arm':<27}{'clean ppl':>10}  {'worst-case dNLL [95% CI]':<25}{'success':>8}  verdict")
+    rows = arm_rows(final)
+    for row in rows:
+        ppl, worst, rate, _ = _cells(row)
+        lines.append(f"{(ARM_NAMES[row['arm']] + row['mark'])[:26]:<27}{ppl:>10}  {worst:<25}{rate:>8}  {row['verdict']}")
+    if any(r["mark"] for r in rows):
+        lines.append(f"{PLATEAU_MARK} a search had not plateaued on this arm (results.md: Convergence)")
+    lines += [f"report: {report}", f"figure: {figure}"]
+    return "\n".join(line[:120] for line in lines)
