@@ -28,6 +28,10 @@ UAT_SEARCHES = ("beam", "gcg")          # Wallace et al.'s left-to-right beam se
 # Stage 6: searches under HotFlip's threat model. gcg_surrogate: GCG through the exact-GELU surrogate
 # gradient (BPDA); random_search: GCG's loop and budget with uniform proposals (no gradient).
 TEXT_ATTACKS = ("hotflip", "gcg", "gcg_surrogate", "random_search")
+# The searches stage 6's worst case takes, the same for every arm. GCG through the surrogate gradient is left
+# out: on arms without the clamp it is GCG's own search (no second draw), so counting it would give the
+# clamped arms one independent search more than the others. It stays the gradient-masking check beside it.
+WORST_CASE_SEARCHES = ("hotflip", "gcg", "random_search")
 SURROGATE_GRADIENTS = ("none", "exact_gelu")     # utils/attacks/masking.py
 
 

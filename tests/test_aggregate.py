@@ -9,7 +9,7 @@ import pytest
 
 from utils.text_attacks import worst_of
 from utils.results.aggregate import run_aggregate
-from utils.results.statistics import bootstrap_interval, holm, mcnemar_exact, t_interval, wilcoxon_paired
+from utils.results.statistics import bootstrap_interval, holm, mcnemar_exact, mde, t_interval, wilcoxon_paired
 from utils.run.run_files import PipelineError
 
 
@@ -161,6 +161,11 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     p = {k: t["p_value"] for k, t in tests.items()}
     smallest = min(p, key=p.get)
     assert tests[smallest]["p_holm"] == pytest.approx(min(1, 42 * p[smallest]))
+    assert pair["mde80"] == pytest.approx(mde(pair["se"], 0.05 / 42)) and pair["mde_alpha"] == pytest.approx(0.05 / 42)
+    # The primary endpoint over two seeds: a seed-level t over the seeds' residuals from their own frontiers.
+    primary = acr["frontier"]["worst_abs_delta_nll"]["residuals"]["monotonic"]
+    assert primary["seed_level"]["n"] == 2 and primary["seed_level"]["test"] == "one-sample t over seeds"
+    assert acr["primary"]["verdict"] == primary["verdict"] and "p_holm" not in primary
     assert f"Holm-adjusted over 42 tests p = {tests[smallest]['p_holm']:.3g}" in acr["more_robust"][smallest]
     quiet = [v for v in acr["more_robust"].values() if v.startswith("no significant difference")]
     assert quiet and all("detectable at 80% power: " in v for v in quiet)
@@ -222,11 +227,11 @@ def test_aggregate_two_seeds_numbers_tables_and_plots(tmp_path, capsys):
     # with gcg_delta_nll.png, robustness_vs_clean_loss.png, robustness_all_measures.png, success_vs_threshold.png
     # and attack_convergence.png
     assert len([p for p in outputs if p.endswith(".png")]) == 9
-    # Attack strength. The worst case per text: GCG through the surrogate on the constrained arms, GCG elsewhere
-    # (it ties with the surrogate there and comes first).
-    assert acr["worst_won_by"]["monotonic"] == {"hotflip": 0, "gcg": 0, "gcg_surrogate": 20, "random_search": 0}
+    # Attack strength. The worst case per text over HotFlip, GCG and random search for every arm: the surrogate's
+    # larger damage on the constrained arms is the masking check, not a search of the worst case.
+    assert acr["worst_won_by"]["monotonic"] == {"hotflip": 0, "gcg": 20, "gcg_surrogate": 0, "random_search": 0}
     assert acr["worst_won_by"]["baseline"]["gcg"] == 20
-    assert acr["arms"]["monotonic"]["worst_mean_abs_delta_nll"]["mean"] == pytest.approx(0.06 + 0.1 + 0.54 * 0.35)
+    assert acr["arms"]["monotonic"]["worst_mean_abs_delta_nll"]["mean"] == pytest.approx(0.06 + 0.54 * 0.35)   # GCG's
     m = acr["masking"]
     assert m["monotonic"]["surrogate_minus_gcg"]["mean"] == pytest.approx(0.1) and m["monotonic"]["flat_region"]
     assert m["baseline"]["surrogate_minus_gcg"]["mean"] == pytest.approx(0.0)
@@ -372,8 +377,9 @@ def test_the_console_summary_leads_with_the_primary_verdict_and_fits_one_screen(
     r = final["across_seeds"]["frontier"]["worst_abs_delta_nll"]["residuals"]["monotonic"]
     assert len(lines) <= 25 and max(map(len, lines)) <= 120, lines
     assert lines[1].startswith("PRIMARY  Monotone (recovered) minus the unconstrained frontier (worst-case dNLL")
-    assert f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}], 1 seed(s) x 10 texts" in lines[2]
-    assert f"(detects {r['mde80']:.3f} at 80% power)" in lines[2]
+    # One seed: the estimate with its texts-only interval, and no verdict (the primary test's unit is the seed).
+    assert lines[2].strip() == (f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] (1 seed x 10 texts; "
+                                "interval over texts only): no verdict (1 seed)")
     rows = {l.split("  ")[0].rstrip("†"): l for l in lines[4:] if not l.startswith(("report:", "figure:", "†"))}
     assert list(rows) == ["Pretrained", "Monotone (init)", "Baseline (recovered)", "Monotone (recovered)"]
     worst = final["across_seeds"]["arms"]["monotonic"]["worst_mean_abs_delta_nll"]
@@ -384,6 +390,7 @@ def test_the_console_summary_leads_with_the_primary_verdict_and_fits_one_screen(
     assert not [l for l in lines if " vs " in l]                  # the pair tests are in results.md only
     md = (tmp_path / "final" / "results.md").read_text().splitlines()
     assert md[2].startswith("**Question.**") and md[4].startswith("**Answer (primary endpoint).** Monotone (recovered)")
+    assert "no verdict: 1 seed; the primary test's unit is the seed (run 3 or more)" in md[4]
     assert md[6].startswith("**Figure.** [robustness_vs_clean_loss.png]")
     table = md[8:md.index("", 8)]
     assert len(table) == 2 + 4 and all(len(cell) < 40 for row in table for cell in row.split("|")[-2:])

@@ -158,6 +158,10 @@ def test_the_worst_case_takes_each_texts_most_damaging_search():
     worst = worst_of(done, "a")
     assert [(w["doc"], w["attack"], w["abs_delta_nll"]) for w in worst] == [(1, "random_search", 0.35), (2, "hotflip", 0.9)]
     assert [w["success_abs"] for w in worst] == [False, True]       # the winning record's fields
+    # The surrogate search (a fourth, independent search on the clamped arms only) never enters the worst case,
+    # so every arm's worst case is over the same three searches.
+    done["gcg_surrogate"] = {"a": {"examples": [rec(1, 2.0), rec(2, 2.0)]}}
+    assert worst_of(done, "a") == worst
 
 
 def test_the_surrogate_ranking_names_exactly_the_pairs_it_puts_the_other_way_round():

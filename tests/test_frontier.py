@@ -5,8 +5,9 @@ import pytest
 from scipy import stats
 
 from utils.results.aggregate import pair_tests, success_curves, verdicts
-from utils.results.frontier import fit_direction, frontier, isotonic_fit, residual_verdict
-from utils.results.statistics import Z_POWER, bootstrap_summary, hierarchical_bootstrap, paired_t_mde
+from utils.results.frontier import (adjust_secondary, fit_direction, frontier, isotonic_fit, residual_verdict,
+                                    seed_residuals)
+from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, holm, mde, paired_t_mde, seed_level_test
 
 
 def test_hierarchical_bootstrap_draws_seeds_then_texts_with_the_probabilities_worked_out_by_hand():
@@ -30,7 +31,61 @@ def test_bootstrap_summary_inverts_the_interval_and_states_the_detectable_effect
     s = bootstrap_summary(1.0, draws)
     assert s["ci95"] == pytest.approx([1 - 1.96 * 0.5, 1 + 1.96 * 0.5], abs=0.02)
     assert s["p_value"] == pytest.approx(2 * stats.norm.cdf(-2.0), abs=0.005)       # 0 lies 2 SE away
-    assert s["mde80"] == pytest.approx(2.8016 * 0.5, abs=0.01) and Z_POWER == pytest.approx(2.8016, abs=1e-4)
+    assert s["mde80"] == pytest.approx(2.8016 * 0.5, abs=0.01) == mde(0.5, 0.05)
+    assert mde(0.5, 0.05 / 70) == pytest.approx((stats.norm.ppf(1 - 0.05 / 140) + stats.norm.ppf(0.8)) * 0.5)
+
+
+def test_no_p_value_floor_keeps_significance_reachable_among_105_tests():
+    """With p floored at 1 / 2000 draws, Holm over 105 tests could never go below 105 / 2000 > 0.05."""
+    rng = np.random.default_rng(2)
+    summaries = {f"t{i}": bootstrap_summary(1.0 if i < 10 else 0.0, rng.normal(1.0 if i < 10 else 0.0, 0.2, 2000))
+                 for i in range(105)}
+    strong = summaries["t0"]["p_value"]
+    assert 0 < strong < 1e-5 and strong == pytest.approx(2 * stats.norm.sf(1.0 / summaries["t0"]["se"]), rel=1e-6)
+    adjusted = holm({k: v["p_value"] for k, v in summaries.items()})
+    assert all(adjusted[f"t{i}"] < 0.05 for i in range(10)) and adjusted["t50"] > 0.05
+    # A tail of enough draws is still counted: p is twice its share.
+    counted = bootstrap_summary(0.3, rng.normal(0.3, 0.2, 2000))
+    assert counted["p_value"] == pytest.approx(2 * stats.norm.cdf(-1.5), abs=0.02)
+
+
+def _simulated_seeds(n_seeds: int, rng, seed_sd: float = 0.3, text_sd: float = 0.2, texts: int = 20) -> list[dict]:
+    """Unconstrained arms on damage = 3 - clean (plus text noise); the constrained arm 'm' at a true residual
+    of 0 with a seed effect that dominates its text noise (the case where the text-level bootstrap
+    under-covers)."""
+    out = []
+    for _ in range(n_seeds):
+        s = {a: {"clean": list(rng.normal(c, 0.05, texts)), "value": list(3 - c + rng.normal(0, text_sd, texts))}
+             for a, c in (("a", 1.0), ("b", 1.5), ("c", 2.0), ("d", 2.5))}
+        u = rng.normal(0, seed_sd)
+        s["m"] = {"clean": list(rng.normal(1.75, 0.05, texts)), "value": list(3 - 1.75 + u + rng.normal(0, text_sd, texts))}
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_the_primary_interval_covers_at_its_nominal_rate(n_seeds):
+    """Seed-level t over the seeds' residuals from their own frontiers: >= 93% coverage of a nominal 95%."""
+    rng = np.random.default_rng(n_seeds)
+    covered = []
+    for _ in range(400):
+        t = seed_level_test(seed_residuals(_simulated_seeds(n_seeds, rng), "m", ["a", "b", "c", "d"], False))
+        covered.append(t["ci95"][0] <= 0 <= t["ci95"][1])
+    assert np.mean(covered) >= 0.93
+    one = seed_level_test([0.2])
+    assert one["p_value"] is None and one["ci95"] is None         # one seed: no seed-level test
+
+
+def test_secondary_frontier_verdicts_are_holm_adjusted_and_the_primary_is_not():
+    def res(p, mean=0.1):
+        return {"mean": mean, "ci95": [0.01, 0.2], "se": 0.05, "p_value": p, "inside_range": True, "mde80": 0.14}
+    frontiers = {m: {"residuals": {"monotonic": res(0.03), "monotonic_init": res(0.03)}} for m in ("x", "y", "z")}
+    adjust_secondary(frontiers, ("x", "monotonic"))
+    second = frontiers["y"]["residuals"]["monotonic"]
+    assert second["p_holm"] == pytest.approx(0.15) and second["family_size"] == 5       # 5 x 0.03
+    assert second["verdict"].startswith("no difference detected") and second["mde80"] == pytest.approx(mde(0.05, 0.01))
+    assert "p_holm" not in frontiers["x"]["residuals"]["monotonic"]                     # the primary: tested alone
+    assert residual_verdict(res(0.03)).startswith("less robust")                        # unadjusted, it would be named
 
 
 def test_paired_t_mde_has_80_percent_power_by_simulation():

@@ -156,15 +156,16 @@ def test_uat_records_are_recomputable_on_disjoint_texts(measured):
 
 @pytest.mark.slow
 def test_worst_case_pgd_and_masking_records_recompute(measured):
-    """worst_case.json takes per text the record of largest damage among the searches; PGD's records
+    """worst_case.json takes per text the record of largest damage among its searches; PGD's records
     recompute from the saved perturbations, inside their balls; the flat-region fractions count by hand."""
     from safetensors.torch import load_file
     from utils.model.portable.modeling_monotone import GELU_ARGMIN
     work, res = measured
     worst, p = res["worst_case"], res["pgd"]
     assert worst["attacks"] == ["hotflip", "gcg", "gcg_surrogate", "random_search"]
+    assert worst["searches"] == ["hotflip", "gcg", "random_search"]       # the same three for every arm
     for arm, m in worst["models"].items():
-        by = {n: {r["doc"]: r for r in res[n]["models"][arm]["examples"]} for n in worst["attacks"]}
+        by = {n: {r["doc"]: r for r in res[n]["models"][arm]["examples"]} for n in worst["searches"]}
         assert [r["doc"] for r in m["examples"]] == sorted(by["gcg"])        # the texts every search attacked
         for r in m["examples"]:
             top = max(by, key=lambda n: by[n][r["doc"]]["abs_delta_nll"])

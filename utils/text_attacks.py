@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from configs.experiment_config import ExperimentConfig, TEXT_ATTACKS, listed, numbers
+from configs.experiment_config import TEXT_ATTACKS, WORST_CASE_SEARCHES, ExperimentConfig, listed, numbers
 from utils.attacks import gcg, hotflip, pgd
 from utils.attacks.core import Victim, forbidden_tokens, select_texts
 from utils.attacks.masking import flat_fractions, has_flat_region
@@ -152,8 +152,9 @@ WORST_FIELDS = ("clean_nll", "attacked_nll", "abs_delta_nll", "rel_delta_nll", "
 
 
 def worst_of(done: dict[str, dict], arm: str) -> list[dict]:
-    """Per text every search attacked, the most damaging record of the threat model and its search."""
-    by_attack = {name: {r["doc"]: r for r in models[arm]["examples"]} for name, models in done.items()}
+    """Per text every search of WORST_CASE_SEARCHES attacked, the most damaging record and its search."""
+    by_attack = {name: {r["doc"]: r for r in models[arm]["examples"]} for name, models in done.items()
+                 if name in WORST_CASE_SEARCHES}
     docs = sorted(set.intersection(*(set(d) for d in by_attack.values())))
     out = []
     for doc in docs:
@@ -174,7 +175,7 @@ def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
         models[arm] = {
             "path": paths.rel(path), "label": arm_label(paths, arm), "examples": worst,
             "summary": _summary(worst, a.success_threshold),
-            "won_by": {name: sum(r["attack"] == name for r in worst) for name in done},
+            "won_by": {name: sum(r["attack"] == name for r in worst) for name in done if name in WORST_CASE_SEARCHES},
             "flat_region": {"clean": flat_fractions(model, [torch.tensor(r["original_ids"]) for r in worst], compute.device, a.batch_size),
                             "adversarial": flat_fractions(model, [torch.tensor(r["adversarial_ids"]) for r in worst],
                                                           compute.device, a.batch_size)}}
@@ -187,7 +188,10 @@ def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
     if distributed.is_main():
         write_json(path, {"attacks": list(done), "seed": cfg.seed, "success_threshold": a.success_threshold,
                           "success_abs_nats": a.success_abs_nats,
-                          "rule": "per text attacked by every search: the record of largest abs_delta_nll",
+                          "searches": [n for n in WORST_CASE_SEARCHES if n in done],
+                          "rule": "per text attacked by every search of `searches` (the same for every arm; GCG "
+                                  "through the surrogate is the masking check, not a search of the worst case): "
+                                  "the record of largest abs_delta_nll",
                           "flat_region": "fraction of the MLP activation's inputs below x* = GELU's argmin, per layer, "
                                          "over every position; the gradient is exactly 0 there where flat_region is true",
                           "models": models})

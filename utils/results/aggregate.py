@@ -14,10 +14,10 @@ from configs.experiment_config import TEXT_ATTACKS, AttackConfig, listed
 from utils.run.run_files import PipelineError, read_json
 from utils.results import attack_checks
 from utils.results.convergence import convergence
-from utils.results.frontier import MEASURES, frontier, measure_texts
-from utils.results.statistics import (bootstrap_interval, bootstrap_summary, hierarchical_bootstrap, holm, mean_of_seeds,
-                                      mcnemar_exact, paired_t, paired_t_mde, perplexity_bootstrap, t_interval, wilcoxon_paired,
-                                      wilson_interval)
+from utils.results.frontier import MEASURES, PRIMARY, adjust_secondary, frontier, measure_texts, primary_verdict
+from utils.results.statistics import (bootstrap_interval, bootstrap_summary, hierarchical_bootstrap, holm,
+                                      mcnemar_exact, mde, mean_of_seeds, paired_t, paired_t_mde,
+                                      perplexity_bootstrap, t_interval, wilcoxon_paired, wilson_interval)
 
 INPUTS = {  # result file -> the stage that writes it
     "monotonicity_certificate.json": "stage 1", "training_baseline.json": "stage 2",
@@ -220,6 +220,7 @@ def verdicts(tests: dict, n_seeds: int) -> dict:
     out = {}
     for key, t in tests.items():
         t["p_holm"] = adjusted[key]
+        t["mde80"], t["mde_alpha"] = mde(t["se"], LEVEL / len(adjusted)), LEVEL / len(adjusted)  # Holm's first step
         said = (f"mean difference {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], n = {t['n']} seed(s), "
                 f"{t['n_texts']} texts, p = {t['p_value']:.3g}, Holm-adjusted over {len(adjusted)} tests "
                 f"p = {t['p_holm']:.3g}{caveat}")
@@ -330,6 +331,12 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
     out["more_robust"] = verdicts(out["tests"], len(per_seed))
     out["success_abs_nats"] = nats
     out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
+    adjust_secondary(out["frontier"], PRIMARY, LEVEL)
+    if PRIMARY[0] in out["frontier"] and PRIMARY[1] in out["frontier"][PRIMARY[0]]["residuals"]:
+        r = out["frontier"][PRIMARY[0]]["residuals"][PRIMARY[1]]
+        r["verdict"] = primary_verdict(r, LEVEL)
+        out["primary"] = {"measure": PRIMARY[0], "arm": PRIMARY[1], "alpha": LEVEL, "test": r["seed_level"]["test"],
+                          "verdict": r["verdict"]}
     out["success_curves"] = success_curves(raw, arms)
     out["convergence"] = convergence(raw)
     out["worst_won_by"] = {arm: {n: sum(f["worst_case.json"]["models"][arm]["won_by"].get(n, 0) for f in raw.values()

@@ -15,14 +15,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import isotonic_regression
 
-from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
+from utils.results.statistics import (bootstrap_summary, hierarchical_bootstrap, holm, mde, mean_of_seeds,
+                                      seed_level_test)
 
 CONSTRAINED = ("monotonic_init", "monotonic")     # the arms with a monotonicity certificate
 # The pre-registered primary endpoint, printed first everywhere: (measure, arm) of the residual it tests.
 PRIMARY = ("worst_abs_delta_nll", "monotonic")
 # measure -> (result file, per-text value from a record, title); every record also has clean_nll
 MEASURES = {
-    "worst_abs_delta_nll": ("worst_case", lambda r, t: r["abs_delta_nll"], "Worst-case dNLL (HotFlip, GCG, GCG surrogate, random)"),
+    "worst_abs_delta_nll": ("worst_case", lambda r, t: r["abs_delta_nll"], "Worst-case dNLL (HotFlip, GCG, random search)"),
     "worst_success": ("worst_case", lambda r, t: float(r["success"]), "Worst-case success (relative)"),
     "worst_success_abs": ("worst_case", lambda r, t: float(r["abs_delta_nll"] > t), "Worst-case success (absolute)"),
     "hotflip_abs_delta_nll": ("hotflip", lambda r, t: r["abs_delta_nll"], "HotFlip dNLL"),
@@ -119,25 +120,68 @@ def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed:
         clean = float(np.mean([np.mean(s[arm]["clean"]) for s in per_seed]))
         r = bootstrap_summary(estimate[i], draws[:, i])
         r.update(clean_nll=clean, inside_range=bool(x.min() <= clean <= x.max()),
-                 nearest_control=nearest_control(per_seed, arm, free, n_boot, seed))
+                 nearest_control=nearest_control(per_seed, arm, free, n_boot, seed),
+                 seed_level=seed_level_test(seed_residuals(per_seed, arm, free, increasing)))
         r["verdict"] = residual_verdict(r)
         out["residuals"][arm] = r
     return out
 
 
-def residual_verdict(r: dict) -> str:
-    """The rule: named only where the interval excludes 0 and the arm lies inside the controls' clean-loss range."""
+def seed_residuals(per_seed: list[dict], arm: str, free: list[str], increasing: bool) -> list[float]:
+    """Per seed, the arm's mean damage minus that seed's own frontier (its unconstrained arms alone) at the
+    arm's mean clean NLL: one value per seed, independent across seeds (the primary test's unit)."""
+    out = []
+    for s in per_seed:
+        x = np.array([np.mean(s[a]["clean"]) for a in free])
+        y = np.array([np.mean(s[a]["value"]) for a in free])
+        out.append(float(np.mean(s[arm]["value"]) - isotonic_fit(x, y, increasing)(np.mean(s[arm]["clean"]))))
+    return out
+
+
+def adjust_secondary(frontiers: dict, primary: tuple[str, str], alpha: float = 0.05) -> None:
+    """Holm over every residual but the primary one (the secondary family), in place: each gains p_holm and
+    an MDE at Holm's first-step alpha (alpha / m), and its verdict is taken at the adjusted p. The primary
+    endpoint is tested alone, at alpha, across seeds (`seed_level`)."""
+    family = {(m, a): r["p_value"] for m, f in frontiers.items() for a, r in f["residuals"].items()
+              if (m, a) != primary and r.get("p_value") is not None}
+    adjusted = holm(family)
+    for (m, a), p in adjusted.items():
+        r = frontiers[m]["residuals"][a]
+        r.update(p_holm=p, family_size=len(family), mde80=mde(r["se"], alpha / len(family)),
+                 mde_alpha=alpha / len(family))
+        r["verdict"] = residual_verdict(r, alpha)
+
+
+def residual_verdict(r: dict, alpha: float = 0.05) -> str:
+    """The rule: named only where the test rejects 0 (at the Holm-adjusted p once `adjust_secondary` ran,
+    else where the 95% interval excludes 0) and the arm lies inside the controls' clean-loss range."""
     if not r["inside_range"]:
         return ("no matched verdict: its clean NLL lies outside the unconstrained arms' range "
                 "(the frontier would be extrapolated)")
-    lo, hi = r["ci95"]
     if not r["se"] > 0:
         return "no test: the measure does not vary in any draw (saturated, e.g. every text succeeds), so it says nothing"
-    if hi < 0:
+    lo, hi = r["ci95"]
+    if "p_holm" in r:
+        more, less = r["p_holm"] < alpha and r["mean"] < 0, r["p_holm"] < alpha and r["mean"] > 0
+    else:
+        more, less = hi < 0, lo > 0
+    if more:
         return "more robust than an unconstrained model of the same clean loss"
-    if lo > 0:
+    if less:
         return "less robust than an unconstrained model of the same clean loss"
     return f"no difference detected (this test detects a residual of about {r['mde80']:.3g} at 80% power)"
+
+
+def primary_verdict(r: dict, alpha: float = 0.05) -> str:
+    """The primary endpoint's verdict: the seed-level test (seed as the unit), inside the controls' range."""
+    t = r["seed_level"]
+    if not r["inside_range"]:
+        return residual_verdict(r)
+    if t["p_value"] is None:
+        return f"no verdict: {t['n']} seed; the primary test's unit is the seed (run 3 or more)"
+    if t["p_value"] < alpha:
+        return ("more" if t["mean"] < 0 else "less") + " robust than an unconstrained model of the same clean loss"
+    return f"no difference detected (this test detects a residual of about {t['mde80']:.3g} at 80% power)"
 
 
 def nearest_control(per_seed: list[dict], arm: str, free: list[str], n_boot: int, seed: int) -> dict:

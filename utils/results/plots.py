@@ -160,7 +160,7 @@ ZOOM_NATS = 0.2                         # the lead figure's inset: clean NLL wit
 
 def lead_figure(final: dict):
     """The figure that carries the answer: the primary measure's frontier and the monotone arm's residual."""
-    from utils.results.summary import primary, short_verdict
+    from utils.results.summary import estimate, primary, short_verdict
     f = final["across_seeds"].get("frontier", {}).get(PRIMARY[0])
     if not f:
         return None
@@ -179,8 +179,8 @@ def lead_figure(final: dict):
         inset.tick_params(labelsize=7)
         inset.set_title(f"zoom: clean NLL {lo:.2f}-{hi:.2f}", fontsize=8)
         ax.indicate_inset_zoom(inset, edgecolor="grey")
-    verdict = (f"{ARM_NAMES[p['arm']]} - frontier: {p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]: "
-               f"{short_verdict(p)}") if p else "the primary arm was not attacked"
+    verdict = f"{ARM_NAMES[p['arm']]} - frontier: {estimate(p)}\n{short_verdict(p)}" if p else \
+        "the primary arm was not attacked"
     ax.set(ylabel="worst-case dNLL (nats/token)",
            title=f"Worst-case attack damage against clean loss ({len(final['seeds'])} seed(s))"
                  + (" PARTIAL" if final["partial"] else "") + "\n" + verdict)

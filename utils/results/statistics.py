@@ -11,8 +11,12 @@ Attack measures across seeds: a hierarchical bootstrap, seeds drawn with replace
 texts of each drawn seed (one draw of texts for every arm of that seed, so arms stay paired). It
 treats the seed (a training run, a trigger search, a draw of texts) as the unit and never pools
 the texts of different seeds as independent; with few seeds it understates the seed-to-seed part
-of the variance by about (S - 1) / S. Its tests invert the percentile interval (p = twice the
-smaller tail), and the minimum detectable effect at 80% power is (z_0.975 + z_0.80) x its SE.
+of the variance by about (S - 1) / S (simulated: its 95% intervals covered 76% at 3 seeds), so the
+primary endpoint is tested with the seed as the unit instead (`seed_level_test`, a one-sample t over
+the seeds' residuals). Its tests invert the percentile interval (p = twice the smaller tail) where the
+tail holds at least MIN_TAIL_DRAWS draws, else use the normal approximation (no floor at 1 / draws, which
+would make Holm over many tests unable to reject), and the minimum detectable effect at 80% power is
+(z_(1 - alpha/2) + z_0.80) x its SE at the alpha its verdict uses.
 """
 from __future__ import annotations
 
@@ -134,19 +138,46 @@ def mean_of_seeds(name: str):
     return lambda slots: np.mean([s[name] for s in slots], axis=0)
 
 
-Z_POWER = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.80))    # two-sided 5% test, 80% power: 2.80
+MIN_TAIL_DRAWS = 20          # fewer draws beyond 0 than this: the tail is not counted, it is approximated
+
+
+def mde(se: float, alpha: float = 0.05, power: float = 0.80) -> float:
+    """The effect a two-sided level-`alpha` test of this standard error detects with `power` (normal)."""
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
 
 
 def bootstrap_summary(estimate: float, draws: np.ndarray, level: float = 0.95) -> dict:
-    """Percentile interval, the test of 0 that inverts it (p at least 1 / draws: no draw beyond 0 says only
-    that), and the minimum detectable effect at 80% power."""
+    """Percentile interval, the test of 0 that inverts it, and the minimum detectable effect at 80% power
+    (at alpha 0.05; a verdict adjusted for several tests recomputes it at its own alpha, `mde`).
+
+    p: twice the fraction of draws beyond 0 where at least MIN_TAIL_DRAWS lie there; a thinner tail cannot
+    be counted with this many draws, so p is the normal approximation 2 Phi(-|estimate| / SE) instead of a
+    floor at 1 / draws (which Holm multiplies past any level once there are more tests than draws / 20)."""
     draws = draws[np.isfinite(draws)]
-    tail = min(float((draws <= 0).mean()), float((draws >= 0).mean()))
+    tail = int(min((draws <= 0).sum(), (draws >= 0).sum()))
     se = float(draws.std(ddof=1)) if len(draws) > 1 else float("nan")
+    if tail >= MIN_TAIL_DRAWS or not se > 0:
+        p = min(1.0, 2 * tail / len(draws))
+    else:
+        p = float(2 * stats.norm.sf(abs(estimate) / se))
     return {"mean": float(estimate), "ci95": [float(np.quantile(draws, (1 - level) / 2)),
                                               float(np.quantile(draws, (1 + level) / 2))],
-            "se": se, "p_value": min(1.0, max(2 * tail, 1 / len(draws))), "mde80": Z_POWER * se,
-            "interval": "hierarchical bootstrap (seeds, then texts within each seed)"}
+            "se": se, "p_value": p, "mde80": mde(se), "interval": "hierarchical bootstrap (seeds, then texts within each seed)"}
+
+
+def seed_level_test(values: list[float], alpha: float = 0.05) -> dict:
+    """The primary test: one value per seed (e.g. a residual), tested against 0 by a one-sample t-test over
+    the seeds (df = seeds - 1): the seed is the unit, so the interval carries the seed-to-seed spread at its
+    nominal coverage (for normal seed effects, exactly). Fewer than 2 seeds: no test."""
+    t = t_interval(values, 1 - alpha)
+    n, sd = t["n"], t["std"]
+    out = {"test": "one-sample t over seeds", "n": n, "mean": t["mean"], "ci95": t["ci95"], "sd": sd, "alpha": alpha}
+    if n < 2:
+        return {**out, "p_value": None, "mde80": None}
+    if not sd > 0:
+        return {**out, "p_value": 1.0 if t["mean"] == 0 else 0.0, "mde80": 0.0}
+    p = float(2 * stats.t.sf(abs(t["mean"]) / (sd / math.sqrt(n)), n - 1))
+    return {**out, "p_value": p, "mde80": paired_t_mde(n, sd, alpha)}
 
 
 def paired_t_mde(n: int, sd: float, level: float = 0.05, power: float = 0.80) -> float | None:

@@ -33,17 +33,32 @@ def short_verdict(r: dict) -> str:
     v = r["verdict"]
     for start, words in (("more robust", "more robust"), ("less robust", "less robust"),
                          ("no difference", "no difference"), ("no matched", "outside the controls' range"),
-                         ("no test", "no test (saturated)")):
+                         ("no test", "no test (saturated)"), ("no verdict", "no verdict (1 seed)")):
         if v.startswith(start):
             return words
     return v
 
 
+def estimate(p: dict) -> str:
+    """The primary estimate with its interval and n: the seed-level t interval, or with one seed the
+    texts-only bootstrap interval, said to be that."""
+    t = p["seed_level"]
+    if t["p_value"] is None:
+        return (f"{p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] (1 seed x {p['n_texts']} texts; "
+                "interval over texts only)")
+    return (f"{t['mean']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] (t over {t['n']} seeds x "
+            f"{p['n_texts']} texts)")
+
+
+def power(p: dict) -> str:
+    t = p["seed_level"]
+    return "" if t["mde80"] is None else f"; the test detects {t['mde80']:.3f} with 80% power at alpha {t['alpha']:g}"
+
+
 def verdict_sentence(p: dict) -> str:
     """The primary verdict in one sentence: estimate, interval, n, power at the verdict's alpha."""
-    return (f"{ARM_NAMES[p['arm']]} minus the unconstrained frontier, worst-case dNLL: {p['mean']:+.3f} "
-            f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] nats/token ({p['n_seeds']} seed(s) x {p['n_texts']} texts): "
-            f"{short_verdict(p)}; the test detects {p['mde80']:.3f} with 80% power.")
+    return (f"{ARM_NAMES[p['arm']]} minus the unconstrained frontier, worst-case dNLL (nats/token): {estimate(p)}: "
+            f"{p['verdict']}{power(p)}.")
 
 
 def arm_rows(final: dict) -> list[dict]:
@@ -87,7 +102,7 @@ def markdown_head(final: dict, figure: str) -> list[str]:
         ppl, worst, rate, residual = _cells(row)
         lines.append(f"| {row['name']}{row['mark']} | {ppl} | {worst} | {rate} | {residual} | {row['verdict']} |")
     notes = ["Clean ppl: perplexity on held-out text; dNLL in nats/token; worst case: per text the most damaging of "
-             "HotFlip, GCG, GCG through the surrogate gradient and random search. Verdict: the residual's interval "
+             "HotFlip, GCG and random search (the same three for every arm). Verdict: the residual's interval "
              "against 0, named only inside the controls' clean-loss range; frontier: an unconstrained arm that "
              "defines it."]
     if any(r["mark"] for r in rows):
@@ -106,8 +121,8 @@ def screen_summary(final: dict, report: Path, figure: Path) -> str:
              f"{', '.join(map(str, final['seeds']))}{' (PARTIAL)' if final['partial'] else ''}"]
     if p:
         lines += [f"PRIMARY  {ARM_NAMES[p['arm']]} minus the unconstrained frontier (worst-case dNLL, nats/token):",
-                  f"         {p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}], {p['n_seeds']} seed(s) x "
-                  f"{p['n_texts']} texts: {short_verdict(p)} (detects {p['mde80']:.3f} at 80% power)"]
+                  f"         {estimate(p)}: {short_verdict(p)}"
+                  + ("" if p["seed_level"]["mde80"] is None else f" (detects {p['seed_level']['mde80']:.3f} at 80% power)")]
     else:
         lines.append("PRIMARY  not measured (needs stage 6 on the recovered monotone arm and two unconstrained arms)")
     lines.append(f"{'arm':<27}{'clean ppl':>10}  {'worst-case dNLL [95% CI]':<25}{'success':>8}  verdict")
