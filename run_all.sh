@@ -19,8 +19,8 @@
 #   when device=cpu) and MONO_SLURM_NODES (1); they run as srun + torchrun (FSDP2), CPUs and memory per node.
 #   Measurement stages 4-6 sharded over several processes of one node: MONO_SLURM_MEASURE_PROCS (GPUs, or CPU
 #   processes when device=cpu); each rank takes a share of the documents, texts or candidate batches.
-# --local on CPU runs stages 4-6 the same way, as MONO_LOCAL_PROCS processes under torchrun (default: one
-#   per core, at most 8; they write what one process writes, 1.4x faster on 2 cores); 1 = one process.
+# --local on CPU runs stages 4 and 6 the same way, as MONO_LOCAL_PROCS processes under torchrun (default: one
+#   per core, at most 8; they write what one process writes; stage 6 1.6x faster on 2 cores); 1 = one process.
 # If sbatch rejects a job, the jobs of this run already submitted are cancelled (exit 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -122,8 +122,9 @@ if [ "$MODE" = local ]; then
     printf 'job_id\tstage\tseed\tlog\n' > "$LOCAL_DIR/jobs.tsv"
   }
   local_record
-  # Stages 4-6 on a CPU: one single-threaded process per core (at most 8) beats one process on every core for
-  # the attack core's small matrices (docs/measurement.md, "Where a tiny seed's time goes").
+  # Stages 4 and 6 on a CPU: one single-threaded process per core (at most 8) beats one process on every core
+  # for the attack core's small matrices (stage 6 of a tiny seed: 541 s against 862 s on 2 cores). Not stage
+  # 5: UAT shards each query's few candidate batches, and waiting on each other cost more (161 s against 105).
   CORES=$(nproc)
   LOCAL_PROCS="${MONO_LOCAL_PROCS:-}"
   if [ -z "$LOCAL_PROCS" ]; then
@@ -148,7 +149,7 @@ if [ "$MODE" = local ]; then
     echo "running local" > "$LOCAL_DIR/status/$tag"
     echo "=== $stage (preset $PRESET, seed $seed) ===" | tee -a "$log"
     local launch=(python)
-    if [ "$LOCAL_PROCS" -gt 1 ] && [[ "$stage" =~ ^stage_[4-6]_ ]]; then
+    if [ "$LOCAL_PROCS" -gt 1 ] && [[ "$stage" =~ ^stage_[46]_ ]]; then
       launch=(env OMP_NUM_THREADS=$(( CORES / LOCAL_PROCS > 0 ? CORES / LOCAL_PROCS : 1 ))
               python -m torch.distributed.run --standalone --nproc_per_node "$LOCAL_PROCS")
     fi
