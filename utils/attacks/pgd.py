@@ -1,4 +1,4 @@
-"""PGD on the input embeddings (Madry et al. 2018): a continuous upper bound on sensitivity.
+"""PGD on the input embeddings (Madry et al. 2018): a continuous probe of sensitivity near the text.
 
 Composition:
   goal            raise the mean next-token NLL of the text tokens (the same loss as HotFlip's, on
@@ -11,9 +11,11 @@ Composition:
                   the best exact objective of any iterate (the loss of an iterate comes with its
                   gradient pass), rescored with a fresh forward pass
 
-Discrete searches move only between token embeddings; this one moves anywhere near them, so it
-bounds what any input change of that size can do, and it is where a monotone MLP's ordering of
-its inputs should matter most. Deterministic: no random start.
+Discrete searches move only between token embeddings; this one moves anywhere in a small ball
+around them, where a monotone MLP's ordering of its inputs should matter most. What it finds is a
+lower bound on the worst damage inside the ball (a local search need not find the maximum), not a
+bound on what any input change can do; and a ball of 0.2 x the mean embedding norm holds no other
+token's embedding, so it says nothing of token swaps. Deterministic: no random start.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
                 texts of GCG through the exact-GELU surrogate minus plain GCG, and of random search minus
                 GCG. Surrogate > plain on a constrained arm: the model's own gradient hid damage (gradient
                 masking). Random search >= GCG: the gradient did not guide the search there.
-  pgd           per arm and radius: the damage of PGD on the input embeddings (a continuous bound)
+  pgd           per arm and radius: the damage of PGD on the input embeddings (what its search found: a lower
+                bound on the worst case inside the ball)
   ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
                 every pair the surrogate puts the other way round: does BPDA change which arm looks robust?
   uat_restarts  per arm: the held-out damage of every UAT restart (each an independent search), its

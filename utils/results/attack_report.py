@@ -99,6 +99,9 @@ def attack_strength(final: dict) -> list[str]:
     if pgd:
         radii = sorted({r for rows in pgd.values() for r in rows}, key=float)
         lines += ["", "## PGD on the input embeddings (L2 ball per position, radius x mean embedding norm)", "",
+                  "The damage PGD's search found: a lower bound on the worst case inside each ball, not an upper bound "
+                  "on what any input change can do; the balls hold no other token's embedding, so this is outside the "
+                  "token threat model.", "",
                   "| Model | " + " | ".join(f"dNLL at r = {r}" for r in radii) + " |", "|---|" + "---|" * len(radii)]
         for arm in (x for x in arms if x in pgd):
             lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(fmt(pgd[arm].get(r), 1, 3) for r in radii) + " |")
