@@ -206,6 +206,15 @@ class AttackConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Stage 7's pre-registered primary test, fixed before any run and printed first everywhere: a constrained
+    arm's residual from the unconstrained frontier on one measure, tested across seeds (seed as the unit)."""
+    primary_measure: str = "worst_abs_delta_nll"    # a measure of utils/results/frontier.py's MEASURES
+    primary_arm: str = "monotonic"                  # monotonic (recovered) | monotonic_init
+    alpha: float = 0.05                             # the primary test's level; also the secondary family's (Holm)
+
+
+@dataclass
 class ExperimentConfig:
     preset: str = "tiny"
     seed: int = 42
@@ -223,6 +232,7 @@ class ExperimentConfig:
     recovery_monotone: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     # -- derived --------------------------------------------------------------
     @property
@@ -245,6 +255,9 @@ class ExperimentConfig:
             if not cond:
                 problems.append(msg)
         m, d, mo = self.model, self.data, self.monotone
+        need(self.analysis.primary_arm in ("monotonic", "monotonic_init"),
+             f"analysis.primary_arm must be monotonic or monotonic_init, got {self.analysis.primary_arm!r}")
+        need(0 < self.analysis.alpha < 1, "analysis.alpha must be in (0, 1)")
         need(m.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {m.source!r}")
         need(m.source != "hub" or m.hub_id, "model.hub_id is required when model.source=hub")
         need(m.source != "local" or m.path, "model.path is required when model.source=local")

@@ -32,7 +32,7 @@ def main() -> int:
         print(f"error: [stage_7_aggregate] work dir {work} is a file, not a directory", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        outputs = run_aggregate(work, seeds, args.allow_partial, cfg.preset)
+        outputs = run_aggregate(work, seeds, args.allow_partial, cfg.preset, cfg.analysis)
         write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs, RunPaths(work, cfg.seed))
     except PipelineError as e:
         print(f"error: [stage_7_aggregate] {e}", file=sys.stderr)

@@ -376,7 +376,7 @@ def test_the_console_summary_leads_with_the_primary_verdict_and_fits_one_screen(
     final = json.loads((tmp_path / "final" / "final_results.json").read_text())
     r = final["across_seeds"]["frontier"]["worst_abs_delta_nll"]["residuals"]["monotonic"]
     assert len(lines) <= 25 and max(map(len, lines)) <= 120, lines
-    assert lines[1].startswith("PRIMARY  Monotone (recovered) minus the unconstrained frontier (worst-case dNLL")
+    assert lines[1] == "PRIMARY  Monotone (recovered) minus the unconstrained frontier, Worst-case dNLL (HotFlip, GCG, random search):"
     # One seed: the estimate with its texts-only interval, and no verdict (the primary test's unit is the seed).
     assert lines[2].strip() == (f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] (1 seed x 10 texts; "
                                 "interval over texts only): no verdict (1 seed)")
@@ -394,6 +394,22 @@ def test_the_console_summary_leads_with_the_primary_verdict_and_fits_one_screen(
     assert md[6].startswith("**Figure.** [robustness_vs_clean_loss.png]")
     table = md[8:md.index("", 8)]
     assert len(table) == 2 + 4 and all(len(cell) < 40 for row in table for cell in row.split("|")[-2:])
+
+
+def test_the_primary_test_is_the_one_the_config_names(tmp_path, capsys):
+    from configs.experiment_config import AnalysisConfig, ConfigError
+    from configs.presets import load_config
+    run_aggregate(_work(tmp_path), None, False, "tiny", AnalysisConfig(primary_measure="hotflip_abs_delta_nll"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "PRIMARY  Monotone (recovered) minus the unconstrained frontier, HotFlip dNLL:"
+    acr = json.loads((tmp_path / "final" / "final_results.json").read_text())["across_seeds"]
+    assert acr["primary"]["measure"] == "hotflip_abs_delta_nll" and acr["primary"]["arm"] == "monotonic"
+    assert "p_holm" not in acr["frontier"]["hotflip_abs_delta_nll"]["residuals"]["monotonic"]
+    assert "p_holm" in acr["frontier"]["worst_abs_delta_nll"]["residuals"]["monotonic"]      # now secondary
+    with pytest.raises(PipelineError, match="analysis.primary_measure must be one of"):
+        run_aggregate(tmp_path, None, False, "tiny", AnalysisConfig(primary_measure="nope"))
+    with pytest.raises(ConfigError, match="analysis.primary_arm must be monotonic or monotonic_init"):
+        load_config("tiny", [("analysis.primary_arm", "baseline")])
 
 
 def test_figures_keep_every_text_inside_the_canvas(tmp_path):

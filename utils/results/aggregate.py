@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.experiment_config import TEXT_ATTACKS, AttackConfig, listed
+from configs.experiment_config import TEXT_ATTACKS, AnalysisConfig, AttackConfig, listed
 from utils.run.run_files import PipelineError, read_json
 from utils.results import attack_checks
 from utils.results.convergence import convergence
-from utils.results.frontier import MEASURES, PRIMARY, adjust_secondary, frontier, measure_texts, primary_verdict
+from utils.results.frontier import MEASURES, adjust_secondary, frontier, measure_texts, primary_verdict
 from utils.results.statistics import (bootstrap_interval, bootstrap_summary, hierarchical_bootstrap, holm,
                                       mcnemar_exact, mde, mean_of_seeds, paired_t, paired_t_mde,
                                       perplexity_bootstrap, t_interval, wilcoxon_paired, wilson_interval)
@@ -211,26 +211,26 @@ def pair_tests(raw: dict, arms: list[str], n_boot: int = 2000) -> dict:
     return out
 
 
-def verdicts(tests: dict, n_seeds: int) -> dict:
+def verdicts(tests: dict, n_seeds: int, level: float = LEVEL) -> dict:
     """Which arm of each pair is more robust (less damage), named only where its test rejects equality at
-    LEVEL after Holm's adjustment over every test of this report (each test gains `p_holm`); beside each
+    `level` after Holm's adjustment over every test of this report (each test gains `p_holm`); beside each
     "no significant difference", the difference the test would have detected at 80% power."""
     adjusted = holm({k: t["p_value"] for k, t in tests.items() if t.get("p_value") is not None})
     caveat = "; ONE SEED: texts only, says nothing about seed-to-seed variation" if n_seeds == 1 else ""
     out = {}
     for key, t in tests.items():
         t["p_holm"] = adjusted[key]
-        t["mde80"], t["mde_alpha"] = mde(t["se"], LEVEL / len(adjusted)), LEVEL / len(adjusted)  # Holm's first step
+        t["mde80"], t["mde_alpha"] = mde(t["se"], level / len(adjusted)), level / len(adjusted)  # Holm's first step
         said = (f"mean difference {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], n = {t['n']} seed(s), "
                 f"{t['n_texts']} texts, p = {t['p_value']:.3g}, Holm-adjusted over {len(adjusted)} tests "
                 f"p = {t['p_holm']:.3g}{caveat}")
         first, second = t["arms"]
-        if t["p_holm"] < LEVEL and t["mean"] != 0:
+        if t["p_holm"] < level and t["mean"] != 0:
             out[key] = f"{first if t['mean'] < 0 else second} ({said})"
         elif not t["se"] > 0:
             out[key] = f"no test: the measure does not vary in any draw (saturated or identical records; {said})"
         else:
-            out[key] = f"no significant difference at {LEVEL} (detectable at 80% power: {t['mde80']:.3g}; {said})"
+            out[key] = f"no significant difference at {level} (detectable at 80% power: {t['mde80']:.3g}; {said})"
     return out
 
 
@@ -303,7 +303,7 @@ def capability_summary(per_seed: dict, raw: dict) -> dict:
     return out
 
 
-def across_seeds(per_seed: dict, raw: dict) -> dict:
+def across_seeds(per_seed: dict, raw: dict, analysis: AnalysisConfig) -> dict:
     """Every arm and measure across seeds: t intervals over seeds, except success rates (Wilson
     over every attacked text, inside [0, 1]) and the shared arms' perplexity (one model and one
     test set for every seed: its bootstrap interval over documents, not a zero-width one)."""
@@ -328,15 +328,16 @@ def across_seeds(per_seed: dict, raw: dict) -> dict:
         out["capabilities"] = capability_summary(per_seed, raw)
     tested = [a for a in ARM_ORDER if a in arms]         # every arm but the controls, which the frontier uses
     out["tests"] = pair_tests(raw, tested)
-    out["more_robust"] = verdicts(out["tests"], len(per_seed))
+    out["more_robust"] = verdicts(out["tests"], len(per_seed), analysis.alpha)
     out["success_abs_nats"] = nats
     out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
-    adjust_secondary(out["frontier"], PRIMARY, LEVEL)
-    if PRIMARY[0] in out["frontier"] and PRIMARY[1] in out["frontier"][PRIMARY[0]]["residuals"]:
-        r = out["frontier"][PRIMARY[0]]["residuals"][PRIMARY[1]]
-        r["verdict"] = primary_verdict(r, LEVEL)
-        out["primary"] = {"measure": PRIMARY[0], "arm": PRIMARY[1], "alpha": LEVEL, "test": r["seed_level"]["test"],
-                          "verdict": r["verdict"]}
+    measure, arm = analysis.primary_measure, analysis.primary_arm
+    adjust_secondary(out["frontier"], (measure, arm), analysis.alpha)
+    out["primary"] = {"measure": measure, "arm": arm, "alpha": analysis.alpha, "test": "one-sample t over seeds",
+                      "verdict": None}
+    if arm in out["frontier"].get(measure, {}).get("residuals", {}):
+        r = out["frontier"][measure]["residuals"][arm]
+        r["verdict"] = out["primary"]["verdict"] = primary_verdict(r, analysis.alpha)
     out["success_curves"] = success_curves(raw, arms)
     out["convergence"] = convergence(raw)
     out["worst_won_by"] = {arm: {n: sum(f["worst_case.json"]["models"][arm]["won_by"].get(n, 0) for f in raw.values()
@@ -367,7 +368,14 @@ def provenance(work_dir: Path, preset: str) -> dict:
                                 for s, r in m.get("heldout_overlap", {}).items()}}
 
 
-def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str) -> list[str]:
+def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, preset: str,
+                  analysis: AnalysisConfig | None = None) -> list[str]:
+    """Stage 7: every seed of the work dir into final/; `analysis` names the primary test (default: the
+    config's default)."""
+    analysis = analysis or AnalysisConfig()
+    if analysis.primary_measure not in MEASURES:
+        raise PipelineError(f"analysis.primary_measure must be one of {', '.join(MEASURES)}, "
+                            f"got {analysis.primary_measure!r}")
     from utils.results.plots import plots
     from utils.results.report import LEAD_FIGURE, latex, markdown
     from utils.results.summary import screen_summary
@@ -379,7 +387,7 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     final = {"preset": preset, "provenance": provenance(work_dir, preset), "seeds": seeds, "partial": bool(missing),
              "missing": {str(s): m for s, m in missing.items()},
              "success_threshold": thresholds.pop() if len(thresholds) == 1 else None,
-             "per_seed": per_seed, "across_seeds": across_seeds(per_seed, raw)}
+             "per_seed": per_seed, "across_seeds": across_seeds(per_seed, raw, analysis)}
     out = work_dir / "final"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "final_results.json", final)

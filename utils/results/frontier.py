@@ -19,8 +19,6 @@ from utils.results.statistics import (bootstrap_summary, hierarchical_bootstrap,
                                       seed_level_test)
 
 CONSTRAINED = ("monotonic_init", "monotonic")     # the arms with a monotonicity certificate
-# The pre-registered primary endpoint, printed first everywhere: (measure, arm) of the residual it tests.
-PRIMARY = ("worst_abs_delta_nll", "monotonic")
 # measure -> (result file, per-text value from a record, title); every record also has clean_nll
 MEASURES = {
     "worst_abs_delta_nll": ("worst_case", lambda r, t: r["abs_delta_nll"], "Worst-case dNLL (HotFlip, GCG, random search)"),
@@ -121,6 +119,7 @@ def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed:
         r = bootstrap_summary(estimate[i], draws[:, i])
         r.update(clean_nll=clean, inside_range=bool(x.min() <= clean <= x.max()),
                  nearest_control=nearest_control(per_seed, arm, free, n_boot, seed),
+                 n_texts=round(float(np.mean([len(s[arm]["value"]) for s in per_seed]))),
                  seed_level=seed_level_test(seed_residuals(per_seed, arm, free, increasing)))
         r["verdict"] = residual_verdict(r)
         out["residuals"][arm] = r

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from utils.results.formatting import ARM_NAMES, arms_present  # noqa: E402
-from utils.results.frontier import PRIMARY, is_unconstrained  # noqa: E402
+from utils.results.frontier import is_unconstrained  # noqa: E402
 
 
 def training_figure(final: dict):
@@ -160,8 +160,8 @@ ZOOM_NATS = 0.2                         # the lead figure's inset: clean NLL wit
 
 def lead_figure(final: dict):
     """The figure that carries the answer: the primary measure's frontier and the monotone arm's residual."""
-    from utils.results.summary import estimate, primary, short_verdict
-    f = final["across_seeds"].get("frontier", {}).get(PRIMARY[0])
+    from utils.results.summary import estimate, primary, primary_names, short_verdict
+    f = final["across_seeds"].get("frontier", {}).get(primary_names(final)[0])
     if not f:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -181,8 +181,8 @@ def lead_figure(final: dict):
         ax.indicate_inset_zoom(inset, edgecolor="grey")
     verdict = f"{ARM_NAMES[p['arm']]} - frontier: {estimate(p)}\n{short_verdict(p)}" if p else \
         "the primary arm was not attacked"
-    ax.set(ylabel="worst-case dNLL (nats/token)",
-           title=f"Worst-case attack damage against clean loss ({len(final['seeds'])} seed(s))"
+    ax.set(ylabel=f["title"],
+           title=f"{f['title']} against clean loss ({len(final['seeds'])} seed(s))"
                  + (" PARTIAL" if final["partial"] else "") + "\n" + verdict)
     _deduplicated_legend(ax, fontsize=8, loc="upper left")
     return fig
@@ -190,7 +190,8 @@ def lead_figure(final: dict):
 
 def measures_figure(final: dict):
     """Every other measure's frontier panel, titles wrapped, one legend for the figure."""
-    fr = {m: f for m, f in final["across_seeds"].get("frontier", {}).items() if m != PRIMARY[0]}
+    primary = final["across_seeds"]["primary"]["measure"]
+    fr = {m: f for m, f in final["across_seeds"].get("frontier", {}).items() if m != primary}
     if not fr:
         return None
     cols = min(3, len(fr))

@@ -1,7 +1,7 @@
 """What a reader sees first: the primary verdict, one row per arm, and where the rest is.
 
-The primary endpoint is fixed before any run (frontier.PRIMARY): the recovered monotone arm's
-worst-case dNLL minus the unconstrained frontier at its own clean loss. The console summary and the
+The primary endpoint is fixed before any run (the config's `analysis`, by default the recovered monotone
+arm's worst-case dNLL minus the unconstrained frontier at its own clean loss). The console summary and the
 head of results.md both lead with it, then give one compact row per arm; the pair tests and the
 per-measure tables follow in results.md only.
 """
@@ -11,21 +11,26 @@ from pathlib import Path
 
 from utils.results.attack_report import before_plateau
 from utils.results.formatting import ARM_NAMES, arms_present, fmt
-from utils.results.frontier import PRIMARY, is_unconstrained
+from utils.results.frontier import is_unconstrained
 
 QUESTION = ("Is the model with monotone MLPs (recovered) harder to attack than an unconstrained model of the "
             "same clean loss?")
 PLATEAU_MARK = "†"
 
 
+def primary_names(final: dict) -> tuple[str, str]:
+    """(measure, arm) of the primary test stage 7 ran."""
+    p = final["across_seeds"]["primary"]
+    return p["measure"], p["arm"]
+
+
 def primary(final: dict) -> dict | None:
     """The primary endpoint's residual, with its measure's title and sizes; None where it was not measured."""
-    measure, arm = PRIMARY
+    measure, arm = primary_names(final)
     f = final["across_seeds"].get("frontier", {}).get(measure)
     if not f or arm not in f["residuals"]:
         return None
-    texts = final["across_seeds"]["arms"][arm].get("worst_success_rate", {}).get("n_texts")
-    return {"arm": arm, "title": f["title"], "n_seeds": f["n_seeds"], "n_texts": texts, **f["residuals"][arm]}
+    return {"arm": arm, "title": f["title"], "n_seeds": f["n_seeds"], **f["residuals"][arm]}
 
 
 def short_verdict(r: dict) -> str:
@@ -57,18 +62,20 @@ def power(p: dict) -> str:
 
 def verdict_sentence(p: dict) -> str:
     """The primary verdict in one sentence: estimate, interval, n, power at the verdict's alpha."""
-    return (f"{ARM_NAMES[p['arm']]} minus the unconstrained frontier, worst-case dNLL (nats/token): {estimate(p)}: "
-            f"{p['verdict']}{power(p)}.")
+    return f"{ARM_NAMES[p['arm']]} minus the unconstrained frontier, {p['title']}: {estimate(p)}: {p['verdict']}{power(p)}."
 
 
 def arm_rows(final: dict) -> list[dict]:
     """Per arm: clean perplexity, worst-case dNLL and success, its residual and verdict (constrained arms),
     and whether a search had not plateaued on it."""
-    fr = final["across_seeds"].get("frontier", {}).get(PRIMARY[0], {})
+    measure, primary_arm = primary_names(final)
+    fr = final["across_seeds"].get("frontier", {}).get(measure, {})
     stalled = {arm for arms in before_plateau(final).values() for arm in arms}
     rows = []
     for arm in arms_present(final):
         a, r = final["across_seeds"]["arms"][arm], fr.get("residuals", {}).get(arm)
+        if r and arm == primary_arm and r["seed_level"]["ci95"]:      # the primary test's own interval
+            r = {**r, "mean": r["seed_level"]["mean"], "ci95": r["seed_level"]["ci95"]}
         rows.append({"arm": arm, "name": ARM_NAMES[arm] + (" *" if a.get("shared") else ""),
                      "perplexity": a.get("perplexity", {}).get("mean"), "worst": a.get("worst_mean_abs_delta_nll"),
                      "success": a.get("worst_success_rate"), "residual": r,
@@ -93,7 +100,7 @@ def markdown_head(final: dict, figure: str) -> list[str]:
     answer = verdict_sentence(p) if p else "not measured: the primary endpoint needs stage 6 on the recovered " \
                                            "monotone arm and at least two unconstrained arms."
     lines = [f"**Question.** {QUESTION}", "", f"**Answer (primary endpoint).** {answer}", "",
-             f"**Figure.** [{figure}]({figure}): worst-case dNLL against clean loss, the unconstrained frontier, "
+             f"**Figure.** [{figure}]({figure}): the primary measure against clean loss, the unconstrained frontier, "
              "every arm per seed.", "",
              "| Arm | Clean ppl | Worst-case dNLL [95% CI] | Worst-case success | Residual from frontier [95% CI] "
              "| Verdict |", "|---|---|---|---|---|---|"]
@@ -102,9 +109,9 @@ def markdown_head(final: dict, figure: str) -> list[str]:
         ppl, worst, rate, residual = _cells(row)
         lines.append(f"| {row['name']}{row['mark']} | {ppl} | {worst} | {rate} | {residual} | {row['verdict']} |")
     notes = ["Clean ppl: perplexity on held-out text; dNLL in nats/token; worst case: per text the most damaging of "
-             "HotFlip, GCG and random search (the same three for every arm). Verdict: the residual's interval "
-             "against 0, named only inside the controls' clean-loss range; frontier: an unconstrained arm that "
-             "defines it."]
+             "HotFlip, GCG and random search (the same three for every arm). Residual and verdict: the primary measure's "
+             "(the seed-level test for the primary arm, Holm-adjusted for the others), named only inside the "
+             "controls' clean-loss range; frontier: an unconstrained arm that defines it."]
     if any(r["mark"] for r in rows):
         notes.append(f"{PLATEAU_MARK} a search had not reached its plateau on this arm: more budget could change "
                      "its numbers (Convergence, below).")
@@ -120,11 +127,12 @@ def screen_summary(final: dict, report: Path, figure: Path) -> str:
     lines = [f"Monotone MLPs vs. adversarial attacks: {final['preset']}, seeds "
              f"{', '.join(map(str, final['seeds']))}{' (PARTIAL)' if final['partial'] else ''}"]
     if p:
-        lines += [f"PRIMARY  {ARM_NAMES[p['arm']]} minus the unconstrained frontier (worst-case dNLL, nats/token):",
+        lines += [f"PRIMARY  {ARM_NAMES[p['arm']]} minus the unconstrained frontier, {p['title']}:",
                   f"         {estimate(p)}: {short_verdict(p)}"
                   + ("" if p["seed_level"]["mde80"] is None else f" (detects {p['seed_level']['mde80']:.3f} at 80% power)")]
     else:
-        lines.append("PRIMARY  not measured (needs stage 6 on the recovered monotone arm and two unconstrained arms)")
+        lines.append(f"PRIMARY  not measured: {ARM_NAMES[primary_names(final)[1]]} on {primary_names(final)[0]} needs "
+                     "that arm and two unconstrained arms attacked")
     lines.append(f"{'arm':<27}{'clean ppl':>10}  {'worst-case dNLL [95% CI]':<25}{'success':>8}  verdict")
     rows = arm_rows(final)
     for row in rows:
