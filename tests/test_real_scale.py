@@ -5,6 +5,7 @@ without a GPU, hub failures as one line, and outputs the user's group can read.
 """
 import json
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -360,3 +361,21 @@ def test_local_controls_are_model_directories_recorded_like_the_model(standins, 
     c = controls[f"control_{standins['model'].name}"]
     assert c["source"] == "local" and Path(c["path"]) == standins["model"].resolve()
     assert c["files"]["model.safetensors"] == file_sha256(standins["model"] / "model.safetensors")
+    # A control that is the main model, or another control, byte for byte, is refused in one line.
+    from utils.data.hub import fetch_model
+    from utils.stages import check_distinct_controls
+    main = fetch_model(cfg.model)
+    with pytest.raises(PipelineError, match=rf"control_{standins['model'].name}'s weights are the main model's"):
+        check_distinct_controls(main, controls)
+    twin = tmp_path / "twin"
+    shutil.copytree(standins["model"], twin)
+    other = tmp_path / "other"
+    shutil.copytree(standins["model"], other)
+    from safetensors.torch import load_file, save_file
+    save_file({k: v * 1.01 for k, v in load_file(other / "model.safetensors").items()}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    cfg = load_config(PRESET, list({**local, "controls.revisions": f"{other},{twin}"}.items()))
+    with pytest.raises(PipelineError, match="control_twin's weights are the main model's"):
+        check_distinct_controls(main, fetch_controls(cfg))
+    cfg = load_config(PRESET, list({**local, "controls.revisions": f"{other}"}.items()))
+    check_distinct_controls(main, fetch_controls(cfg))                  # other weights: accepted

@@ -65,6 +65,22 @@ def fetch_controls(cfg: ExperimentConfig) -> dict:
     return out
 
 
+def check_distinct_controls(model: dict, controls: dict) -> None:
+    """A control must be another model: refuse, in one line, one whose weight files are byte for byte the main
+    model's or another control's (some released step branches serve the final weights: pythia-2.8b's step4000
+    and step16000 are `main`, EleutherAI/pythia issues #205 and #206). Records as fetch_model writes them."""
+    def weights(record: dict) -> tuple:
+        return tuple(sorted(h for name, h in record["files"].items() if name.endswith(".safetensors")))
+    seen = {"the main model": weights(model)}
+    for name, record in controls.items():
+        same = [other for other, w in seen.items() if w == weights(record)]
+        if same:
+            raise PipelineError(f"controls.revisions: {name}'s weights are {same[0]}'s, byte for byte (a released "
+                                f"step branch can serve the final weights): a control must be another model; drop it "
+                                f"from controls.revisions")
+        seen[name] = weights(record)
+
+
 class PretrainSnapshots:
     """`on_step` of the tiny pretraining: the model after each of controls.pretrain_snapshots tokens (the first
     optimizer step that reaches the count), saved as shared/models/control_<tokens>. Unconstrained models of
@@ -134,6 +150,7 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         print(f"[setup] model from {cfg.model.path if cfg.model.source == 'local' else cfg.model.hub_id}")
         manifest["model"] = fetch_model(cfg.model)
         manifest["controls"] = fetch_controls(cfg)
+        check_distinct_controls(manifest["model"], manifest["controls"])
         pretrained = Path(manifest["model"]["path"])
         check_context(cfg, pretrained)
         tokenizer = load_tokenizer(pretrained)
