@@ -277,7 +277,7 @@ submit() {
     opts+=(--mem "${MONO_SLURM_MEM:-64G}")
     [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")
   fi
-  if [ "$n" -ge 2 ] && [ "$n" -le 4 ]; then   # training checkpoints, stage 4 keeps what it measured: requeue
+  if [ "$n" -ge 2 ] && [ "$n" -le 6 ]; then   # training checkpoints, stages 4-6 keep each arm measured: requeue
     opts+=(--signal "B:${MONO_SLURM_SIGNAL:-USR1}@${MONO_SLURM_SIGNAL_LEAD:-120}" --requeue --open-mode=append)
   fi
   [ -n "${MONO_SLURM_PARTITION:-}" ] && opts+=(--partition "$MONO_SLURM_PARTITION")

@@ -181,7 +181,8 @@ def test_help_of_both_entry_points_is_their_usage():
 
 def test_dry_run_derives_the_time_limits_from_the_counted_work(tmp_path):
     """pythia-1.4b on one GPU: stages 2-6 get limits from their FLOPs at the stated throughput, explained on
-    stderr; training beyond a day is requeued runs, stage 4 requeues too; MONO_SLURM_TIME_<N> still wins."""
+    stderr; work beyond a day is requeued runs (stages 2-6 all requeue: training checkpoints, measurement keeps
+    each arm it finished); MONO_SLURM_TIME_<N> still wins."""
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
                  env_extra={"MONO_SLURM_TIME_6": "03:00:00"})
     assert r.returncode == 0, r.stderr
@@ -191,7 +192,8 @@ def test_dry_run_derives_the_time_limits_from_the_counted_work(tmp_path):
     jobs = {n: next(l for l in r.stdout.splitlines() if f"--job-name mono-{n}-s42 " in l) for n in range(2, 7)}
     assert "--time 24:00:00" in jobs[2] and "--time 24:00:00" in jobs[3]
     assert lines[4].endswith(jobs[4].split("--time ")[1].split()[0]) and "--requeue" in jobs[4]
-    assert "--time 03:00:00" in jobs[6] and "--requeue" not in jobs[5]
+    assert "--time 03:00:00" in jobs[6] and all("--requeue" in jobs[n] for n in (5, 6))
+    assert "--time 24:00:00" in jobs[5] and "requeued runs" in lines[5]     # UAT's ~58 h of work at most
     # 8 GPUs for training and measurement divide the estimates.
     eight = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
                      env_extra={"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_MEASURE_PROCS": "8"})

@@ -264,6 +264,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     arms = available_arms(paths)
     models = {}
     once = MeasuredOnce(cfg, paths, "stage_5_uat_attacks", ATTACK_SECTIONS)
+    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the arm, requeue, go on
     for arm, path in arms.items():      # the trigger search, the expensive part (the transfer below is cheap)
         models[arm] = once.get(arm, path)
         if models[arm]:
@@ -288,6 +289,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
              f"{found['cost']['forward_passes']:,} exact forward passes)")
         del victim
+        stop_between_arms(stop, "stage 5", arm)
     # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
     transfer = {src: {} for src in arms}
     held_ids = [t["ids"] for t in held]

@@ -9,6 +9,7 @@ texts and rank 0 writes what one process would (utils/measurement.py says how st
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ from utils.attacks import gcg, hotflip, pgd
 from utils.attacks.core import Victim, forbidden_tokens, select_texts
 from utils.attacks.masking import flat_fractions, has_flat_region
 from utils.data.tokenization import TokenFile, load_tokenizer
-from utils.measurement import ATTACK_SECTIONS, MeasuredOnce, arm_label, available_arms, load_arm, say
+from utils.measurement import (ATTACK_SECTIONS, MeasuredOnce, arm_label, available_arms, load_arm, say,
+                               stop_between_arms)
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import RunPaths, publish, write_json
+from utils.run.signals import StopOnSignal
 
 
 def _summary(records: list[dict], threshold: float) -> dict:
@@ -85,6 +88,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
     arms = available_arms(paths)
     models = {}
     once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
+    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the arm, requeue, go on
     for arm, path in arms.items():
         models[arm] = once.get(arm, path)
         if models[arm]:
@@ -123,6 +127,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
              f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
         once.put(arm, path, models[arm])
         del victim
+        stop_between_arms(stop, f"stage 6 ({name})", arm)
     transfer = {src: {} for src in arms}
     share = distributed.my_share(len(texts))
     for arm, path in arms.items():

@@ -8,7 +8,8 @@ It imports no torch (run_all.sh calls it before submitting). Every bound is an u
 beam item run in full). Throughput: the reference GPU's dense bf16 peak times an assumed
 utilisation (MFU), or a CPU figure; the limit is MARGIN x the estimate plus a fixed start
 and save overhead, rounded up to 15 minutes, at least 30 minutes. Stages that checkpoint
-and requeue (2, 3 and 4) are capped at MAX_HOURS; a longer estimate means several
+and requeue (2-6: training checkpoints, measurement keeps each arm it finished) are capped at MAX_HOURS;
+a longer estimate means several
 requeued runs, which the limit line says. Measured throughput (benchmarks/gpu_check.sh)
 replaces the assumed one with MONO_SLURM_TFLOPS.
 """
@@ -37,7 +38,7 @@ CPU_FLOPS = 5e10                      # assumed for a CPU job (the tiny model tr
 DOC_TOKENS = 1_600                    # assumed mean tokens of a test document (a Pile document is ~1-2k)
 TASK_REQUESTS, REQUEST_TOKENS = 10_000, 128   # assumed per lm-eval task (HellaSwag: 40,168 requests; SciQ: 4,000)
 MARGIN, OVERHEAD_H, MIN_H, MAX_HOURS = 2.0, 0.25, 0.5, 24.0
-REQUEUED = (2, 3, 4)
+REQUEUED = (2, 3, 4, 5, 6)
 
 
 @dataclass
