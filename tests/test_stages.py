@@ -187,16 +187,32 @@ def test_a_stage_counts_as_done_only_while_its_outputs_are_whole(stage1_work, tm
     assert run_script("pipeline_status", str(work)).returncode == 0
 
 
-@pytest.mark.slow
-def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_finished(stage1_work, tmp_path):
-    """SIGUSR1 stops stage 6 after the arm its search is attacking (exit 75, no done flag); the requeued run
-    reads every arm attacked before and writes what an uninterrupted run writes."""
+def _stopped_after_the_pretrained_arm(stage: str, work: Path, kept: Path, *args: str) -> str:
+    """Run a measurement stage, send SLURM's warning (SIGUSR1) once it has kept the pretrained arm's record;
+    it must exit 75 (requeue) without its done flag. Returns its stderr."""
     import signal
     import subprocess
     import sys
     import time
 
     from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{stage}.py"), "--work-dir", str(work), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(kept.glob("pretrained-*.json")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert not (work / "seed_42" / "flags" / f"{stage}.done").exists()
+    return err
+
+
+@pytest.mark.slow
+def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_finished(stage1_work, tmp_path):
+    """SIGUSR1 stops stage 6 after the arm its search is attacking (exit 75, no done flag); the requeued run
+    reads every arm attacked before and writes what an uninterrupted run writes."""
     small = [a for kv in ("attack.hotflip_texts=3", "attack.gcg_texts=2", "attack.gcg_steps=2",
                           "attack.gcg_search_width=8", "attack.hotflip_max_flips=2", "attack.pgd_radii=")
              for a in ("--set", kv)]
@@ -206,18 +222,8 @@ def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_fini
         shutil.copytree(stage1_work, work)
         runs[name] = work
     kept = runs["stopped"] / "shared" / "measured" / "seed_42" / "stage_6_hotflip"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "stage_6_hotflip_attacks.py"), "--work-dir",
-                             str(runs["stopped"]), *fast_sets(), *small], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while not list(kept.glob("pretrained-*.json")) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
+    err = _stopped_after_the_pretrained_arm("stage_6_hotflip_attacks", runs["stopped"], kept, *fast_sets(), *small)
     assert "what stage 6 (hotflip) measured is kept, rerun the same command to go on" in err
-    assert not (runs["stopped"] / "seed_42" / "flags" / "stage_6_hotflip_attacks.done").exists()
     r = run_script("stage_6_hotflip_attacks", "--work-dir", str(runs["stopped"]), *fast_sets(), *small)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"\[hotflip\] pretrained .*measured before: kept", r.stdout), r.stdout
@@ -233,26 +239,11 @@ def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_fini
 def test_stage_4_stopped_by_its_time_limit_warning_keeps_what_it_measured(stage1_work, tmp_path):
     """SLURM's warning (SIGUSR1, --signal B:USR1@120) stops stage 4 after the arm it is measuring, exit 75
     (requeue); the requeued run reads every arm measured before and measures only the rest."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
     work = tmp_path / "w"
     shutil.copytree(stage1_work, work)
     kept = work / "shared" / "measured" / "seed_42" / "stage_4_evaluate"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "stage_4_evaluate.py"), "--work-dir", str(work),
-                             *fast_sets()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(kept.glob("pretrained-*.json")) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
+    err = _stopped_after_the_pretrained_arm("stage_4_evaluate", work, kept, *fast_sets())
     assert "what stage 4 measured is kept, rerun the same command to go on" in err
-    assert not (work / "seed_42" / "flags" / "stage_4_evaluate.done").exists()
     measured = sorted(p.name.split("-")[0] for p in kept.iterdir())
     assert measured[0] == "control_40000" or measured == ["pretrained"]
     r = run_script("stage_4_evaluate", "--work-dir", str(work), *fast_sets())
