@@ -187,9 +187,9 @@ def test_a_stage_counts_as_done_only_while_its_outputs_are_whole(stage1_work, tm
     assert run_script("pipeline_status", str(work)).returncode == 0
 
 
-def _stopped_after_the_pretrained_arm(stage: str, work: Path, kept: Path, *args: str) -> str:
-    """Run a measurement stage, send SLURM's warning (SIGUSR1) once it has kept the pretrained arm's record;
-    it must exit 75 (requeue) without its done flag. Returns its stderr."""
+def _stopped_once(stage: str, work: Path, ready, *args: str) -> str:
+    """Run a stage, send SLURM's warning (SIGUSR1) once ready() holds; it must exit 75 (requeue) without its
+    done flag. Returns its stderr."""
     import signal
     import subprocess
     import sys
@@ -199,7 +199,7 @@ def _stopped_after_the_pretrained_arm(stage: str, work: Path, kept: Path, *args:
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{stage}.py"), "--work-dir", str(work), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list(kept.glob("pretrained-*.json")) and time.time() < deadline:
+    while not ready() and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
@@ -207,6 +207,10 @@ def _stopped_after_the_pretrained_arm(stage: str, work: Path, kept: Path, *args:
     assert proc.returncode == 75, err[-2000:]
     assert not (work / "seed_42" / "flags" / f"{stage}.done").exists()
     return err
+
+
+def _first_arm_kept(kept: Path):
+    return lambda: bool(list(kept.glob("pretrained-*.json")))
 
 
 @pytest.mark.slow
@@ -222,7 +226,7 @@ def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_fini
         shutil.copytree(stage1_work, work)
         runs[name] = work
     kept = runs["stopped"] / "shared" / "measured" / "seed_42" / "stage_6_hotflip"
-    err = _stopped_after_the_pretrained_arm("stage_6_hotflip_attacks", runs["stopped"], kept, *fast_sets(), *small)
+    err = _stopped_once("stage_6_hotflip_attacks", runs["stopped"], _first_arm_kept(kept), *fast_sets(), *small)
     assert "what stage 6 (hotflip) measured is kept, rerun the same command to go on" in err
     r = run_script("stage_6_hotflip_attacks", "--work-dir", str(runs["stopped"]), *fast_sets(), *small)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -236,13 +240,37 @@ def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_fini
 
 
 @pytest.mark.slow
+def test_stage_2_stopped_during_its_recipe_search_requeues_and_keeps_the_values_it_finished(stage1_work, tmp_path):
+    """SIGUSR1 while the recipe search trains its second value: exit 75 (requeue), not a kill; the requeued
+    run keeps the first value's result, trains the rest and the recovery, and chooses what an uninterrupted
+    run chooses."""
+    sweep = ["--set", "recovery_baseline.lr_grid=1e-4,1e-3,1e-2", "--set", "recovery_baseline.sweep_tokens=8192"]
+    work = tmp_path / "w"
+    shutil.copytree(stage1_work, work)
+    record = work / "seed_42" / "checkpoints" / "baseline" / "lr_sweep.json"
+    err = _stopped_once("stage_2_train_baseline", work, record.exists, *fast_sets(), *sweep)
+    assert "a run without checkpoints (the recipe search keeps the values it finished)" in err
+    kept = json.loads(record.read_text())["rows"]
+    assert len(kept) in (1, 2) and kept[0]["lr"] == 1e-4
+    r = run_script("stage_2_train_baseline", "--work-dir", str(work), *fast_sets(), *sweep)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "baseline lr 0.0001" not in r.stdout + r.stderr                  # the finished value is not retrained
+    straight = tmp_path / "s"
+    shutil.copytree(stage1_work, straight)
+    assert run_script("stage_2_train_baseline", "--work-dir", str(straight), *fast_sets(), *sweep).returncode == 0
+    got, want = (json.loads((w / "seed_42" / "results" / "training_baseline.json").read_text())["lr_sweep"]
+                 for w in (work, straight))
+    assert got == want
+
+
+@pytest.mark.slow
 def test_stage_4_stopped_by_its_time_limit_warning_keeps_what_it_measured(stage1_work, tmp_path):
     """SLURM's warning (SIGUSR1, --signal B:USR1@120) stops stage 4 after the arm it is measuring, exit 75
     (requeue); the requeued run reads every arm measured before and measures only the rest."""
     work = tmp_path / "w"
     shutil.copytree(stage1_work, work)
     kept = work / "shared" / "measured" / "seed_42" / "stage_4_evaluate"
-    err = _stopped_after_the_pretrained_arm("stage_4_evaluate", work, kept, *fast_sets())
+    err = _stopped_once("stage_4_evaluate", work, _first_arm_kept(kept), *fast_sets())
     assert "what stage 4 measured is kept, rerun the same command to go on" in err
     measured = sorted(p.name.split("-")[0] for p in kept.iterdir())
     assert measured[0] == "control_40000" or measured == ["pretrained"]

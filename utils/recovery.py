@@ -137,10 +137,12 @@ def train_monotonic(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     return out
 
 
-def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train_tok, val_tok, compute) -> dict:
+def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train_tok, val_tok, compute,
+             stop: StopOnSignal) -> dict:
     """The recipe search: sweep_tokens of training at each lr of lr_grid, from the same start on the same
     tokens in the same order; the lowest final validation loss wins. Each finished value is kept in the
-    arm's checkpoint dir, so a requeued job resumes the sweep where it stopped."""
+    arm's checkpoint dir, so a requeued job resumes the sweep where it stopped (a signal stops the value
+    being trained; `stop` is the stage's, polled from the first step of the sweep on)."""
     recipe = arm_recipe(cfg, arm)
     record = checkpoint_dir(paths, arm) / "lr_sweep.json"
     fingerprint = cfg.fingerprint(SECTIONS[arm])
@@ -149,7 +151,7 @@ def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train
     for lr in numbers(recipe.lr_grid)[len(rows):]:
         short = dataclasses.replace(recipe, lr=lr, max_tokens=recipe.sweep_tokens, lr_grid="")
         h = train(load_start(), train_tok.tokens, val_tok.tokens, short, cfg.data.seq_len, cfg.seed, compute,
-                  desc=f"{arm} lr {lr:g}", max_epochs=cfg.data.max_epochs)
+                  desc=f"{arm} lr {lr:g}", max_epochs=cfg.data.max_epochs, stop=stop)
         rows.append({"lr": lr, "tokens": h["tokens"], "val_loss": h["val_loss"]})
         if distributed.is_main():
             record.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,9 @@ def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train
 
 
 def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
+    # SLURM's warning (USR1), TERM and Ctrl-C from here on, the recipe search included; a second arm's handlers
+    # replace the first's (they are process-wide), so no finished arm's handler swallows a signal.
+    stop = StopOnSignal()
     recipe = arm_recipe(cfg, arm)
     other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
     if recipe.max_tokens != other.max_tokens and distributed.is_main():
@@ -196,7 +201,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
         whole = load_start("cpu").state_dict() if distributed.is_main() else None
         return distributed.shard_from_main(prepared(empty_model(start_path)), whole, compute.device)
 
-    sweep = lr_sweep(cfg, paths, arm, training_start, train_tok, val_tok, compute) if recipe.lr_grid else None
+    sweep = lr_sweep(cfg, paths, arm, training_start, train_tok, val_tok, compute, stop) if recipe.lr_grid else None
     if sweep:
         recipe = dataclasses.replace(recipe, lr=sweep["chosen_lr"])
     model = training_start()
@@ -226,7 +231,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
               f"seed {cfg.seed}, device {compute.device}, precision {compute.precision}, "
               f"{distributed.world_size()} process(es)")
     history = train(model, train_tok.tokens, val_tok.tokens, recipe, cfg.data.seq_len, cfg.seed, compute,
-                    desc=arm, checkpointer=checkpointer, stop=StopOnSignal(), on_best=checkpointer.save_best,
+                    desc=arm, checkpointer=checkpointer, stop=stop, on_best=checkpointer.save_best,
                     max_epochs=cfg.data.max_epochs, history_file=paths.results / f"training_{arm}.history.jsonl")
     checkpointer.prune(1)                    # the arm is done: its last checkpoint is all a rerun needs
     model = unsharded(model)

@@ -300,6 +300,13 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                 raise Preempted(f"stopped by {stop.reason if own else 'a signal to another process'} after step "
                                 f"{done}/{total_steps}; checkpoint saved, rerun the same command to resume",
                                 stop.signum if own else signal.SIGUSR1)
+        elif stop is not None and distributed.any_rank(stop.requested)[0]:
+            # A run without checkpoints (a value of the recipe search): stop now; the caller keeps what finished.
+            bar.close()
+            own = stop.signum is not None
+            raise Preempted(f"stopped by {stop.reason if own else 'a signal to another process'} at step {done}/"
+                            f"{total_steps} of {desc}, a run without checkpoints (the recipe search keeps the values "
+                            f"it finished); rerun the same command to go on", stop.signum if own else signal.SIGUSR1)
     bar.close()
     add_segment(state["segments"], start_step, total_steps, world)
     if board is not None:
