@@ -217,6 +217,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         out["models"][arm] = evaluation
         say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
              f"({evaluation['tokens']:,} tokens, {evaluation['bits_per_byte']:.3f} bits/byte)")
+        stop_between_arms(stop, "stage 4", f"{arm}'s perplexity")   # kept: the requeued job goes on with its tasks
         if tasks:      # task i on rank i mod N, each kept as soon as it is done
             log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
             mine = {}
