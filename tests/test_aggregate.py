@@ -414,9 +414,13 @@ def test_the_primary_test_is_the_one_the_config_names(tmp_path, capsys):
 
 def test_figures_keep_every_text_inside_the_canvas(tmp_path):
     from utils.results.plots import lead_figure, measures_figure
-    run_aggregate(_work(tmp_path), None, False, "tiny")
-    final = json.loads((tmp_path / "final" / "final_results.json").read_text())
-    for fig in (lead_figure(final), measures_figure(final)):
+    finals = []
+    for seeds in (None, [1]):                       # two seeds, and one (a longer primary line)
+        work = _work(tmp_path / f"seeds_{seeds}")
+        run_aggregate(work, seeds, False, "tiny")
+        finals.append(json.loads((work / "final" / "final_results.json").read_text()))
+    final = finals[0]
+    for fig in (*(lead_figure(f) for f in finals), measures_figure(final)):
         if not fig.get_layout_engine():
             fig.tight_layout()                                      # as plots._save does
         fig.canvas.draw()

@@ -179,11 +179,10 @@ def lead_figure(final: dict):
         inset.tick_params(labelsize=7)
         inset.set_title(f"zoom: clean NLL {lo:.2f}-{hi:.2f}", fontsize=8)
         ax.indicate_inset_zoom(inset, edgecolor="grey")
-    verdict = f"{ARM_NAMES[p['arm']]} - frontier: {estimate(p)}\n{short_verdict(p)}" if p else \
+    verdict = f"{ARM_NAMES[p['arm']]} - frontier: {estimate(p)}: {short_verdict(p)}" if p else \
         "the primary arm was not attacked"
-    ax.set(ylabel=f["title"],
-           title=f"{f['title']} against clean loss ({len(final['seeds'])} seed(s))"
-                 + (" PARTIAL" if final["partial"] else "") + "\n" + verdict)
+    head = f"{f['title']} against clean loss ({len(final['seeds'])} seed(s))" + (" PARTIAL" if final["partial"] else "")
+    ax.set(ylabel=f["title"], title="\n".join(textwrap.wrap(head, 78) + textwrap.wrap(verdict, 78)))
     _deduplicated_legend(ax, fontsize=8, loc="upper left")
     return fig
 
