@@ -13,9 +13,12 @@ from utils.results.attack_report import before_plateau
 from utils.results.formatting import ARM_NAMES, arms_present, fmt
 from utils.results.frontier import is_unconstrained
 
-QUESTION = ("Is the model with monotone MLPs (recovered) harder to attack than an unconstrained model of the "
-            "same clean loss?")
 PLATEAU_MARK = "†"
+
+
+def question(arm: str) -> str:
+    return (f"Is the model with monotone MLPs ({ARM_NAMES[arm]}) harder to attack than an unconstrained model of the "
+            "same clean loss?")
 
 
 def primary_names(final: dict) -> tuple[str, str]:
@@ -97,9 +100,9 @@ def markdown_head(final: dict, figure: str) -> list[str]:
     """results.md's opening: the question, the verdict with its interval and power, the figure, then one
     compact row per arm (plateau flags as footnote marks, explained once under the table)."""
     p = primary(final)
-    answer = verdict_sentence(p) if p else "not measured: the primary endpoint needs stage 6 on the recovered " \
-                                           "monotone arm and at least two unconstrained arms."
-    lines = [f"**Question.** {QUESTION}", "", f"**Answer (primary endpoint).** {answer}", "",
+    answer = verdict_sentence(p) if p else (f"not measured: {ARM_NAMES[primary_names(final)[1]]} on "
+                                            f"{primary_names(final)[0]} needs that arm and two unconstrained arms attacked.")
+    lines = [f"**Question.** {question(primary_names(final)[1])}", "", f"**Answer (primary endpoint).** {answer}", "",
              f"**Figure.** [{figure}]({figure}): the primary measure against clean loss, the unconstrained frontier, "
              "every arm per seed.", "",
              "| Arm | Clean ppl | Worst-case dNLL [95% CI] | Worst-case success | Residual from frontier [95% CI] "
@@ -140,5 +143,4 @@ def screen_summary(final: dict, report: Path, figure: Path) -> str:
         lines.append(f"{(ARM_NAMES[row['arm']] + row['mark'])[:26]:<27}{ppl:>10}  {worst:<25}{rate:>8}  {row['verdict']}")
     if any(r["mark"] for r in rows):
         lines.append(f"{PLATEAU_MARK} a search had not plateaued on this arm (results.md: Convergence)")
-    lines += [f"report: {report}", f"figure: {figure}"]
-    return "\n".join(line[:120] for line in lines)
+    return "\n".join([line[:120] for line in lines] + [f"report: {report}", f"figure: {figure}"])   # paths whole
