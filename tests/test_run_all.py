@@ -72,8 +72,8 @@ def test_sharded_measurement_jobs(tmp_path, env_extra, measure):
     assert r.returncode == 0, r.stderr
     for line in (l for l in r.stdout.splitlines() if l.startswith("sbatch ")):
         stage = int(line.split("--job-name mono-")[1][0])
-        if stage in (4, 5, 6):      # stage 4 keeps what it measured and requeues; the attacks do not
-            assert measure in line and ("--signal" in line) == (stage == 4), line
+        if stage in (4, 5, 6):      # they keep each arm they measured and requeue
+            assert measure in line and "--signal B:USR1@120 --requeue" in line, line      # stages 4-6 requeue
         elif stage not in (2, 3):
             assert "--nodes" not in line and "MONO_NPROC_PER_NODE" not in line, line
 
