@@ -89,6 +89,23 @@ def check_stage_3(work: Path) -> str:
         cert = certify(free, "mlp_both", trials=8, seed=0)
         assert not cert["monotone"], "the unconstrained control stayed monotone: its constraint was not released"
         said += f"; unconstrained_from_init {u['start_val_perplexity']:.1f} -> {u['final_val_perplexity']:.1f}, not monotone"
+    ladder_file = work / "seed_42" / "results" / "ladder.json"
+    if ladder_file.exists():       # each rung: the same start, released, its own budget and schedule, the control's lr
+        lad = json.loads(ladder_file.read_text())
+        target, losses = lad["monotonic_val_loss"], [lad["unconstrained_from_init_val_loss"]]
+        assert target == r["history"]["val_loss"] and lad["lr"] == u["recipe"]["lr"]
+        for rung in lad["rungs"]:
+            t = _check_training(work, rung["arm"], "stage_3_train_monotonic")
+            assert t["start_val_perplexity"] == start and "certificate" not in t and t["lr_sweep"] is None
+            assert t["recipe"]["lr"] == lad["lr"] and t["recipe"]["max_tokens"] == rung["tokens"]
+            assert t["history"]["tokens"] < u["history"]["tokens"] and t["history"]["val_loss"] == rung["val_loss"]
+            assert t["history"]["steps"][-1]["lr"] < t["recipe"]["lr"], f"{rung['arm']} did not decay to its own horizon"
+            losses.append(rung["val_loss"])
+        assert lad["bracketed"] == (min(losses) <= target <= max(losses))
+        smallest, largest = lad["rungs"][0], lad["rungs"][-1]      # the extension rule, on the losses it measured
+        assert not (smallest["val_loss"] < target and sum(x["added"] for x in lad["rungs"]) < 2 and smallest["tokens"] > 1)
+        said += "; ladder " + ", ".join(f"{x['tokens']:,} tokens {x['val_loss']:.3f}" for x in lad["rungs"]) + \
+            f" around monotonic {target:.3f}" + ("" if lad["bracketed"] else " (NOT bracketed)")
     return said
 
 
@@ -100,7 +117,9 @@ def all_arms(work: Path) -> set[str]:
     the unconstrained_from_init control: every one of them measured by stages 4-6."""
     controls = json.loads((work / "shared" / "manifest.json").read_text()).get("controls", {})
     extra = {"unconstrained_from_init"} if (work / "seed_42" / "models" / "unconstrained_from_init").exists() else set()
-    return TRAINED_ARMS | set(controls) | extra
+    ladder = work / "seed_42" / "results" / "ladder.json"
+    rungs = {r["arm"] for r in json.loads(ladder.read_text())["rungs"]} if ladder.exists() else set()
+    return TRAINED_ARMS | set(controls) | extra | rungs
 
 
 def _results(work: Path, name: str, stage: str) -> dict:
@@ -169,6 +188,10 @@ def check_stage_7(work: Path) -> str:
     said = [f"{m}: {arm} residual {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
             for m, f in fr.items() for arm, r in f["residuals"].items() if arm == "monotonic"]
     assert said, "no frontier residual for the monotone arm"
+    if (work / "seed_42" / "results" / "ladder.json").exists():     # the verdict's frontier: the same history's arms
+        same = {a for a in all_arms(work) if a.startswith("ladder_")} | {"baseline", "unconstrained_from_init"}
+        assert all(set(f["unconstrained_arms"]) == same for f in fr.values()), fr[next(iter(fr))]["unconstrained_arms"]
+        assert "Ladder (stage 3;" in md
     return "results.md, matched_control.json and the plots written; " + "; ".join(said[:2])
 
 

@@ -33,6 +33,7 @@ TEXT_ATTACKS = ("hotflip", "gcg", "gcg_surrogate", "random_search")
 # clamped arms one independent search more than the others. It stays the gradient-masking check beside it.
 WORST_CASE_SEARCHES = ("hotflip", "gcg", "random_search")
 SURROGATE_GRADIENTS = ("none", "exact_gelu")     # utils/attacks/masking.py
+FRONTIERS = ("same_history", "all")               # AnalysisConfig.frontier
 
 
 def listed(csv: str) -> list[str]:
@@ -146,6 +147,16 @@ class ControlsConfig:
     revisions: str = ""
     # Per seed: the monotone arm's damaged start and recipe, trained without the weight constraint.
     unconstrained_from_init: bool = False
+    # Controls of the monotone arm's own history (stage 3, after unconstrained_from_init): the same start, released,
+    # trained for these fractions of recovery_monotone.max_tokens at unconstrained_from_init's chosen lr, each with
+    # its own schedule (warmup and decay to its own horizon), saved as models/ladder_<tokens>. While the smallest
+    # rung's validation loss is below the monotone arm's, a rung of half its budget is added; while the largest
+    # one's is above it, one of twice its budget (below the full one): ladder_extensions additions at most.
+    ladder: str = ""
+    ladder_extensions: int = 2
+    # Validation windows (data.seq_len tokens) stage 0 measures each of its controls and the main model on, to
+    # refuse controls whose loss does not rise as their training step falls.
+    check_windows: int = 8
 
 
 @dataclass
@@ -212,6 +223,10 @@ class AnalysisConfig:
     primary_measure: str = "worst_abs_delta_nll"    # a measure of utils/results/frontier.py's MEASURES
     primary_arm: str = "monotonic"                  # monotonic (recovered) | monotonic_init
     alpha: float = 0.05                             # the primary test's level; also the secondary family's (Holm)
+    # The unconstrained arms the frontier is fitted to: same_history (the ladder, unconstrained_from_init and the
+    # baseline: recoveries of the same kind as the monotone arm) | all (every unconstrained arm, stage 0's controls
+    # and the pretrained model too). Arms left out are still measured and plotted.
+    frontier: str = "all"
 
 
 @dataclass
@@ -258,6 +273,10 @@ class ExperimentConfig:
         need(self.analysis.primary_arm in ("monotonic", "monotonic_init"),
              f"analysis.primary_arm must be monotonic or monotonic_init, got {self.analysis.primary_arm!r}")
         need(0 < self.analysis.alpha < 1, "analysis.alpha must be in (0, 1)")
+        need(self.analysis.frontier in FRONTIERS, f"analysis.frontier must be one of {FRONTIERS}, got {self.analysis.frontier!r}")
+        need(self.analysis.frontier != "same_history" or (self.controls.ladder and self.controls.unconstrained_from_init),
+             "analysis.frontier=same_history needs controls.ladder and controls.unconstrained_from_init=true (the "
+             "same-history controls); set analysis.frontier=all to fit every unconstrained arm")
         need(m.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {m.source!r}")
         need(m.source != "hub" or m.hub_id, "model.hub_id is required when model.source=hub")
         need(m.source != "local" or m.path, "model.path is required when model.source=local")
@@ -319,6 +338,13 @@ class ExperimentConfig:
         need(not listed(c.revisions) or m.source != "tiny", "controls.revisions are hub revisions of model.hub_id; "
                                                              "the tiny preset's controls are controls.pretrain_snapshots")
         need(len(set(listed(c.revisions))) == len(listed(c.revisions)), "controls.revisions: each revision once")
+        rungs = numbers(c.ladder)
+        need(rungs is not None and all(0 < f < 1 for f in rungs) and len(set(rungs)) == len(rungs),
+             f"controls.ladder must be distinct fractions in (0, 1) of recovery_monotone.max_tokens, got {c.ladder!r}")
+        need(not rungs or c.unconstrained_from_init, "controls.ladder trains at unconstrained_from_init's chosen lr: "
+                                                     "set controls.unconstrained_from_init=true")
+        need(c.ladder_extensions >= 0 and c.check_windows > 0,
+             "controls.ladder_extensions must be >= 0 and controls.check_windows > 0")
         e, a = self.eval, self.attack
         need(0 < e.stride <= e.max_len, "eval.stride must be > 0 and <= eval.max_len")
         need(e.task_limit >= 0 and e.task_batch_size > 0, "eval.task_limit must be >= 0, eval.task_batch_size > 0")

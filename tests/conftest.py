@@ -15,11 +15,13 @@ from utils.run.run_files import RunPaths  # noqa: E402
 
 # Small budgets: the behaviour under test does not depend on a well-trained model. Stage 0 reads one
 # pass of the largest training budget, so every run whose budgets stay within these shares its stage 0.
-# One control snapshot (free in stage 0: measured like an arm); the recipe search and the unconstrained_from_init
-# control are off except where a test turns them on (test_stages.py's whole-pipeline run); PGD runs on 2 texts.
+# One control snapshot (free in stage 0: measured like an arm); the recipe search, the unconstrained_from_init
+# control and the ladder (and so the same-history frontier) are off except where a test turns them on
+# (test_stages.py's whole-pipeline run); PGD runs on 2 texts.
 FAST = [("pretrain.max_tokens", "120000"), ("recovery_baseline.max_tokens", "60000"),
         ("recovery_monotone.max_tokens", "60000"), ("monotone.cert_trials", "16"), ("eval.task_limit", "40"),
         ("controls.pretrain_snapshots", "40000"), ("controls.unconstrained_from_init", "false"),
+        ("controls.ladder", ""), ("analysis.frontier", "all"),
         ("recovery_baseline.lr_grid", ""), ("recovery_monotone.lr_grid", ""), ("attack.pgd_texts", "2"),
         ("attack.pgd_steps", "3"), ("attack.gcg_steps", "12"), ("attack.hotflip_top_k", "16")]
 

@@ -57,8 +57,22 @@ def test_tiny_architecture_overrides_on_a_hub_or_local_model_are_an_error():
         load_config("tiny", [("model.source", "local"), ("model.path", "/m"), ("model.d_model", "64"),
                              ("controls.pretrain_snapshots", "")])
     with pytest.raises(ConfigError, match=r"with model.source=local set controls.pretrain_snapshots= \(empty\)"):
-        load_config("tiny", [("model.source", "local"), ("model.path", "/m")])
+        load_config("tiny", [("model.source", "local"), ("model.path", "/m"), ("controls.pretrain_snapshots", "40000")])
     assert load_config("tiny", [("model.n_layer", "2")]).model.n_layer == 2      # the tiny model: fine
+
+
+def test_the_ladder_and_the_same_history_frontier_are_validated_together():
+    for preset in ("tiny", "pythia-1.4b"):      # the presets read the verdict against the monotone arm's own history
+        cfg = load_config(preset)
+        assert cfg.analysis.frontier == "same_history" and cfg.controls.ladder and cfg.controls.unconstrained_from_init
+        assert not cfg.controls.pretrain_snapshots and not cfg.controls.revisions
+    with pytest.raises(ConfigError, match=r"controls.ladder must be distinct fractions in \(0, 1\)"):
+        load_config("tiny", [("controls.ladder", "0.5,1.0")])
+    with pytest.raises(ConfigError, match="controls.ladder trains at unconstrained_from_init's chosen lr"):
+        load_config("tiny", [("controls.unconstrained_from_init", "false"), ("analysis.frontier", "all")])
+    with pytest.raises(ConfigError, match="analysis.frontier=same_history needs controls.ladder"):
+        load_config("tiny", [("controls.ladder", "")])
+    assert load_config("tiny", [("controls.ladder", ""), ("analysis.frontier", "all")]).controls.ladder == ""
 
 
 def test_unknown_preset():

@@ -176,3 +176,37 @@ def test_success_curves_count_texts_above_each_absolute_threshold():
         {"doc": i, "clean_nll": 2.0, "abs_delta_nll": v} for i, v in enumerate([0.1, 0.6, 1.2, 2.5])]}}}}}
     curves = success_curves(raw, ["a"], thresholds=[0.0, 0.5, 1.0, 2.0, 3.0])
     assert curves["attacks"]["hotflip"]["a"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_the_same_history_frontier_reads_the_residual_against_the_ladder_not_models_of_another_history():
+    """Models of another history (the pretrained model, stage 0's snapshots) lie on another curve (here 0.5 nats
+    more damage at equal clean loss). The monotone arm lies on its own history's curve: against that frontier
+    (the ladder, unconstrained_from_init, the baseline) its residual is 0; fitted to every unconstrained arm, it
+    would read as more robust. The ladder also puts the monotone arm's clean loss inside the range."""
+    rng = np.random.default_rng(4)
+    same = {"baseline": 1.8, "unconstrained_from_init": 2.0, "ladder_2000": 2.5, "ladder_1000": 2.9}
+    other = {"pretrained": 2.2, "control_100": 2.6}
+    raw = {}
+    for s in range(4):
+        models = {}
+        for arm, c in [*same.items(), *other.items(), ("monotonic", 2.4)]:
+            clean = c + 0.05 * rng.standard_normal(30)
+            dmg = 3 - clean + (0.5 if arm in other else 0) + 0.1 * rng.standard_normal(30)
+            models[arm] = {"examples": [{"doc": d, "clean_nll": float(cl), "abs_delta_nll": float(v),
+                                         "rel_delta_nll": float(v / cl), "success": bool(v / cl > 0.4)}
+                                        for d, (cl, v) in enumerate(zip(clean, dmg))]}
+        raw[s] = {"hotflip.json": {"config": {"success_abs_nats": 0.5}, "models": models}}
+    own = frontier(raw, "hotflip_abs_delta_nll", 0.5, n_boot=300, which="same_history")
+    assert sorted(own["unconstrained_arms"]) == sorted(same) and own["frontier_arms"] == "same_history"
+    assert set(own["points"]) == {*same, *other, "monotonic"}          # the others are still shown
+    r = own["residuals"]["monotonic"]
+    assert r["inside_range"] and r["ci95"][0] < 0 < r["ci95"][1] and abs(r["mean"]) < 0.1
+    assert r["seed_level"]["n"] == 4
+    every = frontier(raw, "hotflip_abs_delta_nll", 0.5, n_boot=300, which="all")["residuals"]["monotonic"]
+    assert every["mean"] < -0.15                   # the other history's points pull the frontier up
+    # Without the ladder the same-history frontier ends at unconstrained_from_init: the arm is outside its range.
+    for s in raw.values():
+        for rung in ("ladder_1000", "ladder_2000"):
+            del s["hotflip.json"]["models"][rung]
+    short = frontier(raw, "hotflip_abs_delta_nll", 0.5, n_boot=100, which="same_history")["residuals"]["monotonic"]
+    assert not short["inside_range"] and short["verdict"].startswith("no matched verdict")

@@ -16,8 +16,10 @@ def test_pipeline_local_script_passes(tiny_run, tmp_path, capsys):
     stage 0 is checked and skipped rather than pretrained again)."""
     import test_pipeline_local
     work = _copy_stage0(tiny_run, tmp_path)
-    # with the parts FAST leaves off: the unconstrained_from_init control and a 2-value recipe search
-    sets = [*(f"{k}={v}" for k, v in FAST), "controls.unconstrained_from_init=true",
+    # with the parts FAST leaves off: the unconstrained_from_init control, the ladder and the same-history frontier,
+    # and a 2-value recipe search
+    sets = [*(f"{k}={v}" for k, v in FAST), "controls.unconstrained_from_init=true", "controls.ladder=0.25,0.5",
+            "analysis.frontier=same_history",
             *(f"recovery_{arm}.{k}" for arm in ("baseline", "monotone") for k in ("lr_grid=1e-3,3e-3", "sweep_tokens=8000")),
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8",
             "attack.uat_restarts=1", "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
@@ -283,3 +285,31 @@ def test_stage_4_stopped_by_its_time_limit_warning_keeps_what_it_measured(stage1
     caps = json.loads((work / "seed_42" / "results" / "capabilities.json").read_text())
     assert set(ev["models"]) == set(caps["models"]) == {"pretrained", "control_40000", "monotonic_init"}
     assert all("." not in p.name.split("-")[0] for p in kept.iterdir())      # the parts of finished arms are gone
+
+
+def test_stage_0_measures_its_controls_and_refuses_a_list_whose_loss_does_not_rise_as_the_step_falls(tiny_run, capsys):
+    import torch
+    from utils.data.tokenization import TokenFile
+    from utils.model.modeling import load_model
+    from utils.run.compute import Compute
+    from utils.run.run_files import PipelineError, read_json
+    from utils.stages import check_control_losses
+    cfg, paths = tiny_run
+    manifest = read_json(paths.shared / "manifest.json")
+    snap = manifest["controls"]["control_40000"]
+    assert snap["val_loss"] > manifest["model_val_loss"] > 0          # recorded by the stage 0 run itself
+    val, cpu = TokenFile(paths.shared / "tokens", "val"), Compute(torch.device("cpu"), "fp32")
+    main = load_model(paths.shared / "models" / "pretrained")
+    pretrained, snapshot = str(paths.shared / "models" / "pretrained"), str(paths.resolve(snap["path"]))
+    losses = check_control_losses(cfg, main, {"control_step1": {"path": snapshot}, "control_other": {"path": snapshot}},
+                                  val, cpu)
+    assert losses["control_step1"] == pytest.approx(snap["val_loss"], abs=1e-5) and losses["main"] < losses["control_step1"]
+    assert "control_other: no step in the name (stepN), so not checked for order" in capsys.readouterr().out
+    # The final model listed as an early step, the snapshot as a later one: the loss falls as the step falls.
+    with pytest.raises(PipelineError, match=r"^controls: the validation loss does not rise as the step falls: "
+                                            r"control_step1 [\d.]+ <= control_step2 [\d.]+ \(8 windows\)"):
+        check_control_losses(cfg, main, {"control_step2": {"path": snapshot}, "control_step1": {"path": pretrained}},
+                             val, cpu)
+    # A control better than the main model.
+    with pytest.raises(PipelineError, match=r"control_step5 [\d.]+ <= the main model"):
+        check_control_losses(cfg, load_model(snapshot), {"control_step5": {"path": pretrained}}, val, cpu)

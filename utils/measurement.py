@@ -1,8 +1,9 @@
 """Stages 4 and 5 (perplexity, capabilities, UAT) and what stages 4-6 share: the arms, MeasuredOnce.
 
 Arms: pretrained, stage 0's controls (control_*: unconstrained models of other
-clean loss), monotonic_init, baseline, monotonic and unconstrained_from_init
-(whichever have been built). Every result file names each model's path, the token file and the
+clean loss), monotonic_init, baseline, monotonic, unconstrained_from_init and
+stage 3's ladder (ladder_<tokens>: the same start at shorter budgets), whichever
+have been built. Every result file names each model's path, the token file and the
 exact convention, and stores per-example records that a fresh forward pass
 reproduces (tests/test_measured_records.py does exactly that). Stage 6: utils/text_attacks.py.
 
@@ -49,11 +50,13 @@ BUILD_SECTIONS = ("model", "pretrain", "monotone", "recovery_baseline", "recover
 
 
 def writer(arm: str) -> str:
-    """The stage that writes an arm's model (stage 0 the controls)."""
-    return WRITER.get(arm, "stage_0_setup")
+    """The stage that writes an arm's model (stage 0 the controls, stage 3 the ladder)."""
+    return "stage_3_train_monotonic" if arm.startswith("ladder_") else WRITER.get(arm, "stage_0_setup")
 
 
 def available_arms(paths: RunPaths) -> dict[str, Path]:
+    """Every arm whose model exists: pretrained, stage 0's controls, stages 1-3's arms, then the ladder's rungs
+    that stage 3's results/ladder.json lists (a rung of an earlier ladder config is not one of them)."""
     arms = {"pretrained": pretrained_model(paths)}
     for name, control in read_manifest(paths).get("controls", {}).items():
         arms[name] = paths.resolve(control["path"])
@@ -62,6 +65,12 @@ def available_arms(paths: RunPaths) -> dict[str, Path]:
     for arm in ARMS[1:]:
         if (paths.models / arm / "config.json").exists():
             arms[arm] = paths.models / arm
+    ladder = paths.results / "ladder.json"
+    for rung in read_json(ladder)["rungs"] if ladder.exists() else []:
+        if not (paths.models / rung["arm"] / "config.json").is_file():
+            raise PipelineError(f"{paths.rel(ladder)} lists {rung['arm']}, which is not at {paths.models / rung['arm']}; "
+                                f"rerun stage 3 with --force")
+        arms[rung["arm"]] = paths.models / rung["arm"]
     return arms
 
 
@@ -79,7 +88,7 @@ def arms_fingerprint(cfg: ExperimentConfig, paths: RunPaths) -> str:
 def arm_label(paths: RunPaths, arm: str) -> str:
     """'monotone' / 'NOT MONOTONE (...)' for constrained arms, 'control (unconstrained)' for the arms that
     exist only to trace the frontier (stage 0's controls, unconstrained_from_init), 'unconstrained' otherwise."""
-    if arm.startswith("control_") or arm == "unconstrained_from_init":
+    if arm.startswith(("control_", "ladder_")) or arm == "unconstrained_from_init":
         return "control (unconstrained)"
     if arm not in CERTIFICATES:
         return "unconstrained"

@@ -17,7 +17,8 @@ STAGES = [
     Stage("stage_2_train_baseline", lambda cfg, paths: recover(cfg, paths, "baseline"), SECTIONS["baseline"],
           multiprocess=True, checkpoints=lambda cfg, paths: [checkpoint_dir(paths, "baseline")]),
     Stage("stage_3_train_monotonic", train_monotonic, STAGE_3_SECTIONS, multiprocess=True,
-          checkpoints=lambda cfg, paths: [checkpoint_dir(paths, a) for a in ("monotonic", "unconstrained_from_init")]),
+          checkpoints=lambda cfg, paths: [checkpoint_dir(paths, a) for a in ("monotonic", "unconstrained_from_init")]
+          + sorted(checkpoint_dir(paths, "x").parent.glob("ladder_*"))),
     # Stages 4-6 keep each arm's measurement (utils.measurement.MeasuredOnce); --force sets them aside.
     Stage("stage_4_evaluate", evaluate, EVAL_SECTIONS, inputs=arms_fingerprint, multiprocess=True,
           checkpoints=lambda cfg, paths: [measured_dir(paths, "stage_4_evaluate")]),

@@ -37,8 +37,13 @@ STAGE_3_SECTIONS = (*SECTIONS["monotonic"], "controls")      # the flag also cov
 
 
 def arm_recipe(cfg: ExperimentConfig, arm: str) -> TrainConfig:
-    """The baseline's recipe, or the monotone one (which its unconstrained control shares)."""
+    """The baseline's recipe, or the monotone one (which its unconstrained controls share)."""
     return cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
+
+
+def is_released(arm: str) -> bool:
+    """The arms trained from the monotone start without its constraint: unconstrained_from_init and the ladder."""
+    return arm == "unconstrained_from_init" or arm.startswith("ladder_")
 
 
 MLP_IN = ("dense_h_to_4h", "up_proj", "gate_proj", "c_fc", "fc1")     # GPT-NeoX, Llama, GPT-2, OPT names
@@ -130,11 +135,77 @@ def checkpoint_dir(paths: RunPaths, arm: str) -> Path:
 
 
 def train_monotonic(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
-    """Stage 3: the monotone arm, then (controls.unconstrained_from_init) its unconstrained control."""
+    """Stage 3: the monotone arm, then (controls.unconstrained_from_init) its unconstrained control, then
+    (controls.ladder) the controls of the same history at shorter budgets."""
     out = recover(cfg, paths, "monotonic")
     if cfg.controls.unconstrained_from_init:
         out += recover(cfg, paths, "unconstrained_from_init")
+    if cfg.controls.ladder:
+        out += train_ladder(cfg, paths)
     return out
+
+
+def tuned_lr(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> float:
+    """The lr an arm trained at: its recipe search's choice (kept in its checkpoint dir), or the recipe's lr."""
+    recipe = arm_recipe(cfg, arm)
+    if not recipe.lr_grid:
+        return recipe.lr
+    kept = read_json(checkpoint_dir(paths, arm) / "lr_sweep.json")
+    return min(kept["rows"], key=lambda r: r["val_loss"])["lr"]
+
+
+def final_val_loss(paths: RunPaths, arm: str) -> float:
+    """An arm's validation loss at its last step (its training record; on every rank, as rank 0 read it)."""
+    value = read_json(paths.results / f"training_{arm}.json")["history"]["val_loss"] if distributed.is_main() else 0.0
+    return distributed.sum_across(value)[0]
+
+
+def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
+    """Controls of the monotone arm's own history: its start, released, trained for each fraction of controls.ladder
+    of the full budget at unconstrained_from_init's chosen lr, each to its own horizon (the recipe's warmup and
+    decay fractions of its own steps), on the same first tokens in the same order. The smallest rung goes first;
+    while its validation loss is below the monotone arm's (nothing of this history brackets the monotone arm from
+    above), a rung of half its budget is added; after the others, while the largest one's loss is above the
+    monotone arm's, one of twice its budget (below the full budget): controls.ladder_extensions additions at most.
+    results/ladder.json lists the rungs stages 4-6 measure and whether they bracket the monotone arm."""
+    c, full = cfg.controls, cfg.recovery_monotone.max_tokens
+    lr = tuned_lr(cfg, paths, "unconstrained_from_init")
+    target = final_val_loss(paths, "monotonic")
+    planned = sorted({max(1, round(f * full)) for f in numbers(c.ladder)})
+    rungs, out = {}, []
+
+    def train_rung(tokens: int, added: bool) -> None:
+        recipe = dataclasses.replace(cfg.recovery_monotone, lr=lr, max_tokens=tokens, lr_grid="", sweep_tokens=0)
+        out.extend(recover(cfg, paths, f"ladder_{tokens}", recipe))
+        rungs[tokens] = {"arm": f"ladder_{tokens}", "tokens": tokens, "fraction": tokens / full, "added": added,
+                         "val_loss": final_val_loss(paths, f"ladder_{tokens}")}
+
+    def extensions_left() -> bool:
+        return sum(r["added"] for r in rungs.values()) < c.ladder_extensions
+
+    train_rung(planned[0], False)
+    while rungs[min(rungs)]["val_loss"] < target and extensions_left() and min(rungs) > 1:
+        train_rung(min(rungs) // 2, True)             # the smallest is still better than the monotone arm: below it
+    for tokens in planned[1:]:
+        train_rung(tokens, False)
+    while rungs[max(rungs)]["val_loss"] > target and extensions_left() and 2 * max(rungs) < full:
+        train_rung(2 * max(rungs), True)              # the largest is still worse: between it and the full run
+    losses = [r["val_loss"] for r in rungs.values()] + [final_val_loss(paths, "unconstrained_from_init")]
+    report = {"rule": "unconstrained recoveries from the monotone start at fractions of its budget, each to its own "
+                      "horizon at unconstrained_from_init's lr; the smallest halved while its validation loss is "
+                      "below the monotone arm's, the largest doubled (below the full budget) while above it, "
+                      f"{c.ladder_extensions} additions at most",
+              "lr": lr, "full_tokens": full, "monotonic_val_loss": target,
+              "unconstrained_from_init_val_loss": losses[-1],
+              "rungs": [rungs[t] for t in sorted(rungs)],
+              "bracketed": min(losses) <= target <= max(losses)}
+    if distributed.is_main():
+        write_json(paths.results / "ladder.json", report)
+        print("[ladder] " + ", ".join(f"{r['tokens']:,} tokens -> {r['val_loss']:.4f}" for r in report["rungs"])
+              + f", unconstrained_from_init -> {losses[-1]:.4f}; monotonic {target:.4f}: "
+              + ("bracketed" if report["bracketed"] else "NOT bracketed by its own history (stage 7 reads the "
+                 "verdict against the frontier's range and says so)"))
+    return out + [str(paths.results / "ladder.json")]
 
 
 def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train_tok, val_tok, compute,
@@ -164,13 +235,18 @@ def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train
             "rows": rows, "chosen_lr": best["lr"]}
 
 
-def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
+def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfig | None = None) -> list[str]:
+    """Train one arm (its recipe search first, unless `recipe` is given: a ladder rung's); write its models
+    (last and best) and results/training_<arm>.json."""
     # SLURM's warning (USR1), TERM and Ctrl-C from here on, the recipe search included; a second arm's handlers
     # replace the first's (they are process-wide), so no finished arm's handler swallows a signal.
     stop = StopOnSignal()
-    recipe = arm_recipe(cfg, arm)
+    rung = recipe is not None
+    recipe = recipe or arm_recipe(cfg, arm)
     other = cfg.recovery_monotone if arm == "baseline" else cfg.recovery_baseline
-    if recipe.max_tokens != other.max_tokens and distributed.is_main():
+    fingerprint = cfg.fingerprint(SECTIONS["monotonic"], extra=repr(vars(recipe))) if rung else \
+        cfg.fingerprint(SECTIONS[arm])
+    if recipe.max_tokens != other.max_tokens and distributed.is_main() and not rung:
         print(f"[{arm}] WARNING: recovery budgets differ ({recipe.max_tokens:,} vs {other.max_tokens:,} "
               f"tokens): the baseline/monotone comparison is confounded by training length")
     start_path = pretrained_model(paths) if arm == "baseline" else paths.models / "monotonic_init"
@@ -183,7 +259,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
     val_tok = TokenFile(paths.shared / "tokens", "val")
 
     def prepared(m):
-        if arm == "unconstrained_from_init":
+        if is_released(arm):
             release_constraint(m)
         if recipe.trainable == "constrained":
             freeze_all_but_constrained(m, cfg.monotone.scope)
@@ -221,8 +297,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
         return plain
 
     best_dir = paths.models / f"{arm}_best"
-    checkpointer = Checkpointer(checkpoint_dir(paths, arm), cfg.fingerprint(SECTIONS[arm]),
-                                recipe.keep_checkpoints)
+    checkpointer = Checkpointer(checkpoint_dir(paths, arm), fingerprint, recipe.keep_checkpoints)
     if recipe.trainable == "constrained" and main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[{arm}] ablation: only the modules of scope {cfg.monotone.scope} train ({n:,} parameters)")
@@ -243,8 +318,7 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> list[str]:
 
     start = load_start("cpu")
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
-              "lr_sweep": sweep, "constraint": "released (unconstrained control)" if arm == "unconstrained_from_init"
-              else None,
+              "lr_sweep": sweep, "constraint": "released (unconstrained control)" if is_released(arm) else None,
               # the world sizes that trained the steps of this result (history["segments"] says which)
               "processes": sorted({s["processes"] for s in history["segments"]}), "history": history, "movement": movement_report(start, model, cfg.monotone.scope),
               "start_val_perplexity": math.exp(history["steps"][0]["val_loss"]),   # the step-0 row

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from utils.model.modeling import build_tiny_model, load_model, save_model
 from utils.model.monotonicity import apply_monotonicity, certify
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError, RunPaths, code_revision, read_json, share_modes, write_json
-from utils.train.training import budget_tokens, passes, train
+from utils.train.training import budget_tokens, passes, train, validation_loss
 
 TINY_PRETRAIN_SEED = 1234   # the tiny "foundation model" is shared by every experiment seed
 
@@ -79,6 +80,40 @@ def check_distinct_controls(model: dict, controls: dict) -> None:
                                 f"step branch can serve the final weights): a control must be another model; drop it "
                                 f"from controls.revisions")
         seen[name] = weights(record)
+
+
+def control_step(name: str, record: dict) -> int | None:
+    """How far a control was trained: a snapshot's tokens, or the N of a stepN revision or directory name."""
+    if "tokens" in record:
+        return record["tokens"]
+    found = re.search(r"step(\d+)", name.removeprefix("control_"))
+    return int(found.group(1)) if found else None
+
+
+def check_control_losses(cfg: ExperimentConfig, main_model, controls: dict, val: TokenFile, compute: Compute) -> dict:
+    """Each control's validation loss (controls.check_windows windows), recorded in its manifest entry (so
+    controls.revisions can be chosen by measured loss), and the main model's. Refused in one line: a list whose
+    loss does not rise as the step falls (the main model is the last step); a control without a step in its name is
+    measured but not ordered (said). Returns {name: loss} with the main model as "main"."""
+    def loss(model) -> float:
+        return validation_loss(model, val.tokens, cfg.data.seq_len, 4, cfg.controls.check_windows, compute)
+
+    losses = {"main": loss(main_model)}
+    for name, record in controls.items():
+        record["val_loss"] = losses[name] = loss(load_model(Path(record["path"]), "float32", compute.device))
+        print(f"[setup] {name}: validation loss {losses[name]:.4f} (main model {losses['main']:.4f})")
+    stepped = sorted((control_step(n, r), n) for n, r in controls.items() if control_step(n, r) is not None)
+    unordered = [n for n, r in controls.items() if control_step(n, r) is None]
+    if unordered:
+        print(f"[setup] {', '.join(unordered)}: no step in the name (stepN), so not checked for order")
+    order = [n for _, n in stepped] + ["main"]
+    for earlier, later in zip(order, order[1:]):
+        if losses[earlier] <= losses[later]:
+            raise PipelineError(f"controls: the validation loss does not rise as the step falls: {earlier} "
+                                f"{losses[earlier]:.4f} <= {'the main model' if later == 'main' else later} "
+                                f"{losses[later]:.4f} ({cfg.controls.check_windows} windows); a control must be an "
+                                f"earlier, worse model: drop it from the list")
+    return losses
 
 
 class PretrainSnapshots:
@@ -200,7 +235,14 @@ def setup(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         if snapshots.pending:
             raise PipelineError(f"controls.pretrain_snapshots {snapshots.pending} were never reached: the "
                                 f"pretraining ended after {manifest['pretrain']['tokens']:,} tokens")
-        manifest["controls"] = {name: {**c, "path": paths.rel(Path(c["path"]))} for name, c in snapshots.saved.items()}
+        manifest["controls"] = snapshots.saved
+    if manifest.get("controls"):
+        # On the compute device where there is one (a hub preset's stage 0 may run on a CPU node).
+        check = Compute.from_config(cfg.device if torch.cuda.is_available() else "cpu", "fp32")
+        main = model if cfg.model.source == "tiny" else load_model(pretrained, "float32", check.device)
+        manifest["model_val_loss"] = check_control_losses(cfg, main, manifest["controls"], tok["val"], check)["main"]
+        if cfg.model.source == "tiny":
+            manifest["controls"] = {n: {**c, "path": paths.rel(Path(c["path"]))} for n, c in manifest["controls"].items()}
     manifest["pretrained_path"] = paths.rel(pretrained)
     write_json(shared / "manifest.json", manifest)
     return [str(shared / "manifest.json"), str(pretrained)] + \

@@ -26,6 +26,7 @@ INPUTS = {  # result file -> the stage that writes it
     **{f"{n}.json": "stage 6" for n in TEXT_ATTACKS}, "worst_case.json": "stage 6"}
 OPTIONAL_INPUTS = ("capabilities.json",         # stage 4 writes it only when eval.tasks names tasks
                    "training_unconstrained_from_init.json",   # stage 3, with controls.unconstrained_from_init
+                   "ladder.json",                              # stage 3, with controls.ladder
                    "pgd.json")                                 # stage 6, unless attack.pgd_radii is empty
 # stage 6's searches (the same threat model and record fields) and the worst case per text over them
 THREAT_MODEL = (*TEXT_ATTACKS, "worst_case")
@@ -140,6 +141,10 @@ def seed_summary(seed: int, raw: dict, work_dir: Path) -> dict:
                                            for g, v in tr["movement"].get("groups", {}).items()},
                 "curve": [(r["tokens"], r["val_loss"]) for r in h["steps"] if r.get("val_loss") is not None],
                 "train_curve": [(r["tokens"], r["train_loss"]) for r in h["steps"] if r.get("train_loss") is not None]}
+    if raw.get("ladder.json"):      # the same-history controls: each rung's tokens and loss, and whether they bracket
+        lad = raw["ladder.json"]
+        out["ladder"] = {k: lad[k] for k in ("lr", "full_tokens", "monotonic_val_loss", "unconstrained_from_init_val_loss",
+                                             "rungs", "bracketed")}
     # Paired tests: baseline vs monotonic on the same documents.
     for name, res in ((n, r) for n, r in text.items() if n in ("hotflip", "gcg")):
         if {"baseline", "monotonic"} <= set(res["models"]):
@@ -330,7 +335,7 @@ def across_seeds(per_seed: dict, raw: dict, analysis: AnalysisConfig) -> dict:
     out["tests"] = pair_tests(raw, tested)
     out["more_robust"] = verdicts(out["tests"], len(per_seed), analysis.alpha)
     out["success_abs_nats"] = nats
-    out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats)) is not None}
+    out["frontier"] = {m: f for m in MEASURES if (f := frontier(raw, m, nats, which=analysis.frontier)) is not None}
     measure, arm = analysis.primary_measure, analysis.primary_arm
     adjust_secondary(out["frontier"], (measure, arm), analysis.alpha)
     out["primary"] = {"measure": measure, "arm": arm, "alpha": analysis.alpha, "test": "one-sample t over seeds",

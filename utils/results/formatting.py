@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 
+def tokens_short(n: int) -> str:
+    """65000 -> '65k', 28750000 -> '28.8M', 1840000000 -> '1.84B'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
 class _Names(dict):
-    def __missing__(self, arm: str) -> str:      # stage 0's controls: control_<tokens or revision>
+    def __missing__(self, arm: str) -> str:      # stage 0's controls: control_<tokens or revision>; stage 3's ladder
+        if arm.startswith("ladder_"):
+            return f"Ladder {tokens_short(int(arm.removeprefix('ladder_')))}"
         return f"Control {arm.removeprefix('control_')}"
 
 
@@ -18,10 +28,11 @@ def _control_key(arm: str):
 
 
 def arms_present(final: dict) -> list[str]:
-    """The arms in report order: pretrained, the controls (by tokens or step), then the trained arms."""
+    """The arms in report order: pretrained, the controls (by tokens or step), the trained arms, the ladder."""
     present = final["across_seeds"]["arms"]
     controls = sorted((a for a in present if a.startswith("control_")), key=_control_key)
-    return [a for a in ORDER[:1] if a in present] + controls + [a for a in ORDER[1:] if a in present]
+    ladder = sorted((a for a in present if a.startswith("ladder_")), key=lambda a: int(a.removeprefix("ladder_")))
+    return [a for a in ORDER[:1] if a in present] + controls + [a for a in ORDER[1:] if a in present] + ladder
 
 
 def fmt(stat: dict, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:

@@ -2,9 +2,11 @@
 of the same clean loss?
 
 Attack damage follows clean loss (a better model has more to lose), so comparing a monotone arm
-with a baseline of different perplexity confounds the two. The unconstrained arms (pretrained,
-stage 0's controls, baseline, unconstrained_from_init) trace a frontier: per measure, an isotonic
-fit of each seed's damage against its clean NLL on the attacked texts. A constrained arm's
+with a baseline of different perplexity confounds the two. Unconstrained arms trace a frontier: per
+measure, an isotonic fit of each seed's damage against its clean NLL on the attacked texts. Which
+arms (AnalysisConfig.frontier): by default those of the monotone arm's own history (stage 3's
+ladder and unconstrained_from_init: its damaged start trained without the constraint) and the
+baseline; or every unconstrained arm (the pretrained model, stage 0's controls). A constrained arm's
 residual is its damage minus the frontier at its own clean NLL; the hierarchical bootstrap
 (seeds, then texts) refits the frontier in every draw, so the residual's interval carries the
 frontier's uncertainty too. The verdict names an arm more (less) robust only where that interval
@@ -38,6 +40,15 @@ MEASURES = {
 
 def is_unconstrained(arm: str) -> bool:
     return arm not in CONSTRAINED
+
+
+def fits_frontier(arm: str, which: str) -> bool:
+    """Whether an arm is one of the points the frontier is fitted to (AnalysisConfig.frontier): same_history, the
+    recoveries of the monotone arm's kind (the ladder, unconstrained_from_init, the baseline); all, every
+    unconstrained arm (stage 0's controls and the pretrained model too)."""
+    if which == "all":
+        return is_unconstrained(arm)
+    return arm in ("baseline", "unconstrained_from_init") or arm.startswith("ladder_")
 
 
 def measure_texts(raw: dict, measure: str, abs_nats: float) -> list[dict]:
@@ -81,13 +92,15 @@ def _points(seeds: list[dict], arms: list[str]) -> tuple[np.ndarray, np.ndarray]
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed: int = 0) -> dict | None:
-    """The frontier of one measure and every constrained arm's residual from it; None without data."""
+def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed: int = 0,
+             which: str = "all") -> dict | None:
+    """The frontier of one measure, fitted to the arms `which` names (fits_frontier), and every constrained
+    arm's residual from it; None without data."""
     per_seed = measure_texts(raw, measure, abs_nats)
     if not per_seed:
         return None
     arms = sorted({a for s in per_seed for a in s})
-    free = [a for a in arms if is_unconstrained(a) and all(a in s for s in per_seed)]
+    free = [a for a in arms if fits_frontier(a, which) and all(a in s for s in per_seed)]
     tested = [a for a in arms if not is_unconstrained(a) and all(a in s for s in per_seed)]
     if len(free) < 2 or not tested:
         return None
@@ -109,7 +122,7 @@ def frontier(raw: dict, measure: str, abs_nats: float, n_boot: int = 1000, seed:
     grid = np.linspace(x.min(), x.max(), 50)
     out = {"measure": measure, "title": MEASURES[measure][2], "fit": f"isotonic ({'increasing' if increasing else 'decreasing'} "
            "in clean NLL; least squares over every unconstrained arm and seed, linear between fitted points)",
-           "unconstrained_arms": free, "n_seeds": len(per_seed), "clean_nll_range": [float(x.min()), float(x.max())],
+           "unconstrained_arms": free, "frontier_arms": which, "n_seeds": len(per_seed), "clean_nll_range": [float(x.min()), float(x.max())],
            "curve": {"clean_nll": grid.tolist(), "damage": curve(grid).tolist()},
            "points": {a: [[float(np.mean(s[a]["clean"])), float(np.mean(s[a]["value"]))] for s in per_seed]
                       for a in arms if all(a in s for s in per_seed)},

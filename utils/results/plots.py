@@ -128,7 +128,9 @@ def uat_figure(final: dict):
 def _arm_style(arm: str) -> dict:
     """One look per arm in every frontier figure: the controls share grey, constrained arms are triangles."""
     if arm.startswith("control_"):
-        return {"color": "grey", "marker": "o", "label": "pretraining snapshots (controls)"}
+        return {"color": "grey", "marker": "o", "label": "stage 0's controls"}
+    if arm.startswith("ladder_"):
+        return {"color": "tab:olive", "marker": "s", "label": "ladder (same start, shorter budgets)"}
     colours = {"pretrained": "black", "baseline": "tab:blue", "unconstrained_from_init": "tab:green",
                "monotonic": "tab:red", "monotonic_init": "tab:orange"}
     return {"color": colours.get(arm, "tab:purple"), "marker": "o" if is_unconstrained(arm) else "^",
@@ -142,8 +144,10 @@ def _frontier_panel(ax, f: dict) -> None:
             label="unconstrained frontier (isotonic fit)")
     for arm, pts in f["points"].items():
         st = _arm_style(arm)
-        ax.scatter(*zip(*pts), marker=st["marker"], s=45 if st["marker"] == "^" else 25, color=st["color"],
-                   label=st["label"], zorder=3)
+        extra = is_unconstrained(arm) and arm not in f["unconstrained_arms"]     # measured, not in the fit: hollow
+        ax.scatter(*zip(*pts), marker=st["marker"], s=45 if st["marker"] == "^" else 25, zorder=3,
+                   facecolors="none" if extra else st["color"], edgecolors=st["color"],
+                   label=st["label"] + (" (not in the fit)" if extra else ""))
     for arm, r in f["residuals"].items():
         if not r["inside_range"]:
             continue

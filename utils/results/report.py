@@ -116,12 +116,15 @@ def matched_control(final: dict) -> list[str]:
     """The verdict the report leads with: each constrained arm against the frontier of unconstrained arms."""
     fr = final["across_seeds"].get("frontier", {})
     if not fr:
-        return ["## Matched-control verdict", "", "No frontier: it needs at least two unconstrained arms (pretrained, "
-                "controls, baseline, unconstrained_from_init) and a constrained one, attacked on the same texts.", ""]
+        return ["## Matched-control verdict", "", "No frontier: it needs at least two unconstrained arms of the "
+                "configured frontier (analysis.frontier) and a constrained one, attacked on the same texts.", ""]
     some = next(iter(fr.values()))
+    ladders = {seed: s["ladder"] for seed, s in final["per_seed"].items() if s.get("ladder")}
     lines = ["## Matched-control verdict: robustness at equal clean loss", "",
              f"Per measure, an {some['fit']} of each seed's damage against its clean NLL on the attacked texts, over "
-             f"the unconstrained arms ({', '.join(ARM_NAMES[a] for a in some['unconstrained_arms'])}). Residual: a "
+             f"the unconstrained arms ({', '.join(ARM_NAMES[a] for a in some['unconstrained_arms'])}"
+             + ("; the monotone arm's own history and the baseline, analysis.frontier=same_history" if
+                some.get("frontier_arms") == "same_history" else "") + "). Residual: a "
              "constrained arm's damage minus the frontier at its own clean NLL (negative: less damage than an "
              "unconstrained model of the same clean loss). 95% interval: hierarchical bootstrap (seeds, then texts), "
              "the frontier refitted in each draw. An arm is named only where the interval excludes 0 and its clean NLL "
@@ -143,6 +146,14 @@ def matched_control(final: dict) -> list[str]:
                          f"p = {d['p_value']:.3g} |")
     if notes:
         lines += [""] + [f"{mark} {flag.strip()[1:-1]}: more budget could change this measure." for flag, mark in notes.items()]
+    if ladders:      # did the same-history controls bracket the monotone arm's validation loss (stage 3's rule)?
+        lines += ["", "Ladder (stage 3; validation loss of each rung, unconstrained from init, and the monotone arm):"]
+        for seed, lad in ladders.items():
+            rungs = ", ".join(f"{ARM_NAMES[r['arm']]}{' (added)' if r['added'] else ''} {r['val_loss']:.3f}"
+                              for r in lad["rungs"])
+            lines.append(f"- seed {seed}: {rungs}; unconstrained from init {lad['unconstrained_from_init_val_loss']:.3f}; "
+                         f"monotone {lad['monotonic_val_loss']:.3f}: "
+                         + ("bracketed" if lad["bracketed"] else "**not bracketed** by its own history"))
     if len(final["seeds"]) < 5:
         lines += ["", f"Only {len(final['seeds'])} seed(s): the seed-level part of these intervals rests on few draws."]
     return lines + [""]

@@ -15,6 +15,7 @@ replaces the assumed one with MONO_SLURM_TFLOPS.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -68,15 +69,25 @@ def parameters(cfg: ExperimentConfig) -> int | None:
     return layers * (4 * d * d + 2 * d * ff) + 2 * vocab * d
 
 
+def ladder_tokens(cfg: ExperimentConfig) -> list[int]:
+    """The budgets of the ladder's configured rungs (stage 3 may add up to controls.ladder_extensions halvings)."""
+    full = cfg.recovery_monotone.max_tokens
+    return sorted({max(1, round(f * full)) for f in numbers(cfg.controls.ladder) or []})
+
+
 def measured_arms(cfg: ExperimentConfig) -> int:
-    """Arms stages 4-6 measure: pretrained, controls, baseline, monotonic, monotonic_init (+ its control)."""
+    """Arms stages 4-6 measure: pretrained, controls, baseline, monotonic, monotonic_init (+ its controls of the
+    same history: unconstrained_from_init and the ladder's configured rungs)."""
     controls = len(listed(cfg.controls.pretrain_snapshots if cfg.model.source == "tiny" else cfg.controls.revisions))
-    return 4 + controls + int(cfg.controls.unconstrained_from_init)
+    return 4 + controls + int(cfg.controls.unconstrained_from_init) + len(ladder_tokens(cfg))
 
 
 def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, float]:
-    """(FLOPs, tokens) of one recovery arm: its sweep, its run, and their validation forwards."""
+    """(FLOPs, tokens) of one recovery arm (or ladder_<tokens>: a rung, no recipe search): its sweep, its run, and
+    their validation forwards."""
     t = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
+    if arm.startswith("ladder_"):
+        t = dataclasses.replace(t, max_tokens=int(arm.removeprefix("ladder_")), lr_grid="")
     seq = cfg.data.seq_len
     per_token = (8 if t.gradient_checkpointing else 6) * n
     runs = [(t.sweep_tokens, t)] * len(numbers(t.lr_grid) or []) + [(t.max_tokens, t)]
@@ -142,12 +153,16 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
         return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
 
     out = []
+    ladder = [f"ladder_{t}" for t in ladder_tokens(cfg)]
     for stage, arms in ((2, ["baseline"]), (3, ["monotonic"] + (["unconstrained_from_init"]
-                                                                  if cfg.controls.unconstrained_from_init else []))):
+                                                                  if cfg.controls.unconstrained_from_init else []) + ladder)):
         parts = [training_flops(cfg, arm, n) for arm in arms]
         flops = sum(f for f, _ in parts)
+        rungs = [t for a, (_, t) in zip(arms, parts) if a.startswith("ladder_")]
         out.append(_limit(stage, flops, flops / rate("train"),
-                          f"{len(arms)} arm(s), {sum(t for _, t in parts) / 1e9:.3g}B training tokens"))
+                          f"{len(arms) - len(rungs)} arm(s)" + (f" and {len(rungs)} ladder rung(s)" if rungs else "")
+                          + f", {sum(t for _, t in parts) / 1e9:.3g}B training tokens"
+                          + (f" ({sum(rungs) / 1e9:.3g}B of them the ladder's)" if rungs else "")))
     arms = measured_arms(cfg)
     e = cfg.eval
     test_tokens = (cfg.data.max_docs("test") or 1_000) * DOC_TOKENS
@@ -187,4 +202,15 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
         note = f", about {runs} requeued runs" if runs > 1 else \
             " (exceeds the usual 24 h: raise MONO_SLURM_TIME_%d or shard it)" % lim.stage if lim.limit_h > MAX_HOURS else ""
         lines.append(f"  stage {lim.stage}: {lim.work}: {lim.flops:.2e} FLOP, ~{lim.hours:.2f} h -> {lim.slurm}{note}")
+    unit = "GPU" if gpu else "CPU"
+    lines.append(f"  stages 2-6 together: ~{sum(lim.hours for lim in limits):.1f} {unit}-hours per seed (the estimates, "
+                 f"before the margin)")
+    rungs = ladder_tokens(cfg)
+    if rungs:
+        full = cfg.recovery_monotone.max_tokens
+        lines.append(f"  ladder (controls.ladder): rungs of " + ", ".join(f"{t / 1e6:.4g}M" for t in rungs)
+                     + f" tokens ({', '.join(f'1/{full / t:.3g}' for t in rungs)} of {full / 1e6:.4g}M); stage 3 adds "
+                     f"up to {cfg.controls.ladder_extensions} more (half the smallest, twice the largest) to bracket the "
+                     f"monotone arm: each at most {rungs[-1] * 2 / 1e6:.4g}M tokens and one more arm for stages 4-6, not "
+                     f"counted above")
     return lines
