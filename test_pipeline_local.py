@@ -76,9 +76,14 @@ def check_stage_3(work: Path) -> str:
     assert r["certificate"]["monotone"], "trained monotone model failed its certificate"
     said = f"val perplexity {start:.1f} -> {end:.1f}, {mv['fraction_V_changed']:.0%} of V moved, still monotone"
     if r["lr_sweep"]:         # the recipe search: every value on the same tokens, the lowest loss chosen
-        rows = r["lr_sweep"]["rows"]
-        assert r["recipe"]["lr"] == min(rows, key=lambda x: x["val_loss"])["lr"] == r["lr_sweep"]["chosen_lr"]
-        said += f"; lr {r['recipe']['lr']:g} chosen of " + ", ".join(f"{x['lr']:g}" for x in rows)
+        sw = r["lr_sweep"]
+        rows = [x for x in sw["rows"] if x["lr"] in sw["confirmed"]] if sw["confirmed"] else sw["rows"]
+        key = "full_val_loss" if sw["confirmed"] else "val_loss"
+        assert r["recipe"]["lr"] == min(rows, key=lambda x: x[key])["lr"] == sw["chosen_lr"]
+        if sw["confirmed"]:       # the arm is the chosen value's confirming run, gone on from its prefix
+            assert r["history"]["val_loss"] == min(x[key] for x in rows)
+        said += f"; lr {r['recipe']['lr']:g} chosen of " + ", ".join(f"{x['lr']:g}" for x in sw["rows"]) + \
+            (f" (the best {len(rows)} confirmed at full length)" if sw["confirmed"] else "")
     if (work / "seed_42" / "results" / "training_unconstrained_from_init.json").exists():
         from utils.model.modeling import load_model
         from utils.model.monotonicity import certify

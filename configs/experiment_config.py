@@ -33,6 +33,7 @@ TEXT_ATTACKS = ("hotflip", "gcg", "gcg_surrogate", "random_search")
 # clamped arms one independent search more than the others. It stays the gradient-masking check beside it.
 WORST_CASE_SEARCHES = ("hotflip", "gcg", "random_search")
 SURROGATE_GRADIENTS = ("none", "exact_gelu")     # utils/attacks/masking.py
+SCHEDULES = ("cosine", "wsd")                     # TrainConfig.schedule
 FRONTIERS = ("same_history", "all")               # AnalysisConfig.frontier
 
 
@@ -106,8 +107,13 @@ class TrainConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     lr: float = 3e-3
-    min_lr_fraction: float = 0.1    # cosine decay ends at lr * min_lr_fraction
+    min_lr_fraction: float = 0.1    # the decay ends at lr * min_lr_fraction
     warmup_fraction: float = 0.05   # of the optimizer steps
+    # After the warmup: cosine decay over every remaining step, or wsd (warmup-stable-decay): constant, then a
+    # linear decay over the last cooldown_fraction of the steps (a run's prefix is then a constant-rate run
+    # whose own cooldown predicts the loss of ending there: the recipe search's horizon).
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     log_interval: int = 25          # optimizer steps between history rows
@@ -118,10 +124,16 @@ class TrainConfig:
     keep_checkpoints: int = 2       # newest K kept
     gradient_checkpointing: bool = False
     trainable: str = "all"          # recoveries: all | constrained (ablation: only the scope's modules train)
-    # Recipe search (recoveries): train sweep_tokens at every learning rate of lr_grid from the same start on
-    # the same tokens, keep the lowest validation loss, then run the full budget at it ("" = lr as given).
-    lr_grid: str = ""               # comma-separated learning rates, e.g. "3e-4,1e-3,3e-3"
+    # Recipe search (recoveries, utils/recovery.py): every lr of lr_grid trains the first sweep_tokens of the full
+    # run (the same start, tokens and schedule), then a cooldown of cooldown_fraction of those steps; the lowest
+    # validation loss after it wins and its full run goes on from that prefix. While the winner is the grid's
+    # largest or smallest positive value, a value half a decade beyond is added, lr_grid_extensions times at most.
+    # 0 in the grid stands for the start model itself (no training: "the pretrained model is the best baseline").
+    lr_grid: str = ""               # comma-separated learning rates, e.g. "0,3e-4,1e-3,3e-3" ("" = lr as given)
     sweep_tokens: int = 0
+    lr_grid_extensions: int = 2
+    lr_confirm: int = 1             # > 1: the best lr_confirm values by the prefix's loss go on to the full budget
+                                    # (from their prefixes); the lowest full-length validation loss wins
 
 
 @dataclass
@@ -308,11 +320,18 @@ class ExperimentConfig:
             need(0 <= t.min_lr_fraction <= 1, f"{name}.min_lr_fraction must be in [0, 1]")
             need(0 <= t.warmup_fraction < 1, f"{name}.warmup_fraction must be in [0, 1)")
             grid = numbers(t.lr_grid)
-            need(grid is not None and all(v > 0 for v in grid or []),
-                 f"{name}.lr_grid must be comma-separated positive numbers, got {t.lr_grid!r}")
+            need(grid is not None and all(v >= 0 for v in grid or []) and len(set(grid or [])) == len(grid or [])
+                 and any(v > 0 for v in grid or [1]),
+                 f"{name}.lr_grid must be distinct comma-separated numbers >= 0, one of them > 0, got {t.lr_grid!r}")
             need(not grid or name != "pretrain", "pretrain.lr_grid: the recipe search is for the recoveries")
-            need(not grid or 0 < t.sweep_tokens <= t.max_tokens,
-                 f"{name}.sweep_tokens must be in (0, max_tokens] when {name}.lr_grid is set")
+            need(t.schedule in SCHEDULES and 0 < t.cooldown_fraction < 1,
+                 f"{name}.schedule must be one of {', '.join(SCHEDULES)} and cooldown_fraction in (0, 1)")
+            need(not grid or 0 < t.sweep_tokens <= (1 - t.cooldown_fraction if t.schedule == "wsd" else 1) * t.max_tokens,
+                 f"{name}.sweep_tokens must be > 0 and, a prefix of the full run, at most its "
+                 + ("constant-rate part ((1 - cooldown_fraction) x max_tokens)" if t.schedule == "wsd" else "max_tokens")
+                 + f" when {name}.lr_grid is set")
+            need(t.lr_grid_extensions >= 0 and t.lr_confirm >= 1,
+                 f"{name}.lr_grid_extensions must be >= 0 and lr_confirm >= 1")
             need(t.weight_decay >= 0 and t.grad_clip > 0, f"{name}.weight_decay must be >= 0 and grad_clip > 0")
             need(min(t.log_interval, t.eval_interval, t.eval_windows, t.checkpoint_every_steps,
                      t.keep_checkpoints) > 0 and t.checkpoint_every_minutes > 0,

@@ -20,7 +20,8 @@ def test_pipeline_local_script_passes(tiny_run, tmp_path, capsys):
     # and a 2-value recipe search
     sets = [*(f"{k}={v}" for k, v in FAST), "controls.unconstrained_from_init=true", "controls.ladder=0.25,0.5",
             "analysis.frontier=same_history",
-            *(f"recovery_{arm}.{k}" for arm in ("baseline", "monotone") for k in ("lr_grid=1e-3,3e-3", "sweep_tokens=8000")),
+            *(f"recovery_{arm}.{k}" for arm in ("baseline", "monotone")
+              for k in ("lr_grid=1e-3,3e-3", "sweep_tokens=8000", "lr_confirm=2", "lr_grid_extensions=0")),
             "attack.uat_opt_texts=6", "attack.uat_eval_texts=8",
             "attack.uat_restarts=1", "attack.uat_max_sweeps=2", "attack.hotflip_texts=10", "attack.hotflip_max_flips=3",
             "attack.gcg_texts=4", "attack.gcg_steps=6", "attack.gcg_search_width=16"]
@@ -251,7 +252,7 @@ def test_stage_2_stopped_during_its_recipe_search_requeues_and_keeps_the_values_
     shutil.copytree(stage1_work, work)
     record = work / "seed_42" / "checkpoints" / "baseline" / "lr_sweep.json"
     err = _stopped_once("stage_2_train_baseline", work, record.exists, *fast_sets(), *sweep)
-    assert "a run without checkpoints (the recipe search keeps the values it finished)" in err
+    assert "rerun the same command to" in err       # the prefix is checkpointed; its cooldown is rerun whole
     kept = json.loads(record.read_text())["rows"]
     assert len(kept) in (1, 2) and kept[0]["lr"] == 1e-4
     r = run_script("stage_2_train_baseline", "--work-dir", str(work), *fast_sets(), *sweep)
@@ -313,3 +314,45 @@ def test_stage_0_measures_its_controls_and_refuses_a_list_whose_loss_does_not_ri
     # A control better than the main model.
     with pytest.raises(PipelineError, match=r"control_step5 [\d.]+ <= the main model"):
         check_control_losses(cfg, load_model(snapshot), {"control_step5": {"path": pretrained}}, val, cpu)
+
+
+@pytest.mark.slow
+def test_the_recipe_search_extends_a_winning_edge_admits_the_start_model_and_goes_on_from_the_chosen_prefix(
+        stage1_work, tmp_path):
+    """The monotone arm on a grid of small rates: its upper edge wins, so a value half a decade above is added
+    (one extension allowed: still on the edge, and said so). Its full run goes on from that value's prefix and
+    ends where a run at that lr without a search ends. The baseline on 0 and a damaging rate: lr 0 wins, the arm
+    is the pretrained model itself."""
+    import torch
+    from utils.model.modeling import load_model
+    work, straight = tmp_path / "w", tmp_path / "s"
+    for w in (work, straight):
+        shutil.copytree(stage1_work, w)
+    short = ["recovery_monotone.sweep_tokens=8192", "recovery_monotone.lr_grid_extensions=1",
+             "recovery_monotone.schedule=wsd", "recovery_baseline.schedule=wsd"]
+    sets = [a for kv in [*short, "recovery_monotone.lr_grid=1e-4,3e-4"] for a in ("--set", kv)]
+    r = run_script("stage_3_train_monotonic", "--work-dir", str(work), *fast_sets(), *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((work / "seed_42" / "results" / "training_monotonic.json").read_text())
+    sw = t["lr_sweep"]
+    assert [x["lr"] for x in sw["rows"]] == [1e-4, 3e-4, 1e-3] and sw["added"] == [1e-3]
+    assert sw["chosen_lr"] == 1e-3 == t["recipe"]["lr"] and sw["chosen_on_edge"] and "STILL ON AN EDGE" in r.stdout
+    assert sw["rows"][0]["val_loss"] > sw["rows"][1]["val_loss"] > sw["rows"][2]["val_loss"]
+    assert all(x["prefix_tokens"] == 8192 and x["cooldown_tokens"] == 2048 for x in sw["rows"])
+    sets = [a for kv in [*short, "recovery_monotone.lr=1e-3"] for a in ("--set", kv)]
+    assert run_script("stage_3_train_monotonic", "--work-dir", str(straight), *fast_sets(), *sets).returncode == 0
+    u = json.loads((straight / "seed_42" / "results" / "training_monotonic.json").read_text())
+    assert t["history"]["val_loss"] == pytest.approx(u["history"]["val_loss"], abs=1e-6)
+    a, b = (load_model(w / "seed_42" / "models" / "monotonic").state_dict() for w in (work, straight))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+    sets = [a for kv in [*short, "recovery_baseline.lr_grid=0,1e-2", "recovery_baseline.sweep_tokens=8192"]
+            for a in ("--set", kv)]
+    r = run_script("stage_2_train_baseline", "--work-dir", str(work), *fast_sets(), *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sw = json.loads((work / "seed_42" / "results" / "training_baseline.json").read_text())["lr_sweep"]
+    assert sw["chosen_lr"] == 0 and sw["start_is_best"] and sw["added"] == []        # 0 wins: nothing to extend
+    assert "(the start model: no training)" in r.stdout
+    got, want = (load_model(p).state_dict() for p in (work / "seed_42" / "models" / "baseline",
+                                                     work / "shared" / "models" / "pretrained"))
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.run.signals import StopOnSignal
 from utils.stages import certificate_probe, pretrained_model, read_manifest
 from utils.train.checkpoint import Checkpointer
-from utils.train.training import train
+from utils.train.training import train, validation_loss
 
 # Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
 SECTIONS = {"baseline": ("model", "data", "pretrain", "recovery_baseline", "precision"),
@@ -208,31 +209,108 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     return out + [str(paths.results / "ladder.json")]
 
 
+def next_lr(lr: float, up: bool) -> float:
+    """Half a decade beyond `lr` (x or / sqrt(10)), on the 1-3 grid: 1e-4 -> 3e-4 up, 3e-5 down."""
+    x = math.log10(lr) + (0.5 if up else -0.5)
+    e = math.floor(x)
+    return min((float(f"{m}e{k}") for k in (e, e + 1) for m in (1, 3)), key=lambda v: abs(math.log10(v) - x))
+
+
+def sweep_steps(recipe: TrainConfig, seq_len: int) -> tuple[int, int]:
+    """(k, c): the optimizer steps of the recipe search's prefix (sweep_tokens) and of its cooldown."""
+    per_step = recipe.micro_batch_size * recipe.grad_accum_steps * seq_len
+    k = max(1, round(recipe.sweep_tokens / per_step))
+    return k, max(1, round(recipe.cooldown_fraction * k))
+
+
+def sweep_checkpointer(cfg: ExperimentConfig, paths: RunPaths, arm: str, lr: float) -> Checkpointer:
+    """Where a value of the recipe search keeps its prefix: the chosen one's full run goes on from it."""
+    recipe = arm_recipe(cfg, arm)
+    return Checkpointer(checkpoint_dir(paths, arm) / f"lr_{lr:g}", cfg.fingerprint(SECTIONS[arm], extra=f"lr {lr!r}"),
+                        recipe.keep_checkpoints)
+
+
 def lr_sweep(cfg: ExperimentConfig, paths: RunPaths, arm: str, load_start, train_tok, val_tok, compute,
              stop: StopOnSignal) -> dict:
-    """The recipe search: sweep_tokens of training at each lr of lr_grid, from the same start on the same
-    tokens in the same order; the lowest final validation loss wins. Each finished value is kept in the
-    arm's checkpoint dir, so a requeued job resumes the sweep where it stopped (a signal stops the value
-    being trained; `stop` is the stage's, polled from the first step of the sweep on)."""
+    """The recipe search, by the same rule for every arm. Each lr trains the first sweep_tokens of the full run
+    (the same start, tokens, order and schedule: with schedule=wsd a constant-rate prefix), then a cooldown of
+    cooldown_fraction of those steps to the floor; the lowest validation loss after it wins. Why this horizon:
+    a short run's own schedule (a truncated cosine) ranks lrs for its horizon, not the full run's, and favoured
+    small rates for a converged start; a prefix of the full run plus a cooldown estimates the loss of the full
+    run's own schedule stopped there, and the winner's full run goes on from its prefix, so the horizon can be
+    long for the cost of the losers alone. While the winner is the largest or smallest positive value, one half
+    a decade beyond is added (lr_grid_extensions at most). With lr_confirm > 1 the best values by that loss go
+    on to the full budget and the full-length loss decides (on tiny half the run still ranked the damaged
+    start's rates wrongly). lr 0 is the start model (its validation loss, no training). Each finished value is kept (lr_sweep.json in the arm's checkpoint dir) and each prefix is
+    checkpointed, so a requeued job goes on where it stopped (`stop` is polled from the first step on)."""
     recipe = arm_recipe(cfg, arm)
     record = checkpoint_dir(paths, arm) / "lr_sweep.json"
     fingerprint = cfg.fingerprint(SECTIONS[arm])
     kept = read_json(record) if record.exists() else {}
-    rows = kept.get("rows", []) if kept.get("fingerprint") == fingerprint else []
-    for lr in numbers(recipe.lr_grid)[len(rows):]:
-        short = dataclasses.replace(recipe, lr=lr, max_tokens=recipe.sweep_tokens, lr_grid="")
-        h = train(load_start(), train_tok.tokens, val_tok.tokens, short, cfg.data.seq_len, cfg.seed, compute,
-                  desc=f"{arm} lr {lr:g}", max_epochs=cfg.data.max_epochs, stop=stop)
-        rows.append({"lr": lr, "tokens": h["tokens"], "val_loss": h["val_loss"]})
+    rows = {r["lr"]: r for r in kept.get("rows", [])} if kept.get("fingerprint") == fingerprint else {}
+    k, c = sweep_steps(recipe, cfg.data.seq_len)
+    per_step = recipe.micro_batch_size * recipe.grad_accum_steps * cfg.data.seq_len
+
+    def measure(lr: float) -> None:
+        if lr in rows:
+            return
+        if lr == 0:
+            val = validation_loss(load_start(), val_tok.tokens, cfg.data.seq_len, recipe.micro_batch_size,
+                                  recipe.eval_windows, compute)
+        else:
+            ck = sweep_checkpointer(cfg, paths, arm, lr)
+            val = train(load_start(), train_tok.tokens, val_tok.tokens, dataclasses.replace(recipe, lr=lr),
+                        cfg.data.seq_len, cfg.seed, compute, desc=f"{arm} lr {lr:g}", max_epochs=cfg.data.max_epochs,
+                        checkpointer=ck, stop=stop, on_best=ck.save_best, branch=(k, c))["val_loss"]
+        rows[lr] = {"lr": lr, "prefix_tokens": k * per_step if lr else 0, "cooldown_tokens": c * per_step if lr else 0,
+                    "val_loss": val}
         if distributed.is_main():
             record.parent.mkdir(parents=True, exist_ok=True)
-            write_json(record, {"fingerprint": fingerprint, "rows": rows})
-    best = min(rows, key=lambda r: r["val_loss"])
-    if distributed.is_main():
-        print(f"[{arm}] lr sweep ({recipe.sweep_tokens:,} tokens each): " + ", ".join(
-            f"{r['lr']:g} -> {r['val_loss']:.4f}" for r in rows) + f"; training at lr {best['lr']:g}")
-    return {"rule": "lowest final validation loss after sweep_tokens", "sweep_tokens": recipe.sweep_tokens,
-            "rows": rows, "chosen_lr": best["lr"]}
+            write_json(record, {"fingerprint": fingerprint, "rows": sorted(rows.values(), key=lambda r: r["lr"])})
+
+    grid = numbers(recipe.lr_grid)
+    for lr in grid:
+        measure(lr)
+    added = []
+    while len(added) < recipe.lr_grid_extensions:
+        best = min(rows.values(), key=lambda r: r["val_loss"])["lr"]
+        positive = sorted(lr for lr in rows if lr > 0)
+        if best not in (positive[0], positive[-1]) or best == 0:
+            break
+        added.append(next_lr(best, up=best == positive[-1]))
+        measure(added[-1])
+    # The best lr_confirm values (by the prefix's loss) go on to the full budget from their prefixes: the lowest
+    # full-length loss wins (lr 0's full length is the start model itself). The winner's run is then done.
+    confirmed = sorted(rows.values(), key=lambda r: r["val_loss"])[:recipe.lr_confirm] if recipe.lr_confirm > 1 else []
+    for r in confirmed:
+        if "full_val_loss" not in r:
+            ck = sweep_checkpointer(cfg, paths, arm, r["lr"])
+            r["full_val_loss"] = r["val_loss"] if r["lr"] == 0 else train(
+                load_start(), train_tok.tokens, val_tok.tokens, dataclasses.replace(recipe, lr=r["lr"]),
+                cfg.data.seq_len, cfg.seed, compute, desc=f"{arm} lr {r['lr']:g} (confirming)",
+                max_epochs=cfg.data.max_epochs, checkpointer=ck, stop=stop, on_best=ck.save_best)["val_loss"]
+            if distributed.is_main():
+                write_json(record, {"fingerprint": fingerprint, "rows": sorted(rows.values(), key=lambda x: x["lr"])})
+    best = min(confirmed, key=lambda r: r["full_val_loss"])["lr"] if confirmed else \
+        min(rows.values(), key=lambda r: r["val_loss"])["lr"]
+    positive = sorted(lr for lr in rows if lr > 0)
+    on_edge = best in (positive[0], positive[-1])
+    if distributed.is_main():      # the other values' prefixes are not needed (a checkpoint is ~16 bytes a parameter)
+        for lr in positive:
+            if lr != best:
+                shutil.rmtree(sweep_checkpointer(cfg, paths, arm, lr).dir, ignore_errors=True)
+        print(f"[{arm}] lr sweep ({k * per_step:,} tokens of the full run + {c * per_step:,} of cooldown each): "
+              + ", ".join(f"{r['lr']:g} -> {r['val_loss']:.4f}" for r in sorted(rows.values(), key=lambda r: r["lr"]))
+              + "".join(f"; lr {r['lr']:g} at full length -> {r['full_val_loss']:.4f}" for r in confirmed)
+              + f"; training at lr {best:g}" + (" (the start model: no training)" if best == 0 else "")
+              + (" (STILL ON AN EDGE of the grid after its extensions)" if on_edge else ""))
+    return {"rule": "lowest validation loss after the full run's first sweep_tokens and a cooldown of "
+                    "cooldown_fraction of them; the grid extended half a decade past an edge that wins"
+                    + (f"; the best {recipe.lr_confirm} then trained to the full budget, the lowest final validation "
+                       "loss chosen" if confirmed else ""), "confirmed": [r["lr"] for r in confirmed],
+            "sweep_tokens": k * per_step, "cooldown_tokens": c * per_step, "grid": grid, "added": added,
+            "rows": sorted(rows.values(), key=lambda r: r["lr"]), "chosen_lr": best, "chosen_on_edge": on_edge,
+            "start_is_best": best == 0}
 
 
 def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfig | None = None) -> list[str]:
@@ -278,8 +356,12 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfi
         return distributed.shard_from_main(prepared(empty_model(start_path)), whole, compute.device)
 
     sweep = lr_sweep(cfg, paths, arm, training_start, train_tok, val_tok, compute, stop) if recipe.lr_grid else None
-    if sweep:
+    checkpointer = Checkpointer(checkpoint_dir(paths, arm), fingerprint, recipe.keep_checkpoints)
+    if sweep and sweep["start_is_best"]:        # the start model itself: one step at lr 0 changes nothing
+        recipe = dataclasses.replace(recipe, lr=0.0, max_tokens=1)
+    elif sweep:                                 # the full run goes on from the chosen value's prefix
         recipe = dataclasses.replace(recipe, lr=sweep["chosen_lr"])
+        checkpointer = sweep_checkpointer(cfg, paths, arm, sweep["chosen_lr"])
     model = training_start()
     main = distributed.is_main()
     plain = None
@@ -297,7 +379,6 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfi
         return plain
 
     best_dir = paths.models / f"{arm}_best"
-    checkpointer = Checkpointer(checkpoint_dir(paths, arm), fingerprint, recipe.keep_checkpoints)
     if recipe.trainable == "constrained" and main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[{arm}] ablation: only the modules of scope {cfg.monotone.scope} train ({n:,} parameters)")

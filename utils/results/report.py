@@ -165,11 +165,17 @@ def recipe_table(final: dict) -> list[str]:
             if t.get("lr_sweep")]
     if not rows:
         return []
-    lines = ["", "## Recipe search (the same grid and rule for every arm: the lowest validation loss after the "
-                 "sweep's tokens)", "", "| Seed | Arm | Sweep tokens | Validation loss per lr | Chosen lr |", "|---|---|---|---|---|"]
+    lines = ["", "## Recipe search (the same rule for every arm: the lowest validation loss after the full run's "
+                 "first sweep tokens and a cooldown; a winning edge of the grid is extended half a decade; lr 0 is the "
+                 "start model)", "", "| Seed | Arm | Prefix + cooldown tokens | Validation loss per lr (+: added) | "
+                 "Chosen lr |", "|---|---|---|---|---|"]
     for seed, arm, sw in rows:
-        lines.append(f"| {seed} | {arm} | {sw['sweep_tokens']:,} | " + ", ".join(
-            f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sw["rows"]) + f" | {sw['chosen_lr']:g} |")
+        added = set(sw.get("added", []))
+        chosen = f"{sw['chosen_lr']:g}" + (" (the start model)" if sw.get("start_is_best") else "") + \
+            (" **on an edge**" if sw.get("chosen_on_edge") else "")
+        lines.append(f"| {seed} | {arm} | {sw['sweep_tokens']:,} + {sw.get('cooldown_tokens', 0):,} | " + ", ".join(
+            f"{r['lr']:g}{'+' if r['lr'] in added else ''}: {r['val_loss']:.4f}"
+            + (f" (full {r['full_val_loss']:.4f})" if "full_val_loss" in r else "") for r in sw["rows"]) + f" | {chosen} |")
     return lines
 
 

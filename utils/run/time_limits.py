@@ -83,23 +83,23 @@ def measured_arms(cfg: ExperimentConfig) -> int:
 
 
 def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, float]:
-    """(FLOPs, tokens) of one recovery arm (or ladder_<tokens>: a rung, no recipe search): its sweep, its run, and
-    their validation forwards."""
+    """(FLOPs, tokens) of one recovery arm (or ladder_<tokens>: a rung, no recipe search): its recipe search (every
+    trained value's prefix and cooldown, not the grid's extensions), the rest of its full run (it goes on from the
+    chosen value's prefix; lr_confirm values' full runs), and their validation forwards."""
     t = cfg.recovery_baseline if arm == "baseline" else cfg.recovery_monotone
     if arm.startswith("ladder_"):
         t = dataclasses.replace(t, max_tokens=int(arm.removeprefix("ladder_")), lr_grid="")
     seq = cfg.data.seq_len
     per_token = (8 if t.gradient_checkpointing else 6) * n
-    runs = [(t.sweep_tokens, t)] * len(numbers(t.lr_grid) or []) + [(t.max_tokens, t)]
-    flops = tokens = 0.0
-    for budget, recipe in runs:
-        per_step = recipe.micro_batch_size * recipe.grad_accum_steps * seq
-        steps = max(1, math.ceil(budget / per_step))          # whole optimizer steps, as training.budget_tokens
-        tok = steps * per_step
-        evals = steps // recipe.eval_interval + 2
-        flops += per_token * tok + 2 * n * evals * recipe.eval_windows * seq
-        tokens += tok
-    return flops, tokens
+    per_step = t.micro_batch_size * t.grad_accum_steps * seq
+    total = max(1, math.ceil(t.max_tokens / per_step))          # whole optimizer steps, as training.budget_tokens
+    trained = [v for v in numbers(t.lr_grid) or [] if v > 0]    # lr 0 is the start model: one evaluation
+    prefix = max(1, round(t.sweep_tokens / per_step)) if trained else 0
+    confirmed = min(t.lr_confirm, len(trained)) if trained else 1     # the best go on to the full budget
+    runs = [prefix + max(1, round(t.cooldown_fraction * prefix))] * len(trained) + [total - prefix] * confirmed
+    steps = sum(runs)
+    evals = steps // t.eval_interval + 2 * len(runs) + len(numbers(t.lr_grid) or [])
+    return per_token * steps * per_step + 2 * n * evals * t.eval_windows * seq, float(steps * per_step)
 
 
 def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float, float]:
@@ -202,7 +202,7 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
         note = f", about {runs} requeued runs" if runs > 1 else \
             " (exceeds the usual 24 h: raise MONO_SLURM_TIME_%d or shard it)" % lim.stage if lim.limit_h > MAX_HOURS else ""
         lines.append(f"  stage {lim.stage}: {lim.work}: {lim.flops:.2e} FLOP, ~{lim.hours:.2f} h -> {lim.slurm}{note}")
-    unit = "GPU" if gpu else "CPU"
+    unit = "CPU" if not gpu else "GPU" if tflops else REFERENCE_GPU[0]
     lines.append(f"  stages 2-6 together: ~{sum(lim.hours for lim in limits):.1f} {unit}-hours per seed (the estimates, "
                  f"before the margin)")
     rungs = ladder_tokens(cfg)

@@ -83,12 +83,22 @@ def passes(run: str, budget: int, n_tokens: int, seq_len: int, max_epochs: float
 
 
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_fraction (steps are optimizer steps)."""
+    """Linear warmup, then cosine decay to lr * min_lr_fraction, or (wsd) constant and a linear decay to it
+    over the last cooldown_fraction of the steps (steps are optimizer steps)."""
     warmup = int(t.warmup_fraction * total_steps)
     if step < warmup:
         return t.lr * (step + 1) / warmup
+    if t.schedule == "wsd":
+        decay = max(1, round(t.cooldown_fraction * total_steps))
+        return cooldown_lr(step - (total_steps - decay), decay, t.lr, t) if step >= total_steps - decay else t.lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     return t.lr * (t.min_lr_fraction + (1 - t.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cooldown_lr(step: int, steps: int, start_lr: float, t: TrainConfig) -> float:
+    """Step `step` of a linear decay over `steps` steps from start_lr to the floor (reached at the last one)."""
+    floor = t.lr * t.min_lr_fraction
+    return start_lr + (floor - start_lr) * (step + 1) / steps
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -189,8 +199,13 @@ def add_segment(segments: list[dict], first: int, last: int, processes: int) -> 
 
 def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfig, seq_len: int,
           seed: int, compute: Compute, desc: str = "train", checkpointer=None, stop=None,
-          on_best=None, max_epochs: float | None = None, history_file: Path | None = None, on_step=None) -> dict:
+          on_best=None, max_epochs: float | None = None, history_file: Path | None = None, on_step=None,
+          branch: tuple[int, int] | None = None) -> dict:
     """Train `model` in place for t.max_tokens tokens; returns the history.
+
+    `branch=(k, c)` (the recipe search): train the run's first k steps (checkpointed at step k: the prefix its
+    full run can go on from), then c steps of a linear decay from the lr step k would have to the floor, on the
+    run's next tokens, unsaved; the returned val_loss is the one after them.
 
     With a `checkpointer`, resumes from its newest checkpoint and saves every
     t.checkpoint_every_steps steps / t.checkpoint_every_minutes minutes and at
@@ -214,6 +229,8 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     per_rank = windows_per_step // world
     tokens_per_step = windows_per_step * seq_len
     total_steps = budget_tokens(t, seq_len) // tokens_per_step
+    saved_until = total_steps if branch is None else branch[0]       # the last step that belongs to the run itself
+    end = total_steps if branch is None else sum(branch)
     batches = PackedBatches(train_tokens, seq_len, t.micro_batch_size, seed)
     data = passes(desc, budget_tokens(t, seq_len), len(train_tokens), seq_len, max_epochs)
     if t.gradient_checkpointing:
@@ -254,7 +271,7 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, compute)
         if state["best_val_loss"] is None or val < state["best_val_loss"]:
             state["best_val_loss"], state["best_step"] = val, step
-            if on_best is not None:
+            if on_best is not None and step <= saved_until:      # not a branch's weights
                 on_best(model, step, val)
         return val
 
@@ -262,10 +279,11 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
         record({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": None, "tokens_per_s": None,
                                  "val_loss": evaluate(0)})
     # Redraw often on a terminal, every 30 s in a batch job log.
-    bar = tqdm(range(start_step, total_steps), desc=desc, unit="step", initial=start_step, total=total_steps,
+    bar = tqdm(range(start_step, end), desc=desc, unit="step", initial=start_step, total=end,
                mininterval=1 if sys.stderr.isatty() else 30, disable=not main)
     for step in bar:
-        lr = lr_at(step, total_steps, t)
+        lr = lr_at(step, total_steps, t) if step < saved_until else \
+            cooldown_lr(step - saved_until, branch[1], lr_at(saved_until, total_steps, t), t)
         for group in opt.param_groups:
             group["lr"] = lr
         first = step * windows_per_step + rank * per_rank          # this rank's slice of the step's windows
@@ -277,17 +295,17 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
             on_step(model, done, done * tokens_per_step)
         tok_s = (done - start_step) * tokens_per_step / (time.time() - t0)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == total_steps:
+        if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == end:
             row = {"step": done, "tokens": done * tokens_per_step, "lr": lr,
                    "train_loss": distributed.sum_across(loss_sum)[0] / world, "tokens_per_s": tok_s}
-            if done % t.eval_interval == 0 or done == total_steps:
+            if done % t.eval_interval == 0 or done == end:
                 row["val_loss"] = evaluate(done)
             record(row)
-        if checkpointer is not None:
+        if checkpointer is not None and done <= saved_until:
             # One collective: a signal on any rank (or rank 0's clock) stops or checkpoints every rank.
             stopping, overdue = distributed.any_rank(
                 stop is not None and stop.requested, time.time() - last_ckpt > 60 * t.checkpoint_every_minutes)
-            if done % t.checkpoint_every_steps == 0 or done == total_steps or stopping or overdue:
+            if done % t.checkpoint_every_steps == 0 or done == saved_until or stopping or overdue:
                 state["step"] = done
                 state["train_seconds"] += time.time() - t0
                 add_segment(state["segments"], start_step, done, world)
@@ -308,14 +326,14 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
                             f"{total_steps} of {desc}, a run without checkpoints (the recipe search keeps the values "
                             f"it finished); rerun the same command to go on", stop.signum if own else signal.SIGUSR1)
     bar.close()
-    add_segment(state["segments"], start_step, total_steps, world)
+    add_segment(state["segments"], start_step, end, world)
     if board is not None:
         board.close()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
     final_val = state["history"][-1].get("val_loss") if state["history"] else None
-    return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "tokens": total_steps * tokens_per_step,
+    return {"total_steps": end, "tokens_per_step": tokens_per_step, "tokens": end * tokens_per_step,
             "precision": compute.precision, **data,
             "steps": state["history"], "val_loss": final_val, "best_val_loss": state["best_val_loss"],
             "best_step": state["best_step"], "segments": state["segments"],
