@@ -320,8 +320,8 @@ def test_stage_0_measures_its_controls_and_refuses_a_list_whose_loss_does_not_ri
 def test_the_recipe_search_extends_a_winning_edge_admits_the_start_model_and_goes_on_from_the_chosen_prefix(
         stage1_work, tmp_path):
     """The monotone arm on a grid of small rates: its upper edge wins, so a value half a decade above is added
-    (one extension allowed: still on the edge, and said so). Its full run goes on from that value's prefix and
-    ends where a run at that lr without a search ends. The baseline on 0 and a damaging rate: lr 0 wins, the arm
+    (one extension allowed: still on the edge, and said so). The best two go on from their prefixes to the full
+    budget; the winner's run is the arm, and ends where a run at that lr without a search ends. The baseline on 0 and a damaging rate: lr 0 wins, the arm
     is the pretrained model itself."""
     import torch
     from utils.model.modeling import load_model
@@ -337,6 +337,8 @@ def test_the_recipe_search_extends_a_winning_edge_admits_the_start_model_and_goe
     sw = t["lr_sweep"]
     assert [x["lr"] for x in sw["rows"]] == [1e-4, 3e-4, 1e-3] and sw["added"] == [1e-3]
     assert sw["chosen_lr"] == 1e-3 == t["recipe"]["lr"] and sw["chosen_on_edge"] and "STILL ON AN EDGE" in r.stdout
+    assert sw["confirmed"] == [1e-3, 3e-4]          # the tiny recipe's lr_confirm=2: the best two at full length
+    assert t["history"]["val_loss"] == sw["rows"][2]["full_val_loss"] < sw["rows"][1]["full_val_loss"]
     assert sw["rows"][0]["val_loss"] > sw["rows"][1]["val_loss"] > sw["rows"][2]["val_loss"]
     assert all(x["prefix_tokens"] == 8192 and x["cooldown_tokens"] == 2048 for x in sw["rows"])
     sets = [a for kv in [*short, "recovery_monotone.lr=1e-3"] for a in ("--set", kv)]
@@ -346,7 +348,8 @@ def test_the_recipe_search_extends_a_winning_edge_admits_the_start_model_and_goe
     a, b = (load_model(w / "seed_42" / "models" / "monotonic").state_dict() for w in (work, straight))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
-    sets = [a for kv in [*short, "recovery_baseline.lr_grid=0,1e-2", "recovery_baseline.sweep_tokens=8192"]
+    sets = [a for kv in [*short, "recovery_baseline.lr_grid=0,1e-2", "recovery_baseline.sweep_tokens=8192",
+                         "recovery_baseline.lr_confirm=1"]          # (at full length 1e-2 beats the start)
             for a in ("--set", kv)]
     r = run_script("stage_2_train_baseline", "--work-dir", str(work), *fast_sets(), *sets)
     assert r.returncode == 0, r.stderr[-2000:]

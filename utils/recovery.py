@@ -146,18 +146,11 @@ def train_monotonic(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     return out
 
 
-def tuned_lr(cfg: ExperimentConfig, paths: RunPaths, arm: str) -> float:
-    """The lr an arm trained at: its recipe search's choice (kept in its checkpoint dir), or the recipe's lr."""
-    recipe = arm_recipe(cfg, arm)
-    if not recipe.lr_grid:
-        return recipe.lr
-    kept = read_json(checkpoint_dir(paths, arm) / "lr_sweep.json")
-    return min(kept["rows"], key=lambda r: r["val_loss"])["lr"]
-
-
-def final_val_loss(paths: RunPaths, arm: str) -> float:
-    """An arm's validation loss at its last step (its training record; on every rank, as rank 0 read it)."""
-    value = read_json(paths.results / f"training_{arm}.json")["history"]["val_loss"] if distributed.is_main() else 0.0
+def trained(paths: RunPaths, arm: str, key: str) -> float:
+    """A number of an arm's training record (its lr, its final validation loss), on every rank as rank 0 read it."""
+    record = read_json(paths.results / f"training_{arm}.json") if distributed.is_main() else None
+    value = {"lr": lambda r: r["recipe"]["lr"], "val_loss": lambda r: r["history"]["val_loss"]}[key](record) \
+        if record else 0.0
     return distributed.sum_across(value)[0]
 
 
@@ -170,8 +163,8 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     monotone arm's, one of twice its budget (below the full budget): controls.ladder_extensions additions at most.
     results/ladder.json lists the rungs stages 4-6 measure and whether they bracket the monotone arm."""
     c, full = cfg.controls, cfg.recovery_monotone.max_tokens
-    lr = tuned_lr(cfg, paths, "unconstrained_from_init")
-    target = final_val_loss(paths, "monotonic")
+    lr = trained(paths, "unconstrained_from_init", "lr")
+    target = trained(paths, "monotonic", "val_loss")
     planned = sorted({max(1, round(f * full)) for f in numbers(c.ladder)})
     rungs, out = {}, []
 
@@ -179,7 +172,7 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         recipe = dataclasses.replace(cfg.recovery_monotone, lr=lr, max_tokens=tokens, lr_grid="", sweep_tokens=0)
         out.extend(recover(cfg, paths, f"ladder_{tokens}", recipe))
         rungs[tokens] = {"arm": f"ladder_{tokens}", "tokens": tokens, "fraction": tokens / full, "added": added,
-                         "val_loss": final_val_loss(paths, f"ladder_{tokens}")}
+                         "val_loss": trained(paths, f"ladder_{tokens}", "val_loss")}
 
     def extensions_left() -> bool:
         return sum(r["added"] for r in rungs.values()) < c.ladder_extensions
@@ -191,7 +184,7 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         train_rung(tokens, False)
     while rungs[max(rungs)]["val_loss"] > target and extensions_left() and 2 * max(rungs) < full:
         train_rung(2 * max(rungs), True)              # the largest is still worse: between it and the full run
-    losses = [r["val_loss"] for r in rungs.values()] + [final_val_loss(paths, "unconstrained_from_init")]
+    losses = [r["val_loss"] for r in rungs.values()] + [trained(paths, "unconstrained_from_init", "val_loss")]
     report = {"rule": "unconstrained recoveries from the monotone start at fractions of its budget, each to its own "
                       "horizon at unconstrained_from_init's lr; the smallest halved while its validation loss is "
                       "below the monotone arm's, the largest doubled (below the full budget) while above it, "
