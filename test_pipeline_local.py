@@ -108,7 +108,9 @@ def check_stage_3(work: Path) -> str:
             losses.append(rung["val_loss"])
         assert lad["bracketed"] == (min(losses) <= target <= max(losses))
         smallest, largest = lad["rungs"][0], lad["rungs"][-1]      # the extension rule, on the losses it measured
-        assert not (smallest["val_loss"] < target and sum(x["added"] for x in lad["rungs"]) < 2 and smallest["tokens"] > 1)
+        left = sum(x["added"] for x in lad["rungs"]) < 2                              # controls.ladder_extensions
+        assert not (smallest["val_loss"] < target and left and smallest["tokens"] > 1)
+        assert not (largest["val_loss"] > target and left and 2 * largest["tokens"] < lad["full_tokens"])
         said += "; ladder " + ", ".join(f"{x['tokens']:,} tokens {x['val_loss']:.3f}" for x in lad["rungs"]) + \
             f" around monotonic {target:.3f}" + ("" if lad["bracketed"] else " (NOT bracketed)")
     return said

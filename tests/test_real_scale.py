@@ -329,7 +329,7 @@ def test_bf16_mixed_recovery_keeps_fp32_master_weights_and_moves_v(tiny_run):
     from configs.experiment_config import TrainConfig
     from utils.model.modeling import load_model
     from utils.model.monotonicity import apply_monotonicity
-    from utils.recovery import movement_report
+    from utils.train.movement import movement_report
     from utils.run.compute import Compute
     from utils.train.training import train
     _, paths = tiny_run

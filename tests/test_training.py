@@ -236,7 +236,7 @@ def test_weight_change_is_reported_per_module_group():
     import copy
     from configs.experiment_config import ModelConfig
     from utils.model.modeling import build_tiny_model
-    from utils.recovery import module_group, weight_change_by_group
+    from utils.train.movement import module_group, weight_change_by_group
     start = build_tiny_model(ModelConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=97), 0)
     out = start.get_output_embeddings()
     names = {n: module_group(n, m, out) for n, m in start.named_modules()

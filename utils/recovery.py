@@ -15,19 +15,17 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
-from torch.nn.utils import parametrize
-
 from configs.experiment_config import ExperimentConfig, TrainConfig, numbers
 from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.model.modeling import empty_model, load_model, save_model
-from utils.model.monotonicity import certify, constrained_modules, release_constraint
+from utils.model.monotonicity import certify, release_constraint
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError, RunPaths, read_json, write_json
 from utils.run.signals import StopOnSignal
 from utils.stages import certificate_probe, pretrained_model, read_manifest
 from utils.train.checkpoint import Checkpointer
+from utils.train.movement import freeze_all_but_constrained, movement_report
 from utils.train.training import train, validation_loss
 
 # Config sections each arm's outputs depend on (completion flag and checkpoint fingerprint).
@@ -45,90 +43,6 @@ def arm_recipe(cfg: ExperimentConfig, arm: str) -> TrainConfig:
 def is_released(arm: str) -> bool:
     """The arms trained from the monotone start without its constraint: unconstrained_from_init and the ladder."""
     return arm == "unconstrained_from_init" or arm.startswith("ladder_")
-
-
-MLP_IN = ("dense_h_to_4h", "up_proj", "gate_proj", "c_fc", "fc1")     # GPT-NeoX, Llama, GPT-2, OPT names
-GROUPS = ("mlp_in", "mlp_out", "attention", "embeddings", "norms", "other")
-
-
-def module_group(name: str, module: torch.nn.Module, output_embeddings: torch.nn.Module) -> str:
-    """Which part of a transformer a module with weights belongs to."""
-    parts = name.split(".")
-    if isinstance(module, torch.nn.Embedding) or module is output_embeddings:
-        return "embeddings"
-    if "norm" in type(module).__name__.lower():
-        return "norms"
-    if "mlp" in parts:
-        return "mlp_in" if parts[-1] in MLP_IN else "mlp_out"
-    if {"attention", "self_attn", "attn"} & set(parts):
-        return "attention"
-    return "other"
-
-
-@torch.no_grad()
-def weight_change_by_group(start, trained) -> dict:
-    """Relative change sum |W1 - W0| / sum |W0| of the effective weights and biases, per module group:
-    whether recovery moved the (constrained) MLPs or got around them through attention and embeddings."""
-    sums = {}
-    start_by_name = dict(start.named_modules())
-    out_emb = trained.get_output_embeddings()
-    for name, mod in trained.named_modules():
-        tensors = [t for t in ("weight", "bias") if isinstance(getattr(mod, t, None), torch.Tensor)]
-        if not tensors:
-            continue
-        acc = sums.setdefault(module_group(name, mod, out_emb), [0.0, 0.0, 0])
-        for t in tensors:
-            w0, w1 = getattr(start_by_name[name], t).float().cpu(), getattr(mod, t).float().cpu()
-            acc[0] += float((w1 - w0).abs().sum())
-            acc[1] += float(w0.abs().sum())
-            acc[2] += w0.numel()
-    return {g: {"relative_delta": d / m if m else None, "mean_abs_delta": d / n, "parameters": n}
-            for g in GROUPS if g in sums for d, m, n in [sums[g]]}
-
-
-def freeze_all_but_constrained(model, scope: str) -> int:
-    """The ablation recipe.trainable = constrained: only the scope's modules (the monotone MLPs: their
-    pre-parameters V and biases) train, so the question is whether they themselves recover.
-    Returns the number of trainable parameters."""
-    model.requires_grad_(False)
-    for module in constrained_modules(model, scope).values():
-        module.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@torch.no_grad()
-def movement_report(start, trained, scope: str) -> dict:
-    """How far training moved the weights: a frozen constraint shows up here (trap 2).
-
-    `constrained` are the scope's modules (free in the baseline, for comparison);
-    for parametrised ones the fraction of pre-parameters V that changed at all.
-    """
-    start_mods, trained_mods = constrained_modules(start, scope), constrained_modules(trained, scope)
-    out = {"scope_modules": len(trained_mods)}
-    changed = total = 0
-    for name, mod in trained_mods.items():
-        if parametrize.is_parametrized(mod, "weight"):
-            v0 = start_mods[name].parametrizations.weight.original
-            v1 = mod.parametrizations.weight.original
-            changed += int((v0 != v1.to(v0.device)).sum())
-            total += v1.numel()
-    out["fraction_V_changed"] = changed / total if total else None
-    # Effective weights W of every Linear and Embedding: sum |dW|, count, sum |W0|.
-    sums = {"constrained": [0.0, 0, 0.0], "unconstrained": [0.0, 0, 0.0]}
-    start_by_name = dict(start.named_modules())
-    for name, mod in trained.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            w0 = start_by_name[name].weight.float().cpu()
-            w1 = mod.weight.float().cpu()
-            acc = sums["constrained" if name in trained_mods else "unconstrained"]
-            acc[0] += float((w1 - w0).abs().sum())
-            acc[1] += w0.numel()
-            acc[2] += float(w0.abs().sum())
-    for group, (delta, n, mass) in sums.items():
-        out[f"mean_abs_delta_W_{group}"] = delta / n
-        out[f"relative_delta_W_{group}"] = delta / mass
-    out["groups"] = weight_change_by_group(start, trained)
-    return out
 
 
 def checkpoint_dir(paths: RunPaths, arm: str) -> Path:

@@ -82,9 +82,21 @@ def arm_rows(final: dict) -> list[dict]:
         rows.append({"arm": arm, "name": ARM_NAMES[arm] + (" *" if a.get("shared") else ""),
                      "perplexity": a.get("perplexity", {}).get("mean"), "worst": a.get("worst_mean_abs_delta_nll"),
                      "success": a.get("worst_success_rate"), "residual": r,
-                     "verdict": short_verdict(r) if r else ("frontier" if is_unconstrained(arm) and fr else ""),
+                     "verdict": short_verdict(r) if r else "frontier" if arm in fr.get("unconstrained_arms", ()) else
+                     "not in the frontier" if is_unconstrained(arm) and fr else "",
                      "mark": PLATEAU_MARK if arm in stalled else ""})
     return rows
+
+
+def bracket_line(final: dict) -> str | None:
+    """Whether stage 3's ladder bracketed the monotone arm's validation loss, over the seeds that have one."""
+    ladders = {seed: s["ladder"] for seed, s in final["per_seed"].items() if s.get("ladder")}
+    if not ladders:
+        return None
+    missed = [seed for seed, lad in ladders.items() if not lad["bracketed"]]
+    return (f"Same-history controls (stage 3's ladder and unconstrained from init) bracket the monotone arm's "
+            f"validation loss in {len(ladders) - len(missed)} of {len(ladders)} seed(s)"
+            + (f"; not in seed(s) {', '.join(missed)}" if missed else "") + ".")
 
 
 def _cells(row: dict) -> tuple[str, str, str, str]:
@@ -114,12 +126,14 @@ def markdown_head(final: dict, figure: str) -> list[str]:
     notes = ["Clean ppl: perplexity on held-out text; dNLL in nats/token; worst case: per text the most damaging of "
              "HotFlip, GCG and random search (the same three for every arm). Residual and verdict: the primary measure's "
              "(the seed-level test for the primary arm, Holm-adjusted for the others), named only inside the "
-             "controls' clean-loss range; frontier: an unconstrained arm that defines it."]
+             "controls' clean-loss range; frontier: an unconstrained arm that defines it (analysis.frontier)."]
     if any(r["mark"] for r in rows):
         notes.append(f"{PLATEAU_MARK} a search had not reached its plateau on this arm: more budget could change "
                      "its numbers (Convergence, below).")
     if any(r["name"].endswith("*") for r in rows):
         notes.append("* the same model in every seed.")
+    if bracket_line(final):
+        notes.append(bracket_line(final))
     return lines + [""] + [" ".join(notes), ""]
 
 
@@ -143,4 +157,7 @@ def screen_summary(final: dict, report: Path, figure: Path) -> str:
         lines.append(f"{(ARM_NAMES[row['arm']] + row['mark'])[:26]:<27}{ppl:>10}  {worst:<25}{rate:>8}  {row['verdict']}")
     if any(r["mark"] for r in rows):
         lines.append(f"{PLATEAU_MARK} a search had not plateaued on this arm (results.md: Convergence)")
+    if bracket_line(final):
+        lines.append(bracket_line(final).replace("Same-history controls (stage 3's ladder and unconstrained from "
+                                                 "init)", "Ladder + unconstrained from init"))
     return "\n".join([line[:120] for line in lines] + [f"report: {report}", f"figure: {figure}"])   # paths whole

@@ -208,7 +208,7 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
     rungs = ladder_tokens(cfg)
     if rungs:
         full = cfg.recovery_monotone.max_tokens
-        lines.append(f"  ladder (controls.ladder): rungs of " + ", ".join(f"{t / 1e6:.4g}M" for t in rungs)
+        lines.append("  ladder (controls.ladder): rungs of " + ", ".join(f"{t / 1e6:.4g}M" for t in rungs)
                      + f" tokens ({', '.join(f'1/{full / t:.3g}' for t in rungs)} of {full / 1e6:.4g}M); stage 3 adds "
                      f"up to {cfg.controls.ladder_extensions} more (half the smallest, twice the largest) to bracket the "
                      f"monotone arm: each at most {rungs[-1] * 2 / 1e6:.4g}M tokens and one more arm for stages 4-6, not "
