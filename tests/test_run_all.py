@@ -201,3 +201,17 @@ def test_dry_run_derives_the_time_limits_from_the_counted_work(tmp_path):
     est = {int(l.split()[1].rstrip(":")): hours(l) for l in eight.stderr.splitlines() if l.startswith("  stage ")}
     one = {n: hours(l) for n, l in lines.items()}
     assert all(est[n] == pytest.approx(one[n] / 8, rel=0.02) for n in lines)
+
+
+def test_dry_run_shows_the_ladder_and_a_seed_costs_no_more_than_before_it(tmp_path):
+    """The pythia-1.4b preset's controls of the same history are counted: stage 3 trains the ladder's rungs,
+    stages 4-6 measure them, and stages 2-6 together stay at or below the 262.6 A100-hours per seed the former
+    design counted (three released revisions measured, 3 x 50M-token sweeps of cosine runs)."""
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b")
+    assert r.returncode == 0, r.stderr
+    lines = {l.split(":")[0].strip(): l for l in r.stderr.splitlines() if l.startswith("  ")}
+    assert "2 arm(s) and 2 ladder rung(s)" in lines["stage 3"] and "(0.288B of them the ladder's)" in lines["stage 3"]
+    assert "7 arms" in lines["stage 6"]
+    assert "rungs of 57.6M, 230.4M tokens (1/32, 1/8 of 1843M)" in lines["ladder (controls.ladder)"]
+    total = float(re.search(r"~([\d.]+) A100-hours per seed", lines["stages 2-6 together"]).group(1))
+    assert total <= 262.6
