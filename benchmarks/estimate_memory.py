@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402,F401
-from configs.experiment_config import parse_sets  # noqa: E402
+from configs.presets import parse_sets  # noqa: E402
 from configs.presets import PRESETS, load_config  # noqa: E402
 from utils.train.memory import GIB, RESERVE_GIB, USABLE, estimate, fits  # noqa: E402
 

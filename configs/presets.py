@@ -2,8 +2,12 @@
 a preset by name with `--set`/`MONO__` overrides applied, validated."""
 from __future__ import annotations
 
+import dataclasses
+import os
+from dataclasses import fields
+
 from configs.experiment_config import (AttackConfig, ConfigError, DataConfig, EvalConfig, ExperimentConfig, ModelConfig,
-                                       TrainConfig, apply_override, env_overrides)
+                                       TrainConfig)
 
 
 # -- presets -------------------------------------------------------------------
@@ -98,6 +102,64 @@ def _pythia(size: str) -> ExperimentConfig:
                               gcg_texts=100, gcg_steps=64, gcg_search_width=64, gcg_top_k=256,
                               success_threshold=0.15)
     return cfg
+
+
+# -- overrides -----------------------------------------------------------------
+
+def _coerce(raw: str, typ, key: str):
+    if typ is bool or typ == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {raw!r}")
+    try:
+        if typ in (int, "int"):
+            return int(raw.replace("_", ""))
+        if typ in (float, "float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}") from None
+    return raw
+
+
+def apply_override(cfg: ExperimentConfig, key: str, raw: str) -> None:
+    """Set `section.field` (or a top-level field) from its string form."""
+    parts = key.split(".")
+    target = cfg
+    for part in parts[:-1]:
+        sub = getattr(target, part, None)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"unknown config section {part!r} in {key!r}; sections: "
+                              + ", ".join(f.name for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))))
+        target = sub
+    by_name = {f.name: f for f in fields(target)}
+    leaf = parts[-1]
+    if leaf not in by_name or dataclasses.is_dataclass(getattr(target, leaf)):
+        valid = ", ".join(n for n in by_name if not dataclasses.is_dataclass(getattr(target, n)))
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+    setattr(target, leaf, _coerce(raw, by_name[leaf].type, key))
+
+
+def env_overrides(environ=None) -> list[tuple[str, str]]:
+    """`MONO__TRAIN__LR=1e-4` -> ("train.lr", "1e-4"); top level: `MONO__SEED=1`."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name, value in sorted(environ.items()):
+        if name.startswith("MONO__"):
+            out.append((name[len("MONO__"):].lower().replace("__", "."), value))
+    return out
+
+
+def parse_sets(items: list[str]) -> list[tuple[str, str]]:
+    """`--set KEY=VALUE` arguments as (key, raw value) pairs."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append(tuple(item.split("=", 1)))
+    return pairs
 
 
 TINY_ARCHITECTURE = ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "context_length")

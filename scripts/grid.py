@@ -13,7 +13,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from configs.experiment_config import ConfigError, parse_sets
+from configs.experiment_config import ConfigError
+from configs.presets import parse_sets
 from configs.presets import PRESETS
 from utils.run.grid import MAIN, baseline_owners, link_variant, variants
 from utils.run.run_files import PipelineError

@@ -13,7 +13,8 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from configs.experiment_config import ConfigError, parse_sets
+from configs.experiment_config import ConfigError
+from configs.presets import parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run.time_limits import describe, stage_limits
 

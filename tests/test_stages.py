@@ -308,7 +308,7 @@ def test_stage_0_measures_its_controls_and_refuses_a_list_whose_loss_does_not_ri
     assert "control_other: no step in the name (stepN), so not checked for order" in capsys.readouterr().out
     # The final model listed as an early step, the snapshot as a later one: the loss falls as the step falls.
     with pytest.raises(PipelineError, match=r"^controls: the validation loss does not rise as the step falls: "
-                                            r"control_step1 [\d.]+ <= control_step2 [\d.]+ \(8 windows\)"):
+                                            r"control_step1 [\d.]+ <= control_step2 [\d.]+ \(4 windows\)"):
         check_control_losses(cfg, main, {"control_step2": {"path": snapshot}, "control_step1": {"path": pretrained}},
                              val, cpu)
     # A control better than the main model.

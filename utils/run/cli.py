@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from configs.experiment_config import ConfigError, parse_sets
+from configs.experiment_config import ConfigError
+from configs.presets import parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run import distributed
 from utils.run.compute import deterministic_from_environment
