@@ -266,6 +266,16 @@ class ExperimentConfig:
         """False for activation=keep: the paper's GELU is not monotone (trap 1)."""
         return self.monotone.activation == "monotone"
 
+    def ladder_tokens(self) -> list[int]:
+        """The budgets of controls.ladder's rungs, ascending, one per whole number of optimizer steps (the first
+        fraction of each)."""
+        r = self.recovery_monotone
+        per_step, by_steps = r.micro_batch_size * r.grad_accum_steps * self.data.seq_len, {}
+        for f in sorted(numbers(self.controls.ladder) or []):
+            tokens = max(1, round(f * r.max_tokens))
+            by_steps.setdefault(-(-tokens // per_step), tokens)
+        return list(by_steps.values())
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

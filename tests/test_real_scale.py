@@ -36,7 +36,9 @@ SHRINK = {"data.seq_len": "128", "recovery_baseline.max_tokens": "16384", "recov
           # lm-eval's standard tasks need the hub; the held-out tasks are built from the stand-in test split.
           "eval.tasks": "heldout_lastword,heldout_cloze", "eval.task_limit": "20",
           # the recipe search's sweep shrinks with the budget; the stand-in has no released checkpoints
-          "recovery_baseline.sweep_tokens": "4096", "recovery_monotone.sweep_tokens": "4096", "controls.revisions": ""}
+          "recovery_baseline.sweep_tokens": "4096", "recovery_monotone.sweep_tokens": "4096", "controls.revisions": "",
+          # one rung of the ladder (one optimizer step), no extension: its cost stays bounded
+          "controls.ladder": "0.25", "controls.ladder_extensions": "0"}
 
 
 def _sets(pairs: dict) -> list[str]:
@@ -112,7 +114,8 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     # Stages 4-6: every arm measured at the preset's shapes; no attack proposes a special token
     # (<|endoftext|>, <|padding|>) or one of the padded embedding rows.
     ev = json.loads((seed / "results" / "evaluation.json").read_text())
-    assert set(ev["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init"}
+    arms = {"pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init", "ladder_4096"}
+    assert set(ev["models"]) == arms
     assert ev["convention"]["max_len"] == 2048 and ev["compute"]["precision"] == "fp32"
     rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert rows > len(tok)
@@ -153,7 +156,7 @@ def test_pythia_preset_runs_all_eight_stages_on_a_local_pythia_format_model(stan
     assert "Held-out near-duplicates of training text" in md and "What recovery changed" in md
     # Capabilities: lm-eval's held-out tasks on every arm, in the report.
     caps = json.loads((seed / "results" / "capabilities.json").read_text())
-    assert set(caps["models"]) == {"pretrained", "monotonic_init", "baseline", "monotonic", "unconstrained_from_init"}
+    assert set(caps["models"]) == arms
     assert all(m["tasks"]["heldout_cloze"]["n"] == 20 for m in caps["models"].values())
     assert "## Capabilities (zero-shot accuracy, lm-evaluation-harness 0.4.13" in md
     assert set(final["across_seeds"]["capabilities"]) == {"heldout_lastword", "heldout_cloze"}
@@ -185,13 +188,16 @@ def offline_cache(standins, tmp_path_factory):
     data_sha = hf_cache(cache, "monology/pile-uncopyrighted", "dataset",
                         {"train/00.jsonl.zst": files["train"], "val.jsonl.zst": files["val"],
                          "test.jsonl.zst": files["test"]})
-    # Two released training checkpoints (the hub's stepN branches) for controls.revisions: other weights.
+    # Two released training checkpoints (the hub's stepN branches) for controls.revisions: other weights, the earlier
+    # step further from the final ones (stage 0 refuses controls whose loss does not rise as the step falls).
     from safetensors.torch import load_file, save_file
     revisions = {}
     for step in (1000, 2000):
         files = {p.name: p for p in model.iterdir()}
         weights = tmp_path_factory.mktemp(f"step{step}") / "model.safetensors"
-        state = {k: v * (1 + step / 1e4) for k, v in load_file(model / "model.safetensors").items()}
+        noise = torch.Generator().manual_seed(step)           # 33% (step1000) and 17% of each tensor's spread
+        state = {k: (v.float() + (3000 - step) / 6000 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=noise)
+                     ).to(v.dtype) for k, v in load_file(model / "model.safetensors").items()}
         save_file(state, weights, metadata={"format": "pt"})
         revisions[f"step{step}"] = hf_cache(cache, f"EleutherAI/{PRESET}", "model", {**files, "model.safetensors": weights},
                                             revision=f"step{step}")
@@ -220,6 +226,7 @@ def test_offline_stage_0_of_a_hub_preset_needs_no_gpu_and_records_the_cached_rev
         f"control_step{s}": (f"step{s}", revisions[f"step{s}"]) for s in (1000, 2000)}
     assert len({model_sha, *revisions.values()}) == 3 and all(
         Path(c["path"]).name == c["sha"] and c["files"]["model.safetensors"] for c in m["controls"].values())
+    assert m["controls"]["control_step1000"]["val_loss"] > m["controls"]["control_step2000"]["val_loss"] > m["model_val_loss"]
     assert m["dataset"]["sha"] == data_sha and m["dataset"]["offline"] is True
     assert Path(m["pretrained_path"]).name == model_sha          # read from the cache, not copied
     assert len(TokenFile(work / "shared" / "tokens", "test")) == m["corpus"]["test"]["documents"] > 0

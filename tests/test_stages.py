@@ -257,7 +257,7 @@ def test_stage_2_stopped_during_its_recipe_search_requeues_and_keeps_the_values_
     assert len(kept) in (1, 2) and kept[0]["lr"] == 1e-4
     r = run_script("stage_2_train_baseline", "--work-dir", str(work), *fast_sets(), *sweep)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "baseline lr 0.0001" not in r.stdout + r.stderr                  # the finished value is not retrained
+    assert "[baseline lr 0.0001]" not in r.stdout + r.stderr                # the finished value is not retrained
     straight = tmp_path / "s"
     shutil.copytree(stage1_work, straight)
     assert run_script("stage_2_train_baseline", "--work-dir", str(straight), *fast_sets(), *sweep).returncode == 0

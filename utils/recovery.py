@@ -79,8 +79,12 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     c, full = cfg.controls, cfg.recovery_monotone.max_tokens
     lr = trained(paths, "unconstrained_from_init", "lr")
     target = trained(paths, "monotonic", "val_loss")
-    planned = sorted({max(1, round(f * full)) for f in numbers(c.ladder)})
+    planned = cfg.ladder_tokens()
+    per_step = cfg.recovery_monotone.micro_batch_size * cfg.recovery_monotone.grad_accum_steps * cfg.data.seq_len
     rungs, out = {}, []
+
+    def fewer_steps(tokens: int, than: int) -> bool:      # a rung of fewer whole optimizer steps (not a copy)
+        return -(-tokens // per_step) < -(-than // per_step)
 
     def train_rung(tokens: int, added: bool) -> None:
         recipe = dataclasses.replace(cfg.recovery_monotone, lr=lr, max_tokens=tokens, lr_grid="", sweep_tokens=0)
@@ -92,11 +96,12 @@ def train_ladder(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         return sum(r["added"] for r in rungs.values()) < c.ladder_extensions
 
     train_rung(planned[0], False)
-    while rungs[min(rungs)]["val_loss"] < target and extensions_left() and min(rungs) > 1:
+    while rungs[min(rungs)]["val_loss"] < target and extensions_left() and fewer_steps(min(rungs) // 2, min(rungs)):
         train_rung(min(rungs) // 2, True)             # the smallest is still better than the monotone arm: below it
     for tokens in planned[1:]:
         train_rung(tokens, False)
-    while rungs[max(rungs)]["val_loss"] > target and extensions_left() and 2 * max(rungs) < full:
+    while rungs[max(rungs)]["val_loss"] > target and extensions_left() and fewer_steps(2 * max(rungs), full) \
+            and fewer_steps(max(rungs), 2 * max(rungs)):
         train_rung(2 * max(rungs), True)              # the largest is still worse: between it and the full run
     losses = [r["val_loss"] for r in rungs.values()] + [trained(paths, "unconstrained_from_init", "val_loss")]
     report = {"rule": "unconstrained recoveries from the monotone start at fractions of its budget, each to its own "

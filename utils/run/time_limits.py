@@ -69,17 +69,11 @@ def parameters(cfg: ExperimentConfig) -> int | None:
     return layers * (4 * d * d + 2 * d * ff) + 2 * vocab * d
 
 
-def ladder_tokens(cfg: ExperimentConfig) -> list[int]:
-    """The budgets of the ladder's configured rungs (stage 3 may add up to controls.ladder_extensions halvings)."""
-    full = cfg.recovery_monotone.max_tokens
-    return sorted({max(1, round(f * full)) for f in numbers(cfg.controls.ladder) or []})
-
-
 def measured_arms(cfg: ExperimentConfig) -> int:
     """Arms stages 4-6 measure: pretrained, controls, baseline, monotonic, monotonic_init (+ its controls of the
     same history: unconstrained_from_init and the ladder's configured rungs)."""
     controls = len(listed(cfg.controls.pretrain_snapshots if cfg.model.source == "tiny" else cfg.controls.revisions))
-    return 4 + controls + int(cfg.controls.unconstrained_from_init) + len(ladder_tokens(cfg))
+    return 4 + controls + int(cfg.controls.unconstrained_from_init) + len(cfg.ladder_tokens())
 
 
 def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, float]:
@@ -153,7 +147,7 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
         return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
 
     out = []
-    ladder = [f"ladder_{t}" for t in ladder_tokens(cfg)]
+    ladder = [f"ladder_{t}" for t in cfg.ladder_tokens()]
     for stage, arms in ((2, ["baseline"]), (3, ["monotonic"] + (["unconstrained_from_init"]
                                                                   if cfg.controls.unconstrained_from_init else []) + ladder)):
         parts = [training_flops(cfg, arm, n) for arm in arms]
@@ -205,7 +199,7 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
     unit = "CPU" if not gpu else "GPU" if tflops else REFERENCE_GPU[0]
     lines.append(f"  stages 2-6 together: ~{sum(lim.hours for lim in limits):.1f} {unit}-hours per seed (the estimates, "
                  f"before the margin)")
-    rungs = ladder_tokens(cfg)
+    rungs = cfg.ladder_tokens()
     if rungs:
         full = cfg.recovery_monotone.max_tokens
         lines.append("  ladder (controls.ladder): rungs of " + ", ".join(f"{t / 1e6:.4g}M" for t in rungs)

@@ -254,18 +254,27 @@ def train(model, train_tokens: np.ndarray, val_tokens: np.ndarray, t: TrainConfi
     if history_file is not None and main:
         history_file.parent.mkdir(parents=True, exist_ok=True)
         history_file.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
-        board = tensorboard_writer(history_file.parent / "tensorboard" / desc, start_step)
+        log_dir = history_file.parent / "tensorboard" / desc
+        unlogged = not any(log_dir.glob("events.*"))     # a checkpoint written without a board: a search's prefix
+        board = tensorboard_writer(log_dir, start_step)
+
+    def to_board(row: dict) -> None:
+        if board is not None:
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    board.add_scalar(f"{desc}/{key}", value, row["step"])
+            board.flush()
+
+    if board is not None and unlogged:
+        for row in state["history"]:
+            to_board(row)
 
     def record(row: dict) -> None:
         state["history"].append(row)
         if history_file is not None and main:
             with history_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        if board is not None:
-            for key, value in row.items():
-                if key != "step" and value is not None:
-                    board.add_scalar(f"{desc}/{key}", value, row["step"])
-            board.flush()
+        to_board(row)
 
     def evaluate(step):
         val = validation_loss(model, val_tokens, seq_len, t.micro_batch_size, t.eval_windows, compute)
