@@ -1,12 +1,12 @@
-"""Stages 2 and 3: recovery training of the baseline and the monotone copy (and, with
-controls.unconstrained_from_init, of the monotone copy's start without its constraint).
+"""Stages 2 and 3: recovery training of the baseline and the monotone copy, and the monotone copy's controls of
+the same history (its start without the constraint: controls.unconstrained_from_init at the full budget, the
+ladder at shorter ones).
 
 Every arm goes through utils.train.training.train with the same data, data order
 (the experiment seed) and, in the presets, the same token budget; only the
-starting model and the recipe differ. A recipe with an lr_grid first trains
-sweep_tokens at each learning rate and keeps the lowest validation loss, by the
-same rule for every arm. Under torchrun every rank trains its shard; rank 0
-gathers the whole model and writes everything else.
+starting model and the recipe differ. A recipe with an lr_grid first runs the
+recipe search (lr_sweep), by the same rule for every arm. Under torchrun every
+rank trains its shard; rank 0 gathers the whole model and writes everything else.
 """
 from __future__ import annotations
 
