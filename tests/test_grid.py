@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -143,6 +144,20 @@ def test_local_grid_shares_stage_0_and_the_baseline_and_compares_certified_varia
     status = _run_all("--status", "--work-dir", str(work))
     assert status.returncode == 0 and status.stdout.count("variant construction=") == 1, status.stdout
     # (A rerun that skips every finished stage: tests/test_slurm.py's grid test.)
+    # benchmarks/first_run_floor.py on the variant: the tokens it counts are the records' (its stage 2 is the
+    # linked baseline's training), and its floor (that work at the matmul peak) is below the logged time of every
+    # stage the variant ran itself (3-6), as a lower bound must be.
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_run_floor.py"), str(vdir),
+                        "--json", str(tmp_path / "f.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    floor = json.loads((tmp_path / "f.json").read_text())
+    trained = json.loads((vdir / "seed_42" / "results" / "training_baseline.json").read_text())["history"]["tokens"]
+    assert floor["stages"]["stage_2"]["training_tokens"] == trained
+    hot = json.loads((vdir / "seed_42" / "results" / "hotflip.json").read_text())["models"]
+    assert floor["stages"]["stage_6"]["forward_tokens"] >= sum(e["cost"]["forward_tokens"] for m in hot.values()
+                                                                for e in m["examples"]) > 0
+    assert all(0 < floor["stages"][f"stage_{n}"]["floor_s"] < floor["stages"][f"stage_{n}"]["logged_s"]
+               for n in (3, 4, 5, 6)), floor["stages"]
 
 
 @pytest.mark.slow
