@@ -229,13 +229,13 @@ TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per 
 MEASURE_GRES="$GPU_GRES"
 [ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
 declare -A TIME
-# derive_limits: the time limits; those of stages 2-6 from the current config's counted work and a stated
-# throughput (scripts/time_limits.py, which --dry-run makes explain itself on stderr), else these fixed ones.
-# MONO_SLURM_TIME_<N> overrides either.
+# derive_limits: every job's time limit (scripts/time_limits.py, which --dry-run makes explain itself on
+# stderr): stages 2-6 from the current config's counted work and a stated throughput, the others fixed; none
+# over the cluster's own limit (the partition's MaxTime, the QOS's MaxWall, or MONO_SLURM_MAX_TIME), and a
+# stage that cannot fit even in requeued jobs is refused here, before anything is submitted.
+# MONO_SLURM_TIME_<N> overrides one.
 derive_limits() {
   local n t out explain=()
-  TIME=([0]=01:00:00 [1]=00:30:00 [2]=24:00:00 [3]=24:00:00 [4]=08:00:00 [5]=24:00:00 [6]=08:00:00 [7]=00:30:00
-        [8]=00:30:00)
   [ "$MODE" = dry ] && explain=(--explain)
   out=$(python "$ROOT/scripts/time_limits.py" --preset "$PRESET" "${SETS[@]+"${SETS[@]}"}" \
         --gpu "$([ -n "$GPU_GRES" ] && echo 1 || echo 0)" --train-procs "$(( ${TRAIN_PROCS:-1} * TRAIN_NODES ))" \

@@ -59,7 +59,10 @@ run_stage_job() {
     child=$! launcher=torchrun
     trap 'echo "[job] signal received: asking $stage to checkpoint"; touch "$MONO_STOP_FILE"' USR1 USR2 TERM
   else
-    python "$ROOT/scripts/$stage.py" --preset "$PRESET" --seed "$SEED" --work-dir "$WORK_DIR" "${EXTRA[@]}" &
+    # USR1 ignored until the stage installs its handler: a warning during its imports would otherwise kill it
+    # (the stop file, touched first, still tells it to stop at its first check).
+    (trap '' USR1; exec python "$ROOT/scripts/$stage.py" --preset "$PRESET" --seed "$SEED" --work-dir "$WORK_DIR" \
+       "${EXTRA[@]}") &
     child=$!
     trap 'echo "[job] signal received: asking $stage to checkpoint"; touch "$MONO_STOP_FILE"; kill -USR1 $child 2>/dev/null' USR1 USR2 TERM
   fi

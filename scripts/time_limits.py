@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Print the SLURM time limits of stages 2-6 for a config, derived from its counted work.
+"""Print the SLURM time limit of every job (stages 0-8), those of stages 2-6 derived from the counted work.
 
-    python scripts/time_limits.py --preset pythia-1.4b --gpu 1            # -> "2 24:00:00" ... one per stage
+    python scripts/time_limits.py --preset pythia-1.4b --gpu 1            # -> "0 01:00:00" ... one per stage
     python scripts/time_limits.py --preset pythia-6.9b --gpu 1 --explain  # and how, on stderr
 
-run_all.sh uses it for every submission (MONO_SLURM_TIME_<N> still wins) and prints the
-explanation with --dry-run. A model of unknown size (a hub id that is not a Pythia)
-prints nothing: run_all.sh then keeps its fixed limits. Exit 2 on a config error.
+run_all.sh uses it for every submission (MONO_SLURM_TIME_<N> still wins) and prints the explanation with
+--dry-run. No limit exceeds the cluster's own (MONO_SLURM_MAX_TIME, else the MaxTime of the partition
+MONO_SLURM_PARTITION or the default one, and the MaxWall of the QOS MONO_SLURM_QOS). A model of unknown size
+(a hub id that is not a Pythia) gets the fixed limits. Exit 2 on a config error or a stage that cannot fit
+the cluster's limit even in requeued jobs (one line).
 """
 import argparse
+import os
 import sys
 
 import _bootstrap  # noqa: F401
@@ -16,7 +19,7 @@ import _bootstrap  # noqa: F401
 from configs.experiment_config import ConfigError
 from configs.presets import parse_sets
 from configs.presets import PRESETS, load_config
-from utils.run.time_limits import describe, stage_limits
+from utils.run.time_limits import LimitError, cluster_max_hours, describe, describe_cap, hms, job_limits
 
 
 def main() -> int:
@@ -30,18 +33,20 @@ def main() -> int:
     args = p.parse_args()
     try:
         cfg = load_config(args.preset, parse_sets(args.overrides))
-    except ConfigError as e:
+        max_hours, source = cluster_max_hours(os.environ.get("MONO_SLURM_PARTITION", ""),
+                                              os.environ.get("MONO_SLURM_QOS", ""))
+        hours, limits = job_limits(cfg, bool(args.gpu), args.train_procs, args.measure_procs, max_hours,
+                                   float(os.environ.get("MONO_SLURM_SIGNAL_LEAD", "120")))
+    except (ConfigError, LimitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    limits = stage_limits(cfg, bool(args.gpu), args.train_procs, args.measure_procs)
-    if limits is None:
-        if args.explain:
-            print("time limits: the model's size is unknown before stage 0; the fixed limits apply", file=sys.stderr)
-        return 0
-    for lim in limits:
-        print(lim.stage, lim.slurm)
+    for stage, h in hours.items():
+        print(stage, hms(h))
     if args.explain:
-        print("\n".join(describe(cfg, limits, bool(args.gpu), args.train_procs, args.measure_procs)), file=sys.stderr)
+        print(describe_cap(max_hours, source), file=sys.stderr)
+        print("\n".join(describe(cfg, limits, bool(args.gpu), args.train_procs, args.measure_procs) if limits else
+                        ["time limits: the model's size is unknown before stage 0; the fixed limits apply"]),
+              file=sys.stderr)
     return 0
 
 

@@ -215,3 +215,33 @@ def test_dry_run_shows_the_ladder_and_a_seed_costs_no_more_than_before_it(tmp_pa
     assert "rungs of 57.6M, 230.4M tokens (1/32, 1/8 of 1843M)" in lines["ladder (controls.ladder)"]
     total = float(re.search(r"~([\d.]+) A100-hours per seed", lines["stages 2-6 together"]).group(1))
     assert total <= 262.6
+
+
+def test_no_job_asks_for_more_than_the_cluster_allows_and_a_stage_that_cannot_fit_is_refused(tmp_path):
+    """MONO_SLURM_MAX_TIME (else the partition's MaxTime and the QOS's MaxWall): pythia-1.4b on one A100 under a
+    20-hour limit: every job asks for 20 h at most and stages 2-6 requeue past it. Under 12 hours one arm's UAT
+    (~7.3 h counted, twice that with the margin) cannot finish in a job: one error line, nothing submitted."""
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 env_extra={"MONO_SLURM_MAX_TIME": "20:00:00"})
+    assert r.returncode == 0, r.stderr
+    asked = [l.split("--time ")[1].split()[0] for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+    assert len(asked) == 8 and max(asked) == "20:00:00", asked
+    assert "cluster limit: MONO_SLURM_MAX_TIME=20:00:00 (20:00:00): no job asks for more" in r.stderr
+    assert re.search(r"stage 3: .* -> 20:00:00, about \d+ requeued runs", r.stderr), r.stderr
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 env_extra={"MONO_SLURM_MAX_TIME": "12:00:00"})
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and not r.stdout.strip(), r.stdout + r.stderr
+    assert "stage 5 cannot finish in requeued jobs of the cluster's 12:00:00: one arm's measurement" in errors[0]
+    # 8 measuring processes share each arm: its piece fits again.
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 env_extra={"MONO_SLURM_MAX_TIME": "12:00:00", "MONO_SLURM_MEASURE_PROCS": "8"})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("text, hours", [("90", 1.5), ("30:00", 0.5), ("12:30:00", 12.5), ("2-00", 48.0),
+                                         ("1-06:00", 30.0), ("1-00:00:30", 24 + 1 / 120), ("UNLIMITED", None),
+                                         ("INFINITE", None)])
+def test_slurm_times_are_read_in_every_form_sbatch_accepts(text, hours):
+    from utils.run.time_limits import slurm_hours
+    assert slurm_hours(text) == (pytest.approx(hours) if hours else None)

@@ -8,9 +8,11 @@ It imports no torch (run_all.sh calls it before submitting). Every bound is an u
 beam item run in full). Throughput: the reference GPU's dense bf16 peak times an assumed
 utilisation (MFU), or a CPU figure; the limit is MARGIN x the estimate plus a fixed start
 and save overhead, rounded up to 15 minutes, at least 30 minutes. Stages that checkpoint
-and requeue (2-6: training checkpoints, measurement keeps each arm it finished) are capped at MAX_HOURS;
-a longer estimate means several
-requeued runs, which the limit line says. Measured throughput (benchmarks/gpu_check.sh)
+and requeue (2-6: training checkpoints, measurement keeps each arm it finished) are capped at MAX_HOURS or the
+cluster's own limit if shorter (the partition's MaxTime, the QOS's MaxWall: `cluster_max_hours`); a longer
+estimate means several requeued runs, which the limit line says. The other stages' fixed limits are capped
+too. A stage whose smallest unit of requeued work (a training step, one arm's measurement) cannot fit a job
+is refused (`LimitError`) before anything is submitted. Measured throughput (benchmarks/gpu_check.sh)
 replaces the assumed one with MONO_SLURM_TFLOPS.
 """
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 from configs.experiment_config import ExperimentConfig, listed, numbers
@@ -40,6 +45,59 @@ DOC_TOKENS = 1_600                    # assumed mean tokens of a test document (
 TASK_REQUESTS, REQUEST_TOKENS = 10_000, 128   # assumed per lm-eval task (HellaSwag: 40,168 requests; SciQ: 4,000)
 MARGIN, OVERHEAD_H, MIN_H, MAX_HOURS = 2.0, 0.25, 0.5, 24.0
 REQUEUED = (2, 3, 4, 5, 6)
+# Limits of the stages whose work is not counted (0: corpus, tokenizer, downloads or the tiny pretraining; 1: the
+# constraint and its certificate; 7, 8: tables), and of 2-6 when the model's size is unknown before stage 0.
+FIXED_HOURS = {0: 1.0, 1: 0.5, 2: 24.0, 3: 24.0, 4: 8.0, 5: 24.0, 6: 8.0, 7: 0.5, 8: 0.5}
+
+
+class LimitError(ValueError):
+    """A stage cannot finish within the cluster's limit, even in requeued pieces."""
+
+
+def slurm_hours(text: str) -> float | None:
+    """A SLURM time (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in hours; None for UNLIMITED/INFINITE."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise LimitError(f"not a SLURM time: {text!r} (expected e.g. 24:00:00, 1-00:00:00 or minutes)")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:                                   # D-HH[:MM[:SS]]
+        return days * 24 + a + (b or 0) / 60 + (c or 0) / 3600
+    if c is not None:                                      # HH:MM:SS
+        return a + b / 60 + c / 3600
+    if b is not None:                                      # MM:SS
+        return a / 60 + b / 3600
+    return a / 60                                          # MINUTES
+
+
+def cluster_max_hours(partition: str = "", qos: str = "") -> tuple[float | None, str]:
+    """(hours, where from) of the longest job this cluster allows: MONO_SLURM_MAX_TIME if set, else the
+    partition's MaxTime (`scontrol`; the default partition if none is named) and the QOS's MaxWall (`sacctmgr`,
+    where accounting runs), the shorter; (None, why) when neither is known."""
+    stated = os.environ.get("MONO_SLURM_MAX_TIME", "")
+    if stated:
+        return slurm_hours(stated), f"MONO_SLURM_MAX_TIME={stated}"
+    found = []
+    if shutil.which("scontrol"):
+        r = subprocess.run(["scontrol", "-o", "show", "partition", *([partition] if partition else [])],
+                           capture_output=True, text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("PartitionName") == partition or (not partition and fields.get("Default") == "YES"):
+                found.append((slurm_hours(fields.get("MaxTime", "")),
+                              f"partition {fields['PartitionName']} MaxTime={fields.get('MaxTime')}"))
+    if qos and shutil.which("sacctmgr"):
+        r = subprocess.run(["sacctmgr", "-nP", "show", "qos", qos, "format=MaxWall"], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0 and r.stdout.strip():
+            found.append((slurm_hours(r.stdout.splitlines()[0]), f"QOS {qos} MaxWall={r.stdout.split()[0]}"))
+    limited = [(h, src) for h, src in found if h is not None]
+    if limited:
+        return min(limited)
+    return None, ("; ".join(src for _, src in found) or "no scontrol here and MONO_SLURM_MAX_TIME unset") + \
+        ": no cluster limit known"
 
 
 @dataclass
@@ -49,11 +107,11 @@ class Limit:
     hours: float          # the estimate, before the margin
     limit_h: float        # what the job asks for
     work: str             # what was counted
+    unit_h: float = 0.0   # the smallest piece a requeued run must finish to progress (a step; one arm measured)
 
     @property
     def slurm(self) -> str:
-        minutes = int(round(self.limit_h * 60))
-        return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+        return hms(self.limit_h)
 
 
 def parameters(cfg: ExperimentConfig) -> int | None:
@@ -132,10 +190,11 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float,
     return uat, (fwd, grad)
 
 
-def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1) -> list[Limit] | None:
+def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
+                 cap_hours: float = MAX_HOURS) -> list[Limit] | None:
     """The limits of stages 2-6 for jobs with (gpu) or without a GPU, training on `train_procs` processes
-    and measuring on `measure_procs` (each its share of the work), or None if the model's size is unknown
-    before stage 0."""
+    and measuring on `measure_procs` (each its share of the work), none over `cap_hours`, or None if the
+    model's size is unknown before stage 0."""
     n = parameters(cfg)
     if n is None:
         return None
@@ -153,10 +212,13 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
         parts = [training_flops(cfg, arm, n) for arm in arms]
         flops = sum(f for f, _ in parts)
         rungs = [t for a, (_, t) in zip(arms, parts) if a.startswith("ladder_")]
+        t = cfg.recovery_baseline if stage == 2 else cfg.recovery_monotone
+        step = (8 if t.gradient_checkpointing else 6) * n * t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
         out.append(_limit(stage, flops, flops / rate("train"),
                           f"{len(arms) - len(rungs)} arm(s)" + (f" and {len(rungs)} ladder rung(s)" if rungs else "")
                           + f", {sum(t for _, t in parts) / 1e9:.3g}B training tokens"
-                          + (f" ({sum(rungs) / 1e9:.3g}B of them the ladder's)" if rungs else "")))
+                          + (f" ({sum(rungs) / 1e9:.3g}B of them the ladder's)" if rungs else ""),
+                          step / rate("train"), cap_hours))
     arms = measured_arms(cfg)
     e = cfg.eval
     test_tokens = (cfg.data.max_docs("test") or 1_000) * DOC_TOKENS
@@ -165,20 +227,58 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
     flops = 2 * n * (eval_tokens + task_tokens)
     out.append(_limit(4, flops, flops / rate("measure"),
                       f"{arms} arms: perplexity over ~{test_tokens / 1e6:.2g}M test tokens (stride {e.stride}) "
-                      f"and {len(listed(e.tasks))} lm-eval task(s)"))
+                      f"and {len(listed(e.tasks))} lm-eval task(s)", flops / rate("measure") / arms, cap_hours))
     for stage, (fwd, grad) in zip((5, 6), attack_forward_equivalents(cfg, arms)):
         flops = 2 * n * fwd + 6 * n * grad
         out.append(_limit(stage, flops, flops / rate("measure"),
-                          f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens at most"))
+                          f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens at most",
+                          flops / rate("measure") / arms, cap_hours))
     return out
 
 
-def _limit(stage: int, flops: float, seconds: float, work: str) -> Limit:
+def _limit(stage: int, flops: float, seconds: float, work: str, unit_seconds: float, cap_hours: float) -> Limit:
     hours = seconds / 3600
-    limit = max(MIN_H, math.ceil((MARGIN * hours + OVERHEAD_H) * 4) / 4)
-    if stage in REQUEUED:
-        limit = min(limit, MAX_HOURS)
-    return Limit(stage, flops, hours, limit, work)
+    limit = min(max(MIN_H, math.ceil((MARGIN * hours + OVERHEAD_H) * 4) / 4), cap_hours)
+    return Limit(stage, flops, hours, limit, work, unit_seconds / 3600)
+
+
+def hms(hours: float) -> str:
+    minutes = int(round(hours * 60))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
+               max_hours: float | None = None, lead_s: float = 120) -> tuple[dict[int, float], list[Limit]]:
+    """({stage: hours} of every job 0-8, derived for 2-6 where the model's size is known, else fixed; none over
+    the cluster's `max_hours`), and the derived limits. LimitError where a requeued stage's smallest unit of
+    work (MARGIN x one training step, or one arm's measurement) cannot fit in a job before its stop signal,
+    `lead_s` seconds before the limit (run_all.sh's --signal)."""
+    cap = min(MAX_HOURS, max_hours) if max_hours else MAX_HOURS
+    derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap) or []
+    hours = {n: min(h, max_hours) if max_hours else h for n, h in FIXED_HOURS.items()}
+    hours.update({lim.stage: lim.limit_h for lim in derived})
+    if max_hours:
+        room = max_hours - lead_s / 3600
+        if room <= 0:
+            raise LimitError(f"the stop signal {lead_s:.0f} s before the limit (MONO_SLURM_SIGNAL_LEAD) leaves no "
+                             f"time in a job of the cluster's {hms(max_hours)}")
+        for lim in derived:
+            if MARGIN * lim.unit_h > room:
+                piece = "one training step" if lim.stage in (2, 3) else "one arm's measurement"
+                raise LimitError(f"stage {lim.stage} cannot finish in requeued jobs of the cluster's {hms(max_hours)}: "
+                                 f"{piece} is counted at ~{lim.unit_h:.2f} h ({MARGIN:g}x that must fit before the "
+                                 f"stop signal); use a partition with a longer MaxTime, more processes "
+                                 f"(MONO_SLURM_MEASURE_PROCS, MONO_SLURM_GPUS_PER_NODE) or a smaller budget")
+    return hours, derived
+
+
+def describe_cap(max_hours: float | None, source: str) -> str:
+    """The line --dry-run prints about the cluster's own limit."""
+    if max_hours is None:
+        return f"cluster limit: {source}; jobs of stages 2-6 ask for at most {hms(MAX_HOURS)}"
+    fixed = ", ".join(f"{n}" for n, h in FIXED_HOURS.items() if n not in REQUEUED and h > max_hours)
+    return (f"cluster limit: {source} ({hms(max_hours)}): no job asks for more; stages 2-6 requeue past it"
+            + (f"; the fixed limits of stages {fixed} (not requeued) are cut to it" if fixed else ""))
 
 
 def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs: int = 1,
@@ -192,9 +292,8 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
              f"{train_procs} training and {measure_procs} measuring process(es); limit = "
              f"{MARGIN:g} x estimate + {OVERHEAD_H * 60:.0f} min, >= {MIN_H * 60:.0f} min; utils/run/time_limits.py):"]
     for lim in limits:
-        runs = math.ceil(MARGIN * lim.hours / lim.limit_h) if lim.stage in REQUEUED else 1
-        note = f", about {runs} requeued runs" if runs > 1 else \
-            " (exceeds the usual 24 h: raise MONO_SLURM_TIME_%d or shard it)" % lim.stage if lim.limit_h > MAX_HOURS else ""
+        runs = math.ceil(MARGIN * lim.hours / lim.limit_h)
+        note = f", about {runs} requeued runs" if runs > 1 else ""
         lines.append(f"  stage {lim.stage}: {lim.work}: {lim.flops:.2e} FLOP, ~{lim.hours:.2f} h -> {lim.slurm}{note}")
     unit = "CPU" if not gpu else "GPU" if tflops else REFERENCE_GPU[0]
     lines.append(f"  stages 2-6 together: ~{sum(lim.hours for lim in limits):.1f} {unit}-hours per seed (the estimates, "
