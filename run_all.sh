@@ -228,19 +228,21 @@ TRAIN_GRES="$GPU_GRES"                    # gpu[:type]:N with N = processes per 
 [ -z "$TRAIN_PROCS" ] || TRAIN_GRES="$(gres_for "$TRAIN_PROCS")"
 MEASURE_GRES="$GPU_GRES"
 [ -z "$MEASURE_PROCS" ] || MEASURE_GRES="$(gres_for "$MEASURE_PROCS")"
-declare -A TIME
-# derive_limits: every job's time limit (scripts/time_limits.py, which --dry-run makes explain itself on
+declare -A TIME MEM
+# derive_limits: every job's time limit and --mem (scripts/time_limits.py, which --dry-run makes explain itself on
 # stderr): stages 2-6 from the current config's counted work and a stated throughput, the others fixed; none
 # over the cluster's own limit (the partition's MaxTime, the QOS's MaxWall, or MONO_SLURM_MAX_TIME), and a
-# stage that cannot fit even in requeued jobs is refused here, before anything is submitted.
-# MONO_SLURM_TIME_<N> overrides one.
+# stage that cannot fit even in requeued jobs is refused here, before anything is submitted. --mem from each
+# job's counted host memory (utils/run/resources.py). MONO_SLURM_TIME_<N>, MONO_SLURM_MEM and
+# MONO_SLURM_CPU_MEM override them.
 derive_limits() {
   local n t out explain=()
   [ "$MODE" = dry ] && explain=(--explain)
   out=$(python "$ROOT/scripts/time_limits.py" --preset "$PRESET" "${SETS[@]+"${SETS[@]}"}" \
         --gpu "$([ -n "$GPU_GRES" ] && echo 1 || echo 0)" --train-procs "$(( ${TRAIN_PROCS:-1} * TRAIN_NODES ))" \
+        --train-nodes "$TRAIN_NODES" \
         --measure-procs "${MEASURE_PROCS:-1}" "${explain[@]+"${explain[@]}"}") || return 1
-  while read -r n t; do [ -n "$n" ] && TIME[$n]="$t"; done <<< "$out"
+  while read -r n t m; do [ -n "$n" ] && TIME[$n]="$t" && MEM[$n]="$m"; done <<< "$out"
   return 0
 }
 derive_limits || exit 2
@@ -264,17 +266,17 @@ submit() {
   opts+=(--parsable --job-name "mono-$n-s$seed$VTAG" --output "$log" --time "${!time_var:-${TIME[$n]}}"
          --kill-on-invalid-dep=yes --cpus-per-task "${MONO_SLURM_CPUS:-8}")
   if [ "$n" = 0 ] || [ "$n" -ge 7 ]; then
-    opts+=(--mem "${MONO_SLURM_CPU_MEM:-16G}")
+    opts+=(--mem "${MONO_SLURM_CPU_MEM:-${MEM[$n]}}")
   elif { [ "$n" = 2 ] || [ "$n" = 3 ]; } && [ -n "$TRAIN_PROCS" ]; then     # srun + torchrun, see jobs/common.sh
-    opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
+    opts+=(--mem "${MONO_SLURM_MEM:-${MEM[$n]}}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
            --export "ALL,MONO_NPROC_PER_NODE=$TRAIN_PROCS")
     [ -n "$TRAIN_GRES" ] && opts+=(--gres "$TRAIN_GRES")
   elif [ "$n" -ge 4 ] && [ "$n" -le 6 ] && [ -n "$MEASURE_PROCS" ]; then   # one node, torchrun shards
-    opts+=(--mem "${MONO_SLURM_MEM:-64G}" --nodes 1 --ntasks-per-node 1
+    opts+=(--mem "${MONO_SLURM_MEM:-${MEM[$n]}}" --nodes 1 --ntasks-per-node 1
            --export "ALL,MONO_NPROC_PER_NODE=$MEASURE_PROCS")
     [ -n "$MEASURE_GRES" ] && opts+=(--gres "$MEASURE_GRES")
   else
-    opts+=(--mem "${MONO_SLURM_MEM:-64G}")
+    opts+=(--mem "${MONO_SLURM_MEM:-${MEM[$n]}}")
     [ -n "$GPU_GRES" ] && opts+=(--gres "$GPU_GRES")
   fi
   if [ "$n" -ge 2 ] && [ "$n" -le 6 ]; then   # training checkpoints, stages 4-6 keep each arm measured: requeue

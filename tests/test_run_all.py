@@ -245,3 +245,23 @@ def test_no_job_asks_for_more_than_the_cluster_allows_and_a_stage_that_cannot_fi
 def test_slurm_times_are_read_in_every_form_sbatch_accepts(text, hours):
     from utils.run.time_limits import slurm_hours
     assert slurm_hours(text) == (pytest.approx(hours) if hours else None)
+
+
+def test_dry_run_budgets_host_memory_and_disk_and_asks_for_the_memory_it_counts(tmp_path):
+    """pythia-6.9b on 8 GPUs: no job over 24 h; each job's --mem comes from its counted host memory (stage 2's
+    checkpoint shards serialised on the host, 24 bytes a parameter across the node's ranks, 64G would be
+    OOM-killed), the disk per seed is stated, and MONO_SLURM_MEM still wins."""
+    env = {"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_MEASURE_PROCS": "8"}
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    jobs = {int(l.split("--job-name mono-")[1].split("-")[0]): l for l in r.stdout.splitlines() if l.startswith("sbatch")}
+    assert max(j.split("--time ")[1].split()[0] for j in jobs.values()) == "24:00:00"
+    mem = {n: int(j.split("--mem ")[1].split("G")[0]) for n, j in jobs.items()}
+    assert mem[2] == mem[3] >= 1.5 * 24 * 6.85e9 / 2 ** 30 and mem[0] == 64 and mem[7] == 16, mem
+    line = next(l for l in r.stderr.splitlines() if l.startswith("host memory per node"))
+    assert f"stage 2 ~" in line and f"-> {mem[2]}G" in line
+    disk = next(l for l in r.stderr.splitlines() if l.startswith("disk:"))
+    assert re.match(r"disk: ~\d+ GB per finished seed .* ~[\d.e+]+ GB at its peak", disk), disk
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b",
+                 env_extra={**env, "MONO_SLURM_MEM": "500G"})
+    assert all("--mem 500G" in l for l in r.stdout.splitlines() if "--job-name mono-2-" in l)

@@ -28,6 +28,16 @@ def test_pipeline_local_script_passes(tiny_run, tmp_path, capsys):
     assert test_pipeline_local.main(["--work-dir", str(work), *(a for kv in sets for a in ("--set", kv))]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 9 and "FAIL" not in out, out
+    # run_all.sh --dry-run's disk per seed (utils/run/resources.py) is what this seed keeps: every arm's model,
+    # best export, last checkpoint and best/ (weights only: the tiny model's tokenizer files would dominate).
+    from configs.presets import load_config
+    from utils.run.resources import ARM_BYTES, disk_per_seed_gb
+    from utils.run.time_limits import parameters
+    cfg = load_config("tiny", [tuple(kv.split("=", 1)) for kv in sets])
+    added = len(json.loads((work / "seed_42" / "results" / "ladder.json").read_text())["rungs"]) - len(cfg.ladder_tokens())
+    counted = disk_per_seed_gb(cfg)["kept"] * 1e9 + added * ARM_BYTES * parameters(cfg)
+    kept = sum(f.stat().st_size for d in ("models", "checkpoints") for f in (work / "seed_42" / d).rglob("*.safetensors"))
+    assert kept == pytest.approx(counted, rel=0.05), (kept, counted)
 
 
 def test_pipeline_local_script_removes_its_temporary_work_dir_and_fails_on_a_bad_stage(capsys):
