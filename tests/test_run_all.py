@@ -219,23 +219,24 @@ def test_dry_run_shows_the_ladder_and_a_seed_costs_no_more_than_before_it(tmp_pa
 
 def test_no_job_asks_for_more_than_the_cluster_allows_and_a_stage_that_cannot_fit_is_refused(tmp_path):
     """MONO_SLURM_MAX_TIME (else the partition's MaxTime and the QOS's MaxWall): pythia-1.4b on one A100 under a
-    20-hour limit: every job asks for 20 h at most and stages 2-6 requeue past it. Under 12 hours one arm's UAT
-    (~7.3 h counted, twice that with the margin) cannot finish in a job: one error line, nothing submitted."""
-    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
-                 env_extra={"MONO_SLURM_MAX_TIME": "20:00:00"})
-    assert r.returncode == 0, r.stderr
-    asked = [l.split("--time ")[1].split()[0] for l in r.stdout.splitlines() if l.startswith("sbatch ")]
-    assert len(asked) == 8 and max(asked) == "20:00:00", asked
-    assert "cluster limit: MONO_SLURM_MAX_TIME=20:00:00 (20:00:00): no job asks for more" in r.stderr
-    assert re.search(r"stage 3: .* -> 20:00:00, about \d+ requeued runs", r.stderr), r.stderr
+    12-hour limit: every job asks for 12 h at most and stages 2-6 requeue past it. Under 4 hours one UAT restart
+    on one arm (~2.4 h counted, twice that with the margin) cannot finish in a job: one error line, nothing
+    submitted."""
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
                  env_extra={"MONO_SLURM_MAX_TIME": "12:00:00"})
+    assert r.returncode == 0, r.stderr
+    asked = [l.split("--time ")[1].split()[0] for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+    assert len(asked) == 8 and max(asked) == "12:00:00", asked
+    assert "cluster limit: MONO_SLURM_MAX_TIME=12:00:00 (12:00:00): no job asks for more" in r.stderr
+    assert re.search(r"stage 5: .* -> 12:00:00, about \d+ requeued runs", r.stderr), r.stderr
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 env_extra={"MONO_SLURM_MAX_TIME": "4:00:00"})
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and not r.stdout.strip(), r.stdout + r.stderr
-    assert "stage 5 cannot finish in requeued jobs of the cluster's 12:00:00: one arm's measurement" in errors[0]
-    # 8 measuring processes share each arm: its piece fits again.
+    assert "stage 5 cannot finish in requeued jobs of the cluster's 04:00:00: one UAT restart on one arm" in errors[0]
+    # 8 measuring processes share each restart's queries: its piece fits again.
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
-                 env_extra={"MONO_SLURM_MAX_TIME": "12:00:00", "MONO_SLURM_MEASURE_PROCS": "8"})
+                 env_extra={"MONO_SLURM_MAX_TIME": "4:00:00", "MONO_SLURM_MEASURE_PROCS": "8"})
     assert r.returncode == 0, r.stderr
 
 
@@ -259,7 +260,7 @@ def test_dry_run_budgets_host_memory_and_disk_and_asks_for_the_memory_it_counts(
     mem = {n: int(j.split("--mem ")[1].split("G")[0]) for n, j in jobs.items()}
     assert mem[2] == mem[3] >= 1.5 * 24 * 6.85e9 / 2 ** 30 and mem[0] == 64 and mem[7] == 16, mem
     line = next(l for l in r.stderr.splitlines() if l.startswith("host memory per node"))
-    assert f"stage 2 ~" in line and f"-> {mem[2]}G" in line
+    assert "stage 2 ~" in line and f"-> {mem[2]}G" in line
     disk = next(l for l in r.stderr.splitlines() if l.startswith("disk:"))
     assert re.match(r"disk: ~\d+ GB per finished seed .* ~[\d.e+]+ GB at its peak", disk), disk
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b",

@@ -227,10 +227,10 @@ def _first_arm_kept(kept: Path):
 
 
 @pytest.mark.slow
-def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_finished(stage1_work, tmp_path):
-    """SIGUSR1 stops stage 6 after the arm its search is attacking (exit 75, no done flag); the requeued run
-    reads every arm attacked before and writes what an uninterrupted run writes."""
-    small = [a for kv in ("attack.hotflip_texts=3", "attack.gcg_texts=2", "attack.gcg_steps=2",
+def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_texts_it_finished(stage1_work, tmp_path):
+    """SIGUSR1 stops stage 6 after the text its search is attacking, inside an arm (exit 75, no done flag); the
+    requeued run reads every text attacked before and writes what an uninterrupted run writes."""
+    small = [a for kv in ("attack.hotflip_texts=4", "attack.gcg_texts=2", "attack.gcg_steps=2",
                           "attack.gcg_search_width=8", "attack.hotflip_max_flips=2", "attack.pgd_radii=")
              for a in ("--set", kv)]
     runs = {}
@@ -239,17 +239,44 @@ def test_stage_6_stopped_by_its_time_limit_warning_goes_on_from_the_arms_it_fini
         shutil.copytree(stage1_work, work)
         runs[name] = work
     kept = runs["stopped"] / "shared" / "measured" / "seed_42" / "stage_6_hotflip"
-    err = _stopped_once("stage_6_hotflip_attacks", runs["stopped"], _first_arm_kept(kept), *fast_sets(), *small)
-    assert "what stage 6 (hotflip) measured is kept, rerun the same command to go on" in err
+    err = _stopped_once("stage_6_hotflip_attacks", runs["stopped"], lambda: bool(list(kept.glob("pretrained.doc*"))),
+                        *fast_sets(), *small)
+    assert re.search(r"after pretrained's text \d; what stage 6 \(hotflip\) measured is kept, rerun the same command "
+                     r"to go on", err), err[-2000:]
     r = run_script("stage_6_hotflip_attacks", "--work-dir", str(runs["stopped"]), *fast_sets(), *small)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"\[hotflip\] pretrained .*measured before: kept", r.stdout), r.stdout
+    assert re.search(r"\[hotflip\] pretrained +\d text\(s\) attacked before: kept", r.stdout), r.stdout
+    assert not list(kept.glob("*.doc*"))                     # a finished arm's texts give way to its whole record
     assert run_script("stage_6_hotflip_attacks", "--work-dir", str(runs["straight"]), *fast_sets(), *small).returncode == 0
     for name in ("hotflip", "gcg", "random_search", "worst_case"):
         got, want = (json.loads((runs[k] / "seed_42" / "results" / f"{name}.json").read_text())["models"]
                      for k in ("stopped", "straight"))
         assert {a: [r["adversarial_ids"] for r in m["examples"]] for a, m in got.items()} == \
                {a: [r["adversarial_ids"] for r in m["examples"]] for a, m in want.items()}, name
+
+
+@pytest.mark.slow
+def test_stage_5_stopped_by_its_time_limit_warning_goes_on_from_the_restarts_it_finished(stage1_work, tmp_path):
+    """SIGUSR1 stops stage 5 after the UAT restart in progress, inside an arm; the requeued run reads the
+    restarts searched before and finds the triggers, costs and traces an uninterrupted run finds."""
+    small = [a for kv in ("attack.uat_restarts=3", "attack.uat_max_sweeps=2", "attack.uat_opt_texts=4",
+                          "attack.uat_eval_texts=4") for a in ("--set", kv)]
+    runs = {}
+    for name in ("stopped", "straight"):
+        runs[name] = tmp_path / name
+        shutil.copytree(stage1_work, runs[name])
+    kept = runs["stopped"] / "shared" / "measured" / "seed_42" / "stage_5_uat_attacks"
+    err = _stopped_once("stage_5_uat_attacks", runs["stopped"], lambda: bool(list(kept.glob("pretrained.restart*"))),
+                        *fast_sets(), *small)
+    assert re.search(r"after pretrained's restart \d; what stage 5 measured is kept", err), err[-2000:]
+    r = run_script("stage_5_uat_attacks", "--work-dir", str(runs["stopped"]), *fast_sets(), *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"\[uat\] pretrained +\d restart\(s\) searched before: kept", r.stdout), r.stdout
+    assert run_script("stage_5_uat_attacks", "--work-dir", str(runs["straight"]), *fast_sets(), *small).returncode == 0
+    got, want = (json.loads((runs[k] / "seed_42" / "results" / "uat.json").read_text())["models"]
+                 for k in ("stopped", "straight"))
+    fields = ("trigger_ids", "opt_loss", "restart", "iterations", "search_cost", "restarts", "eval")
+    assert {a: {f: m[f] for f in fields} for a, m in got.items()} == {a: {f: m[f] for f in fields} for a, m in want.items()}
 
 
 @pytest.mark.slow

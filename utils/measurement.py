@@ -148,9 +148,10 @@ def measured_dir(paths: RunPaths, stage: str) -> Path:
     return paths.shared / "measured" / f"seed_{paths.seed}" / stage
 
 
-def stop_between_arms(stop: StopOnSignal, stage: str, arm: str) -> None:
-    """A signal (SLURM's warning before the time limit) stops a measurement stage after an arm; what it
-    measured is kept (MeasuredOnce) and the requeued job goes on from there. Collective."""
+def stop_after(stop: StopOnSignal, stage: str, arm: str) -> None:
+    """A signal (SLURM's warning before the time limit) stops a measurement stage after `arm` (an arm, or a part
+    of one: a task, a UAT restart, a text); what it measured is kept (MeasuredOnce) and the requeued job goes
+    on from there. Collective."""
     if distributed.any_rank(stop.requested)[0]:
         raise Preempted(f"stopped by {stop.reason or 'a signal to another process'} after {arm}; what {stage} "
                         f"measured is kept, rerun the same command to go on", stop.signum or signal.SIGUSR1)
@@ -226,7 +227,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         out["models"][arm] = evaluation
         say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
              f"({evaluation['tokens']:,} tokens, {evaluation['bits_per_byte']:.3f} bits/byte)")
-        stop_between_arms(stop, "stage 4", f"{arm}'s perplexity")   # kept: the requeued job goes on with its tasks
+        stop_after(stop, "stage 4", f"{arm}'s perplexity")   # kept: the requeued job goes on with its tasks
         if tasks:      # task i on rank i mod N, each kept as soon as it is done
             log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
             mine = {}
@@ -245,7 +246,7 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
         once.drop_parts(arm, path)
         del model
-        stop_between_arms(stop, "stage 4", arm)
+        stop_after(stop, "stage 4", arm)
     out["processes"] = distributed.world_size()
     path = paths.results / "evaluation.json"
     written = [str(path)] + ([str(paths.results / "capabilities.json")] if tasks else [])
@@ -274,7 +275,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     arms = available_arms(paths)
     models = {}
     once = MeasuredOnce(cfg, paths, "stage_5_uat_attacks", ATTACK_SECTIONS)
-    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the arm, requeue, go on
+    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the restart, requeue, go on
     for arm, path in arms.items():      # the trigger search, the expensive part (the transfer below is cheap)
         models[arm] = once.get(arm, path)
         if models[arm]:
@@ -284,7 +285,18 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         victim = Victim(load_arm(path, compute.device), compute, a.batch_size, shard=True,
                         surrogate_gradient=a.surrogate_gradient)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        found = uat.find_trigger(victim, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token)
+        # Restart by restart, each kept as it finishes: SLURM's warning stops the stage after the restart in
+        # progress and the requeued job goes on with the next (every rank runs every restart: the check is
+        # collective).
+        kept = {r: part for r in range(a.uat_restarts) if (part := once.get_part(arm, path, f"restart{r}"))}
+        if kept:
+            say(f"[uat] {arm:<15} {len(kept)} restart(s) searched before: kept")
+
+        def keep(record):
+            once.put(arm, path, record, part=f"restart{record['restart']}")
+            stop_after(stop, "stage 5", f"{arm}'s restart {record['restart']}")
+
+        found = uat.find_trigger(victim, [t["ids"] for t in opt], a, forbidden, cfg.seed, init_token, kept, keep)
         trig = found["trigger"]
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "trigger_ids": trig.tolist(),
                        "trigger_text": tokenizer.decode(trig.tolist()), "opt_loss": found["loss"],
@@ -296,10 +308,11 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
                                      "iterations": r["iterations"], "cost": r["cost"], "trace": r["trace"]}
                                     for r in found["restarts"]]}
         once.put(arm, path, models[arm])
+        once.drop_parts(arm, path)
         say(f"[uat] {arm:<15} trigger {models[arm]['trigger_text']!r} (opt-set NLL {found['loss']:.3f}, "
              f"{found['cost']['forward_passes']:,} exact forward passes)")
         del victim
-        stop_between_arms(stop, "stage 5", arm)
+        stop_after(stop, "stage 5", arm)
     # Every trigger on every model, on the held-out texts; the diagonal is each model's own result.
     transfer = {src: {} for src in arms}
     held_ids = [t["ids"] for t in held]

@@ -22,7 +22,7 @@ from utils.attacks.core import Victim, forbidden_tokens, select_texts
 from utils.attacks.masking import flat_fractions, has_flat_region
 from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.measurement import (ATTACK_SECTIONS, MeasuredOnce, arm_label, available_arms, load_arm, say,
-                               stop_between_arms)
+                               stop_after)
 from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import RunPaths, publish, write_json
@@ -88,7 +88,7 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
     arms = available_arms(paths)
     models = {}
     once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
-    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the arm, requeue, go on
+    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the text, requeue, go on
     for arm, path in arms.items():
         models[arm] = once.get(arm, path)
         if models[arm]:
@@ -104,12 +104,24 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
             once.put(arm, path, models[arm])
             continue
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        records, t0 = [], time.time()
-        for t in mine:
-            rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
-            rec["success"] = rec["rel_delta_nll"] > a.success_threshold
-            rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
-            records.append(rec)
+        records, t0, kept = [], time.time(), 0
+        # Text by text, each kept as it is done (every search is seeded by its text alone): SLURM's warning stops
+        # the stage after the text in progress and the requeued job goes on with the next. The ranks check
+        # together, once per text of the largest share.
+        for i in range(-(-len(texts) // distributed.world_size())):
+            if i < len(mine):
+                t = mine[i]
+                rec = once.get_part(arm, path, f"doc{t['doc']}")
+                kept += rec is not None
+                if rec is None:
+                    rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
+                    rec["success"] = rec["rel_delta_nll"] > a.success_threshold
+                    rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
+                    once.put(arm, path, rec, part=f"doc{t['doc']}", every_rank=True)
+                records.append(rec)
+            stop_after(stop, f"stage 6 ({name})", f"{arm}'s text {i + 1}")
+        if kept:
+            say(f"[{name}] {arm:<15} {kept} text(s) attacked before: kept")
         draws = [hotflip.random_flips(t["ids"], r["n_flips"], forbidden,
                                       torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))
                  for t, r in zip(mine, records)]
@@ -119,15 +131,16 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
         models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
                        "summary": _summary(records, a.success_threshold),
                        "random_control": _summary(controls, a.success_threshold),
-                       "seconds_per_example": (time.time() - t0) / len(mine) if mine else None,
+                       "seconds_per_example": (time.time() - t0) / (len(mine) - kept) if len(mine) > kept else None,
                        "examples": records, "control_examples": controls}
         s, c = models[arm]["summary"], models[arm]["random_control"]
         say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
              f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
              f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
         once.put(arm, path, models[arm])
+        once.drop_parts(arm, path)
         del victim
-        stop_between_arms(stop, f"stage 6 ({name})", arm)
+        stop_after(stop, f"stage 6 ({name})", arm)
     transfer = {src: {} for src in arms}
     share = distributed.my_share(len(texts))
     for arm, path in arms.items():

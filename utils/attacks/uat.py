@@ -139,24 +139,34 @@ def gcg_search(victim: Victim, texts: list[torch.Tensor], start: torch.Tensor, a
 
 
 def find_trigger(victim: Victim, texts: list[torch.Tensor], a: AttackConfig, forbidden: torch.Tensor,
-                 seed: int, init_token: int) -> dict:
+                 seed: int, init_token: int, kept: dict | None = None, after=None) -> dict:
     """The best trigger over `uat_restarts` searches, with the exact cost of all of them, and every
     restart's trigger, cost and trace (best optimisation-set damage, the loss minus the clean loss,
-    against the forward passes of that restart): each restart is an independent search."""
+    against the forward passes of that restart): each restart is an independent search (seeded by its
+    index alone), so one finished earlier (`kept`: restart -> its record, the trigger as a list) is read,
+    not searched again; `after(record)` is called as each restart finishes (to keep it; it may stop)."""
     allowed = (~forbidden).nonzero().squeeze(1)
     best, before = {"loss": float("-inf")}, victim.cost.copy()
     clean = trigger_losses(victim, [torch.tensor([], dtype=torch.long)], texts)[0]
+    cost = victim.cost.since(before)
     restarts = []
     for restart in range(a.uat_restarts):
-        gen = torch.Generator().manual_seed(seed * 1000 + restart)
-        start = start_trigger(restart, a.uat_trigger_len, init_token, allowed, gen)
-        trace, spent = Trace(victim, victim.cost.copy()), victim.cost.copy()
-        if a.uat_search == "beam":
-            found = beam_search(victim, texts, start, a, forbidden, trace)
+        if restart in (kept or {}):
+            found = {**kept[restart], "trigger": torch.tensor(kept[restart]["trigger"])}
         else:
-            found = gcg_search(victim, texts, start, a, forbidden, gen, trace)
-        restarts.append({**found, "restart": restart, "cost": victim.cost.since(spent),
-                         "trace": [[n, loss - clean] for n, loss in trace.points]})
+            gen = torch.Generator().manual_seed(seed * 1000 + restart)
+            start = start_trigger(restart, a.uat_trigger_len, init_token, allowed, gen)
+            trace, spent = Trace(victim, victim.cost.copy()), victim.cost.copy()
+            if a.uat_search == "beam":
+                found = beam_search(victim, texts, start, a, forbidden, trace)
+            else:
+                found = gcg_search(victim, texts, start, a, forbidden, gen, trace)
+            found = {**found, "restart": restart, "cost": victim.cost.since(spent),
+                     "trace": [[n, loss - clean] for n, loss in trace.points]}
+            if after is not None:
+                after({**found, "trigger": found["trigger"].tolist()})
+        restarts.append(found)
+        cost = {k: v + found["cost"][k] for k, v in cost.items()}
         if found["loss"] > best["loss"]:
             best = {**found, "restart": restart}
-    return {**best, "clean_loss": clean, "cost": victim.cost.since(before), "restarts": restarts}
+    return {**best, "clean_loss": clean, "cost": cost, "restarts": restarts}

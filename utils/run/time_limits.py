@@ -11,7 +11,8 @@ and save overhead, rounded up to 15 minutes, at least 30 minutes. Stages that ch
 and requeue (2-6: training checkpoints, measurement keeps each arm it finished) are capped at MAX_HOURS or the
 cluster's own limit if shorter (the partition's MaxTime, the QOS's MaxWall: `cluster_max_hours`); a longer
 estimate means several requeued runs, which the limit line says. The other stages' fixed limits are capped
-too. A stage whose smallest unit of requeued work (a training step, one arm's measurement) cannot fit a job
+too. A stage whose smallest unit of requeued work (a training step, one arm's measurement in stage 4, a UAT
+restart, an attacked text) cannot fit a job
 is refused (`LimitError`) before anything is submitted. Measured throughput (benchmarks/gpu_check.sh)
 replaces the assumed one with MONO_SLURM_TFLOPS.
 """
@@ -228,11 +229,17 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
     out.append(_limit(4, flops, flops / rate("measure"),
                       f"{arms} arms: perplexity over ~{test_tokens / 1e6:.2g}M test tokens (stride {e.stride}) "
                       f"and {len(listed(e.tasks))} lm-eval task(s)", flops / rate("measure") / arms, cap_hours))
-    for stage, (fwd, grad) in zip((5, 6), attack_forward_equivalents(cfg, arms)):
+    # Stage 5 keeps each UAT restart, stage 6 each attacked text: a requeued run's smallest piece (stage 6's
+    # counted here as its whole work over its fewest texts per search: more than any one text of any search; a
+    # text is one process's, where UAT's restart shares its queries across all).
+    a = cfg.attack
+    texts = min([a.hotflip_texts if s == "hotflip" else a.gcg_texts for s in listed(a.text_attacks)] or [1])
+    for stage, (fwd, grad), pieces in zip((5, 6), attack_forward_equivalents(cfg, arms), (a.uat_restarts, texts)):
         flops = 2 * n * fwd + 6 * n * grad
         out.append(_limit(stage, flops, flops / rate("measure"),
                           f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens at most",
-                          flops / rate("measure") / arms, cap_hours))
+                          flops / rate("measure") / arms / max(1, pieces) * (measure_procs if stage == 6 else 1),
+                          cap_hours))
     return out
 
 
@@ -251,7 +258,8 @@ def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_p
                max_hours: float | None = None, lead_s: float = 120) -> tuple[dict[int, float], list[Limit]]:
     """({stage: hours} of every job 0-8, derived for 2-6 where the model's size is known, else fixed; none over
     the cluster's `max_hours`), and the derived limits. LimitError where a requeued stage's smallest unit of
-    work (MARGIN x one training step, or one arm's measurement) cannot fit in a job before its stop signal,
+    work (MARGIN x one training step, one arm's stage 4, a UAT restart, an attacked text) cannot fit in a job
+    before its stop signal,
     `lead_s` seconds before the limit (run_all.sh's --signal)."""
     cap = min(MAX_HOURS, max_hours) if max_hours else MAX_HOURS
     derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap) or []
@@ -264,7 +272,8 @@ def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_p
                              f"time in a job of the cluster's {hms(max_hours)}")
         for lim in derived:
             if MARGIN * lim.unit_h > room:
-                piece = "one training step" if lim.stage in (2, 3) else "one arm's measurement"
+                piece = {2: "one training step", 3: "one training step", 4: "one arm's measurement",
+                         5: "one UAT restart on one arm", 6: "one attacked text"}[lim.stage]
                 raise LimitError(f"stage {lim.stage} cannot finish in requeued jobs of the cluster's {hms(max_hours)}: "
                                  f"{piece} is counted at ~{lim.unit_h:.2f} h ({MARGIN:g}x that must fit before the "
                                  f"stop signal); use a partition with a longer MaxTime, more processes "
