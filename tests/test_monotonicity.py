@@ -250,3 +250,25 @@ def test_save_load_round_trip_for_each_construction(construction, tmp_path):
 def test_signed_units_needs_both_mlp_matrices():
     with pytest.raises(ValueError, match="mlp_both"):
         apply_monotonicity(tiny_model(), "mlp_in", "monotone", 1e-6, "signed_units")
+
+
+def test_constrained_weights_are_cached_across_forwards_only_where_they_fit_with_the_same_numbers():
+    """constrained_cache: every W = softplus(V) computed once for several forwards where twice their bytes fit
+    the room left (a GPU's free memory), else each layer's W computed as it runs (a 40 GB card measuring
+    pythia-6.9b): the outputs are equal bit for bit."""
+    from utils.model.monotonicity import constrained_cache
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-3)
+    mods = list(constrained_modules(model, "mlp_both").values())
+    need = sum(m.parametrizations.weight.original.numel() * 4 for m in mods)
+    calls = []
+    for m in mods:
+        m.parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    outs = {}
+    for name, room in (("fits", 2 * need + 1), ("does not fit", 2 * need)):
+        calls.clear()
+        with torch.no_grad(), constrained_cache(model, free_bytes=room):
+            outs[name] = [model(input_ids=ids).logits for _ in range(3)]
+        assert len(calls) == len(mods) * (1 if name == "fits" else 3), name
+    assert all(torch.equal(a, b) for a, b in zip(outs["fits"], outs["does not fit"]))

@@ -261,6 +261,8 @@ def test_dry_run_budgets_host_memory_and_disk_and_asks_for_the_memory_it_counts(
     assert mem[2] == mem[3] >= 1.5 * 24 * 6.85e9 / 2 ** 30 and mem[0] == 64 and mem[7] == 16, mem
     line = next(l for l in r.stderr.splitlines() if l.startswith("host memory per node"))
     assert "stage 2 ~" in line and f"-> {mem[2]}G" in line
+    gpu = next(l for l in r.stderr.splitlines() if l.startswith("GPU memory"))
+    assert "a whole fp32 arm, ~27.4 GB" in gpu and "constrained weights (~17.2 GB)" in gpu, gpu
     disk = next(l for l in r.stderr.splitlines() if l.startswith("disk:"))
     assert re.match(r"disk: ~\d+ GB per finished seed .* ~[\d.e+]+ GB at its peak", disk), disk
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b",

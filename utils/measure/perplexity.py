@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 
+from utils.model.monotonicity import constrained_cache
 from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute, halving_on_oom
@@ -60,7 +60,7 @@ def score_windows(model, seqs: list[np.ndarray], compute: Compute) -> list[float
     # Windows of one length (batched together by document_nll) need no mask: SDPA's fast causal path.
     mask = None if all(len(s) - 1 == width for s, _ in seqs) else mask.to(compute.device)
     ids, labels = ids.to(compute.device), labels.to(compute.device)
-    with compute.autocast(), parametrize.cached():     # softplus(V) once per forward
+    with compute.autocast(), constrained_cache(model):     # softplus(V) once per forward where it fits
         nll = target_nll(model, final_hidden(model, ids, mask), labels)
     return row_sums(nll, labels).tolist()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from configs.experiment_config import ExperimentConfig, numbers
-from utils.run.time_limits import parameters
+from utils.run.time_limits import parameters, shape
 
 GIB = 2 ** 30
 PROCESS_GIB = {"gpu": 4.0, "cpu": 1.5}     # assumed runtime of one process, beside the model state it holds
@@ -77,6 +77,14 @@ def describe(cfg: ExperimentConfig, mems: dict[int, float | None], requests: dic
     lines = ["host memory per node (counted: utils/run/resources.py; --mem = "
              f"{MEM_MARGIN:g} x, rounded up to 8 GiB, >= {MEM_FLOOR_GIB} GiB; MONO_SLURM_MEM/_CPU_MEM win): "
              + ", ".join(f"stage {s} ~{g:.1f} GiB -> {requests[s]}" for s, g in mems.items() if g is not None)]
+    n = parameters(cfg)
+    layers, d, ff, _ = shape(cfg)
+    mlp = 2 * d * ff * layers
+    lines.append(f"GPU memory (MONO_SLURM_GPU=gpu:<type>:1 names the card): stages 1 and 4-6 hold a whole fp32 arm, "
+                 f"~{4 * n / 1e9:.3g} GB, plus activations; a monotone arm's constrained weights (~{4 * mlp / 1e9:.3g} "
+                 f"GB) are kept across forwards only where twice that is free, else computed layer by layer; "
+                 f"training holds ~{16 * n / 1e9:.3g} GB of state over its ranks plus activations "
+                 f"(benchmarks/estimate_memory.py)")
     d = disk_per_seed_gb(cfg)
     lines.append(f"disk: ~{d['kept']:.3g} GB per finished seed (models, best weights, each arm's last checkpoint), "
                  f"~{d['peak']:.3g} GB at its peak while training (the recipe search's prefixes and a second "

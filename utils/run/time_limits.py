@@ -115,16 +115,20 @@ class Limit:
         return hms(self.limit_h)
 
 
-def parameters(cfg: ExperimentConfig) -> int | None:
-    """The model's parameter count from the config (None: a hub or local model of unknown shape)."""
+def shape(cfg: ExperimentConfig) -> tuple[int, int, int, int] | None:
+    """(layers, d_model, d_ff, vocabulary) from the config (None: a hub or local model of unknown shape)."""
     m = cfg.model
     if m.source == "tiny":
-        layers, d, vocab, ff = m.n_layer, m.d_model, m.vocab_size, m.d_ff
-    else:
-        shape = PYTHIA_SHAPES.get((m.hub_id or m.path).rstrip("/").split("/")[-1].lower())
-        if shape is None:
-            return None
-        (layers, d, _), vocab, ff = shape, PYTHIA_VOCAB, 4 * shape[1]
+        return m.n_layer, m.d_model, m.d_ff, m.vocab_size
+    known = PYTHIA_SHAPES.get((m.hub_id or m.path).rstrip("/").split("/")[-1].lower())
+    return None if known is None else (known[0], known[1], 4 * known[1], PYTHIA_VOCAB)
+
+
+def parameters(cfg: ExperimentConfig) -> int | None:
+    """The model's parameter count from the config (None: a hub or local model of unknown shape)."""
+    if (s := shape(cfg)) is None:
+        return None
+    layers, d, ff, vocab = s
     return layers * (4 * d * d + 2 * d * ff) + 2 * vocab * d
 
 

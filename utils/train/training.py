@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from configs.experiment_config import TrainConfig
-from utils.model.monotonicity import project_constrained_
+from utils.model.monotonicity import constrained_cache, project_constrained_
 from utils.model.next_token import final_hidden, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute
@@ -136,7 +135,7 @@ def window_loss(model, rows: torch.Tensor, compute: Compute, sharded: bool) -> t
     """Validation's forward of one batch of windows (no gradient). softplus(V) once per forward in one
     process; sharded, a cached W of every layer would outlive its layer's all-gather: a whole unsharded
     copy of the constrained weights on every rank."""
-    with torch.no_grad(), compute.autocast(sharded), (nullcontext() if sharded else parametrize.cached()):
+    with torch.no_grad(), compute.autocast(sharded), (nullcontext() if sharded else constrained_cache(model)):
         return lm_loss(model, rows)
 
 
