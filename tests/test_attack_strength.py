@@ -203,3 +203,30 @@ def test_uat_has_plateaued_when_every_restart_stopped_on_a_sweep_without_gain():
     arms = convergence(raw("gcg"), n_boot=50)["uat"]["arms"]
     assert arms["stopped"]["plateaued"] is False and "restarts_stopped" not in arms["stopped"]
 
+
+
+def test_transfer_beating_white_box_is_measured_per_text_against_the_best_unconstrained_source():
+    """Three seeds of 10 texts: the baseline's adversarial texts do 0.3 more damage on the monotone arm than its
+    own white-box search (masking), the pretrained model's 0.1 more, the other monotone arm's 0.5 more but it is
+    not an unconstrained source; on the baseline itself, transfer from the pretrained model does 0.2 less."""
+    from utils.results.attack_checks import masking
+    rng = np.random.default_rng(0)
+    raw = {}
+    for seed in (1, 2, 3):
+        docs = list(range(seed * 100, seed * 100 + 10))
+        own = {arm: rng.uniform(0.2, 1.0, 10) for arm in ("monotonic", "baseline", "pretrained", "monotonic_init")}
+        noise = lambda: rng.normal(0, 0.01, 10)                                   # noqa: E731
+        shift = {("baseline", "monotonic"): 0.3, ("pretrained", "monotonic"): 0.1, ("monotonic_init", "monotonic"): 0.5,
+                 ("pretrained", "baseline"): -0.2, ("monotonic", "baseline"): 0.0, ("monotonic_init", "baseline"): 0.0}
+        transfer = {src: {arm: {"abs_delta_nll_per_text": list(own[arm] + d + noise())}
+                          for (s, arm), d in shift.items() if s == src} for src in own}
+        models = {arm: {"examples": [{"doc": d, "abs_delta_nll": float(v)} for d, v in zip(docs, own[arm])]}
+                  for arm in own}
+        raw[seed] = {"gcg.json": {"models": models, "transfer": transfer}}
+    m = masking(raw, ["monotonic", "baseline"], n_boot=500)
+    got = m["monotonic"]["transfer_minus_white_box_gcg"]
+    assert got["source"] == "baseline" and got["mean"] == pytest.approx(0.3, abs=0.01) and got["ci95"][0] > 0.25
+    assert got["n"] == 3 and got["n_texts"] == 30
+    got = m["baseline"]["transfer_minus_white_box_gcg"]
+    assert got["source"] == "pretrained" and got["mean"] == pytest.approx(-0.2, abs=0.01) and got["ci95"][1] < 0
+    assert "transfer_minus_white_box_hotflip" not in m["monotonic"]                # no HotFlip file

@@ -147,8 +147,10 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
         victim = Victim(load_arm(path, compute.device), compute, a.batch_size)
         rows = hotflip.rescore(victim, [r for src in arms for r in models[src]["examples"][share.start:share.stop]])
         for i, src in enumerate(arms):
-            part = rows[i * len(share):(i + 1) * len(share)]
-            transfer[src][arm] = _summary(distributed.gather_shares(part), a.success_threshold)
+            part = distributed.gather_shares(rows[i * len(share):(i + 1) * len(share)])
+            # per text, in the order of src's records: the paired transfer - white-box check (stage 7)
+            transfer[src][arm] = {**_summary(part, a.success_threshold),
+                                  "abs_delta_nll_per_text": [r["abs_delta_nll"] for r in part]}
         del victim
     path = paths.results / f"{name}.json"
     if distributed.is_main():

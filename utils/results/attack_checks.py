@@ -4,7 +4,10 @@
                 adversarial texts, mean over layers and seeds), and the paired differences on the same
                 texts of GCG through the exact-GELU surrogate minus plain GCG, and of random search minus
                 GCG. Surrogate > plain on a constrained arm: the model's own gradient hid damage (gradient
-                masking). Random search >= GCG: the gradient did not guide the search there.
+                masking). Random search >= GCG: the gradient did not guide the search there. And per search
+                (HotFlip, GCG), the adversarial texts crafted on the unconstrained arm that transfers best, applied
+                to this arm, minus this arm's own white-box damage on the same texts: transfer beating white-box
+                is the classic masking signal (the arm's own gradient led its search astray).
   pgd           per arm and radius: the damage of PGD on the input embeddings (what its search found: a lower
                 bound on the worst case inside the ball)
   ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from utils.results.frontier import is_unconstrained
 from utils.results.statistics import bootstrap_summary, hierarchical_bootstrap, mean_of_seeds
 
 
@@ -45,6 +49,31 @@ def paired_difference(raw: dict, first: str, second: str, arm: str, n_boot: int)
     return {**bootstrap_summary(float(est), draws), "n": len(seeds), "n_texts": sum(len(s["d"]) for s in seeds)}
 
 
+def transfer_minus_white_box(raw: dict, search: str, arm: str, n_boot: int) -> dict | None:
+    """Per text, the damage on `arm` of the adversarial text crafted on the unconstrained source arm whose
+    transfer to `arm` is largest on average over the seeds, minus `arm`'s own white-box damage on that text."""
+    from utils.results.frontier import is_unconstrained
+    per_source = {}
+    for files in raw.values():
+        res = files.get(f"{search}.json")
+        if not res or arm not in res["models"] or "transfer" not in res:
+            continue
+        own = _by_doc(res, arm)
+        for src, row in res["transfer"].items():
+            per_text = row.get(arm, {}).get("abs_delta_nll_per_text")
+            if src == arm or not is_unconstrained(src) or per_text is None:
+                continue
+            docs = [r["doc"] for r in res["models"][src]["examples"]]
+            per_source.setdefault(src, []).append({"d": [t - own[d] for d, t in zip(docs, per_text) if d in own]})
+    per_source = {s: seeds for s, seeds in per_source.items() if len(seeds) == len(raw)}
+    if not per_source:
+        return None
+    best = max(per_source, key=lambda s: np.mean([np.mean(x["d"]) for x in per_source[s]]))
+    est, draws = hierarchical_bootstrap(per_source[best], mean_of_seeds("d"), n_boot=n_boot)
+    return {**bootstrap_summary(float(est), draws), "source": best, "n": len(per_source[best]),
+            "n_texts": sum(len(x["d"]) for x in per_source[best])}
+
+
 def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
     out = {}
     for arm in arms:
@@ -60,6 +89,9 @@ def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
                                      ("random_minus_gcg", ("random_search", "gcg"))):
             if (d := paired_difference(raw, first, second, arm, n_boot)) is not None:
                 row[key] = d
+        for search in ("hotflip", "gcg"):
+            if (d := transfer_minus_white_box(raw, search, arm, n_boot)) is not None:
+                row[f"transfer_minus_white_box_{search}"] = d
         if row:
             out[arm] = row
     return out

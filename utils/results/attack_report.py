@@ -77,15 +77,24 @@ def attack_strength(final: dict) -> list[str]:
                   "'no clamp': exact GELU, only small there), on the attacked and on the worst-case adversarial texts. "
                   "Surrogate - GCG: GCG through exact GELU's derivative (BPDA) minus plain GCG, per text; > 0 on a clamped "
                   "arm means its own gradient hid damage. Random - GCG: random search with GCG's forward budget minus GCG; "
-                  ">= 0 means the gradient did not guide the search.", "",
-                  "| Model | Clamp | Below clamp (clean, adversarial) | Surrogate - GCG dNLL [95% CI] | Random - GCG dNLL [95% CI] |",
-                  "|---|---|---|---|---|"]
+                  ">= 0 means the gradient did not guide the search. Transfer - white box: per text, the damage "
+                  "on this arm of the texts crafted on the unconstrained arm that transfers best (named), minus the "
+                  "arm's own white-box damage; > 0 means another model's gradient found more than the arm's own "
+                  "(masking).", "",
+                  "| Model | Clamp | Below clamp (clean, adversarial) | Surrogate - GCG dNLL [95% CI] | Random - GCG dNLL "
+                  "[95% CI] | Transfer - white box, HotFlip | Transfer - white box, GCG |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def transfer(d):
+            return "n/a" if d is None else f"{fmt(d, 1, 3)} (from {ARM_NAMES[d['source']]})"
         for arm in (x for x in arms if x in mask):
             m = mask[arm]
             below = (f"{100 * m['below_clamp_clean']:.2f}%, {100 * m['below_clamp_adversarial']:.2f}%"
                      if "below_clamp_clean" in m else "n/a")
             lines.append(f"| {ARM_NAMES[arm]} | {'flat' if m.get('flat_region') else 'no clamp'} | {below} | "
-                         f"{fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {fmt(m.get('random_minus_gcg'), 1, 3)} |")
+                         f"{fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {fmt(m.get('random_minus_gcg'), 1, 3)} | "
+                         f"{transfer(m.get('transfer_minus_white_box_hotflip'))} | "
+                         f"{transfer(m.get('transfer_minus_white_box_gcg'))} |")
         rank = acr.get("surrogate_ranking")
         if rank:
             lines += ["", "Arms by GCG dNLL, most damaged first: " + ", ".join(ARM_NAMES[a] for a in rank["order"]["gcg_mean_abs_delta_nll"])
