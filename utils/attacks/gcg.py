@@ -80,19 +80,6 @@ class Buffer:
     def current(self) -> torch.Tensor:
         return self.items[0][1]
 
-    def current_objective(self) -> float:
-        return self.items[0][0]
-
-
-def rank_correlation(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (None for fewer than 3 pairs or a constant side)."""
-    if len(x) < 3:
-        return None
-    rx, ry = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (x, y))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.norm() * ry.norm()).item()
-    return None if denom == 0 else float((rx @ ry).item() / denom)
-
 
 def random_swaps(current: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, width: int,
                  gen: torch.Generator) -> list[torch.Tensor]:
@@ -124,7 +111,6 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
     every, allowed = torch.arange(1, len(ids)), (~forbidden).nonzero().squeeze(1)
     buffer, best = Buffer(a.gcg_buffer, ids, 0.0), (0.0, ids)
     trace.add(0.0)
-    fidelity = []             # per step: how well the gradient's first-order gains rank the exact ones
     for _ in range(a.gcg_steps):
         cur = buffer.current()
         modified = (cur != ids).nonzero().squeeze(1)
@@ -141,19 +127,9 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
         changed = [(c != ids).nonzero().squeeze(1).tolist() for c in cands]
         nlls = victim.nll(cands, [target_mask(len(c), m) for c, m in zip(cands, changed)], base=cur)
         objectives = [score(n, clean_nll, len(c), m)["abs_delta_nll"] for c, n, m in zip(cands, nlls, changed)]
-        if proposal != "random":
-            # first order: the swap at p to v changes the loss by grad[p] . (E[v] - E[cur[p]])
-            swapped = [int((c != cur).nonzero()[0]) for c in cands]
-            emb, g = victim.embeddings.cpu().float(), grad.cpu().float()
-            predicted = [float(g[p] @ (emb[int(c[p])] - emb[int(cur[p])])) for c, p in zip(cands, swapped)]
-            fidelity.append(rank_correlation(predicted, [o - buffer.current_objective() for o in objectives]))
         step_best = step_best_of(cands, objectives)
         buffer.add(*step_best)
         if step_best[0] > best[0]:
             best = step_best
         trace.add(best[0])
-    out = {**record(victim, ids, best[1], clean_nll, before, trace), "steps": a.gcg_steps}
-    if proposal != "random":
-        steps = [f for f in fidelity if f is not None]
-        out["first_order_rank_correlation"] = sum(steps) / len(steps) if steps else None
-    return out
+    return {**record(victim, ids, best[1], clean_nll, before, trace), "steps": a.gcg_steps}

@@ -7,9 +7,7 @@
                 masking). Random search >= GCG: the gradient did not guide the search there. And per search
                 (HotFlip, GCG), the adversarial texts crafted on the unconstrained arm that transfers best, applied
                 to this arm, minus this arm's own white-box damage on the same texts: transfer beating white-box
-                is the classic masking signal (the arm's own gradient led its search astray). Per GCG search, the
-                rank correlation of the gradient's first-order gains with the exact gains of the swaps it proposed
-                (mean over steps, per text): near 0, the gradient predicts nothing and the search is masked.
+                is the classic masking signal (the arm's own gradient led its search astray).
   pgd           per arm and radius: the damage of PGD on the input embeddings (what its search found: a lower
                 bound on the worst case inside the ball)
   ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
@@ -94,12 +92,6 @@ def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
         for search in ("hotflip", "gcg"):
             if (d := transfer_minus_white_box(raw, search, arm, n_boot)) is not None:
                 row[f"transfer_minus_white_box_{search}"] = d
-        for search in ("gcg", "gcg_surrogate"):          # does the gradient rank the swaps it proposes?
-            seeds = [[r["first_order_rank_correlation"] for r in f[f"{search}.json"]["models"][arm]["examples"]
-                      if r.get("first_order_rank_correlation") is not None]
-                     for f in raw.values() if arm in f.get(f"{search}.json", {}).get("models", {})]
-            if seeds and all(seeds):
-                row[f"first_order_rank_correlation_{search}"] = _seed_then_unit(seeds, n_boot)
         if row:
             out[arm] = row
     return out

@@ -80,11 +80,10 @@ def attack_strength(final: dict) -> list[str]:
                   ">= 0 means the gradient did not guide the search. Transfer - white box: per text, the damage "
                   "on this arm of the texts crafted on the unconstrained arm that transfers best (named), minus the "
                   "arm's own white-box damage; > 0 means another model's gradient found more than the arm's own "
-                  "(masking). Gradient fidelity: GCG's rank correlation between the first-order and the exact gains "
-                  "of the swaps it proposed (mean over steps per text); near 0, the gradient predicts nothing.", "",
+                  "(masking).", "",
                   "| Model | Clamp | Below clamp (clean, adversarial) | Surrogate - GCG dNLL [95% CI] | Random - GCG dNLL "
-                  "[95% CI] | Transfer - white box, HotFlip | Transfer - white box, GCG | Gradient fidelity (GCG) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "[95% CI] | Transfer - white box, HotFlip | Transfer - white box, GCG |",
+                  "|---|---|---|---|---|---|---|"]
 
         def transfer(d):
             return "n/a" if d is None else f"{fmt(d, 1, 3)} (from {ARM_NAMES[d['source']]})"
@@ -95,8 +94,7 @@ def attack_strength(final: dict) -> list[str]:
             lines.append(f"| {ARM_NAMES[arm]} | {'flat' if m.get('flat_region') else 'no clamp'} | {below} | "
                          f"{fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {fmt(m.get('random_minus_gcg'), 1, 3)} | "
                          f"{transfer(m.get('transfer_minus_white_box_hotflip'))} | "
-                         f"{transfer(m.get('transfer_minus_white_box_gcg'))} | "
-                         f"{fmt(m.get('first_order_rank_correlation_gcg'), 1, 2)} |")
+                         f"{transfer(m.get('transfer_minus_white_box_gcg'))} |")
         rank = acr.get("surrogate_ranking")
         if rank:
             lines += ["", "Arms by GCG dNLL, most damaged first: " + ", ".join(ARM_NAMES[a] for a in rank["order"]["gcg_mean_abs_delta_nll"])
