@@ -233,11 +233,19 @@ def test_no_job_asks_for_more_than_the_cluster_allows_and_a_stage_that_cannot_fi
                  env_extra={"MONO_SLURM_MAX_TIME": "4:00:00"})
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and not r.stdout.strip(), r.stdout + r.stderr
-    assert "stage 5 cannot finish in requeued jobs of the cluster's 04:00:00: one UAT restart on one arm" in errors[0]
+    assert "stage 5 cannot finish in requeued jobs of 04:00:00: one UAT restart on one arm" in errors[0]
+    assert "a partition with a longer MaxTime, more processes (MONO_SLURM_MEASURE_PROCS)" in errors[0]
     # 8 measuring processes share each restart's queries: its piece fits again.
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
                  env_extra={"MONO_SLURM_MAX_TIME": "4:00:00", "MONO_SLURM_MEASURE_PROCS": "8"})
     assert r.returncode == 0, r.stderr
+    # With no cluster limit (or one above it) jobs still ask for 24 h at most: pythia-12b's UAT restart on one
+    # GPU (~20 h counted) cannot fit one, and no longer partition helps.
+    for env in ({}, {"MONO_SLURM_MAX_TIME": "2-00:00:00"}):
+        r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b", "--set",
+                     "model.hub_id=EleutherAI/pythia-12b", env_extra=env)
+        assert r.returncode == 2 and "stage 5 cannot finish in requeued jobs of 24:00:00" in r.stderr, r.stderr
+        assert "longer MaxTime" not in r.stderr
 
 
 @pytest.mark.parametrize("text, hours", [("90", 1.5), ("30:00", 0.5), ("12:30:00", 12.5), ("2-00", 48.0),

@@ -204,6 +204,8 @@ def test_the_chain_finishes_under_a_short_partition_limit_requeued_each_time_it_
     uninterrupted = subprocess.Popen(["bash", str(ROOT / "run_all.sh"), "--local", "--work-dir", str(reference), *sets],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", "MONO_LOCAL_PROCS": "1"})
+    part = subprocess.run(["scontrol", "-o", "show", "partition", "local"], capture_output=True, text=True).stdout
+    before = part.split("MaxTime=")[1].split()[0]
     subprocess.run(["scontrol", "update", "PartitionName=local", "MaxTime=2"], check=True)
     starter = _StartRequeuedJobs(work)
     try:
@@ -225,7 +227,7 @@ def test_the_chain_finishes_under_a_short_partition_limit_requeued_each_time_it_
     finally:
         starter.done.set()
         uninterrupted.kill()
-        subprocess.run(["scontrol", "update", "PartitionName=local", "MaxTime=INFINITE"], check=True)
+        subprocess.run(["scontrol", "update", "PartitionName=local", f"MaxTime={before}"], check=True)
     st = _status(work)
     assert st.returncode == 0 and st.stdout.count(" done") == len(ids), st.stdout + st.stderr
     logs = {p.name.split("_seed")[0]: p.read_text() for p in (work / "slurm" / "logs").glob("stage_*_seed42_*.log")}

@@ -288,7 +288,7 @@ def run_uat(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         # Restart by restart, each kept as it finishes: SLURM's warning stops the stage after the restart in
         # progress and the requeued job goes on with the next (every rank runs every restart: the check is
         # collective).
-        kept = {r: part for r in range(a.uat_restarts) if (part := once.get_part(arm, path, f"restart{r}"))}
+        kept = {r: part for r in range(a.uat_restarts) if (part := once.get(arm, path, f"restart{r}"))}   # rank 0 decides
         if kept:
             say(f"[uat] {arm:<15} {len(kept)} restart(s) searched before: kept")
 

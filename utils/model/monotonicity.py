@@ -210,13 +210,14 @@ def constrained_cache(model: nn.Module, free_bytes: int | None = None):
     """`parametrize.cached()` (softplus(V) once per forward, every constrained W alive at once) where those
     weights fit beside what is already on the device with room to spare, else a no-op context (each layer's W
     computed when the layer runs, and freed after it): the same numbers either way. On a GPU the room is its
-    free memory (pythia-6.9b's MLP weights are 17.6 GB beside its 27.6 GB: a 40 GB card computes them per
-    layer), on a CPU always; `free_bytes` states it."""
+    free memory and what PyTorch holds reserved but unused (pythia-6.9b's MLP weights are 17.2 GB beside its
+    27.4 GB: a 40 GB card computes them per layer), on a CPU always; `free_bytes` states it."""
     need = sum(mod.parametrizations.weight.original.numel() * mod.parametrizations.weight.original.element_size()
                for mod in model.modules() if parametrize.is_parametrized(mod, "weight"))
     if free_bytes is None:
         device = next(model.parameters()).device
-        free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                      - torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     fits = free_bytes is None or 2 * need < free_bytes
     return parametrize.cached() if need and fits else nullcontext()
 

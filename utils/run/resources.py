@@ -79,7 +79,7 @@ def describe(cfg: ExperimentConfig, mems: dict[int, float | None], requests: dic
              + ", ".join(f"stage {s} ~{g:.1f} GiB -> {requests[s]}" for s, g in mems.items() if g is not None)]
     n = parameters(cfg)
     layers, d, ff, _ = shape(cfg)
-    mlp = 2 * d * ff * layers
+    mlp = layers * {"mlp_in": d * ff, "mlp_both": 2 * d * ff, "mlp_in_attn_out": d * ff + d * d}[cfg.monotone.scope]
     lines.append(f"GPU memory (MONO_SLURM_GPU=gpu:<type>:1 names the card): stages 1 and 4-6 hold a whole fp32 arm, "
                  f"~{4 * n / 1e9:.3g} GB, plus activations; a monotone arm's constrained weights (~{4 * mlp / 1e9:.3g} "
                  f"GB) are kept across forwards only where twice that is free, else computed layer by layer; "

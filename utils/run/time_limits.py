@@ -80,20 +80,22 @@ def cluster_max_hours(partition: str = "", qos: str = "") -> tuple[float | None,
     stated = os.environ.get("MONO_SLURM_MAX_TIME", "")
     if stated:
         return slurm_hours(stated), f"MONO_SLURM_MAX_TIME={stated}"
+    def ask(*cmd) -> str:                       # a command's output; "" where it is missing, fails or hangs
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30) if shutil.which(cmd[0]) else None
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return r.stdout if r is not None and r.returncode == 0 else ""
+
     found = []
-    if shutil.which("scontrol"):
-        r = subprocess.run(["scontrol", "-o", "show", "partition", *([partition] if partition else [])],
-                           capture_output=True, text=True, timeout=30)
-        for line in r.stdout.splitlines():
-            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            if fields.get("PartitionName") == partition or (not partition and fields.get("Default") == "YES"):
-                found.append((slurm_hours(fields.get("MaxTime", "")),
-                              f"partition {fields['PartitionName']} MaxTime={fields.get('MaxTime')}"))
-    if qos and shutil.which("sacctmgr"):
-        r = subprocess.run(["sacctmgr", "-nP", "show", "qos", qos, "format=MaxWall"], capture_output=True, text=True,
-                           timeout=30)
-        if r.returncode == 0 and r.stdout.strip():
-            found.append((slurm_hours(r.stdout.splitlines()[0]), f"QOS {qos} MaxWall={r.stdout.split()[0]}"))
+    names = [p for p in partition.split(",") if p]        # a job may go to any partition listed: the shortest
+    for line in ask("scontrol", "-o", "show", "partition").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("PartitionName") in names or (not names and fields.get("Default") == "YES"):
+            found.append((slurm_hours(fields.get("MaxTime", "")),
+                          f"partition {fields['PartitionName']} MaxTime={fields.get('MaxTime')}"))
+    if qos and (wall := ask("sacctmgr", "-nP", "show", "qos", qos, "format=MaxWall").strip()):
+        found.append((slurm_hours(wall.splitlines()[0]), f"QOS {qos} MaxWall={wall.split()[0]}"))
     limited = [(h, src) for h, src in found if h is not None]
     if limited:
         return min(limited)
@@ -254,7 +256,7 @@ def _limit(stage: int, flops: float, seconds: float, work: str, unit_seconds: fl
 
 
 def hms(hours: float) -> str:
-    minutes = int(round(hours * 60))
+    minutes = int(hours * 60 + 1e-6)          # down: a limit cut to the cluster's never rounds past it
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
@@ -269,19 +271,19 @@ def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_p
     derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap) or []
     hours = {n: min(h, max_hours) if max_hours else h for n, h in FIXED_HOURS.items()}
     hours.update({lim.stage: lim.limit_h for lim in derived})
-    if max_hours:
-        room = max_hours - lead_s / 3600
-        if room <= 0:
-            raise LimitError(f"the stop signal {lead_s:.0f} s before the limit (MONO_SLURM_SIGNAL_LEAD) leaves no "
-                             f"time in a job of the cluster's {hms(max_hours)}")
-        for lim in derived:
-            if MARGIN * lim.unit_h > room:
-                piece = {2: "one training step", 3: "one training step", 4: "one arm's measurement",
-                         5: "one UAT restart on one arm", 6: "one attacked text"}[lim.stage]
-                raise LimitError(f"stage {lim.stage} cannot finish in requeued jobs of the cluster's {hms(max_hours)}: "
-                                 f"{piece} is counted at ~{lim.unit_h:.2f} h ({MARGIN:g}x that must fit before the "
-                                 f"stop signal); use a partition with a longer MaxTime, more processes "
-                                 f"(MONO_SLURM_MEASURE_PROCS, MONO_SLURM_GPUS_PER_NODE) or a smaller budget")
+    room = cap - lead_s / 3600                   # what a job asks for, less the warning's lead
+    if room <= 0:
+        raise LimitError(f"the stop signal {lead_s:.0f} s before the limit (MONO_SLURM_SIGNAL_LEAD) leaves no "
+                         f"time in a job of {hms(cap)}")
+    for lim in derived:
+        if MARGIN * lim.unit_h > room:
+            piece = {2: "one training step", 3: "one training step", 4: "one arm's measurement",
+                     5: "one UAT restart on one arm", 6: "one attacked text"}[lim.stage]
+            procs = "MONO_SLURM_GPUS_PER_NODE" if lim.stage in (2, 3) else "MONO_SLURM_MEASURE_PROCS"
+            longer = "a partition with a longer MaxTime, " if max_hours and max_hours < MAX_HOURS else ""
+            raise LimitError(f"stage {lim.stage} cannot finish in requeued jobs of {hms(cap)}: {piece} is counted at "
+                             f"~{lim.unit_h:.2f} h ({MARGIN:g}x that must fit before the stop signal); use "
+                             f"{longer}more processes ({procs}) or a smaller budget")
     return hours, derived
 
 
