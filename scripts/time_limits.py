@@ -21,7 +21,8 @@ from configs.experiment_config import ConfigError
 from configs.presets import parse_sets
 from configs.presets import PRESETS, load_config
 from utils.run import resources
-from utils.run.time_limits import LimitError, cluster_max_hours, describe, describe_cap, hms, job_limits
+from utils.run.time_limits import (LimitError, cluster_max_hours, describe, describe_cap, hms, job_limits,
+                                   slurm_hours)
 
 
 def main() -> int:
@@ -38,8 +39,10 @@ def main() -> int:
         cfg = load_config(args.preset, parse_sets(args.overrides))
         max_hours, source = cluster_max_hours(os.environ.get("MONO_SLURM_PARTITION", ""),
                                               os.environ.get("MONO_SLURM_QOS", ""))
+        stated = {n: slurm_hours(os.environ[f"MONO_SLURM_TIME_{n}"]) for n in range(9)
+                  if os.environ.get(f"MONO_SLURM_TIME_{n}")}
         hours, limits = job_limits(cfg, bool(args.gpu), args.train_procs, args.measure_procs, max_hours,
-                                   float(os.environ.get("MONO_SLURM_SIGNAL_LEAD", "120")))
+                                   float(os.environ.get("MONO_SLURM_SIGNAL_LEAD", "120")), stated)
     except (ConfigError, LimitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

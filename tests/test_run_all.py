@@ -12,6 +12,7 @@ GOLDEN = ROOT / "tests" / "golden" / "run_all_dry_run.txt"
 
 def _run_all(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONO_SLURM_")}
+    env["MONO_SLURM_MAX_TIME"] = "UNLIMITED"       # not this machine's test cluster, whatever its partition says
     env.update(env_extra or {})
     return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -96,7 +97,9 @@ def test_bad_multi_process_settings_are_one_error_line(tmp_path, name, value):
     ((), {"MONO_SLURM_GPU": "gpu:a100:1"}, "gpu:a100:1"),             # set: asked whatever the device
 ], ids=["tiny", "pythia-cuda", "pythia-set-cpu", "pythia-env-cpu", "pythia-gpu-empty", "tiny-gpu-forced"])
 def test_gpu_is_requested_only_for_a_cuda_config_or_when_forced(tmp_path, args, env_extra, gres):
-    r = _run_all("--dry-run", "--work-dir", str(tmp_path), *args, env_extra=env_extra)
+    # A stated throughput: a pythia config on CPUs would otherwise be refused by its counted work (a day per arm
+    # of stage 4 at the assumed CPU rate; test_no_job_asks_for_more...), and the limits are not under test here.
+    r = _run_all("--dry-run", "--work-dir", str(tmp_path), *args, env_extra={"MONO_SLURM_TFLOPS": "1000", **env_extra})
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
     assert len(lines) == 8
@@ -246,6 +249,11 @@ def test_no_job_asks_for_more_than_the_cluster_allows_and_a_stage_that_cannot_fi
                      "model.hub_id=EleutherAI/pythia-12b", env_extra=env)
         assert r.returncode == 2 and "stage 5 cannot finish in requeued jobs of 24:00:00" in r.stderr, r.stderr
         assert "longer MaxTime" not in r.stderr
+    # A stage's own stated limit (MONO_SLURM_TIME_<N>) is what its piece must fit, and no more than the cluster's.
+    twelve = ("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b", "--set", "model.hub_id=EleutherAI/pythia-12b")
+    assert _run_all(*twelve, env_extra={"MONO_SLURM_TIME_5": "48:00:00"}).returncode == 0
+    r = _run_all(*twelve, env_extra={"MONO_SLURM_TIME_5": "3-00:00:00", "MONO_SLURM_MAX_TIME": "2-00:00:00"})
+    assert r.returncode == 2 and "MONO_SLURM_TIME_5=72:00:00 asks for more than the cluster allows (48:00:00)" in r.stderr
 
 
 @pytest.mark.parametrize("text, hours", [("90", 1.5), ("30:00", 0.5), ("12:30:00", 12.5), ("2-00", 48.0),

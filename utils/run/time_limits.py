@@ -261,22 +261,27 @@ def hms(hours: float) -> str:
 
 
 def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
-               max_hours: float | None = None, lead_s: float = 120) -> tuple[dict[int, float], list[Limit]]:
+               max_hours: float | None = None, lead_s: float = 120,
+               stated: dict[int, float] | None = None) -> tuple[dict[int, float], list[Limit]]:
     """({stage: hours} of every job 0-8, derived for 2-6 where the model's size is known, else fixed; none over
     the cluster's `max_hours`), and the derived limits. LimitError where a requeued stage's smallest unit of
     work (MARGIN x one training step, one arm's stage 4, a UAT restart, an attacked text) cannot fit in a job
     before its stop signal,
-    `lead_s` seconds before the limit (run_all.sh's --signal)."""
+    `lead_s` seconds before the limit (run_all.sh's --signal). `stated`: stages whose limit the user set
+    (MONO_SLURM_TIME_<N>, which run_all.sh passes as it is): their pieces are checked against it."""
     cap = min(MAX_HOURS, max_hours) if max_hours else MAX_HOURS
     derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap) or []
     hours = {n: min(h, max_hours) if max_hours else h for n, h in FIXED_HOURS.items()}
     hours.update({lim.stage: lim.limit_h for lim in derived})
+    for n, h in (stated or {}).items():
+        if max_hours and h > max_hours:
+            raise LimitError(f"MONO_SLURM_TIME_{n}={hms(h)} asks for more than the cluster allows ({hms(max_hours)})")
     room = cap - lead_s / 3600                   # what a job asks for, less the warning's lead
     if room <= 0:
         raise LimitError(f"the stop signal {lead_s:.0f} s before the limit (MONO_SLURM_SIGNAL_LEAD) leaves no "
                          f"time in a job of {hms(cap)}")
     for lim in derived:
-        if MARGIN * lim.unit_h > room:
+        if MARGIN * lim.unit_h > (stated or {}).get(lim.stage, cap) - lead_s / 3600:
             piece = {2: "one training step", 3: "one training step", 4: "one arm's measurement",
                      5: "one UAT restart on one arm", 6: "one attacked text"}[lim.stage]
             procs = "MONO_SLURM_GPUS_PER_NODE" if lim.stage in (2, 3) else "MONO_SLURM_MEASURE_PROCS"
