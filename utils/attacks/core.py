@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from utils.attacks.masking import surrogate
-from utils.model.monotonicity import constrained_cache
+from utils.model.monotonicity import cache_fits, constrained_cache
 from utils.model.next_token import final_hidden, row_sums, target_nll
 from utils.run import distributed
 from utils.run.compute import Compute, halving_on_oom
@@ -111,6 +111,7 @@ class Victim:
         self.prefix_reuse = prefix_reuse
         self.cost = Cost()
         self.embeddings = model.get_input_embeddings().weight.detach()
+        self.cache_fits = cache_fits(model)         # decided once: every query would otherwise walk the model
 
     def nll(self, seqs: list[torch.Tensor], targets: list[torch.Tensor] | None = None,
             base: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -150,7 +151,7 @@ class Victim:
     @torch.no_grad()
     def _nll_batch(self, seqs, targets) -> list[torch.Tensor]:
         ids, labels, mask = self._inputs(seqs, targets)
-        with self.compute.autocast(), constrained_cache(self.model):
+        with self.compute.autocast(), constrained_cache(self.model, fits=self.cache_fits):
             nll = target_nll(self.model, final_hidden(self.model, ids, mask)[:, :-1], labels[:, 1:])
         out = torch.full(labels[:, 1:].shape, float("nan"))
         out[(labels[:, 1:] != -100).cpu()] = nll.float().cpu()
@@ -187,7 +188,7 @@ class Victim:
         """[len-1] NLL of every token of `base`, and per layer its keys and values (positions < len-1)."""
         cache = DynamicCache()
         ids = base[None, :-1].to(self.compute.device)
-        with torch.no_grad(), self.compute.autocast(), constrained_cache(self.model):
+        with torch.no_grad(), self.compute.autocast(), constrained_cache(self.model, fits=self.cache_fits):
             hidden = final_hidden(self.model, ids, cache=cache)[0]
             nll = target_nll(self.model, hidden, base[1:].to(ids.device), every=True)
         self.cost.forward_tokens += len(base) - 1
@@ -208,7 +209,7 @@ class Victim:
                 cache.update(k[:, :, :start].expand(len(seqs), -1, -1, -1),
                              v[:, :, :start].expand(len(seqs), -1, -1, -1), layer)
         dev = self.compute.device
-        with self.compute.autocast(), constrained_cache(self.model):
+        with self.compute.autocast(), constrained_cache(self.model, fits=self.cache_fits):
             hidden = final_hidden(self.model, ids[:, start:-1].to(dev), cache=cache)
             nll = target_nll(self.model, hidden, labels.to(dev))
         out[labels != -100] = nll.float().cpu()

@@ -206,20 +206,24 @@ def materialised_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def constrained_cache(model: nn.Module, free_bytes: int | None = None):
-    """`parametrize.cached()` (softplus(V) once per forward, every constrained W alive at once) where those
-    weights fit beside what is already on the device with room to spare, else a no-op context (each layer's W
-    computed when the layer runs, and freed after it): the same numbers either way. On a GPU the room is its
-    free memory and what PyTorch holds reserved but unused (pythia-6.9b's MLP weights are 17.2 GB beside its
-    27.4 GB: a 40 GB card computes them per layer), on a CPU always; `free_bytes` states it."""
+def cache_fits(model: nn.Module, free_bytes: int | None = None) -> bool:
+    """Whether every constrained W = softplus(V) may stay alive across forwards: twice their bytes fit the room
+    left on the device (a GPU's free memory and what PyTorch holds reserved but unused; on a CPU always;
+    `free_bytes` states it). pythia-6.9b's MLP weights are 17.2 GB beside its 27.4 GB: a 40 GB card does not."""
     need = sum(mod.parametrizations.weight.original.numel() * mod.parametrizations.weight.original.element_size()
                for mod in model.modules() if parametrize.is_parametrized(mod, "weight"))
     if free_bytes is None:
         device = next(model.parameters()).device
         free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
                       - torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
-    fits = free_bytes is None or 2 * need < free_bytes
-    return parametrize.cached() if need and fits else nullcontext()
+    return bool(need) and (free_bytes is None or 2 * need < free_bytes)
+
+
+def constrained_cache(model: nn.Module, free_bytes: int | None = None, fits: bool | None = None):
+    """`parametrize.cached()` (softplus(V) once for every forward inside it) where `cache_fits` (or `fits`, decided
+    once by a caller on a hot path), else a no-op context (each layer's W computed as the layer runs, and freed
+    after it): the same numbers either way."""
+    return parametrize.cached() if (cache_fits(model, free_bytes) if fits is None else fits) else nullcontext()
 
 
 # -- certificate ---------------------------------------------------------------

@@ -85,8 +85,8 @@ def describe(cfg: ExperimentConfig, mems: dict[int, float | None], requests: dic
                  f"GB) are kept across forwards only where twice that is free, else computed layer by layer; "
                  f"training holds ~{16 * n / 1e9:.3g} GB of state over its ranks plus activations "
                  f"(benchmarks/estimate_memory.py)")
-    d = disk_per_seed_gb(cfg)
-    lines.append(f"disk: ~{d['kept']:.3g} GB per finished seed (models, best weights, each arm's last checkpoint), "
-                 f"~{d['peak']:.3g} GB at its peak while training (the recipe search's prefixes and a second "
-                 f"checkpoint), and ~{d['shared']:.3g} GB shared by every seed (token files, the pretrained model)")
+    disk = disk_per_seed_gb(cfg)
+    lines.append(f"disk: ~{disk['kept']:.3g} GB per finished seed (models, best weights, each arm's last checkpoint), "
+                 f"~{disk['peak']:.3g} GB at its peak while training (the recipe search's prefixes and a second "
+                 f"checkpoint), and ~{disk['shared']:.3g} GB shared by every seed (token files, the pretrained model)")
     return lines
