@@ -37,10 +37,15 @@ def main():
     whole = load_model(model_dir).state_dict() if distributed.is_main() else None
     model = distributed.shard_from_main(empty_model(model_dir), whole, device)
     grown = status_kib("VmHWM") - start
-    gathered = distributed.full_state_dict(model)
+    whole = load_model(model_dir) if distributed.is_main() else None
+    if whole is not None:
+        with torch.no_grad():
+            for p in whole.parameters():
+                p.zero_()                               # so only the gather can fill it
+    distributed.gather_into(model, whole)
     same = None
     if distributed.is_main():
-        saved = load_model(model_dir).state_dict()
+        saved, gathered = load_model(model_dir).state_dict(), whole.state_dict()
         same = gathered.keys() == saved.keys() and all(torch.equal(gathered[k], saved[k]) for k in saved)
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps({"peak_growth_kib": grown, "equal": same}))
     distributed.destroy()

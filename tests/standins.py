@@ -71,11 +71,12 @@ def pythia_tokenizer(texts: list[str], bpe_vocab: int):
 
 
 def pythia_format_dir(out: Path, *, d_model: int = 64, n_layer: int = 2, n_head: int = 4, bpe_vocab: int = 1000,
-                      pretrain_tokens: int = 60_000, seed: int = 0) -> Path:
-    """A toy Pythia, briefly pretrained on the stand-in train split so that attacks have a model to hurt."""
+                      pretrain_tokens: int = 60_000, seed: int = 0, rows: int | None = None) -> Path:
+    """A toy Pythia, briefly pretrained on the stand-in train split so that attacks have a model to hurt
+    (`rows`: the embedding rows, Pythia's 50,304 for its shape; default just past the tokenizer)."""
     texts = [d["text"] for d in pile_documents("train")]
     tokenizer = pythia_tokenizer(texts, bpe_vocab)
-    rows = -(-len(tokenizer) // 128) * 128 + 128          # padded past the tokenizer, as Pythia's 50,304
+    rows = rows or -(-len(tokenizer) // 128) * 128 + 128   # padded past the tokenizer, as Pythia's 50,304
     released = {                                            # the keys of Pythia's released config.json
         "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
         "hidden_size": d_model, "initializer_range": 0.02, "intermediate_size": 4 * d_model,

@@ -163,18 +163,20 @@ def test_local_grid_shares_stage_0_and_the_baseline_and_compares_certified_varia
 @pytest.mark.slow
 def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
     """Stage 4 in two variants linked to one stage 0: the second reads the first's measurement of the
-    shared arms (pretrained, the control snapshot) instead of measuring again; another eval config does not."""
+    shared arms (pretrained, the control snapshot) instead of measuring again, and so does another seed (the
+    same models on the same test split); another eval config does not."""
     from conftest import run_script
     work = tmp_path / "work"
     shutil.copytree(tiny_run[1].shared, work / "shared")
     sets = [a for k, v in [*FAST, ("eval.tasks", "")] for a in ("--set", f"{k}={v}")]
     runs = {}
     for name, extra in (("a", []), ("b", []), ("c", ["--set", "eval.stride=32"]),
-                        ("d", ["--set", "monotone.construction=projected"])):
-        vdir = link_variant(work, name, [42])
+                        ("d", ["--set", "monotone.construction=projected"]), ("s", ["--seed", "43"])):
+        seed = 43 if name == "s" else 42
+        vdir = link_variant(work, name, [seed])
         r = run_script("stage_4_evaluate", "--work-dir", str(vdir), *sets, *extra)
         assert r.returncode == 0, r.stderr[-2000:]
-        runs[name] = (r.stdout, json.loads((vdir / "seed_42" / "results" / "evaluation.json").read_text())["models"])
+        runs[name] = (r.stdout, json.loads((vdir / f"seed_{seed}" / "results" / "evaluation.json").read_text())["models"])
     assert set(runs["a"][1]) == {"pretrained", "control_40000"}
     assert "measured before: kept" not in runs["a"][0]
     assert runs["b"][0].count("measured before: kept") == 2, runs["b"][0]
@@ -183,7 +185,8 @@ def test_variants_measure_the_arms_they_share_once(tiny_run, tmp_path):
     assert runs["c"][1]["pretrained"]["perplexity"] != runs["a"][1]["pretrained"]["perplexity"]
     # another construction builds other monotone arms, not another pretrained model or control: kept
     assert runs["d"][0].count("measured before: kept") == 2 and runs["d"][1] == runs["a"][1], runs["d"][0]
-    kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "seed_42" / "stage_4_evaluate").iterdir())
+    assert runs["s"][0].count("measured before: kept") == 2 and runs["s"][1] == runs["a"][1], runs["s"][0]
+    kept = sorted(p.name.split("-")[0] for p in (work / "shared" / "measured" / "every_seed" / "stage_4_evaluate").iterdir())
     assert kept == ["control_40000", "control_40000", "pretrained", "pretrained"]   # two eval configs
     # The records are keyed by the weights' content, not their path: a moved work dir reads them all.
     moved = tmp_path / "moved"

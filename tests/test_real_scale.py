@@ -332,18 +332,19 @@ def test_disk_full_is_one_error_line_and_leaves_nothing_that_looks_complete(stan
 # -- bf16-mixed on CPU: the GPU recipe's numerics ---------------------------------------
 
 @pytest.mark.slow
-def test_bf16_mixed_recovery_keeps_fp32_master_weights_and_moves_v(tiny_run):
+def test_bf16_mixed_recovery_keeps_fp32_master_weights_and_moves_v(tiny_run, tmp_path):
     from configs.experiment_config import TrainConfig
-    from utils.model.modeling import load_model
+    from utils.model.modeling import SavedWeights, load_model, save_model
     from utils.model.monotonicity import apply_monotonicity
     from utils.train.movement import movement_report
     from utils.run.compute import Compute
     from utils.train.training import train
     _, paths = tiny_run
-    start = load_model(paths.shared / "models" / "pretrained")
-    apply_monotonicity(start, "mlp_both", "monotone", 1e-6)
     model = load_model(paths.shared / "models" / "pretrained")
     apply_monotonicity(model, "mlp_both", "monotone", 1e-6)
+    save_model(model, tmp_path / "start")
+    model = load_model(tmp_path / "start")
+    start = SavedWeights(tmp_path / "start", model)
     train_tok = TokenFile(paths.shared / "tokens", "train")
     hist = train(model, train_tok.tokens, TokenFile(paths.shared / "tokens", "val").tokens,
                  TrainConfig(max_tokens=6 * 8 * 64, micro_batch_size=8, lr=3e-3, eval_windows=8),

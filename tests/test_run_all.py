@@ -196,7 +196,9 @@ def test_dry_run_derives_the_time_limits_from_the_counted_work(tmp_path):
     assert "--time 24:00:00" in jobs[2] and "--time 24:00:00" in jobs[3]
     assert lines[4].endswith(jobs[4].split("--time ")[1].split()[0]) and "--requeue" in jobs[4]
     assert "--time 03:00:00" in jobs[6] and all("--requeue" in jobs[n] for n in (5, 6))
-    assert "--time 24:00:00" in jobs[5] and "requeued runs" in lines[5]     # UAT's ~58 h of work at most
+    # UAT counted at 6 sweeps per restart (one job), its ceiling of 50 (~51 h) stated beside it
+    assert lines[5].endswith(jobs[5].split("--time ")[1].split()[0]) and "requeued runs" not in lines[5]
+    assert re.search(r"restarts counted at 6 sweeps; every restart at the ceiling of 50: [\d.]+ h", lines[5]), lines[5]
     # 8 GPUs for training and measurement divide the estimates.
     eight = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
                      env_extra={"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_MEASURE_PROCS": "8"})
@@ -265,16 +267,18 @@ def test_slurm_times_are_read_in_every_form_sbatch_accepts(text, hours):
 
 
 def test_dry_run_budgets_host_memory_and_disk_and_asks_for_the_memory_it_counts(tmp_path):
-    """pythia-6.9b on 8 GPUs: no job over 24 h; each job's --mem comes from its counted host memory (stage 2's
-    checkpoint shards serialised on the host, 24 bytes a parameter across the node's ranks, 64G would be
-    OOM-killed), the disk per seed is stated, and MONO_SLURM_MEM still wins."""
+    """pythia-6.9b on 8 GPUs: no job over 24 h; each job's --mem comes from its counted host memory (stage 2:
+    rank 0's one whole fp32 model, 5 bytes a parameter (4.6 measured), and 8 processes' runtime; checkpoints
+    stream, so the node's shards are no longer counted twice over at 24 bytes a parameter), the disk per seed
+    is stated, and MONO_SLURM_MEM still wins."""
     env = {"MONO_SLURM_GPUS_PER_NODE": "8", "MONO_SLURM_MEASURE_PROCS": "8"}
     r = _run_all("--dry-run", "--work-dir", str(tmp_path), "--preset", "pythia-6.9b", env_extra=env)
     assert r.returncode == 0, r.stderr
     jobs = {int(l.split("--job-name mono-")[1].split("-")[0]): l for l in r.stdout.splitlines() if l.startswith("sbatch")}
     assert max(j.split("--time ")[1].split()[0] for j in jobs.values()) == "24:00:00"
     mem = {n: int(j.split("--mem ")[1].split("G")[0]) for n, j in jobs.items()}
-    assert mem[2] == mem[3] >= 1.5 * 24 * 6.85e9 / 2 ** 30 and mem[0] == 64 and mem[7] == 16, mem
+    assert mem[2] == mem[3] >= 1.5 * (5 * 6.85e9 / 2 ** 30 + 8 * 4) and mem[0] == 64 and mem[7] == 16, mem
+    assert mem[2] < 1.5 * 24 * 6.85e9 / 2 ** 30, mem
     line = next(l for l in r.stderr.splitlines() if l.startswith("host memory per node"))
     assert "stage 2 ~" in line and f"-> {mem[2]}G" in line
     gpu = next(l for l in r.stderr.splitlines() if l.startswith("GPU memory"))

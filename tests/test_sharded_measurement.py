@@ -1,9 +1,11 @@
-"""Stages 4-6 on two processes (torchrun, gloo on CPU) write exactly what one process writes."""
+"""Stages 4-6 on two processes (torchrun, gloo on CPU) write exactly what one process writes; stage 6 loads
+each model as few times as it can."""
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,28 @@ def test_two_processes_write_the_records_of_one_process(stage1_work, tmp_path):
     assert len(sharded["evaluation"]["models"]["pretrained"]["per_document"]["nll"]) == \
         sharded["evaluation"]["documents"]
     assert len(sharded["gcg"]["models"]["monotonic_init"]["examples"]) == 3
+
+
+def test_stage_6_loads_each_arm_twice_per_process_whatever_the_number_of_searches(stage1_work, tmp_path, monkeypatch):
+    """Every search (and PGD) runs on an arm while it is loaded; it is loaded once more, when every arm's
+    searches are done, to score the others' adversarial texts (transfer) and for the worst case. (Before: once
+    per search, once per search's transfer, once for the worst case and once for PGD: 10 loads per arm.)"""
+    from collections import Counter
+
+    from conftest import tiny_config
+    from utils import text_attacks
+    from utils.measurement import available_arms
+    from utils.run.run_files import RunPaths
+    work = tmp_path / "w"
+    shutil.copytree(stage1_work, work)
+    cfg = tiny_config(work, [("attack.hotflip_texts", "2"), ("attack.hotflip_max_flips", "1"), ("attack.gcg_texts", "2"),
+                             ("attack.gcg_steps", "1"), ("attack.pgd_texts", "1"), ("attack.pgd_steps", "1")])
+    paths = RunPaths(work, cfg.seed)
+    loads, load = Counter(), text_attacks.load_arm
+    monkeypatch.setattr(text_attacks, "load_arm", lambda path, device: (loads.update([Path(path).name]), load(path, device))[1])
+    written = text_attacks.run_text_attacks(cfg, paths)
+    arms = available_arms(paths)
+    assert len(arms) == 3 and len(written) == 6                # 4 searches, the worst case, PGD
+    assert loads == Counter({path.name: 2 for path in arms.values()}), loads
+    gcg = json.loads((paths.results / "gcg.json").read_text())
+    assert set(gcg["transfer"]) == set(arms) and all(set(row) == set(arms) for row in gcg["transfer"].values())

@@ -309,7 +309,7 @@ def test_stage_4_stopped_by_its_time_limit_warning_keeps_what_it_measured(stage1
     (requeue); the requeued run reads every arm measured before and measures only the rest."""
     work = tmp_path / "w"
     shutil.copytree(stage1_work, work)
-    kept = work / "shared" / "measured" / "seed_42" / "stage_4_evaluate"
+    kept = work / "shared" / "measured" / "every_seed" / "stage_4_evaluate"
     err = _stopped_once("stage_4_evaluate", work, _first_arm_kept(kept), *fast_sets())
     assert "what stage 4 measured is kept, rerun the same command to go on" in err
     measured = sorted(p.name.split("-")[0] for p in kept.iterdir())

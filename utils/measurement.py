@@ -8,8 +8,8 @@ exact convention, and stores per-example records that a fresh forward pass
 reproduces (tests/test_measured_records.py does exactly that). Stage 6: utils/text_attacks.py.
 
 Under torchrun the work is sharded and rank 0 writes what one process would:
-stage 4 deals the batches of windows (perplexity.document_nll) and the
-capability tasks, stage 6 the attacked texts, each rank taking a contiguous
+stage 4 deals the batches of windows (perplexity.document_nll) and each
+capability task's documents (capabilities: lm-eval data-parallel), stage 6 the attacked texts, each rank taking a contiguous
 share (distributed.my_share); stage 5 deals the batches of every exact query of
 the trigger search (attack_core.Victim). Every record is computed exactly as in
 one process.
@@ -100,7 +100,8 @@ class MeasuredOnce:
     """Each arm is measured once per seed, model and config: its per-arm result (and, within stage 4,
     its perplexity and each capability task as soon as they exist) is kept in
     shared/measured/seed_<S>/<stage>/<arm>[.<part>]-<key>.json, keyed by the model's weights (a digest of
-    its safetensors files), the seed, the stage's measurement sections (data, precision, eval or attack)
+    its safetensors files), the seed (not for stage 4, whose records every seed shares: every_seed/ in place
+    of seed_<S>/, SEED_INDEPENDENT), the stage's measurement sections (data, precision, eval or attack)
     and the measurement code's contents (run_files.MEASUREMENT_CODE): not by a path or the git revision,
     so a moved work dir and a commit that changes no measurement code read every record. A requeued or rerun stage
     reads what it measured before (a stage 4 stopped by its time limit resumes at the next task), and a
@@ -118,7 +119,8 @@ class MeasuredOnce:
 
     def _file(self, arm: str, path: Path, part: str = "") -> Path:
         weights = weights_digest(path)
-        key = self.cfg.fingerprint(self.sections, extra=f"{weights}|{self.cfg.seed}|{self.stage}|{self.code}")
+        seed = "" if self.stage in SEED_INDEPENDENT else self.cfg.seed
+        key = self.cfg.fingerprint(self.sections, extra=f"{weights}|{seed}|{self.stage}|{self.code}")
         return measured_dir(self.paths, self.stage) / f"{arm}{'.' + part if part else ''}-{key}.json"
 
     def get(self, arm: str, path: Path, part: str = "") -> dict | None:
@@ -144,7 +146,15 @@ class MeasuredOnce:
                 f.unlink(missing_ok=True)
 
 
+# Stage 4 measures every model on the shared test split with no random choice: a model's records (the pretrained
+# model's, the controls', any arm whose weights two seeds share) hold for every seed. Stages 5-6 draw their texts
+# and searches from the seed.
+SEED_INDEPENDENT = {"stage_4_evaluate"}
+
+
 def measured_dir(paths: RunPaths, stage: str) -> Path:
+    if stage in SEED_INDEPENDENT:
+        return paths.shared / "measured" / "every_seed" / stage
     return paths.shared / "measured" / f"seed_{paths.seed}" / stage
 
 
@@ -228,21 +238,22 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
         say(f"[evaluate] {arm:<15} perplexity {evaluation['perplexity']:10.2f}  "
              f"({evaluation['tokens']:,} tokens, {evaluation['bits_per_byte']:.3f} bits/byte)")
         stop_after(stop, "stage 4", f"{arm}'s perplexity")   # kept: the requeued job goes on with its tasks
-        if tasks:      # task i on rank i mod N, each kept as soon as it is done
+        if tasks:      # every task on every rank, its documents dealt to the ranks; each kept as soon as it is done
             log = paths.results / ("lm_eval.log" if distributed.world_size() == 1 else f"lm_eval_rank{distributed.rank()}.log")
-            mine = {}
-            for task in tasks[distributed.rank()::distributed.world_size()]:
-                mine[task] = once.get_part(arm, path, f"task.{task}")
-                if mine[task] is None:
+            done = {}
+            for task in tasks:
+                done[task] = once.get(arm, path, f"task.{task}")      # rank 0 decides
+                if done[task] is None:
                     model = model or load_arm(path, compute.device)
-                    mine[task] = evaluate_capabilities(model, tokenizer, [task], task_data, e.task_batch_size,
-                                                       e.max_len, e.task_limit, compute, log)[task]
-                    once.put(arm, path, mine[task], f"task.{task}", every_rank=True)
-            done = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}
-            caps["models"][arm] = {"path": paths.rel(path), "tasks": {t: done[t] for t in tasks}}
-            say(f"[evaluate] {arm:<15} " + ", ".join(
-                f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
-                for t, r in caps["models"][arm]["tasks"].items() if "acc" in r["metrics"]))
+                    done[task] = evaluate_capabilities(model, tokenizer, [task], task_data, e.task_batch_size,
+                                                       e.max_len, e.task_limit, compute, log).get(task)
+                    once.put(arm, path, done[task], f"task.{task}")
+                stop_after(stop, "stage 4", f"{arm}'s {task}")
+            caps["models"][arm] = {"path": paths.rel(path), "tasks": done}
+            if distributed.is_main():       # the other ranks' documents went to rank 0
+                say(f"[evaluate] {arm:<15} " + ", ".join(
+                    f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
+                    for t, r in done.items() if "acc" in r["metrics"]))
         once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
         once.drop_parts(arm, path)
         del model

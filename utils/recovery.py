@@ -11,13 +11,14 @@ rank trains its shard; rank 0 gathers the whole model and writes everything else
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import shutil
 from pathlib import Path
 
 from configs.experiment_config import ExperimentConfig, TrainConfig, numbers
 from utils.data.tokenization import TokenFile, load_tokenizer
-from utils.model.modeling import empty_model, load_model, save_model
+from utils.model.modeling import SavedWeights, empty_model, load_model, save_model
 from utils.model.monotonicity import certify, release_constraint
 from utils.run import distributed
 from utils.run.compute import Compute
@@ -276,19 +277,15 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfi
         checkpointer = sweep_checkpointer(cfg, paths, arm, sweep["chosen_lr"])
     model = training_start()
     main = distributed.is_main()
-    plain = None
 
     def unsharded(m):
-        """The whole trained model on rank 0 (a CPU copy when sharded), None on the others. Collective."""
-        nonlocal plain
+        """The whole trained model on rank 0 (a CPU copy when sharded, filled tensor by tensor), None on the
+        others. Collective."""
         if not distributed.is_sharded(m):
             return m
-        state = distributed.full_state_dict(m)
-        if not main:
-            return None
-        plain = plain or load_start("cpu")
-        plain.load_state_dict(state)
-        return plain
+        whole = load_start("cpu") if main else None
+        distributed.gather_into(m, whole)
+        return whole
 
     best_dir = paths.models / f"{arm}_best"
     if recipe.trainable == "constrained" and main:
@@ -309,7 +306,8 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfi
     # (no second full copy on rank 0's GPU just to certify and save it).
     device = next(model.parameters()).device
 
-    start = load_start("cpu")
+    # The start's tensors are read from its files one at a time: rank 0 holds one whole model, the trained one.
+    start = SavedWeights(start_path, model)
     report = {"arm": arm, "start_model": paths.rel(start_path), "seed": cfg.seed, "recipe": vars(recipe),
               "lr_sweep": sweep, "constraint": "released (unconstrained control)" if is_released(arm) else None,
               # the world sizes that trained the steps of this result (history["segments"] says which)
@@ -335,7 +333,11 @@ def recover(cfg: ExperimentConfig, paths: RunPaths, arm: str, recipe: TrainConfi
     write_json(result_path, report)
     save_model(model.cpu(), paths.models / arm, tokenizer, extra=extra)
     # The one export of the best weights (kept sharded during training), into the final model's storage.
-    best = checkpointer.load_best_into(model, start)
+    best = checkpointer.load_best_into(model)
+    if best.pop("start"):               # nothing beat the start: its own weights, the trained ones dropped first
+        model = None
+        gc.collect()
+        model = load_start("cpu")
     save_model(model, best_dir, tokenizer, extra={"arm": arm, "seed": cfg.seed, **best})
     mv = report["movement"]
     print(f"[{arm}] val perplexity {report['start_val_perplexity']:.1f} -> {report['final_val_perplexity']:.1f}; "

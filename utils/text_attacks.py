@@ -61,13 +61,51 @@ def _composition(name: str, a) -> dict:
 def run_text_attacks(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     """Stage 6: each search of attack.text_attacks on every model, under HotFlip's threat model (gcg
     before gcg_surrogate, which reuses GCG's records on arms without the clamp); then the worst case per
-    text over them and the gradient-masking checks (worst_case.json), and PGD on the embeddings."""
-    chosen = listed(cfg.attack.text_attacks)
-    done = {}
-    written = [_text_attack(cfg, paths, name, done) for name in TEXT_ATTACKS if name in chosen]
-    written.append(_worst_case(cfg, paths, done))
-    if numbers(cfg.attack.pgd_radii):
-        written.append(_pgd(cfg, paths))
+    text over them and the gradient-masking checks (worst_case.json), and PGD on the embeddings.
+
+    Each arm is loaded twice per rank: once to run every search on it (and PGD), once, when every arm's
+    searches are done, as the target of the others' adversarial texts (the transfer matrices) and for the
+    worst case's flat-region check. Transfer needs every arm's texts before any is scored, so once would mean
+    holding every arm at the same time."""
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    chosen = [name for name in TEXT_ATTACKS if name in listed(a.text_attacks)]
+    arms = available_arms(paths)
+    texts = {name: attacked_texts(cfg, paths, a.hotflip_texts if name == "hotflip" else a.gcg_texts)
+             for name in chosen}
+    once = {name: MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS) for name in chosen}
+    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the text, requeue, go on
+    done, pgd_models = {name: {} for name in chosen}, {}
+    for arm, path in arms.items():
+        loaded = {}
+
+        def model():
+            if "model" not in loaded:
+                loaded["model"] = load_arm(path, compute.device)
+            return loaded["model"]
+        for name in chosen:
+            done[name][arm] = _search_arm(cfg, paths, name, arm, path, model, texts[name], once[name], done, stop)
+        if numbers(a.pgd_radii):
+            pgd_models[arm] = _pgd_arm(cfg, paths, arm, path, model())
+        loaded.clear()
+    transfer = {name: {src: {} for src in arms} for name in chosen}
+    worst = {}
+    for arm, path in arms.items():
+        model = load_arm(path, compute.device)
+        victim = Victim(model, compute, a.batch_size)
+        for name in chosen:
+            share = distributed.my_share(len(texts[name]))
+            rows = hotflip.rescore(victim, [r for src in arms for r in done[name][src]["examples"][share.start:share.stop]])
+            for i, src in enumerate(arms):
+                part = distributed.gather_shares(rows[i * len(share):(i + 1) * len(share)])
+                # per text, in the order of src's records: the paired transfer - white-box check (stage 7)
+                transfer[name][src][arm] = {**_summary(part, a.success_threshold),
+                                            "abs_delta_nll_per_text": [r["abs_delta_nll"] for r in part]}
+        worst[arm] = _worst_arm(cfg, paths, arm, path, model, done)
+        del victim, model
+    written = [_write_search(cfg, paths, name, done[name], transfer[name]) for name in chosen]
+    written.append(_write_worst_case(cfg, paths, worst, done))
+    if numbers(a.pgd_radii):
+        written.append(_write_pgd(cfg, paths, pgd_models))
     return written
 
 
@@ -79,79 +117,67 @@ def attacked_texts(cfg: ExperimentConfig, paths: RunPaths, n: int) -> list[dict]
                         a.min_text_len, cfg.seed)
 
 
-def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) -> str:
+def _search_arm(cfg: ExperimentConfig, paths: RunPaths, name: str, arm: str, path: Path, model, texts: list[dict],
+                once: MeasuredOnce, done: dict, stop: StopOnSignal) -> dict:
+    """One search on one arm (`model()` loads it on first use): its records, kept text by text."""
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    kept_arm = once.get(arm, path)
+    if kept_arm:
+        say(f"[{name}] {arm:<15} success {100 * kept_arm['summary']['success_rate']:5.1f}% (measured before: kept)")
+        return kept_arm
+    victim = Victim(model(), compute, a.batch_size, surrogate_gradient=_surrogate(name, a))
+    if name == "gcg_surrogate" and not has_flat_region(victim.model) and arm in done.get("gcg", {}):
+        # No clamp: exact GELU's gradient is the model's own, the search GCG's, draw for draw.
+        entry = {**done["gcg"][arm], "same_as": "gcg (no clamped activation: the surrogate gradient "
+                                                "is the model's own, so the search is GCG's)"}
+        say(f"[{name}] {arm:<15} no clamped activation: GCG's records")
+        once.put(arm, path, entry)
+        return entry
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
-    test = TokenFile(paths.shared / "tokens", "test")
-    texts = attacked_texts(cfg, paths, a.hotflip_texts if name == "hotflip" else a.gcg_texts)
+    forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
     mine = [texts[i] for i in distributed.my_share(len(texts))]
-    arms = available_arms(paths)
-    models = {}
-    once = MeasuredOnce(cfg, paths, f"stage_6_{name}", ATTACK_SECTIONS)
-    stop = StopOnSignal((signal.SIGUSR1,))          # SLURM's warning: stop after the text, requeue, go on
-    for arm, path in arms.items():
-        models[arm] = once.get(arm, path)
-        if models[arm]:
-            say(f"[{name}] {arm:<15} success {100 * models[arm]['summary']['success_rate']:5.1f}% (measured "
-                 f"before: kept)")
-            continue
-        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, surrogate_gradient=_surrogate(name, a))
-        if name == "gcg_surrogate" and not has_flat_region(victim.model) and arm in done.get("gcg", {}):
-            # No clamp: exact GELU's gradient is the model's own, the search GCG's, draw for draw.
-            models[arm] = {**done["gcg"][arm], "same_as": "gcg (no clamped activation: the surrogate gradient "
-                                                          "is the model's own, so the search is GCG's)"}
-            say(f"[{name}] {arm:<15} no clamped activation: GCG's records")
-            once.put(arm, path, models[arm])
-            continue
-        forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        records, t0, kept = [], time.time(), 0
-        # Text by text, each kept as it is done (every search is seeded by its text alone): SLURM's warning stops
-        # the stage after the text in progress and the requeued job goes on with the next. The ranks check
-        # together, once per text of the largest share.
-        for i in range(-(-len(texts) // distributed.world_size())):
-            if i < len(mine):
-                t = mine[i]
-                rec = once.get_part(arm, path, f"doc{t['doc']}")
-                kept += rec is not None
-                if rec is None:
-                    rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
-                    rec["success"] = rec["rel_delta_nll"] > a.success_threshold
-                    rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
-                    once.put(arm, path, rec, part=f"doc{t['doc']}", every_rank=True)
-                records.append(rec)
-            stop_after(stop, f"stage 6 ({name})", f"{arm}'s text {i + 1}")
-        if kept:
-            say(f"[{name}] {arm:<15} {kept} text(s) attacked before: kept")
-        draws = [hotflip.random_flips(t["ids"], r["n_flips"], forbidden,
-                                      torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))
-                 for t, r in zip(mine, records)]
-        controls = [{"doc": t["doc"], "adversarial_ids": d["adversarial_ids"], "modified_positions": d["modified_positions"],
-                     **s} for t, d, s in zip(mine, draws, hotflip.rescore(victim, draws))]
-        records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
-        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm),
-                       "summary": _summary(records, a.success_threshold),
-                       "random_control": _summary(controls, a.success_threshold),
-                       "seconds_per_example": (time.time() - t0) / (len(mine) - kept) if len(mine) > kept else None,
-                       "examples": records, "control_examples": controls}
-        s, c = models[arm]["summary"], models[arm]["random_control"]
-        say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
-             f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
-             f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
-        once.put(arm, path, models[arm])
-        once.drop_parts(arm, path)
-        del victim
-        stop_after(stop, f"stage 6 ({name})", arm)
-    transfer = {src: {} for src in arms}
-    share = distributed.my_share(len(texts))
-    for arm, path in arms.items():
-        victim = Victim(load_arm(path, compute.device), compute, a.batch_size)
-        rows = hotflip.rescore(victim, [r for src in arms for r in models[src]["examples"][share.start:share.stop]])
-        for i, src in enumerate(arms):
-            part = distributed.gather_shares(rows[i * len(share):(i + 1) * len(share)])
-            # per text, in the order of src's records: the paired transfer - white-box check (stage 7)
-            transfer[src][arm] = {**_summary(part, a.success_threshold),
-                                  "abs_delta_nll_per_text": [r["abs_delta_nll"] for r in part]}
-        del victim
+    records, t0, kept = [], time.time(), 0
+    # Text by text, each kept as it is done (every search is seeded by its text alone): SLURM's warning stops
+    # the stage after the text in progress and the requeued job goes on with the next. The ranks check
+    # together, once per text of the largest share.
+    for i in range(-(-len(texts) // distributed.world_size())):
+        if i < len(mine):
+            t = mine[i]
+            rec = once.get_part(arm, path, f"doc{t['doc']}")
+            kept += rec is not None
+            if rec is None:
+                rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
+                rec["success"] = rec["rel_delta_nll"] > a.success_threshold
+                rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
+                once.put(arm, path, rec, part=f"doc{t['doc']}", every_rank=True)
+            records.append(rec)
+        stop_after(stop, f"stage 6 ({name})", f"{arm}'s text {i + 1}")
+    if kept:
+        say(f"[{name}] {arm:<15} {kept} text(s) attacked before: kept")
+    draws = [hotflip.random_flips(t["ids"], r["n_flips"], forbidden,
+                                  torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))
+             for t, r in zip(mine, records)]
+    controls = [{"doc": t["doc"], "adversarial_ids": d["adversarial_ids"], "modified_positions": d["modified_positions"],
+                 **s} for t, d, s in zip(mine, draws, hotflip.rescore(victim, draws))]
+    records, controls = distributed.gather_shares(records), distributed.gather_shares(controls)
+    entry = {"path": paths.rel(path), "label": arm_label(paths, arm),
+             "summary": _summary(records, a.success_threshold),
+             "random_control": _summary(controls, a.success_threshold),
+             "seconds_per_example": (time.time() - t0) / (len(mine) - kept) if len(mine) > kept else None,
+             "examples": records, "control_examples": controls}
+    s, c = entry["summary"], entry["random_control"]
+    say(f"[{name}] {arm:<15} success {100 * s['success_rate']:5.1f}%  mean dNLL {s['mean_abs_delta_nll']:+.3f} "
+        f"(random flips: {100 * c['success_rate']:5.1f}%, {c['mean_abs_delta_nll']:+.3f}); "
+        f"{s['cost']['forward_passes'] / s['n']:,.0f} exact forward passes per text")
+    once.put(arm, path, entry)
+    once.drop_parts(arm, path)
+    stop_after(stop, f"stage 6 ({name})", arm)
+    return entry
+
+
+def _write_search(cfg: ExperimentConfig, paths: RunPaths, name: str, models: dict, transfer: dict) -> str:
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
+    test = TokenFile(paths.shared / "tokens", "test")
     path = paths.results / f"{name}.json"
     if distributed.is_main():
         write_json(path, {"attack": name, "composition": _composition(name, a), "config": vars(a),
@@ -163,7 +189,6 @@ def _text_attack(cfg: ExperimentConfig, paths: RunPaths, name: str, done: dict) 
                           "cost": "per record: exact sequences (and tokens) run forward, and forward + backward "
                                   "for embedding gradients, by the search and its final rescoring",
                           "models": models, "transfer": transfer})
-    done[name] = models
     return str(path)
 
 
@@ -183,27 +208,28 @@ def worst_of(done: dict[str, dict], arm: str) -> list[dict]:
     return out
 
 
-def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
-    """worst_case.json: per arm and text the worst record over the searches of stage 6, and the checks
-    for gradient masking: the fraction of MLP inputs in the clamp's flat region, per layer, on the
-    attacked texts and on their worst-case adversarial versions."""
+def _worst_arm(cfg: ExperimentConfig, paths: RunPaths, arm: str, path: Path, model, done: dict) -> dict:
+    """One arm's worst case per text over the searches of stage 6, and the check for gradient masking: the
+    fraction of MLP inputs in the clamp's flat region, per layer, on the attacked texts and on their worst-case
+    adversarial versions."""
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
-    models = {}
-    for arm, path in available_arms(paths).items():
-        worst = worst_of(done, arm)
-        model = load_arm(path, compute.device)
-        models[arm] = {
-            "path": paths.rel(path), "label": arm_label(paths, arm), "examples": worst,
-            "summary": _summary(worst, a.success_threshold),
-            "won_by": {name: sum(r["attack"] == name for r in worst) for name in done if name in WORST_CASE_SEARCHES},
-            "flat_region": {"clean": flat_fractions(model, [torch.tensor(r["original_ids"]) for r in worst], compute.device, a.batch_size),
-                            "adversarial": flat_fractions(model, [torch.tensor(r["adversarial_ids"]) for r in worst],
-                                                          compute.device, a.batch_size)}}
-        del model
-        f = models[arm]["flat_region"]["clean"]
-        say(f"[worst case] {arm:<15} mean dNLL {models[arm]['summary']['mean_abs_delta_nll']:+.3f} "
-             f"(won by {', '.join(f'{n} {c}' for n, c in models[arm]['won_by'].items() if c)}); MLP inputs below the "
-             f"clamp {100 * f['mean']:.1f}% ({'flat' if f['flat_region'] else 'no clamp'})")
+    worst = worst_of(done, arm)
+    entry = {
+        "path": paths.rel(path), "label": arm_label(paths, arm), "examples": worst,
+        "summary": _summary(worst, a.success_threshold),
+        "won_by": {name: sum(r["attack"] == name for r in worst) for name in done if name in WORST_CASE_SEARCHES},
+        "flat_region": {"clean": flat_fractions(model, [torch.tensor(r["original_ids"]) for r in worst], compute.device, a.batch_size),
+                        "adversarial": flat_fractions(model, [torch.tensor(r["adversarial_ids"]) for r in worst],
+                                                      compute.device, a.batch_size)}}
+    f = entry["flat_region"]["clean"]
+    say(f"[worst case] {arm:<15} mean dNLL {entry['summary']['mean_abs_delta_nll']:+.3f} "
+        f"(won by {', '.join(f'{n} {c}' for n, c in entry['won_by'].items() if c)}); MLP inputs below the "
+        f"clamp {100 * f['mean']:.1f}% ({'flat' if f['flat_region'] else 'no clamp'})")
+    return entry
+
+
+def _write_worst_case(cfg: ExperimentConfig, paths: RunPaths, models: dict, done: dict) -> str:
+    a = cfg.attack
     path = paths.results / "worst_case.json"
     if distributed.is_main():
         write_json(path, {"attacks": list(done), "seed": cfg.seed, "success_threshold": a.success_threshold,
@@ -218,39 +244,42 @@ def _worst_case(cfg: ExperimentConfig, paths: RunPaths, done: dict) -> str:
     return str(path)
 
 
-def _pgd(cfg: ExperimentConfig, paths: RunPaths) -> str:
-    """pgd.json: PGD on the input embeddings at every radius (pgd.py), on the first pgd_texts texts; the best
+def _pgd_arm(cfg: ExperimentConfig, paths: RunPaths, arm: str, path: Path, model) -> dict:
+    """PGD on the input embeddings at every radius (pgd.py), on the first pgd_texts texts; the best
     perturbations in pgd_deltas/<arm>.safetensors (a fresh forward pass with them reproduces each record)."""
     from safetensors.torch import save_file
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     texts = attacked_texts(cfg, paths, a.pgd_texts)
-    share, models = distributed.my_share(len(texts)), {}
+    share = distributed.my_share(len(texts))
     out_dir = paths.results / "pgd_deltas"
-    for arm, path in available_arms(paths).items():
-        victim = Victim(load_arm(path, compute.device), compute, a.batch_size, surrogate_gradient=a.surrogate_gradient)
-        unit = pgd.mean_embedding_norm(victim, forbidden_tokens(tokenizer, victim.embeddings.shape[0]))
-        records, deltas = [], {}
-        for t in texts[share.start:share.stop]:
-            for radius in numbers(a.pgd_radii):
-                rec, delta = pgd.attack_text(victim, t["ids"], radius, unit, a.pgd_steps)
-                records.append({"doc": t["doc"], "ids": t["ids"].tolist(), **rec})
-                deltas[f"{t['doc']}@{radius:g}"] = delta.contiguous()
-        records = distributed.gather_shares(records)
-        deltas = {k: v for part in distributed.gather_objects(deltas) for k, v in part.items()}
-        if distributed.is_main():        # atomic, and readable as the umask allows (safetensors writes 0600)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{arm}.", suffix=".safetensors")
-            os.close(fd)
-            save_file(deltas, tmp)
-            publish(Path(tmp), out_dir / f"{arm}.safetensors")
-        models[arm] = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
-                       "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
-                       "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
-                                     for r in numbers(a.pgd_radii)}}
-        say(f"[pgd] {arm:<15} mean dNLL " + ", ".join(
-            f"r={r} {s['mean_abs_delta_nll']:+.3f}" for r, s in models[arm]["by_radius"].items()))
-        del victim
+    victim = Victim(model, compute, a.batch_size, surrogate_gradient=a.surrogate_gradient)
+    unit = pgd.mean_embedding_norm(victim, forbidden_tokens(tokenizer, victim.embeddings.shape[0]))
+    records, deltas = [], {}
+    for t in texts[share.start:share.stop]:
+        for radius in numbers(a.pgd_radii):
+            rec, delta = pgd.attack_text(victim, t["ids"], radius, unit, a.pgd_steps)
+            records.append({"doc": t["doc"], "ids": t["ids"].tolist(), **rec})
+            deltas[f"{t['doc']}@{radius:g}"] = delta.contiguous()
+    records = distributed.gather_shares(records)
+    deltas = {k: v for part in distributed.gather_objects(deltas) for k, v in part.items()}
+    if distributed.is_main():        # atomic, and readable as the umask allows (safetensors writes 0600)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{arm}.", suffix=".safetensors")
+        os.close(fd)
+        save_file(deltas, tmp)
+        publish(Path(tmp), out_dir / f"{arm}.safetensors")
+    entry = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
+             "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
+             "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
+                           for r in numbers(a.pgd_radii)}}
+    say(f"[pgd] {arm:<15} mean dNLL " + ", ".join(
+        f"r={r} {s['mean_abs_delta_nll']:+.3f}" for r, s in entry["by_radius"].items()))
+    return entry
+
+
+def _write_pgd(cfg: ExperimentConfig, paths: RunPaths, models: dict) -> str:
+    a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     path = paths.results / "pgd.json"
     if distributed.is_main():
         write_json(path, {"attack": "pgd", "composition": pgd.composition(a), "config": vars(a), "seed": cfg.seed,

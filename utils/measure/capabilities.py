@@ -14,6 +14,7 @@ built by stage 0 from the held-out test split whenever eval.tasks names them
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.experiment_config import HELDOUT_TASKS
+from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError
 _WORD = re.compile(r"[A-Za-z]{3,}")
@@ -169,7 +171,8 @@ def lm_eval_logging_to(log_file: Path):
 def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, batch_size: int,
                           max_length: int, limit: int, compute: Compute, log_file: Path) -> dict:
     """lm-eval on one loaded model: metrics with standard errors and per-example correctness
-    (lm-eval's messages go to `log_file`).
+    (lm-eval's messages go to `log_file`). Under torchrun collective: every rank evaluates its share of
+    each task's documents; the results are on rank 0 ({} on the others).
 
     The harness computes in the stage's precision (bf16 autocast on CUDA by default, as every other
     measurement; fp32 on CPU) through its own `mixed_precision_dtype`, which wraps each of its
@@ -185,17 +188,59 @@ def evaluate_capabilities(model, tokenizer, tasks: list[str], data_dir: Path, ba
         model.config.use_cache = saved
 
 
+_GAP = object()
+
+
+def _in_document_order(parts: list):
+    """The ranks' per-document lists (rank r holds documents r, r+N, r+2N, ...: lm-eval's Task.doc_iterator)
+    merged round-robin, so they are in document order as one process lists them (the harness's bootstrap
+    resamples by position). Dicts are merged key by key."""
+    if isinstance(parts[0], dict):
+        keys = dict.fromkeys(k for p in parts for k in p)
+        return type(parts[0])({k: _in_document_order([p.get(k, []) for p in parts]) for k in keys})
+    return [x for row in itertools.zip_longest(*parts, fillvalue=_GAP) for x in row if x is not _GAP]
+
+
+def _harness_model(model, tokenizer, batch_size, max_length, compute: Compute):
+    """lm-eval's HFLM around the loaded model. Under torchrun it is data-parallel: the harness deals each task's
+    documents to the ranks (padding every rank to the same number of requests) and gathers the per-document
+    results on rank 0, through the rank, world size and collectives its LM interface leaves to a backend
+    (here torch.distributed, the stage's own process group); gathered in document order, rank 0 computes
+    what one process computes. Balanced whatever the tasks' sizes (HellaSwag is 57% of the standard tasks'
+    requests), where dealing whole tasks to ranks was not."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class DataParallelHFLM(HFLM):
+        def all_gather(self, tensor):
+            if self.world_size <= 1:
+                return tensor
+            one = tensor.reshape(1) if tensor.ndim == 0 else tensor.contiguous()
+            parts = [torch.empty_like(one) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, one)
+            return torch.cat(parts)
+
+        def gather_object(self, obj, dst=0):
+            parts = distributed.gather_objects(obj)
+            return [_in_document_order(parts)] if self.rank == dst else None
+
+        def barrier(self):
+            distributed.barrier()
+
+    lm = DataParallelHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                          device=str(compute.device),
+                          mixed_precision_dtype=torch.bfloat16 if compute.precision == "bf16-mixed" else None)
+    lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
+    return lm
+
+
 def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, compute: Compute) -> dict:
     import tempfile
 
     import lm_eval
-    import torch
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(compute.device),
-              mixed_precision_dtype=torch.bfloat16 if compute.precision == "bf16-mixed" else None)
+    lm = _harness_model(model, tokenizer, batch_size, max_length, compute)
     with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as configs:
         own = {p.stem for p in write_task_configs(data_dir, Path(configs))}
         # lm-eval indexes its ~14,700 built-in tasks for every TaskManager (4-11 s on 2 cores): only when a
@@ -205,15 +250,16 @@ def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, 
         if unknown:
             raise PipelineError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}")
         # One task per call: lm-eval batches the requests of all tasks of a call together, and a task's
-        # numbers should not depend on which others ran beside it (stage 4 deals tasks to ranks).
-        # Under torchrun simple_evaluate returns results only where LOCAL_RANK is 0 (its tensor-parallel
-        # convention), yet each call here is a single-process one.
+        # numbers should not depend on which others ran beside it. simple_evaluate returns results on rank 0
+        # only, where LOCAL_RANK is 0 too (its tensor-parallel convention): the data-parallel rank decides.
         local_rank, result = os.environ.pop("LOCAL_RANK", None), {}
         try:
             for task in tasks:
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit or None,
                                               log_samples=True, task_manager=manager, bootstrap_iters=1000,
                                               random_seed=0, verbosity="INFO")
+                if out is None:                 # a rank other than 0: its documents went to rank 0
+                    continue
                 metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
                            if k != "alias" and isinstance(v, (int, float))}
                 samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])

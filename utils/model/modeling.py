@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from torch.nn.utils import parametrize
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from configs.experiment_config import ModelConfig
-from utils.model.monotonicity import materialised_state_dict, reparametrize_loaded
+from utils.model.monotonicity import reparametrize_loaded
+from utils.run import streamed_safetensors
 from utils.run.run_files import PipelineError, atomic_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,8 +37,36 @@ def build_tiny_model(m: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
 PORTABLE_CODE = Path(__file__).parent / "portable" / "modeling_monotone.py"
 
 
+def saved_name(model, name: str) -> str:
+    """The name the model's tensor `name` has in its saved files: transformers renames some on saving
+    (GPT-NeoX's lm_head.weight is saved as embed_out.weight, Pythia's own name)."""
+    renamed = list(revert_weight_conversion(model, {name: torch.empty(0, device="meta")}))
+    if len(renamed) != 1:
+        raise PipelineError(f"{type(model).__name__} converts {name} into {renamed} on saving: not supported")
+    return renamed[0]
+
+
+def _saved_tensors(model) -> list[streamed_safetensors.Entry]:
+    """What save_pretrained would write, under its names, each computed only when written: the materialised
+    W (softplus(V), s * softplus(V)) of a constrained module under its plain `.weight` name (a whole
+    materialised state dict would be ~57% of pythia-1.4b again on the host); V and signed_units' signs
+    are not saved (loading recovers them from W); tied copies are left out as save_pretrained leaves them."""
+    like, produce = {}, {}
+    for key, tensor in model.state_dict().items():
+        if ".parametrizations." not in key:
+            like[key], produce[key] = tensor, (lambda t=tensor: t)
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            like[f"{name}.weight"] = mod.parametrizations.weight.original     # its shape, dtype and storage
+            produce[f"{name}.weight"] = lambda m=mod: m.weight
+    kept = remove_tied_weights_from_state_dict(like, model)
+    return [streamed_safetensors.Entry(saved_name(model, k), like[k].dtype, tuple(like[k].shape), produce[k])
+            for k in sorted(kept)]
+
+
 def save_model(model, path: Path, tokenizer=None, extra: dict | None = None) -> None:
-    """Save materialised weights (W = softplus(V)) as a HF directory, atomically.
+    """Save materialised weights (W = softplus(V)) as a HF directory, atomically, one tensor at a time
+    (utils.run.streamed_safetensors: the host never holds the model twice).
 
     A model with the monotone activation also gets the custom code that defines it and an
     `auto_map` to it, so any Hugging Face tool loads it with trust_remote_code=True."""
@@ -43,13 +76,43 @@ def save_model(model, path: Path, tokenizer=None, extra: dict | None = None) -> 
             raise PipelineError(f"portable monotone checkpoints are defined for GPT-NeoX, not {type(model).__name__}")
         model.config.auto_map = {"AutoModelForCausalLM": f"{PORTABLE_CODE.stem}.GPTNeoXForCausalLM"}
     with atomic_dir(Path(path)) as tmp:
-        model.save_pretrained(tmp, state_dict=materialised_state_dict(model))
+        model.config.dtype = str(model.dtype).split(".")[1]          # what save_pretrained records
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        streamed_safetensors.write(tmp / "model.safetensors", _saved_tensors(model), {"format": "pt"})
         if portable:
             shutil.copyfile(PORTABLE_CODE, tmp / PORTABLE_CODE.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra:
             (tmp / "run_info.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+class SavedWeights(Mapping):
+    """A saved model's tensors by `model`'s own names (a model of its structure), read from its safetensors
+    files one at a time when asked: what a whole loaded copy would give, without the copy on the host."""
+
+    def __init__(self, path: Path, model):
+        self._files = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                self._files.update(dict.fromkeys(f.keys(), file))
+        names = [k for k in model.state_dict() if ".parametrizations." not in k] + \
+            [f"{n}.weight" for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+        self._names = {name: saved for name in names if (saved := saved_name(model, name)) in self._files}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        saved = self._names[name]
+        with safe_open(str(self._files[saved]), framework="pt") as f:
+            return f.get_tensor(saved)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def load_model(path: Path, dtype: str = "float32", device: str | torch.device = "cpu"):

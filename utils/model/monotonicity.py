@@ -193,19 +193,6 @@ def project_constrained_(model: nn.Module) -> None:
                 mod.weight.clamp_(min=0)
 
 
-def materialised_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with the materialised W (softplus(V), s * softplus(V)) under the plain `.weight` names."""
-    out = {}
-    for key, tensor in model.state_dict().items():
-        if ".parametrizations." in key:       # V, and signed_units' signs (recovered from W on loading)
-            continue
-        out[key] = tensor
-    for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod, "weight"):
-            out[f"{name}.weight"] = mod.weight.detach()
-    return out
-
-
 def cache_fits(model: nn.Module, free_bytes: int | None = None) -> bool:
     """Whether every constrained W = softplus(V) may stay alive across forwards: twice their bytes fit the room
     left on the device (a GPU's free memory and what PyTorch holds reserved but unused; on a CPU always;

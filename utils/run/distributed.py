@@ -166,8 +166,14 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole (unsharded) state dict on rank 0's CPU, None on the others. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if is_main() else None
+@torch.no_grad()
+def gather_into(sharded: nn.Module, whole: nn.Module | None) -> None:
+    """Copy a sharded model's weights into `whole`, rank 0's unsharded model of the same structure (None on
+    the others), one tensor at a time: rank 0's host holds the model once, not a gathered state dict beside
+    it (get_model_state_dict's full_state_dict). Collective."""
+    from torch.distributed.tensor import DTensor
+    targets = whole.state_dict() if is_main() else {}
+    for name, value in sharded.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if is_main():
+            targets[name].copy_(value)

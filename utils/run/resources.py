@@ -6,10 +6,11 @@ at scale:
   host memory  every process's runtime (PROCESS_GIB: Python, torch, on a GPU node the CUDA context) plus the
                largest host copy of model state the stage makes: stage 0 a control's fp32 model and its fp16
                file (6N bytes: the validation-loss check); stage 1 the fp16 file, the fp32 model and the
-               monotone copy (10N); stages 2-3 the most of rank 0's whole fp32 start model (4N: the other ranks
-               are filled from it), every rank's checkpoint shard copied to the host and serialised there (2 x
-               12N/W each, the node's P ranks together) and rank 0's export (two whole fp32 copies and the
-               materialised weights, 12N); stages 4-6 a whole fp32 arm per process on a CPU (4N), on a GPU, where
+               monotone copy (10N); stages 2-3 rank 0's one whole fp32 model (5N: the start it fills the other
+               ranks' shards from, later the trained model it gathers and exports tensor by tensor; checkpoints and
+               exports are written one tensor at a time, utils/run/streamed_safetensors.py; benchmarks/host_memory.py
+               measured at most 4.6N of growth in any phase at pythia-160m's shape), and on CPU processes the
+               training state (16N over the W ranks); stages 4-6 a whole fp32 arm per process on a CPU (4N), on a GPU, where
                the weights go from the file straight to the device, N (assumed: the load's transient buffers
                and file pages); stage 7 none.
   disk         per seed, when every stage has finished: per trained arm (baseline, monotonic,
@@ -41,7 +42,7 @@ def host_memory_gib(cfg: ExperimentConfig, stage: int, gpu: bool, procs: int = 1
     arm = (1 if gpu else 4) * n * procs
     state = {0: 6 * n, 1: 10 * n, 4: arm, 5: arm, 6: arm, 7: 0, 8: 0}.get(stage)
     if stage in (2, 3):
-        state = max(4 * n, procs * 2 * 12 * n / world, 12 * n)
+        state = 5 * n + (0 if gpu else 16 * n * procs / world)
     runtime = PROCESS_GIB["gpu" if gpu and stage in range(1, 7) else "cpu"] * (procs if stage in range(2, 7) else 1)
     return state / GIB + runtime
 

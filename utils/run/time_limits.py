@@ -161,8 +161,16 @@ def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, floa
     return per_token * steps * per_step + 2 * n * evals * t.eval_windows * seq, float(steps * per_step)
 
 
-def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float, float]:
-    """(forward tokens, gradient tokens) stages 5 and 6 can spend on every arm together."""
+# UAT's beam search ends a restart after a sweep without gain: on tiny, all 24 restarts (cap 10) stopped by
+# sweep 5 (docs/measurement.md). Stage 5's job is counted at this many sweeps per restart (its requeued runs go on
+# past it); its ceiling, attack.uat_max_sweeps, bounds one restart (the piece that must fit in one job) and is
+# stated beside it. The pilot of the Pythia budgets (issue 36) is what measures it at scale.
+UAT_COUNTED_SWEEPS = 6
+
+
+def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int | None = None) -> tuple[float, float]:
+    """(forward tokens, gradient tokens) stages 5 and 6 can spend on every arm together, UAT's restarts at
+    `uat_sweeps` sweeps (default its ceiling, attack.uat_max_sweeps: every bound here is then an upper bound)."""
     a = cfg.attack
     uat_len, text_len = 1 + a.uat_trigger_len + a.text_len, 1 + a.text_len
     def scored(candidates):      # text forwards to score candidate triggers (uat.trigger_losses, screened or not)
@@ -171,7 +179,7 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int) -> tuple[float,
         return candidates * a.uat_opt_texts
 
     if a.uat_search == "beam":
-        rounds, grads = a.uat_max_sweeps * a.uat_trigger_len, a.uat_beam
+        rounds, grads = min(uat_sweeps or a.uat_max_sweeps, a.uat_max_sweeps) * a.uat_trigger_len, a.uat_beam
         fwd = a.uat_restarts * (a.uat_opt_texts + rounds * scored(a.uat_beam * a.uat_top_k))
     else:
         rounds, grads = a.gcg_steps, 1
@@ -240,11 +248,18 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
     # text is one process's, where UAT's restart shares its queries across all).
     a = cfg.attack
     texts = min([a.hotflip_texts if s == "hotflip" else a.gcg_texts for s in listed(a.text_attacks)] or [1])
-    for stage, (fwd, grad), pieces in zip((5, 6), attack_forward_equivalents(cfg, arms), (a.uat_restarts, texts)):
-        flops = 2 * n * fwd + 6 * n * grad
-        out.append(_limit(stage, flops, flops / rate("measure"),
-                          f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens at most",
-                          flops / rate("measure") / arms / max(1, pieces) * (measure_procs if stage == 6 else 1),
+    ceiling = attack_forward_equivalents(cfg, arms)
+    counted = attack_forward_equivalents(cfg, arms, UAT_COUNTED_SWEEPS)
+    for stage, (fwd, grad), (top, top_grad), pieces in zip((5, 6), counted, ceiling, (a.uat_restarts, texts)):
+        flops, most = 2 * n * fwd + 6 * n * grad, 2 * n * top + 6 * n * top_grad
+        work = f"{arms} arms: {fwd / 1e6:.3g}M forward and {grad / 1e6:.3g}M gradient tokens"
+        if stage == 5 and a.uat_search == "beam" and most > flops:
+            work += (f" (restarts counted at {UAT_COUNTED_SWEEPS} sweeps; every restart at the ceiling of "
+                     f"{a.uat_max_sweeps}: {most / rate('measure') / 3600:.3g} h)")
+        else:
+            work += " at most"
+        out.append(_limit(stage, flops, flops / rate("measure"), work,
+                          most / rate("measure") / arms / max(1, pieces) * (measure_procs if stage == 6 else 1),
                           cap_hours))
     return out
 

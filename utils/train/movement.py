@@ -26,12 +26,22 @@ def module_group(name: str, module: torch.nn.Module, output_embeddings: torch.nn
     return "other"
 
 
+def start_weight(start, name: str, mod: torch.nn.Module, t: str = "weight") -> torch.Tensor:
+    """The start's effective tensor `t` of module `name` as training had it at step 0, in fp32 on the CPU.
+    `start` maps saved names to tensors (utils.model.modeling.SavedWeights: read one at a time). A parametrised
+    module's W went through its parametrisation on loading: W0 = f(f^-1(W saved)), its V0 = f^-1(W saved)."""
+    w = start[f"{name}.{t}"].float()
+    if t == "weight" and parametrize.is_parametrized(mod, "weight"):
+        f = mod.parametrizations.weight[0]
+        w = f(f.right_inverse(w.to(mod.parametrizations.weight.original.device)))
+    return w.cpu()
+
+
 @torch.no_grad()
 def weight_change_by_group(start, trained) -> dict:
     """Relative change sum |W1 - W0| / sum |W0| of the effective weights and biases, per module group:
     whether recovery moved the (constrained) MLPs or got around them through attention and embeddings."""
     sums = {}
-    start_by_name = dict(start.named_modules())
     out_emb = trained.get_output_embeddings()
     for name, mod in trained.named_modules():
         tensors = [t for t in ("weight", "bias") if isinstance(getattr(mod, t, None), torch.Tensor)]
@@ -39,7 +49,7 @@ def weight_change_by_group(start, trained) -> dict:
             continue
         acc = sums.setdefault(module_group(name, mod, out_emb), [0.0, 0.0, 0])
         for t in tensors:
-            w0, w1 = getattr(start_by_name[name], t).float().cpu(), getattr(mod, t).float().cpu()
+            w0, w1 = start_weight(start, name, mod, t), getattr(mod, t).float().cpu()
             acc[0] += float((w1 - w0).abs().sum())
             acc[1] += float(w0.abs().sum())
             acc[2] += w0.numel()
@@ -61,25 +71,24 @@ def freeze_all_but_constrained(model, scope: str) -> int:
 def movement_report(start, trained, scope: str) -> dict:
     """How far training moved the weights: a frozen constraint shows up here (trap 2).
 
-    `constrained` are the scope's modules (free in the baseline, for comparison);
-    for parametrised ones the fraction of pre-parameters V that changed at all.
+    `start` maps names to the start's saved tensors (start_weight); `constrained` are the scope's modules
+    (free in the baseline, for comparison); for parametrised ones the fraction of pre-parameters V that changed.
     """
-    start_mods, trained_mods = constrained_modules(start, scope), constrained_modules(trained, scope)
+    trained_mods = constrained_modules(trained, scope)
     out = {"scope_modules": len(trained_mods)}
     changed = total = 0
     for name, mod in trained_mods.items():
         if parametrize.is_parametrized(mod, "weight"):
-            v0 = start_mods[name].parametrizations.weight.original
             v1 = mod.parametrizations.weight.original
-            changed += int((v0 != v1.to(v0.device)).sum())
+            v0 = mod.parametrizations.weight[0].right_inverse(start[f"{name}.weight"].to(v1.device, v1.dtype))
+            changed += int((v0 != v1).sum())
             total += v1.numel()
     out["fraction_V_changed"] = changed / total if total else None
     # Effective weights W of every Linear and Embedding: sum |dW|, count, sum |W0|.
     sums = {"constrained": [0.0, 0, 0.0], "unconstrained": [0.0, 0, 0.0]}
-    start_by_name = dict(start.named_modules())
     for name, mod in trained.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            w0 = start_by_name[name].weight.float().cpu()
+            w0 = start_weight(start, name, mod)
             w1 = mod.weight.float().cpu()
             acc = sums["constrained" if name in trained_mods else "unconstrained"]
             acc[0] += float((w1 - w0).abs().sum())
