@@ -52,7 +52,6 @@ def paired_difference(raw: dict, first: str, second: str, arm: str, n_boot: int)
 def transfer_minus_white_box(raw: dict, search: str, arm: str, n_boot: int) -> dict | None:
     """Per text, the damage on `arm` of the adversarial text crafted on the unconstrained source arm whose
     transfer to `arm` is largest on average over the seeds, minus `arm`'s own white-box damage on that text."""
-    from utils.results.frontier import is_unconstrained
     per_source = {}
     for files in raw.values():
         res = files.get(f"{search}.json")
