@@ -381,6 +381,7 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
     if analysis.primary_measure not in MEASURES:
         raise PipelineError(f"analysis.primary_measure must be one of {', '.join(MEASURES)}, "
                             f"got {analysis.primary_measure!r}")
+    from utils.results import paper_protocol
     from utils.results.plots import plots
     from utils.results.report import LEAD_FIGURE, latex, markdown
     from utils.results.summary import screen_summary
@@ -393,6 +394,7 @@ def run_aggregate(work_dir: Path, seeds: list[int] | None, allow_partial: bool, 
              "missing": {str(s): m for s, m in missing.items()},
              "success_threshold": thresholds.pop() if len(thresholds) == 1 else None,
              "per_seed": per_seed, "across_seeds": across_seeds(per_seed, raw, analysis)}
+    final["paper_protocol"] = paper_protocol.summary(raw, final)
     out = work_dir / "final"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "final_results.json", final)

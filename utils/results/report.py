@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from utils.results.attack_report import attack_strength, plateau_flag
 from utils.results.formatting import ARM_NAMES, ORDER, arms_present, fmt
+from utils.results.paper_protocol import table as paper_protocol_table
 from utils.results.summary import markdown_head, short_verdict
 
 LEAD_FIGURE = "robustness_vs_clean_loss.png"
@@ -188,6 +189,7 @@ def markdown(final: dict) -> str:
     lines += markdown_head(final, LEAD_FIGURE)
     lines += _provenance(final)
     lines += matched_control(final)
+    lines += paper_protocol_table(final)
     lines += attack_strength(final) + [""]
     lines += ["## Every arm", "", _sizes(final), "",
               "Across seeds: perplexity mean [t-based 95% interval over seeds]; every attack measure the mean of the "
