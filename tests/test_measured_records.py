@@ -249,4 +249,5 @@ def test_the_time_limits_count_at_least_the_work_the_attacks_did(measured):
     text = [res[a]["models"][arm]["summary"]["cost"] for a in ("hotflip", "gcg", "gcg_surrogate", "random_search")
             for arm in res[a]["models"]]
     text += [r["cost"] for m in res["pgd"]["models"].values() for r in m["examples"]]
+    text += [r["gradient_fidelity"]["cost"] for m in res["random_search"]["models"].values() for r in m["examples"]]
     assert sum(c["forward_tokens"] for c in text) <= text_fwd and sum(c["gradient_tokens"] for c in text) <= text_grad

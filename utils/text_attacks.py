@@ -147,6 +147,9 @@ def _search_arm(cfg: ExperimentConfig, paths: RunPaths, name: str, arm: str, pat
             kept += rec is not None
             if rec is None:
                 rec = {"doc": t["doc"], **_attack(name, victim, t, a, forbidden, cfg.seed)}
+                if name == "random_search":    # the masking check on random search's own first-step proposals
+                    rec["gradient_fidelity"] = gcg.gradient_fidelity(
+                        victim, t["ids"], a, forbidden, torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))
                 rec["success"] = rec["rel_delta_nll"] > a.success_threshold
                 rec["success_abs"] = rec["abs_delta_nll"] > a.success_abs_nats
                 once.put(arm, path, rec, part=f"doc{t['doc']}", every_rank=True)

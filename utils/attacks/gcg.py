@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from configs.experiment_config import AttackConfig
-from utils.attacks.core import Trace, Victim, target_mask, top_candidates
+from utils.attacks.core import Trace, Victim, flip_scores, masked_mean, target_mask, top_candidates
 from utils.attacks.hotflip import record, score
 
 
@@ -133,3 +133,28 @@ def attack_text(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: t
             best = step_best
         trace.add(best[0])
     return {**record(victim, ids, best[1], clean_nll, before, trace), "steps": a.gcg_steps}
+
+
+def gradient_fidelity(victim: Victim, ids: torch.Tensor, a: AttackConfig, forbidden: torch.Tensor,
+                      gen: torch.Generator) -> dict:
+    """Does the model's gradient predict what a swap does? A masking check beyond the clamp: random search's
+    first-step proposals (`gen` seeded as its search: search_width single swaps of the clean text, uniform over
+    positions and allowed tokens, so no selection by the gradient), each one's first-order gain (e_b - e_a) . grad
+    against its exact gain, on the same targets in both (every position but EOS and the swapped ones: a swapped
+    token is never a target, so none is): Spearman's rho over the swaps. Near 0 on an arm whose searches it
+    guides (GCG, HotFlip), that arm's gradient-guided damage says little. The passes are the check's own (`cost`),
+    not the search's."""
+    from scipy.stats import spearmanr
+    before = victim.cost.copy()
+    cands = random_swaps(ids, torch.arange(1, len(ids)), (~forbidden).nonzero().squeeze(1), a.gcg_search_width, gen)
+    positions = [int((c != ids).nonzero()) for c in cands]
+    targets = target_mask(len(ids), sorted(set(positions)))
+    grad = victim.grads([ids], [targets])[0]
+    at = torch.tensor(positions)
+    scores = flip_scores(grad[at].to(victim.embeddings.device), ids[at].to(victim.embeddings.device),
+                         victim.embeddings, forbidden.to(victim.embeddings.device))
+    predicted = scores[torch.arange(len(cands)), torch.stack([c[p] for c, p in zip(cands, positions)]).to(scores.device)]
+    clean = masked_mean(victim.nll([ids], [targets])[0], targets)
+    exact = [masked_mean(n, targets) - clean for n in victim.nll(cands, [targets] * len(cands), base=ids)]
+    rho = spearmanr(predicted.cpu().numpy(), exact).statistic if len(cands) > 2 else float("nan")
+    return {"spearman": float(rho), "swaps": len(cands), "cost": victim.cost.since(before)}

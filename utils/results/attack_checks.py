@@ -7,7 +7,9 @@
                 masking). Random search >= GCG: the gradient did not guide the search there. And per search
                 (HotFlip, GCG), the adversarial texts crafted on the unconstrained arm that transfers best, applied
                 to this arm, minus this arm's own white-box damage on the same texts: transfer beating white-box
-                is the classic masking signal (the arm's own gradient led its search astray).
+                is the classic masking signal (the arm's own gradient led its search astray). And the gradient's
+                fidelity: per text, Spearman's rho between the first-order and the exact gains of random search's
+                uniformly drawn first-step swaps (gcg.gradient_fidelity); near 0, the arm's gradient guides nothing.
   pgd           per arm and radius: the damage of PGD on the input embeddings (what its search found: a lower
                 bound on the worst case inside the ball)
   ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
@@ -91,6 +93,12 @@ def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
         for search in ("hotflip", "gcg"):
             if (d := transfer_minus_white_box(raw, search, arm, n_boot)) is not None:
                 row[f"transfer_minus_white_box_{search}"] = d
+        rhos = [[r["gradient_fidelity"]["spearman"] for r in f["random_search.json"]["models"][arm]["examples"]
+                 if "gradient_fidelity" in r and np.isfinite(r["gradient_fidelity"]["spearman"])]
+                for f in raw.values() if arm in f.get("random_search.json", {}).get("models", {})]
+        if any(rhos):
+            row["gradient_fidelity"] = {**_seed_then_unit([r for r in rhos if r], n_boot),
+                                        "n_texts": sum(map(len, rhos))}
         if row:
             out[arm] = row
     return out

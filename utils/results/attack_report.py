@@ -80,10 +80,12 @@ def attack_strength(final: dict) -> list[str]:
                   ">= 0 means the gradient did not guide the search. Transfer - white box: per text, the damage "
                   "on this arm of the texts crafted on the unconstrained arm that transfers best (named), minus the "
                   "arm's own white-box damage; > 0 means another model's gradient found more than the arm's own "
-                  "(masking).", "",
+                  "(masking). Gradient fidelity: per text, Spearman's rho between the first-order gain (e_b - e_a) . "
+                  "grad and the exact gain of random search's uniformly drawn first-step swaps, on the same targets; "
+                  "near 0 means the arm's gradient predicts nothing, so its gradient-guided damage says little.", "",
                   "| Model | Clamp | Below clamp (clean, adversarial) | Surrogate - GCG dNLL [95% CI] | Random - GCG dNLL "
-                  "[95% CI] | Transfer - white box, HotFlip | Transfer - white box, GCG |",
-                  "|---|---|---|---|---|---|---|"]
+                  "[95% CI] | Transfer - white box, HotFlip | Transfer - white box, GCG | Gradient fidelity (rho) |",
+                  "|---|---|---|---|---|---|---|---|"]
 
         def transfer(d):
             return "n/a" if d is None else f"{fmt(d, 1, 3)} (from {ARM_NAMES[d['source']]})"
@@ -94,7 +96,7 @@ def attack_strength(final: dict) -> list[str]:
             lines.append(f"| {ARM_NAMES[arm]} | {'flat' if m.get('flat_region') else 'no clamp'} | {below} | "
                          f"{fmt(m.get('surrogate_minus_gcg'), 1, 3)} | {fmt(m.get('random_minus_gcg'), 1, 3)} | "
                          f"{transfer(m.get('transfer_minus_white_box_hotflip'))} | "
-                         f"{transfer(m.get('transfer_minus_white_box_gcg'))} |")
+                         f"{transfer(m.get('transfer_minus_white_box_gcg'))} | {fmt(m.get('gradient_fidelity'), 1, 2)} |")
         rank = acr.get("surrogate_ranking")
         if rank:
             lines += ["", "Arms by GCG dNLL, most damaged first: " + ", ".join(ARM_NAMES[a] for a in rank["order"]["gcg_mean_abs_delta_nll"])

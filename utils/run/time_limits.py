@@ -193,8 +193,11 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int
         if name == "hotflip":
             per_text = (2 + a.hotflip_max_flips * a.hotflip_beam * a.hotflip_top_k + 2, a.hotflip_max_flips * a.hotflip_beam)
             texts = a.hotflip_texts
-        else:      # gcg, gcg_surrogate (counted on every arm: an upper bound), random_search (no gradient)
-            per_text = (2 + a.gcg_steps * a.gcg_search_width, 0 if name == "random_search" else a.gcg_steps)
+        elif name == "random_search":     # no gradient; its gradient-fidelity check: one gradient, width + 1 forwards
+            per_text = (2 + a.gcg_steps * a.gcg_search_width + a.gcg_search_width + 1, 1)
+            texts = a.gcg_texts
+        else:      # gcg, gcg_surrogate (counted on every arm: an upper bound)
+            per_text = (2 + a.gcg_steps * a.gcg_search_width, a.gcg_steps)
             texts = a.gcg_texts
         fwd += arms * texts * (per_text[0] + 2 * arms) * text_len      # the search, then every record on every model
         grad += arms * texts * per_text[1] * text_len
