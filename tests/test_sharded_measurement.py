@@ -81,3 +81,19 @@ def test_stage_6_loads_each_arm_twice_per_process_whatever_the_number_of_searche
     assert loads == Counter({path.name: 2 for path in arms.values()}), loads
     gcg = json.loads((paths.results / "gcg.json").read_text())
     assert set(gcg["transfer"]) == set(arms) and all(set(row) == set(arms) for row in gcg["transfer"].values())
+
+
+def test_a_task_limit_below_the_number_of_ranks_runs_the_task_on_rank_0_alone(stage1_work, tmp_path):
+    """lm-eval refuses a rank without documents: with eval.task_limit=1 on two processes each task runs on rank 0
+    alone and stage 4 writes what one process writes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for work in (one, two):
+        shutil.copytree(stage1_work, work)
+    sets = fast_sets() + ["--set", "eval.task_limit=1"]
+    for work, launcher in ((one, [sys.executable]), (two, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          "--nproc_per_node", "2"])):
+        r = subprocess.run([*launcher, str(ROOT / "scripts" / "stage_4_evaluate.py"), "--work-dir", str(work), *sets],
+                           capture_output=True, text=True, env=ENV, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    caps = [json.loads((w / "seed_42" / "results" / "capabilities.json").read_text())["models"] for w in (one, two)]
+    assert caps[0] == caps[1] and all(t["n"] == 1 for m in caps[1].values() for t in m["tasks"].values())

@@ -344,3 +344,22 @@ def test_a_checkpoint_is_written_one_tensor_at_a_time_and_reads_back_exactly(tmp
         assert torch.equal(saved[f"model.{name}"], p)
         for key, value in optimizer.state[p].items():
             assert torch.equal(saved[f"optim.{name}.{key}"], value)
+
+
+@pytest.mark.parametrize("construction", ["softplus_abs", "signed_units"])
+def test_an_untrained_arm_moved_exactly_nothing_from_its_saved_start(tmp_path, construction):
+    """The movement report reads the start's tensors from its files (no second model on the host) and rebuilds the
+    weights training started from: a monotone arm and a released one (unconstrained_from_init), loaded and not
+    trained, moved by exactly 0, and no V changed."""
+    from test_monotonicity import tiny_model
+    from utils.model.modeling import SavedWeights, load_model, save_model
+    from utils.model.monotonicity import apply_monotonicity, release_constraint
+    from utils.train.movement import movement_report
+    model = tiny_model()
+    apply_monotonicity(model, "mlp_both", "monotone", 1e-3, construction=construction)
+    save_model(model, tmp_path / "start")
+    for trained in (load_model(tmp_path / "start"), release_constraint(load_model(tmp_path / "start"))):
+        report = movement_report(SavedWeights(tmp_path / "start", trained), trained, "mlp_both")
+        assert report["mean_abs_delta_W_constrained"] == report["mean_abs_delta_W_unconstrained"] == 0
+        assert all(g["mean_abs_delta"] == 0 for g in report["groups"].values())
+        assert report["fraction_V_changed"] in (0, None)

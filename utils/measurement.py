@@ -216,15 +216,17 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
     stop = StopOnSignal((signal.SIGUSR1,))
     for arm, path in available_arms(paths).items():
         kept = once.get(arm, path)
-        if kept:
-            out["models"][arm] = kept["evaluation"]
+        if kept:             # perhaps another seed's measurement of the same weights: this seed's path and label
+            out["models"][arm] = {**kept["evaluation"], "path": paths.rel(path), "label": arm_label(paths, arm)}
             if tasks:
-                caps["models"][arm] = kept["capabilities"]
+                caps["models"][arm] = {**kept["capabilities"], "path": paths.rel(path)}
             say(f"[evaluate] {arm:<15} perplexity {kept['evaluation']['perplexity']:10.2f}  (measured before: kept)")
             continue
         t0, model = time.time(), None
         evaluation = once.get(arm, path, "perplexity")
-        if evaluation is None:
+        if evaluation is not None:
+            evaluation = {**evaluation, "path": paths.rel(path), "label": arm_label(paths, arm)}
+        else:
             model = load_arm(path, compute.device)
             per_doc = document_nll(model, docs, tokenizer.eos_token_id, e.max_len, e.stride, e.batch_size, compute,
                                    shard=True)
@@ -252,7 +254,8 @@ def evaluate(cfg: ExperimentConfig, paths: RunPaths) -> list[str]:
             caps["models"][arm] = {"path": paths.rel(path), "tasks": done}
             if distributed.is_main():       # the other ranks' documents went to rank 0
                 say(f"[evaluate] {arm:<15} " + ", ".join(
-                    f"{t} acc {r['metrics']['acc']:.3f} +- {r['metrics']['acc_stderr']:.3f}"
+                    f"{t} acc {r['metrics']['acc']:.3f}" + (f" +- {r['metrics']['acc_stderr']:.3f}"
+                                                            if "acc_stderr" in r["metrics"] else " (no stderr)")
                     for t, r in done.items() if "acc" in r["metrics"]))
         once.put(arm, path, {"evaluation": out["models"][arm], "capabilities": caps["models"][arm] if tasks else None})
         once.drop_parts(arm, path)

@@ -253,8 +253,15 @@ def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, 
         # numbers should not depend on which others ran beside it. simple_evaluate returns results on rank 0
         # only, where LOCAL_RANK is 0 too (its tensor-parallel convention): the data-parallel rank decides.
         local_rank, result = os.environ.pop("LOCAL_RANK", None), {}
+        # A limit below the number of ranks would leave a rank without documents, which lm-eval refuses: such a
+        # task runs on rank 0 alone (a task run in full has thousands of documents; the held-out ones >= 20).
+        ranks = lm.world_size
+        alone = 0 < limit < ranks
         try:
             for task in tasks:
+                if alone and lm.rank != 0:
+                    continue
+                lm._world_size = 1 if alone else ranks
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit or None,
                                               log_samples=True, task_manager=manager, bootstrap_iters=1000,
                                               random_seed=0, verbosity="INFO")
@@ -270,6 +277,7 @@ def _evaluate(model, tokenizer, tasks, data_dir, batch_size, max_length, limit, 
                                 f"{str(e).splitlines()[0][:200]}); run stage 0 where the hub is reachable to "
                                 f"cache them, or choose others with --set eval.tasks=...") from None
         finally:
+            lm._world_size = ranks
             if local_rank is not None:
                 os.environ["LOCAL_RANK"] = local_rank
     return result

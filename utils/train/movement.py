@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from utils.model.monotonicity import constrained_modules
+from utils.model.monotonicity import SoftplusWeight, constrained_modules
 
 MLP_IN = ("dense_h_to_4h", "up_proj", "gate_proj", "c_fc", "fc1")     # GPT-NeoX, Llama, GPT-2, OPT names
 GROUPS = ("mlp_in", "mlp_out", "attention", "embeddings", "norms", "other")
@@ -26,14 +26,29 @@ def module_group(name: str, module: torch.nn.Module, output_embeddings: torch.nn
     return "other"
 
 
-def start_weight(start, name: str, mod: torch.nn.Module, t: str = "weight") -> torch.Tensor:
+def released_modules(trained) -> set[str]:
+    """The modules whose softplus constraint was released (unconstrained_from_init, the ladder): training started
+    from the W their parametrisation gave on loading, not from the saved W bit for bit."""
+    spec = getattr(trained.config, "released_constraint", None)
+    if not spec or spec.get("construction") == "projected":
+        return set()
+    return set(constrained_modules(trained, spec["scope"]))
+
+
+def start_weight(start, name: str, mod: torch.nn.Module, t: str = "weight",
+                 released: set[str] = frozenset()) -> torch.Tensor:
     """The start's effective tensor `t` of module `name` as training had it at step 0, in fp32 on the CPU.
-    `start` maps saved names to tensors (utils.model.modeling.SavedWeights: read one at a time). A parametrised
-    module's W went through its parametrisation on loading: W0 = f(f^-1(W saved)), its V0 = f^-1(W saved)."""
+    `start` maps the model's names to the saved tensors (utils.model.modeling.SavedWeights: read one at a time).
+    A parametrised module's W went through its parametrisation on loading: W0 = f(f^-1(W saved)), V0 = f^-1(W
+    saved); a released one's too, before the release: sign(W) softplus(softplus^-1(|W|)) (every entry of a signed
+    unit carries its sign)."""
     w = start[f"{name}.{t}"].float()
     if t == "weight" and parametrize.is_parametrized(mod, "weight"):
         f = mod.parametrizations.weight[0]
         w = f(f.right_inverse(w.to(mod.parametrizations.weight.original.device)))
+    elif t == "weight" and name in released:
+        f = SoftplusWeight()
+        w = w.sign() * f(f.right_inverse(w.abs()))
     return w.cpu()
 
 
@@ -43,13 +58,14 @@ def weight_change_by_group(start, trained) -> dict:
     whether recovery moved the (constrained) MLPs or got around them through attention and embeddings."""
     sums = {}
     out_emb = trained.get_output_embeddings()
+    released = released_modules(trained)
     for name, mod in trained.named_modules():
         tensors = [t for t in ("weight", "bias") if isinstance(getattr(mod, t, None), torch.Tensor)]
         if not tensors:
             continue
         acc = sums.setdefault(module_group(name, mod, out_emb), [0.0, 0.0, 0])
         for t in tensors:
-            w0, w1 = start_weight(start, name, mod, t), getattr(mod, t).float().cpu()
+            w0, w1 = start_weight(start, name, mod, t, released), getattr(mod, t).float().cpu()
             acc[0] += float((w1 - w0).abs().sum())
             acc[1] += float(w0.abs().sum())
             acc[2] += w0.numel()
@@ -86,9 +102,10 @@ def movement_report(start, trained, scope: str) -> dict:
     out["fraction_V_changed"] = changed / total if total else None
     # Effective weights W of every Linear and Embedding: sum |dW|, count, sum |W0|.
     sums = {"constrained": [0.0, 0, 0.0], "unconstrained": [0.0, 0, 0.0]}
+    released = released_modules(trained)
     for name, mod in trained.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            w0 = start_weight(start, name, mod)
+            w0 = start_weight(start, name, mod, released=released)
             w1 = mod.weight.float().cpu()
             acc = sums["constrained" if name in trained_mods else "unconstrained"]
             acc[0] += float((w1 - w0).abs().sum())

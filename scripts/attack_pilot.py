@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""The attack pilot: the budgets at which stage 6's searches plateau, on the arms stages 0-1 built (the
+pretrained model, monotonic_init, the first control), before any training (utils/attack_pilot.py says what it
+sweeps). Writes results/attack_pilot.{json,md,png} and prints the recommended budgets as --set lines.
+
+    python scripts/attack_pilot.py --preset tiny --work-dir W [--texts 8] [--set ...]
+"""
+import _bootstrap  # noqa: F401
+
+import sys
+from pathlib import Path
+
+from configs.experiment_config import ConfigError
+from utils.attack_pilot import run_pilot, set_lines, write_outputs
+from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, os_error_line, stage_parser
+from utils.run.run_files import PipelineError, RunPaths
+
+
+def main() -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--texts", type=int, default=8, help="attacked texts per arm (the seed's first; default 8)")
+    args = parser.parse_args()
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.texts < 1:
+        print("error: --texts must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    paths = RunPaths(Path(cfg.work_dir), cfg.seed)
+    try:
+        out = run_pilot(cfg, paths, args.texts)
+        written = write_outputs(out, paths.results)
+    except PipelineError as e:
+        print(f"error: [attack_pilot] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(os_error_line("attack_pilot", e), file=sys.stderr)
+        return EXIT_FAILED
+    print((paths.results / "attack_pilot.md").read_text(), end="")
+    print("recommended: " + (" ".join(set_lines(out["recommended"])) or "none (no measured budget plateaued)"))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
