@@ -12,8 +12,8 @@ from pathlib import Path
 
 from configs.experiment_config import ConfigError
 from utils.attack_pilot import run_pilot, set_lines, write_outputs
-from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, os_error_line, stage_parser
-from utils.run.run_files import PipelineError, RunPaths
+from utils.run.cli import EXIT_CONFIG, config_from_args, one_line_on_failure, stage_parser
+from utils.run.run_files import RunPaths
 
 
 def main() -> int:
@@ -29,19 +29,14 @@ def main() -> int:
         print("error: --texts must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
-    try:
+
+    def pilot():
         out = run_pilot(cfg, paths, args.texts)
         written = write_outputs(out, paths.results)
-    except PipelineError as e:
-        print(f"error: [attack_pilot] {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        print(os_error_line("attack_pilot", e), file=sys.stderr)
-        return EXIT_FAILED
-    print((paths.results / "attack_pilot.md").read_text(), end="")
-    print("recommended: " + (" ".join(set_lines(out["recommended"])) or "none (no measured budget plateaued)"))
-    print("wrote " + ", ".join(written))
-    return 0
+        print((paths.results / "attack_pilot.md").read_text(), end="")
+        print("recommended: " + (" ".join(set_lines(out["recommended"])) or "none (no measured budget plateaued)"))
+        print("wrote " + ", ".join(written))
+    return one_line_on_failure("attack_pilot", pilot)
 
 
 if __name__ == "__main__":

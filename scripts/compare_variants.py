@@ -11,8 +11,8 @@ from pathlib import Path
 
 from configs.experiment_config import ConfigError
 from utils.results.comparison import write_comparison
-from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, os_error_line, stage_parser
-from utils.run.run_files import PipelineError, RunPaths, write_flag
+from utils.run.cli import EXIT_CONFIG, config_from_args, one_line_on_failure, stage_parser
+from utils.run.run_files import RunPaths, write_flag
 
 
 def main() -> int:
@@ -23,16 +23,10 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     work = Path(cfg.work_dir)
-    try:
+    def compare():
         outputs = write_comparison(work)
         write_flag(work / "final" / "flags" / "compare_variants.done", "always-rerun", outputs, RunPaths(work, cfg.seed))
-    except PipelineError as e:
-        print(f"error: [compare_variants] {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        print(os_error_line("compare_variants", e), file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return one_line_on_failure("compare_variants", compare)
 
 
 if __name__ == "__main__":

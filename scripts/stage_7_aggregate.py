@@ -12,8 +12,8 @@ from pathlib import Path
 
 from configs.experiment_config import ConfigError
 from utils.results.aggregate import run_aggregate
-from utils.run.cli import EXIT_CONFIG, EXIT_FAILED, config_from_args, os_error_line, stage_parser
-from utils.run.run_files import PipelineError, RunPaths, write_flag
+from utils.run.cli import EXIT_CONFIG, config_from_args, one_line_on_failure, stage_parser
+from utils.run.run_files import RunPaths, write_flag
 
 
 def main() -> int:
@@ -31,16 +31,10 @@ def main() -> int:
     if work.exists() and not work.is_dir():
         print(f"error: [stage_7_aggregate] work dir {work} is a file, not a directory", file=sys.stderr)
         return EXIT_CONFIG
-    try:
+    def aggregate():
         outputs = run_aggregate(work, seeds, args.allow_partial, cfg.preset, cfg.analysis)
         write_flag(work / "final" / "flags" / "stage_7_aggregate.done", "always-rerun", outputs, RunPaths(work, cfg.seed))
-    except PipelineError as e:
-        print(f"error: [stage_7_aggregate] {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        print(os_error_line("stage_7_aggregate", e), file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return one_line_on_failure("stage_7_aggregate", aggregate)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,20 @@ def os_error_line(name: str, e: OSError) -> str:
     return f"error: [{name}] {what} ({e.filename or 'its files'}):{hints.get(e.errno) or ' ' + str(e)}"
 
 
+def one_line_on_failure(name: str, work: Callable[[], object]) -> int:
+    """Run `work()` for a script that is not a stage: a PipelineError or an OSError is one `error:` line and
+    EXIT_FAILED, success 0."""
+    try:
+        work()
+    except PipelineError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(os_error_line(name, e), file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def run_stage(stage: Stage, description: str) -> int:
     """Parse flags, skip if done, run the stage, write its config and completion flag."""
     args = stage_parser(description).parse_args()
