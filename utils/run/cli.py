@@ -30,7 +30,7 @@ from utils.run import distributed
 from utils.run.compute import deterministic_from_environment
 from utils.run.run_files import (ROOT, PipelineError, RunPaths, flag_matches, flag_problem, set_aside, stage_lock,
                                  write_flag, write_json)
-from utils.run.signals import Preempted
+from utils.run.signals import Preempted, ignore_warnings_from_now_on
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
 
@@ -211,6 +211,7 @@ def _run(stage: Stage, args, cfg) -> int:
             if main:
                 write_json(out_dir / f"config_{name}.json", cfg.to_dict())
             outputs = stage.run(cfg, paths)
+            ignore_warnings_from_now_on()
             if main:
                 write_flag(flag, fingerprint, outputs, paths)
                 drop_set_aside(name, stage.checkpoints(cfg, paths) if stage.checkpoints else [])

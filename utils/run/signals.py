@@ -39,3 +39,11 @@ class StopOnSignal:
         if self.signum is None and self.stop_file and os.path.exists(self.stop_file):
             self.signum, self.reason = signal.SIGUSR1, f"stop file {self.stop_file}"
         return self.signum is not None
+
+
+def ignore_warnings_from_now_on() -> None:
+    """Once a stage's work is done, SLURM's warning (USR1, or USR2) has nothing left to stop: ignore it. Left to
+    a handler, it can arrive while the interpreter exits, after Python has put the default action (terminate)
+    back for every signal it handled, and a finished stage would die with 138 and stop the chain."""
+    for s in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
