@@ -4,6 +4,9 @@
 #   bash run_all.sh --preset pythia-1.4b --seeds 42,1337,2024     # submit the job graph to SLURM
 #   bash run_all.sh --dry-run ...            # print the sbatch commands (stdout), submit and create nothing
 #   bash run_all.sh --status --work-dir DIR  # what ran, what failed, where the logs are
+#   bash run_all.sh --pilot --preset pythia-1.4b   # stages 0-1, then the attack pilot only (docs/measurement.md):
+#                                            # the budgets where the attacks plateau, as --set lines for the run
+#                                            # (--pilot-texts N: attacked texts per arm, default 8)
 #   bash run_all.sh --local --seeds 42,1337,2024 --grid monotone.construction=softplus_abs,signed_units,projected
 #                                            # an ablation: each variant its own run in WORK/variants/<name>
 # Options: --preset NAME (tiny) --seeds 42[,S...] --work-dir DIR (./work) --set KEY=VALUE (to every stage)
@@ -25,13 +28,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
-MODE=slurm; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=(); GRID=()
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+MODE=slurm; PILOT=0; PILOT_TEXTS=8; PRESET=tiny; SEEDS=42; WORK_DIR="$ROOT/work"; SETS=(); GRID=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --local) MODE=local ;;
     --dry-run) MODE=dry ;;
     --status) MODE=status ;;
+    --pilot) PILOT=1 ;;
+    --pilot-texts) PILOT_TEXTS="${2:?--pilot-texts needs a value}"; shift ;;
     --preset) PRESET="${2:?--preset needs a value}"; shift ;;
     --seeds) SEEDS="${2:?--seeds needs a value}"; shift ;;
     --work-dir) WORK_DIR="${2:?--work-dir needs a value}"; shift ;;
@@ -44,6 +49,8 @@ while [ $# -gt 0 ]; do
 done
 [[ "$SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: --seeds must be comma-separated integers, got '$SEEDS'" >&2; exit 2; }
 IFS=, read -ra SEED_LIST <<< "$SEEDS"
+[[ "$PILOT_TEXTS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --pilot-texts must be a positive integer, got '$PILOT_TEXTS'" >&2; exit 2; }
+[ "$PILOT" = 0 ] || [ ${#GRID[@]} -eq 0 ] || { echo "error: --pilot sets the attack budgets of one config: run it without --grid" >&2; exit 2; }
 DUPLICATE=$(printf '%s\n' "${SEED_LIST[@]}" | sort | uniq -d | head -n1)
 [ -z "$DUPLICATE" ] || { echo "error: --seeds lists seed $DUPLICATE more than once ('$SEEDS'): its stages would run twice on the same files" >&2; exit 2; }
 WORK_DIR="$(realpath -m "$WORK_DIR")"
@@ -149,7 +156,7 @@ if [ "$MODE" = local ]; then
     echo "running local" > "$LOCAL_DIR/status/$tag"
     echo "=== $stage (preset $PRESET, seed $seed) ===" | tee -a "$log"
     local launch=(python)
-    if [ "$LOCAL_PROCS" -gt 1 ] && [[ "$stage" =~ ^stage_[46]_ ]]; then
+    if [ "$LOCAL_PROCS" -gt 1 ] && [[ "$stage" =~ ^(stage_[46]_|attack_pilot) ]]; then
       launch=(env OMP_NUM_THREADS=$(( CORES / LOCAL_PROCS > 0 ? CORES / LOCAL_PROCS : 1 ))
               python -m torch.distributed.run --standalone --nproc_per_node "$LOCAL_PROCS")
     fi
@@ -166,6 +173,12 @@ if [ "$MODE" = local ]; then
     exit 1
   }
   run stage_0_setup "${SEED_LIST[0]}"
+  if [ "$PILOT" = 1 ]; then
+    run stage_1_apply_monotonicity "${SEED_LIST[0]}"
+    run attack_pilot "${SEED_LIST[0]}" --texts "$PILOT_TEXTS"
+    echo "=== the attack pilot is done: $WORK_DIR/seed_${SEED_LIST[0]}/results/attack_pilot.md; run the pipeline with its --set lines ==="
+    exit 0
+  fi
   if [ ${#VARIANTS[@]} -eq 0 ]; then
     for seed in "${SEED_LIST[@]}"; do
       for stage in "${PER_SEED_STAGES[@]}"; do run "$stage" "$seed"; done
@@ -241,23 +254,24 @@ derive_limits() {
   out=$(python "$ROOT/scripts/time_limits.py" --preset "$PRESET" "${SETS[@]+"${SETS[@]}"}" \
         --gpu "$([ -n "$GPU_GRES" ] && echo 1 || echo 0)" --train-procs "$(( ${TRAIN_PROCS:-1} * TRAIN_NODES ))" \
         --train-nodes "$TRAIN_NODES" \
-        --measure-procs "${MEASURE_PROCS:-1}" "${explain[@]+"${explain[@]}"}") || return 1
+        --measure-procs "${MEASURE_PROCS:-1}" --pilot-texts "$PILOT_TEXTS" "${explain[@]+"${explain[@]}"}") || return 1
   while read -r n t m; do [ -n "$n" ] && TIME[$n]="$t" && MEM[$n]="$m"; done <<< "$out"
   return 0
 }
 derive_limits || exit 2
 JOB_FILE=([0]=job_0_setup [1]=job_1_monotonicity [2]=job_2_baseline [3]=job_3_monotonic [4]=job_4_evaluate
-          [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate [8]=job_8_compare)
+          [5]=job_5_uat [6]=job_6_hotflip [7]=job_7_aggregate [8]=job_8_compare [9]=job_9_pilot)
 STAGE_NAME=([0]=stage_0_setup [1]=stage_1_apply_monotonicity [2]=stage_2_train_baseline
             [3]=stage_3_train_monotonic [4]=stage_4_evaluate [5]=stage_5_uat_attacks
-            [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate [8]=compare_variants)   # 8: after a --grid
+            [6]=stage_6_hotflip_attacks [7]=stage_7_aggregate [8]=compare_variants   # 8: after a --grid
+            [9]=attack_pilot)                                                      # 9: --pilot
 
 # submit N SEED DEPS -> prints the job id ("" if skipped: done, and nothing it depends on was submitted).
 # Runs in a $(...) subshell: if sbatch rejects the job it writes $SUBMIT_ERROR and
 # returns 1; the caller then runs abort_submission in the main shell.
 submit() {
   local n="$1" seed="$2" deps="$3" tag log time_var opts=()
-  tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" -ge 7 ] && tag="${STAGE_NAME[$n]}"
+  tag="${STAGE_NAME[$n]}_seed$seed"; [ "$n" = 0 ] || [ "$n" = 7 ] || [ "$n" = 8 ] && tag="${STAGE_NAME[$n]}"
   if [ -z "$deps" ] && [ "$n" -lt 7 ] && is_done "$n" "$seed"; then
     echo "skip: $tag already done" >&2; return 0
   fi
@@ -265,13 +279,13 @@ submit() {
   time_var="MONO_SLURM_TIME_$n"
   opts+=(--parsable --job-name "mono-$n-s$seed$VTAG" --output "$log" --time "${!time_var:-${TIME[$n]}}"
          --kill-on-invalid-dep=yes --cpus-per-task "${MONO_SLURM_CPUS:-8}")
-  if [ "$n" = 0 ] || [ "$n" -ge 7 ]; then
+  if [ "$n" = 0 ] || [ "$n" = 7 ] || [ "$n" = 8 ]; then
     opts+=(--mem "${MONO_SLURM_CPU_MEM:-${MEM[$n]}}")
   elif { [ "$n" = 2 ] || [ "$n" = 3 ]; } && [ -n "$TRAIN_PROCS" ]; then     # srun + torchrun, see jobs/common.sh
     opts+=(--mem "${MONO_SLURM_MEM:-${MEM[$n]}}" --nodes "$TRAIN_NODES" --ntasks-per-node 1
            --export "ALL,MONO_NPROC_PER_NODE=$TRAIN_PROCS")
     [ -n "$TRAIN_GRES" ] && opts+=(--gres "$TRAIN_GRES")
-  elif [ "$n" -ge 4 ] && [ "$n" -le 6 ] && [ -n "$MEASURE_PROCS" ]; then   # one node, torchrun shards
+  elif [ "$n" -ge 4 ] && [ -n "$MEASURE_PROCS" ]; then   # stages 4-6 and the pilot: one node, torchrun shards
     opts+=(--mem "${MONO_SLURM_MEM:-${MEM[$n]}}" --nodes 1 --ntasks-per-node 1
            --export "ALL,MONO_NPROC_PER_NODE=$MEASURE_PROCS")
     [ -n "$MEASURE_GRES" ] && opts+=(--gres "$MEASURE_GRES")
@@ -290,6 +304,7 @@ submit() {
   [ -n "${MONO_SLURM_EXTRA:-}" ] && opts+=($MONO_SLURM_EXTRA)
   local args=("$ROOT" "$PRESET" "$seed" "$WORK_DIR" "${SETS[@]}")
   [ "$n" = 7 ] && args+=(--seeds "$SEEDS")
+  [ "$n" = 9 ] && args+=(--texts "$PILOT_TEXTS")
   if [ "$MODE" = dry ]; then
     echo "sbatch ${opts[*]} $ROOT/jobs/${JOB_FILE[$n]}.sh ${args[*]}" >&3
     echo "<job_${n}_s${seed}${VTAG}>"
@@ -356,6 +371,15 @@ submit_seed_chains() {
 
 JOB_TSVS=("$JOBS_TSV")            # every jobs.tsv this submission writes (a grid variant has its own)
 J0=$(submit 0 "${SEED_LIST[0]}" "") || abort_submission
+if [ "$PILOT" = 1 ]; then
+  J1=$(submit 1 "${SEED_LIST[0]}" "$(ids "$J0")") || abort_submission
+  J9=$(submit 9 "${SEED_LIST[0]}" "$(ids "$J1")") || abort_submission
+  rm -f "$SBATCH_ERR"
+  if [ "$MODE" = dry ]; then echo "(dry run: nothing submitted; job ids above are placeholders)" >&2; exit 0; fi
+  echo "the attack pilot submitted (job $J9), after stages 0-1; nothing else. When it is done, run the pipeline with"
+  echo "the --set lines it recommends: $WORK_DIR/seed_${SEED_LIST[0]}/results/attack_pilot.md (stages 0-1 are kept)"
+  exit 0
+fi
 if [ ${#VARIANTS[@]} -gt 0 ]; then
   if main_baseline_used; then
     for seed in "${SEED_LIST[@]}"; do J2_MAIN[$seed]=$(submit 2 "$seed" "$(ids "$J0")") || abort_submission; done

@@ -92,14 +92,18 @@ def _pythia(size: str) -> ExperimentConfig:
                           tasks="lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag,sciq")
     # Paper sizes: HotFlip 200 documents, 10 flips, 15% threshold; UAT trigger
     # of 10, 3 restarts x 50 sweeps, 80 texts to optimise, 120 to evaluate; UAT
-    # candidates screened on 10 texts, the best 8 checked on all 80 (README "Attack
-    # compute"). GCG: nanoGCG's top-k 256, with 64 steps x 64 swaps (4,096 exact
-    # passes per text, ~10x HotFlip's) on the first 100 of HotFlip's texts.
+    # candidates screened on 10 texts, the best 8 checked on all 80.
+    # Search budgets (docs/measurement.md, "The attack pilot"), within ~50 A100-hours of stage 6 per seed (counted,
+    # scripts/time_limits.py; twice the former 64 x 64 on 100 texts): GCG 64 steps x 256 swaps, nanoGCG's top-k 256
+    # (16,384 exact passes per text; nanoGCG's 250 x 512 is 7.8x more, HarmBench's 500 x 512 15.6x), on the first
+    # 50 of HotFlip's texts; the tiny pilot found width worth more than steps at equal passes. HotFlip top-k 64
+    # (was 20; on tiny each doubling to 4x still added). `run_all.sh --pilot` brackets them (up to 256 x 512,
+    # nanoGCG's budget) before training: apply its --set lines.
     cfg.attack = AttackConfig(text_len=256, min_text_len=64, batch_size=32,
                               uat_opt_texts=80, uat_eval_texts=120, uat_trigger_len=10, uat_restarts=3,
                               uat_max_sweeps=50, uat_top_k=100, uat_beam=1, uat_screen_texts=10, uat_screen_keep=8,
-                              hotflip_texts=200, hotflip_max_flips=10, hotflip_top_k=20, hotflip_beam=2,
-                              gcg_texts=100, gcg_steps=64, gcg_search_width=64, gcg_top_k=256,
+                              hotflip_texts=200, hotflip_max_flips=10, hotflip_top_k=64, hotflip_beam=2,
+                              gcg_texts=50, gcg_steps=64, gcg_search_width=256, gcg_top_k=256,
                               success_threshold=0.15)
     return cfg
 

@@ -34,7 +34,7 @@ run_stage_job() {
   tag="${stage}_seed${SEED}"
   case "$stage" in stage_0_setup|stage_7_aggregate|compare_variants) tag="$stage" ;; esac
   nproc="${MONO_NPROC_PER_NODE:-}"; nnodes="${SLURM_JOB_NUM_NODES:-1}"
-  case "$stage" in stage_[2-6]_*) ;; *) nproc=""; nnodes=1 ;; esac    # stages 0, 1 and 7 run as one process
+  case "$stage" in stage_[2-6]_*|attack_pilot) ;; *) nproc=""; nnodes=1 ;; esac    # stages 0, 1 and 7: one process
   echo "[job] $stage preset=$PRESET seed=$SEED work_dir=$WORK_DIR job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0} host=$(hostname -s)"
   # Compute nodes read only what stage 0 put in the cache (models, data, lm-eval's task datasets): no job
   # after it touches the hub. MONO_HUB_ONLINE=1 lets them.

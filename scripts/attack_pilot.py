@@ -4,6 +4,7 @@ pretrained model, monotonic_init, the first control), before any training (utils
 sweeps). Writes results/attack_pilot.{json,md,png} and prints the recommended budgets as --set lines.
 
     python scripts/attack_pilot.py --preset tiny --work-dir W [--texts 8] [--set ...]
+    torchrun --nproc_per_node 8 scripts/attack_pilot.py --preset pythia-1.4b --work-dir W   # texts shared out
 """
 import _bootstrap  # noqa: F401
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from configs.experiment_config import ConfigError
 from utils.attack_pilot import run_pilot, set_lines, write_outputs
+from utils.run import distributed
 from utils.run.cli import EXIT_CONFIG, config_from_args, one_line_on_failure, stage_parser
 from utils.run.run_files import RunPaths
 
@@ -31,12 +33,18 @@ def main() -> int:
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
 
     def pilot():
+        if distributed.launched():
+            distributed.init(cfg.device)
         out = run_pilot(cfg, paths, args.texts)
-        written = write_outputs(out, paths.results)
-        print((paths.results / "attack_pilot.md").read_text(), end="")
-        print("recommended: " + (" ".join(set_lines(out["recommended"])) or "none (no measured budget plateaued)"))
-        print("wrote " + ", ".join(written))
-    return one_line_on_failure("attack_pilot", pilot)
+        if distributed.is_main():
+            written = write_outputs(out, paths.results)
+            print((paths.results / "attack_pilot.md").read_text(), end="")
+            print("recommended: " + (" ".join(set_lines(out["recommended"])) or "none (no measured budget plateaued)"))
+            print("wrote " + ", ".join(written))
+    try:
+        return one_line_on_failure("attack_pilot", pilot)
+    finally:
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ def recorded_jobs(work: Path) -> list[tuple[Path, list[str]]]:
             key = (cols[1], "-" if cols[1] in SHARED else cols[2])
             if key not in latest or when >= latest[key][0]:
                 latest[key] = (when, record, cols[:4])
-    def order(key):   # stage 0 to 7 (each stage's seeds in order), the comparison last
+    def order(key):   # stage 0 to 7 (each stage's seeds in order; the attack pilot after stage 1), the comparison last
         stage, seed = key
-        return stage == "compare_variants", stage, -1 if seed == "-" else int(seed)
+        return stage == "compare_variants", "stage_1~" if stage == "attack_pilot" else stage, -1 if seed == "-" else int(seed)
     return [latest[k][1:] for k in sorted(latest, key=order)]
 
 

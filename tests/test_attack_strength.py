@@ -125,6 +125,11 @@ def test_pgd_stays_in_its_ball_never_moves_eos_and_its_record_recomputes():
         assert rec["attacked_nll"] == pytest.approx(-logp[torch.arange(15), ids[1:]].mean().item(), abs=1e-5)
         assert rec["cost"]["gradient_passes"] == 6 and rec["trace"][-1][0] == 6
     assert 0 < small["abs_delta_nll"] < large["abs_delta_nll"]
+    # The radius in token swaps: the median token's nearest other token lies exactly one unit away.
+    emb = model.get_input_embeddings().weight.float()
+    dist = torch.cdist(emb, emb).fill_diagonal_(float("inf")).min(dim=1).values
+    swap = pgd.nearest_swap_distance(victim, forbidden)       # 50 tokens: the sample is all of them
+    assert swap == pytest.approx(float(dist.median()), rel=1e-5)
 
 
 def test_a_trace_is_read_as_a_step_function_and_the_plateau_rule_is_doubling_under_5_percent():

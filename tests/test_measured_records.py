@@ -188,6 +188,9 @@ def test_worst_case_pgd_and_masking_records_recompute(measured):
         model = load_model(work / m["path"]).eval()
         deltas = load_file(str(work / m["deltas_file"]))
         E = model.get_input_embeddings()
+        assert 0 < m["nearest_swap_distance"] < 2 * m["mean_embedding_norm"]    # radii in swaps: r x unit / swap
+        assert m["radius_in_swaps"] == {f"{r:g}": pytest.approx(r * m["mean_embedding_norm"] / m["nearest_swap_distance"])
+                                        for r in p["radii"]}
         for r in m["examples"]:
             delta, ids = deltas[f"{r['doc']}@{r['radius']:g}"], torch.tensor(r["ids"])
             assert delta[0].abs().max() == 0 and delta.norm(dim=-1).max() <= r["epsilon"] * (1 + 1e-5)

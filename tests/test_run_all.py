@@ -2,6 +2,7 @@
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -77,6 +78,21 @@ def test_sharded_measurement_jobs(tmp_path, env_extra, measure):
             assert measure in line and "--signal B:USR1@120 --requeue" in line, line      # stages 4-6 requeue
         elif stage not in (2, 3):
             assert "--nodes" not in line and "MONO_NPROC_PER_NODE" not in line, line
+    # --pilot: stages 0-1 of the first seed, then the attack pilot alone, sharded like stages 4-6, not requeued,
+    # its limit and texts those scripts/time_limits.py counts.
+    r = _run_all("--dry-run", "--pilot", "--pilot-texts", "4", "--work-dir", str(tmp_path), "--preset", "pythia-1.4b",
+                 "--seeds", "42,7", env_extra={**env_extra, "MONO_SLURM_MAX_TIME": "UNLIMITED"})
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+    assert [l.split("--job-name ")[1].split()[0] for l in lines] == ["mono-0-s42", "mono-1-s42", "mono-9-s42"]
+    procs = env_extra["MONO_SLURM_MEASURE_PROCS"]
+    counted = subprocess.run([sys.executable, str(ROOT / "scripts" / "time_limits.py"), "--preset", "pythia-1.4b",
+                              "--gpu", "1", "--measure-procs", procs, "--pilot-texts", "4"], capture_output=True, text=True,
+                             env={**os.environ, "MONO_SLURM_MAX_TIME": "UNLIMITED"}).stdout
+    limit = next(l.split()[1] for l in counted.splitlines() if l.startswith("9 "))
+    assert measure in lines[2] and f"--time {limit} " in lines[2] and "--requeue" not in lines[2]
+    assert lines[2].endswith("--texts 4") and "afterok:<job_1_s42>" in lines[2]
+    assert "the attack pilot (run_all.sh --pilot" in r.stderr
 
 
 @pytest.mark.parametrize("name, value", [("MONO_SLURM_NODES", "0"), ("MONO_SLURM_GPUS_PER_NODE", "two"),

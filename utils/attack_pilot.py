@@ -5,13 +5,16 @@ of clean loss the recovered arms will span), on the first `texts` of the seed's 
   GCG        one run per (search width, top-k) of {1, 2} x the preset's width and {1, 4} x its top-k, at 4 x its
              steps; a run's trace holds every shorter run (steps are sequential, drawn from the text's own
              generator), so each gives the damage at 1/4, 1/2, 1, 2 and 4 x the preset's steps
-  HotFlip    one run per top-k of 1/2, 1 and 2 x the preset's
+  HotFlip    one run per top-k of 1/2, 1, 2 and 4 x the preset's
   flips      HotFlip at the preset's width with at most 1, 2, 5, 10, 20 flips and unbounded (every position of
              the text): the success-against-flips curve. A search that cannot break a text with unlimited flips is
              too weak to carry a claim: unbounded success should approach 100%.
+  UAT        stage 5's trigger search on its optimisation texts with 4 x the preset's sweep cap: a restart's trace
+             holds its state after every sweep, so one search gives the damage (the best restart's, as stage 5
+             keeps it) at caps of 1/4 to 4 x the preset's, and the sweeps each restart used before it stopped on
+             its own (a sweep without gain). UAT searched with GCG (uat_search gcg) shares GCG's budget: not swept.
 Budgets: for each search the cheapest setting (exact forward passes per text) whose doubling adds under 5%
-(convergence.PLATEAU_GAIN) mean damage on every arm, printed as --set lines. UAT's budget needs no pilot of
-this kind: each restart stops on its own after a sweep without gain, and stage 5 reports whether all did.
+(convergence.PLATEAU_GAIN) mean damage on every arm, printed as --set lines.
 """
 from __future__ import annotations
 
@@ -21,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.experiment_config import ExperimentConfig
-from utils.attacks import gcg, hotflip
-from utils.attacks.core import Victim, forbidden_tokens
-from utils.data.tokenization import load_tokenizer
+from configs.experiment_config import AttackConfig, ExperimentConfig
+from utils.attacks import gcg, hotflip, uat
+from utils.attacks.budgets import FLIPS, pilot_runs
+from utils.attacks.core import Victim, forbidden_tokens, select_texts
+from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.measurement import available_arms, load_arm
 from utils.results.convergence import PLATEAU_GAIN
+from utils.run import distributed
 from utils.run.compute import Compute
 from utils.run.run_files import PipelineError, RunPaths, write_json
 from utils.text_attacks import attacked_texts
 
-STEP_FACTORS = (0.25, 0.5, 1, 2, 4)
-FLIPS = (1, 2, 5, 10, 20, None)             # None: every position of the text
 
 
 def pilot_arms(paths: RunPaths) -> dict[str, Path]:
@@ -43,57 +46,77 @@ def pilot_arms(paths: RunPaths) -> dict[str, Path]:
     return {a: arms[a] for a in ["pretrained", "monotonic_init", *controls[:1]]}
 
 
-def _gcg_grid(a) -> list[dict]:
-    return [{"gcg_search_width": w * a.gcg_search_width, "gcg_top_k": k * a.gcg_top_k}
-            for w in (1, 2) for k in (1, 4)]
-
-
 def run_pilot(cfg: ExperimentConfig, paths: RunPaths, n_texts: int) -> dict:
-    """Every sweep on every pilot arm; returns (and writes to results/attack_pilot.json) the measurements and the
-    recommended budgets."""
+    """Every sweep on every pilot arm; returns (and, on rank 0, writes to results/attack_pilot.json) the
+    measurements and the recommended budgets. Under torchrun each rank attacks a contiguous share of the texts
+    (every search is per text) and UAT's candidate batches are shared out (utils/attacks/core.Victim)."""
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     texts = attacked_texts(cfg, paths, n_texts)
-    steps = [max(1, round(f * a.gcg_steps)) for f in STEP_FACTORS]
-    out = {"texts": len(texts), "threshold": a.success_threshold, "preset_budgets": {
-        k: getattr(a, k) for k in ("gcg_steps", "gcg_search_width", "gcg_top_k", "hotflip_top_k", "hotflip_max_flips")},
-        "gcg": {}, "hotflip": {}, "flips": {}}
+    mine = [texts[i] for i in distributed.my_share(len(texts))]
+    runs = pilot_runs(a, a.text_len)
+    out = {"texts": len(texts), "threshold": a.success_threshold, "processes": distributed.world_size(),
+           "preset_budgets": {k: getattr(a, k) for k in ("gcg_steps", "gcg_search_width", "gcg_top_k",
+                                                          "hotflip_top_k", "hotflip_max_flips", "uat_max_sweeps")},
+           "gcg": {}, "hotflip": {}, "flips": {}, "uat": {}}
+    uat_opt = [t["ids"] for t in select_texts(TokenFile(paths.shared / "tokens", "test"), tokenizer.eos_token_id,
+                                               a.uat_opt_texts, a.text_len, a.min_text_len, cfg.seed)]
+    init_token = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    steps = runs["gcg_steps"]
     for arm, path in pilot_arms(paths).items():
-        victim = Victim(load_arm(path, compute.device), compute, a.batch_size)
+        model = load_arm(path, compute.device)
+        victim = Victim(model, compute, a.batch_size)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
-        for g in _gcg_grid(a):
-            cfg_g = _with(a, gcg_steps=steps[-1], **g)
-            traces = [gcg.attack_text(victim, t["ids"], cfg_g, forbidden,
-                                      torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))["trace"]
-                      for t in texts]
-            key = f"width {g['gcg_search_width']}, top-k {g['gcg_top_k']}"
-            out["gcg"].setdefault(key, {"setting": g, "steps": steps, "forward_passes": [], "damage": {}})
+        for g in runs["gcg"]:
+            traces = distributed.gather_shares([
+                gcg.attack_text(victim, t["ids"], g, forbidden,
+                                torch.Generator().manual_seed(cfg.seed * 100_003 + t["doc"]))["trace"] for t in mine])
+            key = f"width {g.gcg_search_width}, top-k {g.gcg_top_k}"
+            row = out["gcg"].setdefault(key, {"setting": {"gcg_search_width": g.gcg_search_width,
+                                                          "gcg_top_k": g.gcg_top_k}, "steps": steps, "damage": {}})
             # a trace's point i is after step i (point 0: before the first): the run at s steps is its prefix
-            out["gcg"][key]["damage"][arm] = [float(np.mean([tr[min(s, len(tr) - 1)][1] for tr in traces])) for s in steps]
-            out["gcg"][key]["forward_passes"] = [float(np.mean([tr[min(s, len(tr) - 1)][0] for tr in traces]))
-                                                 for s in steps]
-        for k in (max(1, a.hotflip_top_k // 2), a.hotflip_top_k, 2 * a.hotflip_top_k):
-            recs = [hotflip.attack_text(victim, t["ids"], _with(a, hotflip_top_k=k), forbidden) for t in texts]
-            row = out["hotflip"].setdefault(str(k), {"forward_passes": 0.0, "damage": {}})
+            row["damage"][arm] = [float(np.mean([tr[min(s, len(tr) - 1)][1] for tr in traces])) for s in steps]
+            row["forward_passes"] = [float(np.mean([tr[min(s, len(tr) - 1)][0] for tr in traces])) for s in steps]
+        for h in runs["hotflip"]:
+            recs = distributed.gather_shares([_hotflip(victim, t, h, forbidden) for t in mine])
+            row = out["hotflip"].setdefault(str(h.hotflip_top_k), {"damage": {}})
             row["damage"][arm] = float(np.mean([r["abs_delta_nll"] for r in recs]))
-            row["forward_passes"] = float(np.mean([r["cost"]["forward_passes"] for r in recs]))
+            row["forward_passes"] = float(np.mean([r["forward_passes"] for r in recs]))
         curve = {}
-        for flips in FLIPS:
-            recs = [hotflip.attack_text(victim, t["ids"], _with(a, hotflip_max_flips=flips or len(t["ids"]) - 1), forbidden)
-                    for t in texts]
+        for flips, h in zip(FLIPS, runs["flips"]):
+            recs = distributed.gather_shares([_hotflip(victim, t, h, forbidden) for t in mine])
             curve["unbounded" if flips is None else str(flips)] = {
                 "success": float(np.mean([r["rel_delta_nll"] > a.success_threshold for r in recs])),
                 "mean_flips": float(np.mean([r["n_flips"] for r in recs]))}
         out["flips"][arm] = curve
-        del victim
+        if runs["uat"] is not None:
+            shared = Victim(model, compute, a.batch_size, shard=True)
+            out["uat"][arm] = _uat_caps(shared, uat_opt, runs["uat"], forbidden, cfg.seed, init_token, runs["uat_sweeps"])
+        del victim, model
     out["recommended"] = recommend(out)
-    paths.results.mkdir(parents=True, exist_ok=True)
-    write_json(paths.results / "attack_pilot.json", out)
+    if distributed.is_main():
+        paths.results.mkdir(parents=True, exist_ok=True)
+        write_json(paths.results / "attack_pilot.json", out)
     return out
 
 
-def _with(a, **changes):
-    return dataclasses.replace(a, **changes)
+def _hotflip(victim: Victim, text: dict, a: AttackConfig, forbidden) -> dict:
+    """HotFlip on one text, at most every position of it flipped where a's limit is longer."""
+    rec = hotflip.attack_text(victim, text["ids"], dataclasses.replace(a, hotflip_max_flips=min(a.hotflip_max_flips, len(text["ids"]) - 1)),
+                              forbidden)
+    return {"abs_delta_nll": rec["abs_delta_nll"], "rel_delta_nll": rec["rel_delta_nll"], "n_flips": rec["n_flips"],
+            "forward_passes": rec["cost"]["forward_passes"]}
+
+
+def _uat_caps(victim: Victim, texts, a, forbidden, seed: int, init_token: int, sweeps: list[int]) -> dict:
+    """One trigger search at the largest cap; a restart's trace point s is its state after sweep s (point 0: the
+    start), so the run at cap s is the prefix. Damage: the best restart's optimisation-set damage (stage 5 keeps
+    the best); forward passes: all restarts'."""
+    found = uat.find_trigger(victim, texts, a, forbidden, seed, init_token)
+    traces = [r["trace"] for r in found["restarts"]]
+    return {"sweeps": sweeps, "damage": [max(tr[min(s, len(tr) - 1)][1] for tr in traces) for s in sweeps],
+            "forward_passes": [float(sum(tr[min(s, len(tr) - 1)][0] for tr in traces)) for s in sweeps],
+            "sweeps_used": [r["iterations"] for r in found["restarts"]]}
 
 
 def _plateaued(low: dict[str, float], high: dict[str, float]) -> bool:
@@ -120,13 +143,21 @@ def recommend(out: dict) -> dict:
     ks = sorted(out["hotflip"], key=int)
     rec["hotflip"] = next(({"hotflip_top_k": int(lo)} for lo, hi in zip(ks, ks[1:])
                            if _plateaued(out["hotflip"][lo]["damage"], out["hotflip"][hi]["damage"])), None)
+    rec["uat"] = None
+    if out["uat"]:
+        caps = next(iter(out["uat"].values()))["sweeps"]
+        for i in range(len(caps) - 1):
+            if _plateaued({arm: u["damage"][i] for arm, u in out["uat"].items()},
+                          {arm: u["damage"][i + 1] for arm, u in out["uat"].items()}):
+                rec["uat"] = {"uat_max_sweeps": caps[i]}
+                break
     rec["unbounded_success"] = {arm: c["unbounded"]["success"] for arm, c in out["flips"].items()}
     return rec
 
 
 def set_lines(rec: dict) -> list[str]:
-    keys = [(k, v) for part in ("gcg", "hotflip") if rec.get(part) for k, v in rec[part].items()
-            if k.startswith(("gcg_", "hotflip_"))]
+    keys = [(k, v) for part in ("gcg", "hotflip", "uat") if rec.get(part) for k, v in rec[part].items()
+            if k.startswith(("gcg_", "hotflip_", "uat_"))]
     return [f"--set attack.{k}={v}" for k, v in keys]
 
 
@@ -149,9 +180,22 @@ def markdown(out: dict) -> str:
               "| Arm | " + " | ".join(flips) + " |", "|---|" + "---|" * len(flips)]
     for arm, curve in out["flips"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{100 * curve[f]['success']:.0f}%" for f in flips) + " |")
+    if out["uat"]:
+        lines += ["", "| UAT sweep cap | forward passes (all restarts) | " + " | ".join(out["uat"]) + " |",
+                  "|---|---|" + "---|" * len(out["uat"])]
+        first = next(iter(out["uat"].values()))
+        for i, cap in enumerate(first["sweeps"]):
+            lines.append(f"| {cap} | {first['forward_passes'][i]:,.0f} | "
+                         + " | ".join(f"{u['damage'][i]:.3f}" for u in out["uat"].values()) + " |")
+        lines.append("Sweeps each restart used before a sweep without gain stopped it: "
+                     + "; ".join(f"{arm} {u['sweeps_used']}" for arm, u in out["uat"].items()) + ".")
     rec = out["recommended"]
     lines += ["", "Recommended (the cheapest budget whose doubling adds under 5% on every arm): "
-              + (" ".join(set_lines(rec)) or "none of the measured budgets plateaued: widen the pilot")]
+              + (" ".join(set_lines(rec)) or "none")]
+    unsettled = [name for name, part in (("GCG", "gcg"), ("HotFlip's top-k", "hotflip"), ("UAT's sweep cap", "uat"))
+                 if out[part] and rec.get(part) is None]
+    if unsettled:
+        lines.append(f"Not plateaued within the measured budgets: {', '.join(unsettled)} (raise the preset's and rerun).")
     weak = [arm for arm, s in rec["unbounded_success"].items() if s < 0.9]
     if weak:
         lines.append(f"Unbounded flips break under 90% of the texts on {', '.join(weak)}: the search is too weak there.")
@@ -162,14 +206,18 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.2))
     for key, row in out["gcg"].items():
         for arm, d in row["damage"].items():
             ax.plot(row["forward_passes"], d, marker="o", label=f"{arm}, {key}")
+    hot = sorted(out["hotflip"].values(), key=lambda row: row["forward_passes"])
+    for arm in (next(iter(out["hotflip"].values()))["damage"] if hot else []):
+        ax.plot([row["forward_passes"] for row in hot], [row["damage"][arm] for row in hot], "s--",
+                label=f"{arm}, HotFlip top-k {', '.join(out['hotflip'])}")
     ax.set_xscale("log")
     ax.set_xlabel("exact forward passes per text")
     ax.set_ylabel("mean dNLL (nats/token)")
-    ax.set_title("GCG: damage against budget")
+    ax.set_title("GCG (and HotFlip, dashed): damage against budget")
     ax.legend(fontsize=6)
     for arm, curve in out["flips"].items():
         xs = [float(k) if k != "unbounded" else c["mean_flips"] for k, c in curve.items()]
@@ -179,6 +227,13 @@ def plot(out: dict, path: Path) -> None:
     bx.set_ylabel(f"success, % (> {100 * out['threshold']:g}% NLL)")
     bx.set_title("HotFlip: success against flips")
     bx.legend(fontsize=7)
+    for arm, u in out["uat"].items():
+        cx.plot(u["sweeps"], u["damage"], marker="o", label=arm)
+    cx.set_xscale("log")
+    cx.set_xlabel("sweep cap")
+    cx.set_ylabel("best restart's dNLL, optimisation texts")
+    cx.set_title("UAT: damage against sweeps")
+    cx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

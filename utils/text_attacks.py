@@ -257,7 +257,8 @@ def _pgd_arm(cfg: ExperimentConfig, paths: RunPaths, arm: str, path: Path, model
     share = distributed.my_share(len(texts))
     out_dir = paths.results / "pgd_deltas"
     victim = Victim(model, compute, a.batch_size, surrogate_gradient=a.surrogate_gradient)
-    unit = pgd.mean_embedding_norm(victim, forbidden_tokens(tokenizer, victim.embeddings.shape[0]))
+    forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
+    unit, swap = pgd.mean_embedding_norm(victim, forbidden), pgd.nearest_swap_distance(victim, forbidden)
     records, deltas = [], {}
     for t in texts[share.start:share.stop]:
         for radius in numbers(a.pgd_radii):
@@ -273,6 +274,7 @@ def _pgd_arm(cfg: ExperimentConfig, paths: RunPaths, arm: str, path: Path, model
         save_file(deltas, tmp)
         publish(Path(tmp), out_dir / f"{arm}.safetensors")
     entry = {"path": paths.rel(path), "label": arm_label(paths, arm), "mean_embedding_norm": unit,
+             "nearest_swap_distance": swap, "radius_in_swaps": {f"{r:g}": r * unit / swap for r in numbers(a.pgd_radii)},
              "deltas_file": paths.rel(out_dir / f"{arm}.safetensors"), "examples": records,
              "by_radius": {f"{r:g}": _summary([x for x in records if x["radius"] == r], a.success_threshold)
                            for r in numbers(a.pgd_radii)}}

@@ -39,6 +39,18 @@ def mean_embedding_norm(victim: Victim, forbidden: torch.Tensor) -> float:
     return float(victim.embeddings[~forbidden.to(victim.embeddings.device)].float().norm(dim=1).mean())
 
 
+def nearest_swap_distance(victim: Victim, forbidden: torch.Tensor, sample: int = 1024) -> float:
+    """The median, over a fixed sample of allowed tokens, of the L2 distance from a token's input embedding to
+    the nearest other allowed token's: the smallest change a token swap makes at a position, the unit that puts
+    PGD's radii beside the discrete attacks' threat model (a ball of radius below it holds no swap of the median
+    token)."""
+    emb = victim.embeddings[~forbidden.to(victim.embeddings.device)].float()
+    picked = torch.randperm(len(emb), generator=torch.Generator().manual_seed(0))[:sample].to(emb.device)
+    dist = torch.cdist(emb[picked], emb)                              # [sample, allowed]
+    dist[torch.arange(len(picked), device=emb.device), picked] = float("inf")      # not the token itself
+    return float(dist.min(dim=1).values.median())
+
+
 def _project(delta: torch.Tensor, eps: float) -> torch.Tensor:
     norms = delta.norm(dim=-1, keepdim=True)
     return delta * torch.clamp(eps / norms.clamp(min=1e-12), max=1.0)

@@ -11,7 +11,8 @@
                 fidelity: per text, Spearman's rho between the first-order and the exact gains of random search's
                 uniformly drawn first-step swaps (gcg.gradient_fidelity); near 0, the arm's gradient guides nothing.
   pgd           per arm and radius: the damage of PGD on the input embeddings (what its search found: a lower
-                bound on the worst case inside the ball)
+                bound on the worst case inside the ball), and the radius in token swaps (over the median distance
+                from a token's embedding to its nearest other token's: below 1, the ball holds no swap)
   ranking       the arms ordered by mean GCG dNLL and by mean surrogate-GCG dNLL (most damaged first), and
                 every pair the surrogate puts the other way round: does BPDA change which arm looks robust?
   uat_restarts  per arm: the held-out damage of every UAT restart (each an independent search), its
@@ -107,15 +108,19 @@ def masking(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
 def pgd(raw: dict, arms: list[str], n_boot: int = 1000) -> dict:
     out = {}
     for arm in arms:
-        by_radius = {}
+        by_radius, swaps = {}, {}
         for files in raw.values():
             res = files.get("pgd.json")
             if res and arm in res["models"]:
                 for r in res["models"][arm]["examples"]:
                     by_radius.setdefault(f"{r['radius']:g}", {}).setdefault(files["pgd.json"]["seed"], []).append(r["abs_delta_nll"])
+                for radius, v in res["models"][arm].get("radius_in_swaps", {}).items():
+                    swaps.setdefault(radius, []).append(v)
         rows = {}
         for radius, per_seed in by_radius.items():
             rows[radius] = _seed_then_unit(list(per_seed.values()), n_boot)
+            if swaps.get(radius):        # the radius over the median nearest-token swap distance, mean over seeds
+                rows[radius]["radius_in_swaps"] = float(np.mean(swaps[radius]))
         if rows:
             out[arm] = rows
     return out

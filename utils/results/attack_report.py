@@ -111,11 +111,13 @@ def attack_strength(final: dict) -> list[str]:
         radii = sorted({r for rows in pgd.values() for r in rows}, key=float)
         lines += ["", "## PGD on the input embeddings (L2 ball per position, radius x mean embedding norm)", "",
                   "The damage PGD's search found: a lower bound on the worst case inside each ball, not an upper bound "
-                  "on what any input change can do; the balls hold no other token's embedding, so this is outside the "
-                  "token threat model.", "",
+                  "on what any input change can do. In brackets after each cell, the radius in token swaps: over the "
+                  "median distance from a token's embedding to its nearest other token's (below 1, the ball holds no "
+                  "swap of that token, so this is outside the token threat model).", "",
                   "| Model | " + " | ".join(f"dNLL at r = {r}" for r in radii) + " |", "|---|" + "---|" * len(radii)]
         for arm in (x for x in arms if x in pgd):
-            lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(fmt(pgd[arm].get(r), 1, 3) for r in radii) + " |")
+            lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(fmt(pgd[arm].get(r), 1, 3) + _in_swaps(pgd[arm].get(r))
+                                                              for r in radii) + " |")
     restarts = acr.get("uat_restarts", {})
     if restarts:
         lines += ["", "## UAT restarts (each an independent search; held-out dNLL per restart)", "",
@@ -124,3 +126,7 @@ def attack_strength(final: dict) -> list[str]:
             r = restarts[arm]
             lines.append(f"| {ARM_NAMES[arm]} | {r['restarts']} | {fmt(r, 1, 3)} | {r['min']:.3f} to {r['max']:.3f} |")
     return lines
+
+
+def _in_swaps(cell: dict | None) -> str:
+    return f" ({cell['radius_in_swaps']:.2g} swaps)" if cell and "radius_in_swaps" in cell else ""

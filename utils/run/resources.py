@@ -40,10 +40,11 @@ def host_memory_gib(cfg: ExperimentConfig, stage: int, gpu: bool, procs: int = 1
     if n is None:
         return None
     arm = (1 if gpu else 4) * n * procs
-    state = {0: 6 * n, 1: 10 * n, 4: arm, 5: arm, 6: arm, 7: 0, 8: 0}.get(stage)
+    state = {0: 6 * n, 1: 10 * n, 4: arm, 5: arm, 6: arm, 7: 0, 8: 0, 9: arm}.get(stage)     # 9: the attack pilot
     if stage in (2, 3):
         state = 5 * n + (0 if gpu else 16 * n * procs / world)
-    runtime = PROCESS_GIB["gpu" if gpu and stage in range(1, 7) else "cpu"] * (procs if stage in range(2, 7) else 1)
+    on_gpu = stage in (*range(1, 7), 9)
+    runtime = PROCESS_GIB["gpu" if gpu and on_gpu else "cpu"] * (procs if stage in (*range(2, 7), 9) else 1)
     return state / GIB + runtime
 
 

@@ -26,7 +26,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from configs.experiment_config import ExperimentConfig, listed, numbers
+from configs.experiment_config import AttackConfig, ExperimentConfig, listed, numbers
+from utils.attacks.budgets import PILOT_TEXTS, pilot_runs
 
 # (layers, d_model, heads) of the released Pythia models; vocabulary 50,304 rows, MLP 4 x d.
 PYTHIA_SHAPES = {"pythia-70m": (6, 512, 8), "pythia-160m": (12, 768, 12), "pythia-410m": (24, 1024, 16),
@@ -48,7 +49,8 @@ MARGIN, OVERHEAD_H, MIN_H, MAX_HOURS = 2.0, 0.25, 0.5, 24.0
 REQUEUED = (2, 3, 4, 5, 6)
 # Limits of the stages whose work is not counted (0: corpus, tokenizer, downloads or the tiny pretraining; 1: the
 # constraint and its certificate; 7, 8: tables), and of 2-6 when the model's size is unknown before stage 0.
-FIXED_HOURS = {0: 1.0, 1: 0.5, 2: 24.0, 3: 24.0, 4: 8.0, 5: 24.0, 6: 8.0, 7: 0.5, 8: 0.5}
+FIXED_HOURS = {0: 1.0, 1: 0.5, 2: 24.0, 3: 24.0, 4: 8.0, 5: 24.0, 6: 8.0, 7: 0.5, 8: 0.5, 9: 8.0}
+PILOT = 9                     # the attack pilot's job (run_all.sh --pilot): one job, not requeued
 
 
 class LimitError(ValueError):
@@ -168,11 +170,18 @@ def training_flops(cfg: ExperimentConfig, arm: str, n: int) -> tuple[float, floa
 UAT_COUNTED_SWEEPS = 6
 
 
-def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int | None = None) -> tuple[float, float]:
-    """(forward tokens, gradient tokens) stages 5 and 6 can spend on every arm together, UAT's restarts at
-    `uat_sweeps` sweeps (default its ceiling, attack.uat_max_sweeps: every bound here is then an upper bound)."""
-    a = cfg.attack
-    uat_len, text_len = 1 + a.uat_trigger_len + a.text_len, 1 + a.text_len
+def search_passes(a: AttackConfig, name: str) -> tuple[int, int]:
+    """(forward, gradient) sequence passes one text's search can spend (stage 6's searches, each in full)."""
+    if name == "hotflip":
+        return 2 + a.hotflip_max_flips * a.hotflip_beam * a.hotflip_top_k + 2, a.hotflip_max_flips * a.hotflip_beam
+    if name == "random_search":     # no gradient; its gradient-fidelity check: one gradient, width + 1 forwards
+        return 2 + a.gcg_steps * a.gcg_search_width + a.gcg_search_width + 1, 1
+    return 2 + a.gcg_steps * a.gcg_search_width, a.gcg_steps      # gcg, gcg_surrogate
+
+
+def uat_passes(a: AttackConfig, uat_sweeps: int | None = None) -> tuple[float, float]:
+    """(forward, gradient) text passes of one arm's trigger search: every restart, at `uat_sweeps` sweeps (default
+    its ceiling, attack.uat_max_sweeps), and the clean optimisation-set loss."""
     def scored(candidates):      # text forwards to score candidate triggers (uat.trigger_losses, screened or not)
         if a.uat_screen_texts and candidates > a.uat_screen_keep:
             return candidates * a.uat_screen_texts + a.uat_screen_keep * (a.uat_opt_texts - a.uat_screen_texts)
@@ -184,21 +193,21 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int
     else:
         rounds, grads = a.gcg_steps, 1
         fwd = a.uat_restarts * (a.uat_opt_texts + rounds * scored(a.gcg_search_width))
-    fwd += a.uat_opt_texts                                      # the clean optimisation-set loss
-    grad = a.uat_restarts * rounds * grads * a.uat_opt_texts
+    return fwd + a.uat_opt_texts, a.uat_restarts * rounds * grads * a.uat_opt_texts
+
+
+def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int | None = None) -> tuple[float, float]:
+    """(forward tokens, gradient tokens) stages 5 and 6 can spend on every arm together, UAT's restarts at
+    `uat_sweeps` sweeps (default its ceiling, attack.uat_max_sweeps: every bound here is then an upper bound)."""
+    a = cfg.attack
+    uat_len, text_len = 1 + a.uat_trigger_len + a.text_len, 1 + a.text_len
+    fwd, grad = uat_passes(a, uat_sweeps)
     held_out = arms * (arms + 1 + a.uat_restarts) * a.uat_eval_texts      # every trigger and every restart's
     uat = (arms * fwd * uat_len + held_out * uat_len, arms * grad * uat_len)
     fwd = grad = 0.0
     for name in listed(a.text_attacks):
-        if name == "hotflip":
-            per_text = (2 + a.hotflip_max_flips * a.hotflip_beam * a.hotflip_top_k + 2, a.hotflip_max_flips * a.hotflip_beam)
-            texts = a.hotflip_texts
-        elif name == "random_search":     # no gradient; its gradient-fidelity check: one gradient, width + 1 forwards
-            per_text = (2 + a.gcg_steps * a.gcg_search_width + a.gcg_search_width + 1, 1)
-            texts = a.gcg_texts
-        else:      # gcg, gcg_surrogate (counted on every arm: an upper bound)
-            per_text = (2 + a.gcg_steps * a.gcg_search_width, a.gcg_steps)
-            texts = a.gcg_texts
+        per_text = search_passes(a, name)
+        texts = a.hotflip_texts if name == "hotflip" else a.gcg_texts
         fwd += arms * texts * (per_text[0] + 2 * arms) * text_len      # the search, then every record on every model
         grad += arms * texts * per_text[1] * text_len
     fwd += 2 * arms * a.gcg_texts * text_len                           # the worst case's flat-region passes
@@ -208,20 +217,46 @@ def attack_forward_equivalents(cfg: ExperimentConfig, arms: int, uat_sweeps: int
     return uat, (fwd, grad)
 
 
+def pilot_arms(cfg: ExperimentConfig) -> int:
+    """The attack pilot's arms: pretrained, monotonic_init and the first control, where stage 0 measures one."""
+    controls = listed(cfg.controls.pretrain_snapshots if cfg.model.source == "tiny" else cfg.controls.revisions)
+    return 2 + min(1, len(controls))
+
+
+def pilot_forward_equivalents(cfg: ExperimentConfig, texts: int) -> tuple[float, float]:
+    """(forward tokens, gradient tokens) of the attack pilot (scripts/attack_pilot.py) on `texts` texts per arm:
+    every run of its grid (utils/attacks/budgets.py) in full, UAT's restarts at UAT_COUNTED_SWEEPS sweeps."""
+    runs, a = pilot_runs(cfg.attack, cfg.attack.text_len), cfg.attack
+    text_len, fwd, grad = 1 + a.text_len, 0.0, 0.0
+    for name, configs in (("gcg", runs["gcg"]), ("hotflip", runs["hotflip"] + runs["flips"])):
+        for c in configs:
+            f, g = search_passes(c, name)
+            fwd, grad = fwd + texts * f * text_len, grad + texts * g * text_len
+    if runs["uat"] is not None:
+        f, g = uat_passes(runs["uat"], UAT_COUNTED_SWEEPS)
+        fwd, grad = fwd + f * (1 + a.uat_trigger_len + a.text_len), grad + g * (1 + a.uat_trigger_len + a.text_len)
+    arms = pilot_arms(cfg)
+    return arms * fwd, arms * grad
+
+
+def _rate(gpu: bool, procs: int, kind: str) -> float:
+    """FLOP/s of `procs` processes at `kind` (train, measure): MONO_SLURM_TFLOPS, else the reference GPU at its
+    assumed MFU, or a CPU."""
+    tflops = os.environ.get("MONO_SLURM_TFLOPS")
+    peak = float(tflops) * 1e12 if tflops else REFERENCE_GPU[1] if gpu else CPU_FLOPS
+    return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
+
+
 def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
-                 cap_hours: float = MAX_HOURS) -> list[Limit] | None:
+                 cap_hours: float = MAX_HOURS, pilot_texts: int = PILOT_TEXTS) -> list[Limit] | None:
     """The limits of stages 2-6 for jobs with (gpu) or without a GPU, training on `train_procs` processes
     and measuring on `measure_procs` (each its share of the work), none over `cap_hours`, or None if the
     model's size is unknown before stage 0."""
     n = parameters(cfg)
     if n is None:
         return None
-    tflops = os.environ.get("MONO_SLURM_TFLOPS")
-    peak = float(tflops) * 1e12 if tflops else REFERENCE_GPU[1] if gpu else CPU_FLOPS
-
     def rate(kind):
-        procs = train_procs if kind == "train" else measure_procs
-        return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
+        return _rate(gpu, train_procs if kind == "train" else measure_procs, kind)
 
     out = []
     ladder = [f"ladder_{t}" for t in cfg.ladder_tokens()]
@@ -264,6 +299,11 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
         out.append(_limit(stage, flops, flops / rate("measure"), work,
                           most / rate("measure") / arms / max(1, pieces) * (measure_procs if stage == 6 else 1),
                           cap_hours))
+    fwd, grad = pilot_forward_equivalents(cfg, pilot_texts)
+    flops = 2 * n * fwd + 6 * n * grad
+    out.append(_limit(PILOT, flops, flops / rate("measure"),
+                      f"{pilot_arms(cfg)} arms x {pilot_texts} texts, every budget of its grid: {fwd / 1e6:.3g}M forward "
+                      f"and {grad / 1e6:.3g}M gradient tokens", flops / rate("measure"), cap_hours))
     return out
 
 
@@ -280,7 +320,7 @@ def hms(hours: float) -> str:
 
 def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
                max_hours: float | None = None, lead_s: float = 120,
-               stated: dict[int, float] | None = None) -> tuple[dict[int, float], list[Limit]]:
+               stated: dict[int, float] | None = None, pilot_texts: int = PILOT_TEXTS) -> tuple[dict[int, float], list[Limit]]:
     """({stage: hours} of every job 0-8, derived for 2-6 where the model's size is known, else fixed; none over
     the cluster's `max_hours`), and the derived limits. LimitError where a requeued stage's smallest unit of
     work (MARGIN x one training step, one arm's stage 4, a UAT restart, an attacked text) cannot fit in a job
@@ -288,7 +328,7 @@ def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_p
     `lead_s` seconds before the limit (run_all.sh's --signal). `stated`: stages whose limit the user set
     (MONO_SLURM_TIME_<N>, which run_all.sh passes as it is): their pieces are checked against it."""
     cap = min(MAX_HOURS, max_hours) if max_hours else MAX_HOURS
-    derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap) or []
+    derived = stage_limits(cfg, gpu, train_procs, measure_procs, cap, pilot_texts) or []
     hours = {n: min(h, max_hours) if max_hours else h for n, h in FIXED_HOURS.items()}
     hours.update({lim.stage: lim.limit_h for lim in derived})
     for n, h in (stated or {}).items():
@@ -298,7 +338,7 @@ def job_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_p
     if room <= 0:
         raise LimitError(f"the stop signal {lead_s:.0f} s before the limit (MONO_SLURM_SIGNAL_LEAD) leaves no "
                          f"time in a job of {hms(cap)}")
-    for lim in derived:
+    for lim in (x for x in derived if x.stage in REQUEUED):
         if MARGIN * lim.unit_h > (stated or {}).get(lim.stage, cap) - lead_s / 3600:
             piece = {2: "one training step", 3: "one training step", 4: "one arm's measurement",
                      5: "one UAT restart on one arm", 6: "one attacked text"}[lim.stage]
@@ -329,13 +369,23 @@ def describe(cfg: ExperimentConfig, limits: list[Limit], gpu: bool, train_procs:
     lines = [f"time limits of stages 2-6 (N = {parameters(cfg) / 1e6:,.1f}M parameters; {rate}, per process; "
              f"{train_procs} training and {measure_procs} measuring process(es); limit = "
              f"{MARGIN:g} x estimate + {OVERHEAD_H * 60:.0f} min, >= {MIN_H * 60:.0f} min; utils/run/time_limits.py):"]
-    for lim in limits:
+    unit = "CPU" if not gpu else "GPU" if tflops else REFERENCE_GPU[0]
+    for lim in (x for x in limits if x.stage in REQUEUED):
         runs = math.ceil(MARGIN * lim.hours / lim.limit_h)
         note = f", about {runs} requeued runs" if runs > 1 else ""
         lines.append(f"  stage {lim.stage}: {lim.work}: {lim.flops:.2e} FLOP, ~{lim.hours:.2f} h -> {lim.slurm}{note}")
-    unit = "CPU" if not gpu else "GPU" if tflops else REFERENCE_GPU[0]
-    lines.append(f"  stages 2-6 together: ~{sum(lim.hours for lim in limits):.1f} {unit}-hours per seed (the estimates, "
-                 f"before the margin)")
+    procs = {2: train_procs, 3: train_procs, 4: measure_procs, 5: measure_procs, 6: measure_procs}
+    wall = sum(lim.hours for lim in limits if lim.stage in REQUEUED)
+    used = sum(lim.hours * procs[lim.stage] for lim in limits if lim.stage in REQUEUED)
+    lines.append(f"  stages 2-6 together: ~{used:.1f} {unit}-hours per seed" + (
+        f" (~{wall:.1f} h of wall time)" if used > wall else "") + " (the estimates, before the margin)")
+    for lim in (x for x in limits if x.stage == PILOT):
+        short = MARGIN * lim.hours + OVERHEAD_H > lim.limit_h + 1e-9
+        lines.append(f"  the attack pilot (run_all.sh --pilot; scripts/attack_pilot.py, once, before stage 2): {lim.work}: "
+                     f"{lim.flops:.2e} FLOP, ~{lim.hours:.2f} h on {measure_procs} process(es) -> {lim.slurm}"
+                     + (" (cut to the cluster's limit, and not requeued: use more processes, MONO_SLURM_MEASURE_PROCS, "
+                           "or fewer texts, --pilot-texts)"
+                        if short else ""))
     rungs = cfg.ladder_tokens()
     if rungs:
         full = cfg.recovery_monotone.max_tokens
