@@ -20,7 +20,7 @@ import _bootstrap  # noqa: F401
 from configs.experiment_config import ConfigError
 from configs.presets import parse_sets
 from configs.presets import PRESETS, load_config
-from utils.attacks.budgets import PILOT_TEXTS
+from utils.run.pilot_grid import PILOT_TEXTS
 from utils.run import resources
 from utils.run.time_limits import (LimitError, cluster_max_hours, describe, describe_cap, hms, job_limits,
                                    slurm_hours)

@@ -26,7 +26,7 @@ import torch
 
 from configs.experiment_config import AttackConfig, ExperimentConfig
 from utils.attacks import gcg, hotflip, uat
-from utils.attacks.budgets import FLIPS, pilot_runs
+from utils.run.pilot_grid import FLIPS, pilot_runs
 from utils.attacks.core import Victim, forbidden_tokens, select_texts
 from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.measurement import available_arms, load_arm
@@ -204,6 +204,7 @@ def markdown(out: dict) -> str:
 
 def plot(out: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.2))
@@ -234,6 +235,10 @@ def plot(out: dict, path: Path) -> None:
     cx.set_ylabel("best restart's dNLL, optimisation texts")
     cx.set_title("UAT: damage against sweeps")
     cx.legend(fontsize=7)
+    for axis in (ax, bx, cx):          # log axes: label the decades and the measured points, not every minor tick
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cx.set_xticks(next(iter(out["uat"].values()))["sweeps"] if out["uat"] else [])
+    cx.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass
 
 from configs.experiment_config import AttackConfig, ExperimentConfig, listed, numbers
-from utils.attacks.budgets import PILOT_TEXTS, pilot_runs
+from utils.run.pilot_grid import PILOT_TEXTS, pilot_runs
 
 # (layers, d_model, heads) of the released Pythia models; vocabulary 50,304 rows, MLP 4 x d.
 PYTHIA_SHAPES = {"pythia-70m": (6, 512, 8), "pythia-160m": (12, 768, 12), "pythia-410m": (24, 1024, 16),
@@ -225,7 +225,7 @@ def pilot_arms(cfg: ExperimentConfig) -> int:
 
 def pilot_forward_equivalents(cfg: ExperimentConfig, texts: int) -> tuple[float, float]:
     """(forward tokens, gradient tokens) of the attack pilot (scripts/attack_pilot.py) on `texts` texts per arm:
-    every run of its grid (utils/attacks/budgets.py) in full, UAT's restarts at UAT_COUNTED_SWEEPS sweeps."""
+    every run of its grid (utils/run/pilot_grid.py) in full, UAT's restarts at UAT_COUNTED_SWEEPS sweeps."""
     runs, a = pilot_runs(cfg.attack, cfg.attack.text_len), cfg.attack
     text_len, fwd, grad = 1 + a.text_len, 0.0, 0.0
     for name, configs in (("gcg", runs["gcg"]), ("hotflip", runs["hotflip"] + runs["flips"])):
