@@ -15,12 +15,14 @@ from configs.experiment_config import ConfigError
 from utils.attack_pilot import run_pilot, set_lines, write_outputs
 from utils.run import distributed
 from utils.run.cli import EXIT_CONFIG, config_from_args, one_line_on_failure, stage_parser
+from utils.run.pilot_grid import PILOT_TEXTS
 from utils.run.run_files import RunPaths
 
 
 def main() -> int:
     parser = stage_parser(__doc__)
-    parser.add_argument("--texts", type=int, default=8, help="attacked texts per arm (the seed's first; default 8)")
+    parser.add_argument("--texts", type=int, default=PILOT_TEXTS,
+                        help=f"attacked texts per arm (the seed's first; default {PILOT_TEXTS})")
     args = parser.parse_args()
     try:
         cfg = config_from_args(args)
@@ -29,6 +31,10 @@ def main() -> int:
         return EXIT_CONFIG
     if args.texts < 1:
         print("error: --texts must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check or args.force:
+        print("error: --check and --force are a stage's; the pilot keeps no completion flag and always runs",
+              file=sys.stderr)
         return EXIT_CONFIG
     paths = RunPaths(Path(cfg.work_dir), cfg.seed)
 

@@ -26,19 +26,20 @@ import torch
 
 from configs.experiment_config import AttackConfig, ExperimentConfig
 from utils.attacks import gcg, hotflip, uat
-from utils.run.pilot_grid import FLIPS, pilot_runs
 from utils.attacks.core import Victim, forbidden_tokens, select_texts
 from utils.data.tokenization import TokenFile, load_tokenizer
 from utils.measurement import available_arms, load_arm
 from utils.results.convergence import PLATEAU_GAIN
 from utils.run import distributed
 from utils.run.compute import Compute
+from utils.run.pilot_grid import FLIPS, pilot_runs
 from utils.run.run_files import PipelineError, RunPaths, write_json
 from utils.text_attacks import attacked_texts
 
 
-
 def pilot_arms(paths: RunPaths) -> dict[str, Path]:
+    """pretrained, monotonic_init and the first control stage 0 measured (utils/run/time_limits.pilot_arms counts
+    as many)."""
     arms = available_arms(paths)
     if "monotonic_init" not in arms:
         raise PipelineError("the attack pilot runs on stages 0-1's arms: run stage 1 first")
@@ -102,8 +103,8 @@ def run_pilot(cfg: ExperimentConfig, paths: RunPaths, n_texts: int) -> dict:
 
 def _hotflip(victim: Victim, text: dict, a: AttackConfig, forbidden) -> dict:
     """HotFlip on one text, at most every position of it flipped where a's limit is longer."""
-    rec = hotflip.attack_text(victim, text["ids"], dataclasses.replace(a, hotflip_max_flips=min(a.hotflip_max_flips, len(text["ids"]) - 1)),
-                              forbidden)
+    a = dataclasses.replace(a, hotflip_max_flips=min(a.hotflip_max_flips, len(text["ids"]) - 1))
+    rec = hotflip.attack_text(victim, text["ids"], a, forbidden)
     return {"abs_delta_nll": rec["abs_delta_nll"], "rel_delta_nll": rec["rel_delta_nll"], "n_flips": rec["n_flips"],
             "forward_passes": rec["cost"]["forward_passes"]}
 

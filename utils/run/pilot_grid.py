@@ -1,5 +1,5 @@
 """The attack pilot's grid (utils/attack_pilot.py): every budget it runs, as the AttackConfig each search runs
-with. Torch-free: utils/run/time_limits.py counts the same list before anything is submitted."""
+with. Config arithmetic only: utils/run/time_limits.py counts the same list before anything is submitted."""
 from __future__ import annotations
 
 import dataclasses
