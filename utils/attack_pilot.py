@@ -55,7 +55,7 @@ def run_pilot(cfg: ExperimentConfig, paths: RunPaths, n_texts: int) -> dict:
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     texts = attacked_texts(cfg, paths, n_texts)
     mine = [texts[i] for i in distributed.my_share(len(texts))]
-    runs = pilot_runs(a, a.text_len)
+    runs = pilot_runs(a)
     out = {"texts": len(texts), "threshold": a.success_threshold, "processes": distributed.world_size(),
            "preset_budgets": {k: getattr(a, k) for k in ("gcg_steps", "gcg_search_width", "gcg_top_k",
                                                           "hotflip_top_k", "hotflip_max_flips", "uat_max_sweeps")},

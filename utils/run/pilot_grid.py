@@ -11,9 +11,9 @@ FLIPS = (1, 2, 5, 10, 20, None)             # None: every position of the text
 PILOT_TEXTS = 8                             # attacked texts per arm (scripts/attack_pilot.py --texts)
 
 
-def pilot_runs(a: AttackConfig, text_len: int) -> dict:
+def pilot_runs(a: AttackConfig) -> dict:
     """Every search the pilot runs on each arm and text, each as the AttackConfig it runs with: the one list that
-    run_pilot runs and utils/run/time_limits.py counts. `text_len`: a text's tokens (the unbounded flips)."""
+    run_pilot runs and utils/run/time_limits.py counts (unbounded flips: a.text_len, every position)."""
     steps = [max(1, round(f * a.gcg_steps)) for f in STEP_FACTORS]
     sweeps = [max(1, round(f * a.uat_max_sweeps)) for f in STEP_FACTORS]
     return {"gcg_steps": steps,
@@ -21,7 +21,7 @@ def pilot_runs(a: AttackConfig, text_len: int) -> dict:
                     for w in (1, 2) for k in (1, 4)],
             "hotflip": [_with(a, hotflip_top_k=k) for k in (max(1, a.hotflip_top_k // 2), a.hotflip_top_k,
                                                             2 * a.hotflip_top_k, 4 * a.hotflip_top_k)],
-            "flips": [_with(a, hotflip_max_flips=f or text_len) for f in FLIPS],
+            "flips": [_with(a, hotflip_max_flips=f or a.text_len) for f in FLIPS],
             "uat_sweeps": sweeps,
             "uat": _with(a, uat_max_sweeps=sweeps[-1]) if a.uat_search == "beam" else None}
 

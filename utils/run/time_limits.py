@@ -226,25 +226,17 @@ def pilot_arms(cfg: ExperimentConfig) -> int:
 def pilot_forward_equivalents(cfg: ExperimentConfig, texts: int) -> tuple[float, float]:
     """(forward tokens, gradient tokens) of the attack pilot (scripts/attack_pilot.py) on `texts` texts per arm:
     every run of its grid (utils/run/pilot_grid.py) in full, UAT's restarts at UAT_COUNTED_SWEEPS sweeps."""
-    runs, a = pilot_runs(cfg.attack, cfg.attack.text_len), cfg.attack
-    text_len, fwd, grad = 1 + a.text_len, 0.0, 0.0
+    a = cfg.attack
+    runs, text_len, uat_len, fwd, grad = pilot_runs(a), 1 + a.text_len, 1 + a.uat_trigger_len + a.text_len, 0.0, 0.0
     for name, configs in (("gcg", runs["gcg"]), ("hotflip", runs["hotflip"] + runs["flips"])):
         for c in configs:
             f, g = search_passes(c, name)
             fwd, grad = fwd + texts * f * text_len, grad + texts * g * text_len
     if runs["uat"] is not None:
         f, g = uat_passes(runs["uat"], UAT_COUNTED_SWEEPS)
-        fwd, grad = fwd + f * (1 + a.uat_trigger_len + a.text_len), grad + g * (1 + a.uat_trigger_len + a.text_len)
+        fwd, grad = fwd + f * uat_len, grad + g * uat_len
     arms = pilot_arms(cfg)
     return arms * fwd, arms * grad
-
-
-def _rate(gpu: bool, procs: int, kind: str) -> float:
-    """FLOP/s of `procs` processes at `kind` (train, measure): MONO_SLURM_TFLOPS, else the reference GPU at its
-    assumed MFU, or a CPU."""
-    tflops = os.environ.get("MONO_SLURM_TFLOPS")
-    peak = float(tflops) * 1e12 if tflops else REFERENCE_GPU[1] if gpu else CPU_FLOPS
-    return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
 
 
 def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure_procs: int = 1,
@@ -255,8 +247,12 @@ def stage_limits(cfg: ExperimentConfig, gpu: bool, train_procs: int = 1, measure
     n = parameters(cfg)
     if n is None:
         return None
+    tflops = os.environ.get("MONO_SLURM_TFLOPS")
+    peak = float(tflops) * 1e12 if tflops else REFERENCE_GPU[1] if gpu else CPU_FLOPS
+
     def rate(kind):
-        return _rate(gpu, train_procs if kind == "train" else measure_procs, kind)
+        procs = train_procs if kind == "train" else measure_procs
+        return procs * peak * (MFU[kind] if gpu and not tflops else 1.0)
 
     out = []
     ladder = [f"ladder_{t}" for t in cfg.ladder_tokens()]
