@@ -96,3 +96,9 @@ def _close(a, b) -> None:
         assert a == pytest.approx(b, abs=1e-5)
     else:
         assert a == b
+
+
+def test_the_pilot_before_stages_0_1_is_one_error_line(tmp_path):
+    r = run_script("attack_pilot", "--work-dir", str(tmp_path / "empty"), *fast_sets())
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: [attack_pilot] stage 0 has not run for work dir {tmp_path / 'empty'} (no shared/manifest.json)"]

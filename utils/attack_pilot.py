@@ -51,6 +51,7 @@ def run_pilot(cfg: ExperimentConfig, paths: RunPaths, n_texts: int) -> dict:
     """Every sweep on every pilot arm; returns (and, on rank 0, writes to results/attack_pilot.json) the
     measurements and the recommended budgets. Under torchrun each rank attacks a contiguous share of the texts
     (every search is per text) and UAT's candidate batches are shared out (utils/attacks/core.Victim)."""
+    arms = pilot_arms(paths)            # first: stages 0-1 missing is the thing to say
     a, compute = cfg.attack, Compute.from_config(cfg.device, cfg.precision)
     tokenizer = load_tokenizer(paths.shared / "tokenizer")
     texts = attacked_texts(cfg, paths, n_texts)
@@ -64,7 +65,7 @@ def run_pilot(cfg: ExperimentConfig, paths: RunPaths, n_texts: int) -> dict:
                                                a.uat_opt_texts, a.text_len, a.min_text_len, cfg.seed)]
     init_token = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
     steps = runs["gcg_steps"]
-    for arm, path in pilot_arms(paths).items():
+    for arm, path in arms.items():
         model = load_arm(path, compute.device)
         victim = Victim(model, compute, a.batch_size)
         forbidden = forbidden_tokens(tokenizer, victim.embeddings.shape[0])
